@@ -1,0 +1,212 @@
+"""What a forwarder is told to do: addresses, timeouts and limits, validated once.
+
+Typical use::
+
+    rule = Rule.build("127.0.0.1:0", "db.internal:5432", idle_timeout=300)
+    rule.listen      # Address(host='127.0.0.1', port=0)
+    rule.target      # Address(host='db.internal', port=5432)
+
+Every problem raises :class:`ConfigError` (a ``ValueError``) naming the field,
+so the CLI can print one line and exit 2, and embedders get a normal exception.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import resource
+import socket
+from dataclasses import dataclass, fields
+from typing import Optional, Tuple, Union
+
+__all__ = ["Address", "ConfigError", "Rule", "parse_address", "AddressLike"]
+
+AddressLike = Union[str, int, Tuple[str, int], "Address"]
+
+#: fds kept back for the listener, logging, pipes and the interpreter itself
+#: when ``max_connections`` is derived from the fd limit.
+_FD_RESERVE = 64
+
+
+class ConfigError(ValueError):
+    """A bad address, option or value; ``field`` names the culprit."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Address:
+    """A host and a port. ``host`` is an IP literal or a name to resolve."""
+
+    host: str
+    port: int
+
+    @property
+    def family(self) -> Optional[int]:
+        """``AF_INET``/``AF_INET6`` for an IP literal, ``None`` for a name."""
+        try:
+            ip = ipaddress.ip_address(self.host)
+        except ValueError:
+            return None
+        return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def _port(text: Union[str, int], field: str) -> int:
+    if isinstance(text, bool):
+        raise ConfigError(field, f"port must be a number, got {text!r}")
+    if isinstance(text, int):
+        port = text
+    else:
+        if not text.isdigit():
+            raise ConfigError(field, f"port must be a number from 0 to 65535, got {text!r}")
+        port = int(text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(field, f"port must be from 0 to 65535, got {port}")
+    return port
+
+
+def parse_address(value: AddressLike, field: str) -> Address:
+    """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``PORT`` (meaning 127.0.0.1) or ``(host, port)``."""
+    if isinstance(value, Address):
+        return value
+    if isinstance(value, tuple):
+        if len(value) != 2 or not isinstance(value[0], str):
+            raise ConfigError(field, f"expected (host, port), got {value!r}")
+        host, port = value[0].strip("[]"), _port(value[1], field)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        host, port = "127.0.0.1", _port(value, field)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            host, port = "127.0.0.1", _port(text, field)
+        elif text.startswith("["):
+            close = text.find("]")
+            if close < 0 or text[close + 1:close + 2] != ":":
+                raise ConfigError(field, f"expected [IPV6]:PORT, got {value!r}")
+            host, port = text[1:close], _port(text[close + 2:], field)
+        elif ":" in text:
+            host, _, port_text = text.rpartition(":")
+            if ":" in host:
+                raise ConfigError(field, f"write an IPv6 address in brackets, [{host}]:{port_text}")
+            port = _port(port_text, field)
+        else:
+            raise ConfigError(field, f"expected HOST:PORT, [IPV6]:PORT or PORT, got {value!r}")
+    else:
+        raise ConfigError(field, f"expected an address string or (host, port), got {value!r}")
+    if not host:
+        raise ConfigError(field, f"missing host in {value!r}")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(field, f"not an IPv6 address: {host!r}") from None
+    return Address(host, port)
+
+
+def _seconds(value, field: str, *, zero_is_off: bool) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(field, f"expected a number of seconds, got {value!r}") from None
+    if math.isnan(seconds) or seconds < 0 or math.isinf(seconds):
+        raise ConfigError(field, f"expected a finite number of seconds >= 0, got {value!r}")
+    if seconds == 0 and zero_is_off:
+        return None
+    return seconds
+
+
+def _count(value, field: str, *, minimum: int, allow_off: bool = False) -> Optional[int]:
+    if value is None and allow_off:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(field, f"expected a whole number, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(field, f"expected a whole number, got {value!r}") from None
+    if number == 0 and allow_off:
+        return None
+    if number < minimum:
+        raise ConfigError(field, f"must be at least {minimum}, got {number}")
+    return number
+
+
+def default_max_connections() -> int:
+    """Half the fd limit (a connection holds two fds), less a reserve: like HAProxy's maxconn."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, (soft - _FD_RESERVE) // 2)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One forwarding rule. ``None`` turns a timeout or limit off.
+
+    - ``listen``: where to accept clients. Port 0 picks a free port.
+    - ``target``: where to connect for each client. A name is resolved per
+      connection and every address it has is tried in turn.
+    - ``connect_timeout`` (default 10 s): for each connect attempt upstream;
+      0 or ``None`` waits as long as the kernel does.
+    - ``idle_timeout`` (default ``None``, off): close a connection that moved no
+      byte in either direction for this long (0 is off too). A one-way stream
+      is not idle.
+    - ``max_connections`` (default: half the fd limit less a reserve): at the
+      limit gproxy stops accepting and the kernel's listen queue holds new clients.
+    - ``backlog`` (default 1024): the listen queue length.
+    - ``buffer_size`` (default 64 KiB): the most read in one call, and the most
+      held for a peer that is not reading. Nothing is reserved per idle connection.
+    - ``drain_timeout`` (default 10 s): on stop, how long open connections may
+      finish before they are aborted; 0 aborts at once, ``None`` waits for ever.
+    - ``splice`` (default ``True``): move bytes with ``os.splice`` (zero copy)
+      where the platform has it; ``False`` always copies through user space.
+    """
+
+    listen: Address
+    target: Address
+    connect_timeout: Optional[float] = 10.0
+    idle_timeout: Optional[float] = None
+    max_connections: Optional[int] = None
+    backlog: int = 1024
+    buffer_size: int = 65536
+    drain_timeout: Optional[float] = 10.0
+    splice: bool = True
+
+    @classmethod
+    def build(cls, listen: AddressLike, target: AddressLike, **options) -> "Rule":
+        """Validate everything; raise :class:`ConfigError` naming the first bad field."""
+        known = {f.name for f in fields(cls)} - {"listen", "target"}
+        for name in options:
+            if name not in known:
+                raise ConfigError(name, "unknown option")
+        defaults = cls(Address("", 0), Address("", 0))
+        opt = {name: options.get(name, getattr(defaults, name)) for name in known}
+        target_address = parse_address(target, "target")
+        if target_address.port == 0:
+            raise ConfigError("target", "port 0 cannot be connected to")
+        max_connections = opt["max_connections"]
+        if max_connections is None:
+            max_connections = default_max_connections()
+        buffer_size = _count(opt["buffer_size"], "buffer_size", minimum=1)
+        if buffer_size > 64 << 20:
+            raise ConfigError("buffer_size", f"must be at most 64 MiB, got {buffer_size}")
+        return cls(
+            listen=parse_address(listen, "listen"),
+            target=target_address,
+            connect_timeout=_seconds(opt["connect_timeout"], "connect_timeout", zero_is_off=True),
+            idle_timeout=_seconds(opt["idle_timeout"], "idle_timeout", zero_is_off=True),
+            max_connections=_count(max_connections, "max_connections", minimum=1),
+            backlog=_count(opt["backlog"], "backlog", minimum=1),
+            buffer_size=buffer_size,
+            drain_timeout=_seconds(opt["drain_timeout"], "drain_timeout", zero_is_off=False),
+            splice=bool(opt["splice"]),
+        )

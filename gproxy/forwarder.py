@@ -1,0 +1,336 @@
+"""``Forwarder``: one listening port forwarded to one target, started and stopped cleanly.
+
+Typical use::
+
+    from gproxy import Forwarder
+
+    with Forwarder("127.0.0.1:0", "db.internal:5432", idle_timeout=300) as fw:
+        host, port = fw.address        # the real bound port
+        ...                            # connect to (host, port) from any code
+    # leaving the block stops accepting, drains, and closes everything
+
+Where it runs:
+
+- ``start()`` in a program whose ``socket`` module gevent has patched
+  (``gevent.monkey.patch_all()``): on the calling thread's hub, in background
+  greenlets that run whenever the host program waits on gevent.
+- ``start()`` in a program that patched nothing: in a daemon thread with a hub
+  of its own, so plain blocking code in the host can talk through it.
+- ``serve_forever()`` without ``start()``: on the calling thread's hub, until
+  ``stop()`` (from a greenlet, a gevent signal handler, or another thread).
+
+Nothing here touches signals, logging configuration or global state.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+import time
+from typing import Callable, Optional, Tuple
+
+import gevent
+import gevent.socket
+from gevent import monkey
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from gproxy import _sockets
+from gproxy.config import AddressLike, Rule
+from gproxy.relay import Connection, Context, copy_pump, sweep_idle
+from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
+
+__all__ = ["Forwarder"]
+
+log = logging.getLogger(__name__)
+
+Hook = Callable[[ConnectionRecord], None]
+
+#: after the drain deadline aborts what is left, how long teardown may take before
+#: the pool kills what still runs (a resolver call that does not return, say).
+_ABORT_GRACE = 5.0
+
+#: accept() pauses on fd exhaustion for this long, doubling up to the maximum.
+_PAUSE_MIN, _PAUSE_MAX = 0.05, 1.0
+#: at most one "out of file descriptors" warning per this many seconds.
+_WARN_EVERY = 10.0
+
+
+class _Server(StreamServer):
+    """A StreamServer that hands raw sockets to the handler and survives fd exhaustion."""
+
+    def __init__(self, listener, handle, pool):
+        super().__init__(listener, handle, spawn=pool)
+        self._pause = _PAUSE_MIN
+        self._resume_timer = None
+        self._warned_at = None
+        self._suppressed = 0
+
+    def do_read(self):
+        listener = self.socket
+        try:
+            fd, address = listener._accept()
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _sockets.FD_EXHAUSTED:
+                self._pause_accepting(exc)
+                return None
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                return None  # the client gave up while queued; nothing to do
+            raise
+        self._pause = _PAUSE_MIN
+        return _sockets.raw_socket(listener.family, fd), address
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Stop polling the listener (it stays readable: polling it would spin) and retry later."""
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= _WARN_EVERY:
+            more = f" ({self._suppressed} more since the last warning)" if self._suppressed else ""
+            log.warning("cannot accept on %s: %s; pausing accepts, retrying every %.2fs up to %.0fs%s",
+                        _sockets.describe_address(self.address), _sockets.describe_error(exc),
+                        self._pause, _PAUSE_MAX, more)
+            self._warned_at, self._suppressed = now, 0
+        else:
+            self._suppressed += 1
+        self.stop_accepting()
+        self._cancel_resume()
+        self._resume_timer = self.loop.timer(self._pause)
+        self._resume_timer.start(self._resume)
+        self._pause = min(self._pause * 2, _PAUSE_MAX)
+
+    def _resume(self) -> None:
+        self._cancel_resume()
+        self._start_accepting_if_started()
+
+    def _cancel_resume(self) -> None:
+        if self._resume_timer is not None:
+            self._resume_timer.close()
+            self._resume_timer = None
+
+    def close(self) -> None:
+        self._cancel_resume()
+        super().close()
+
+
+class Forwarder:
+    """Forward every connection to ``listen`` to ``target``.
+
+    ``listen`` and ``target`` are ``"HOST:PORT"``, ``"[IPV6]:PORT"``, ``"PORT"``
+    (meaning 127.0.0.1) or ``(host, port)``. Options are those of
+    :class:`gproxy.config.Rule`, with the same names and defaults as the command
+    line: ``connect_timeout``, ``idle_timeout``, ``max_connections``, ``backlog``,
+    ``buffer_size``, ``drain_timeout``, ``splice``. Bad values raise
+    :class:`gproxy.ConfigError` (a ``ValueError``) naming the field.
+
+    ``on_open(record)`` and ``on_close(record)``, if given, are called on the
+    forwarder's hub when a connection is accepted and when it has ended.
+    """
+
+    def __init__(self, listen: AddressLike, target: AddressLike, *,
+                 on_open: Optional[Hook] = None, on_close: Optional[Hook] = None, **options):
+        self.rule = Rule.build(listen, target, **options)
+        self._counters = Counters()
+        self._context = Context(self.rule, self._counters, on_open, on_close, _choose_pump(self.rule))
+        self._state = "new"          # new -> running -> stopping -> stopped
+        self._server: Optional[_Server] = None
+        self._pool: Optional[Pool] = None
+        self._sweeper = None
+        self._stopped: Optional[Event] = None     # set on the hub when fully stopped
+        self._thread: Optional[threading.Thread] = None
+        self._wakeup = None                        # async watcher: stop() from another thread
+        self._stop_timeout: Optional[float] = None
+        self._address: Optional[Tuple[str, int]] = None
+
+    # -- public surface -------------------------------------------------------------
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        """The real bound ``(host, port)``; valid once started."""
+        if self._address is None:
+            raise RuntimeError("the forwarder has not been started")
+        return self._address
+
+    def start(self) -> "Forwarder":
+        """Bind and serve in the background; return at once. Errors binding raise ``OSError``."""
+        self._claim_start()
+        if monkey.is_module_patched("socket"):
+            self._start_on_hub()
+        else:
+            self._start_in_thread()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve until ``stop()``. Without a prior ``start()``, serves on this thread's hub."""
+        if self._state == "new":
+            self._claim_start()
+            self._start_on_hub()
+        if self._thread is not None:
+            while self._thread.is_alive():
+                self._thread.join(0.5)  # a bounded join keeps Ctrl-C working in the host
+        elif self._stopped is not None:
+            self._stopped.wait()
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop accepting, let open connections finish for up to ``timeout`` seconds
+        (default: ``drain_timeout``), abort the rest, and return when all is closed.
+        Calling it again while draining aborts what is left at once; after that it does nothing."""
+        if timeout is None:
+            timeout = self.rule.drain_timeout
+        if self._state in ("new", "stopped"):
+            self._state = "stopped"
+            return
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._stop_timeout = timeout
+            self._wakeup.send()
+            self._thread.join()
+            return
+        self._stop_on_hub(timeout)
+
+    def statistics(self) -> Statistics:
+        """A snapshot: open connections, accepted, failed connects, bytes each way so far."""
+        counters = self._counters
+        active = list(self._context.active.values())
+        return Statistics(
+            active=len(active),
+            accepted=counters.accepted,
+            connect_failed=counters.connect_failed,
+            bytes_upstream=counters.bytes_upstream + sum(c.counts[0] for c in active),
+            bytes_downstream=counters.bytes_downstream + sum(c.counts[1] for c in active),
+        )
+
+    def __enter__(self) -> "Forwarder":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = _sockets.describe_address(self._address) if self._address else str(self.rule.listen)
+        return f"<Forwarder {where} -> {self.rule.target} {self._state}>"
+
+    # -- running on a hub -----------------------------------------------------------------
+
+    def _claim_start(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"a forwarder starts once; this one is {self._state}")
+        self._state = "running"
+
+    def _start_on_hub(self) -> None:
+        try:
+            listener = _listen(self.rule)
+        except BaseException:
+            self._state = "stopped"
+            raise
+        self._address = listener.getsockname()[:2]
+        self._stopped = Event()
+        self._pool = Pool(self.rule.max_connections)
+        self._server = _Server(listener, self._handle, self._pool)
+        self._server.start()
+        if self.rule.idle_timeout is not None:
+            self._sweeper = gevent.spawn(self._sweep_idle, self.rule.idle_timeout)
+        log.info("listening on %s -> %s", _sockets.describe_address(self._address), self.rule.target)
+
+    def _handle(self, client: socket.socket, address) -> None:
+        Connection(self._context, client, address).run()
+
+    def _sweep_idle(self, idle_timeout: float) -> None:
+        interval = min(max(idle_timeout / 8, 0.01), 1.0)
+        context = self._context
+        while True:
+            gevent.sleep(interval)
+            sweep_idle(context, idle_timeout, time.monotonic())
+
+    def _stop_on_hub(self, timeout: float) -> None:
+        if self._state == "stopping":  # a second stop while draining: cut it short
+            self._abort_all()
+            self._stopped.wait()
+            return
+        self._state = "stopping"
+        try:
+            self._server.close()
+            active = len(self._context.active)
+            if active:
+                log.info("stopping %s: draining %d connection(s) for up to %gs",
+                         _sockets.describe_address(self._address), active, timeout)
+            else:
+                log.info("stopping %s", _sockets.describe_address(self._address))
+            if not self._pool.join(timeout=timeout):
+                log.warning("drain deadline hit: aborting %d connection(s)", len(self._context.active))
+                self._abort_all()
+                if not self._pool.join(timeout=_ABORT_GRACE):
+                    self._pool.kill(timeout=_ABORT_GRACE)
+            if self._sweeper is not None:
+                self._sweeper.kill()
+        finally:
+            self._state = "stopped"
+            self._stopped.set()
+
+    def _abort_all(self) -> None:
+        for conn in list(self._context.active.values()):
+            conn.abort(Outcome.SHUTDOWN)
+
+    # -- running in a thread of its own ----------------------------------------------------
+
+    def _start_in_thread(self) -> None:
+        started = threading.Event()
+        failure = []
+
+        def main() -> None:
+            hub = gevent.get_hub()
+            try:
+                self._start_on_hub()
+                self._wakeup = hub.loop.async_()
+                self._wakeup.start(lambda: gevent.spawn(self._stop_on_hub, self._stop_timeout))
+            except BaseException as exc:  # handed to the starting thread
+                failure.append(exc)
+                return
+            finally:
+                started.set()
+            try:
+                self._stopped.wait()
+            finally:
+                self._wakeup.close()
+                hub.destroy(destroy_loop=True)
+
+        self._thread = threading.Thread(target=main, name=f"gproxy {self.rule.listen}", daemon=True)
+        self._thread.start()
+        started.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+
+
+def _listen(rule: Rule):
+    """A bound, listening gevent socket; OSError names the address on failure."""
+    listen = rule.listen
+    family = listen.family
+    if family is None:
+        infos = socket.getaddrinfo(listen.host, listen.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        family, sockaddr = infos[0][0], infos[0][4]
+    else:
+        sockaddr = (listen.host, listen.port)
+    sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(rule.backlog)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {listen}: {_sockets.describe_error(exc)}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _choose_pump(rule: Rule):
+    if rule.splice:
+        try:
+            from gproxy.splice import splice_pump
+        except ImportError:
+            return copy_pump
+        return splice_pump
+    return copy_pump

@@ -1,0 +1,406 @@
+"""One connection's life: connect upstream, two pumps, the closing rules, the result.
+
+Typical use (the forwarder does this for every accepted client)::
+
+    Connection(context, conn_id, client_sock, client_addr).run()
+
+Theory of operation
+-------------------
+``run()`` is the StreamServer handler. It connects to the target (every
+address the name has, in turn, each attempt bounded by ``connect_timeout``),
+then moves bytes with two *pumps*, one per direction:
+
+- ``UPSTREAM`` (client -> upstream) runs in the handler's own greenlet;
+- ``DOWNSTREAM`` (upstream -> client) runs in a second greenlet.
+
+A pump is a blocking-style loop: read what the source has, write all of it to
+the destination, repeat. It blocks only by waiting on its own two libev
+watchers (readable source, writable destination), so a destination that
+stops reading stalls its pump, the kernel buffers fill, and TCP flow control
+stalls the sender: memory stays bounded by one chunk per direction.
+
+Closing rules (the "half-close dance"):
+
+- A clean EOF from the source ends that pump: it shuts down the
+  destination's write half (our FIN) and returns; the other direction keeps
+  flowing until it ends too. When both pumps saw EOF the outcome is ``EOF``
+  and both sockets close normally.
+- A reset or any socket error in either pump aborts the connection: the
+  sibling pump is woken by throwing ``_Aborted`` into its wait
+  (``Hub.cancel_wait``), and both sockets close with RST (``SO_LINGER 0``),
+  so each peer learns the connection failed. A partial write is never retried.
+- The idle sweep and the forwarder's shutdown abort the same way, with their
+  own outcome.
+
+The handler returns only after both pumps have ended, because gevent's
+StreamServer closes the client socket when the handler returns; and sockets are
+closed only after their watchers are stopped, because closing an fd under an
+active watcher is what breaks libev. That is also why the sibling is woken by
+an exception and not by closing its socket under it.
+
+A pump never runs for long without the event loop: gevent's reads and writes
+return at once while data keeps flowing, so after ``FAIR_SHARE`` bytes without
+having waited, a pump waits for its source to be readable again. That costs one
+pass through the loop and lets every other connection with I/O ready run.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+import traceback
+from typing import Callable, Dict, List, Optional
+
+import gevent
+from gevent import getcurrent
+from gevent.socket import getaddrinfo
+
+from gproxy import _sockets
+from gproxy.config import Rule
+from gproxy.stats import ConnectionRecord, Counters, Outcome
+
+__all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "copy_pump"]
+
+log = logging.getLogger(__name__)
+
+UPSTREAM = 0    #: client -> upstream; index into Connection.counts
+DOWNSTREAM = 1  #: upstream -> client
+
+#: bytes a pump may move without waiting before it hands control to the event loop.
+FAIR_SHARE = 256 * 1024
+
+_READ, _WRITE = 1, 2
+
+
+class _Aborted(Exception):
+    """Thrown into a waiting pump to end it; never leaves this module."""
+
+
+class Context:
+    """What every connection of one forwarder shares: the rule, scratch memory, hooks, counters."""
+
+    def __init__(self, rule: Rule, counters: Counters,
+                 on_open: Optional[Callable[[ConnectionRecord], None]] = None,
+                 on_close: Optional[Callable[[ConnectionRecord], None]] = None,
+                 pump: Optional[Callable] = None):
+        self.rule = rule
+        self.counters = counters
+        self.on_open = on_open
+        self.on_close = on_close
+        #: open connections by id, for statistics, the idle sweep and shutdown
+        self.active: Dict[int, Connection] = {}
+        #: one read buffer for every connection of this forwarder. A pump reads into it
+        #: and writes from it without yielding in between, so no other greenlet sees it
+        #: in use; what a slow destination does not take at once is copied out.
+        self.scratch = bytearray(rule.buffer_size)
+        self.scratch_view = memoryview(self.scratch)
+        self.pump = pump or copy_pump
+        self._next_id = 0
+
+    def next_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+
+def copy_pump(conn: "Connection", src: socket.socket, dst: socket.socket,
+              readable, writable, direction: int) -> None:
+    """Move bytes from src to dst until src's clean EOF; socket errors propagate."""
+    context = conn.context
+    scratch, view = context.scratch, context.scratch_view
+    recv_into, send, wait = src.recv_into, dst.send, conn.wait
+    counts = conn.counts
+    budget = FAIR_SHARE
+    while True:
+        try:
+            n = recv_into(scratch)
+        except BlockingIOError:
+            wait(readable)
+            budget = FAIR_SHARE
+            continue
+        if not n:
+            return
+        try:
+            sent = send(view[:n])
+        except BlockingIOError:
+            sent = 0
+        if sent != n:
+            # The destination is slow: keep the rest (at most buffer_size) and wait for it.
+            pending = memoryview(scratch[sent:n])
+            while pending:
+                wait(writable)
+                try:
+                    pending = pending[send(pending):]
+                except BlockingIOError:
+                    pass
+            budget = FAIR_SHARE
+        counts[direction] += n
+        budget -= n
+        if budget <= 0:
+            wait(readable)
+            budget = FAIR_SHARE
+
+
+class Connection:
+    """One client, its upstream, two pumps; ``run()`` is its whole life."""
+
+    __slots__ = (
+        "context", "id", "client", "client_name", "upstream", "upstream_name", "counts",
+        "started", "_t0", "outcome", "error", "_hub", "_watchers", "_eof_count",
+        "_downstream_done", "_joiner", "seen_total", "seen_at",
+    )
+
+    def __init__(self, context: Context, client: socket.socket, client_address) -> None:
+        self.context = context
+        self.id = context.next_id()
+        self.client = client
+        self.client_name = _sockets.describe_address(client_address)
+        self.upstream: Optional[socket.socket] = None
+        self.upstream_name = str(context.rule.target)
+        self.counts = [0, 0]
+        self.started = time.time()
+        self._t0 = time.monotonic()
+        self.outcome: Optional[Outcome] = None
+        self.error: Optional[str] = None
+        self._hub = gevent.get_hub()
+        self._watchers: List = []
+        self._eof_count = 0
+        self._downstream_done = False
+        self._joiner = None
+        # for the idle sweep: the byte total it saw last, and when it changed
+        self.seen_total = 0
+        self.seen_at = self._t0
+
+    # -- the life, top to bottom ------------------------------------------------
+
+    def run(self) -> None:
+        context = self.context
+        context.active[self.id] = self
+        context.counters.accepted += 1
+        try:
+            self._call_hook(context.on_open)
+            upstream = self.connect_upstream()
+            if upstream is not None:
+                self.upstream = upstream
+                self.relay(upstream)
+        except gevent.GreenletExit:  # the pool killing us at shutdown
+            self._finish(Outcome.SHUTDOWN)
+        except Exception:  # a bug: logged once, with its traceback, by _teardown
+            self._finish(Outcome.ERROR, traceback.format_exc())
+        finally:
+            self._teardown()
+
+    def connect_upstream(self) -> Optional[socket.socket]:
+        """Try each address of the target in turn; on failure record why and return None."""
+        rule = self.context.rule
+        target = rule.target
+        family = target.family
+        try:
+            if family is not None:  # an IP literal needs no resolver
+                candidates = [(family, (target.host, target.port))]
+            else:
+                candidates = [(info[0], info[4]) for info in
+                              getaddrinfo(target.host, target.port, 0, socket.SOCK_STREAM)]
+        except OSError as exc:
+            self._finish(Outcome.CONNECT_FAILED, f"cannot resolve {target.host}: {_sockets.describe_error(exc)}")
+            return None
+        outcome, error = Outcome.CONNECT_FAILED, "no address"
+        for family, sockaddr in candidates:
+            if self.outcome is not None:  # aborted while resolving
+                return None
+            sock = _sockets.raw_socket(family)
+            try:
+                code = sock.connect_ex(sockaddr)
+                if code == errno.EINPROGRESS:
+                    writable = self._hub.loop.io(sock.fileno(), _WRITE)
+                    try:
+                        ready = self._wait_for(writable, rule.connect_timeout)
+                    finally:
+                        writable.close()
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if ready else errno.ETIMEDOUT
+            except _Aborted:
+                sock.close()
+                return None
+            if code == 0:
+                return sock
+            sock.close()
+            timed_out = code == errno.ETIMEDOUT
+            outcome = Outcome.CONNECT_TIMEOUT if timed_out else Outcome.CONNECT_FAILED
+            error = f"{_sockets.describe_address(sockaddr)}: {os.strerror(code).lower()}"
+        self._finish(outcome, error)
+        return None
+
+    def relay(self, upstream: socket.socket) -> None:
+        """Run both pumps; return when both have ended."""
+        client = self.client
+        _sockets.tune(client)
+        _sockets.tune(upstream)
+        loop = self._hub.loop
+        client_readable = loop.io(client.fileno(), _READ)
+        client_writable = loop.io(client.fileno(), _WRITE)
+        upstream_readable = loop.io(upstream.fileno(), _READ)
+        upstream_writable = loop.io(upstream.fileno(), _WRITE)
+        self._watchers = [client_readable, client_writable, upstream_readable, upstream_writable]
+        try:
+            gevent.spawn_raw(self._run_pump, upstream, client, upstream_readable, client_writable,
+                             DOWNSTREAM, True)
+            self._run_pump(client, upstream, client_readable, upstream_writable, UPSTREAM, False)
+            self._wait_for_downstream()
+        finally:
+            for watcher in self._watchers:
+                watcher.close()
+            self._watchers = []
+        if self._eof_count == 2:
+            self._finish(Outcome.EOF)
+
+    def _run_pump(self, src, dst, readable, writable, direction: int, spawned: bool) -> None:
+        try:
+            if self.outcome is None:
+                self.context.pump(self, src, dst, readable, writable, direction)
+                _sockets.half_close(dst)
+                self._eof_count += 1
+        except _Aborted:
+            pass
+        except OSError as exc:
+            if isinstance(exc, ConnectionError) or exc.errno in _sockets.PEER_GONE:
+                self.abort(Outcome.RESET, _sockets.describe_error(exc))
+            else:
+                self.abort(Outcome.ERROR, traceback.format_exc())
+        except gevent.GreenletExit:
+            self.abort(Outcome.SHUTDOWN)
+            if not spawned:
+                raise
+        except Exception:
+            self.abort(Outcome.ERROR, traceback.format_exc())
+        finally:
+            if spawned:
+                self._downstream_done = True
+                if self._joiner is not None:
+                    self._hub.loop.run_callback(self._joiner.switch)
+
+    def _wait_for_downstream(self) -> None:
+        while not self._downstream_done:
+            self._joiner = getcurrent()
+            try:
+                self._hub.switch()
+            except gevent.GreenletExit:
+                self.abort(Outcome.SHUTDOWN)  # keep waiting: its sockets must outlive it
+            finally:
+                self._joiner = None
+
+    def _teardown(self) -> None:
+        context = self.context
+        reset = self.outcome in (Outcome.RESET, Outcome.SHUTDOWN, Outcome.ERROR)
+        for sock in (self.upstream, self.client):
+            if sock is not None:
+                if reset:
+                    _sockets.abort(sock)
+                else:
+                    sock.close()
+        context.active.pop(self.id, None)
+        counters = context.counters
+        counters.bytes_upstream += self.counts[UPSTREAM]
+        counters.bytes_downstream += self.counts[DOWNSTREAM]
+        if self.outcome is None:  # cannot happen; keep the books straight if it does
+            self.outcome = Outcome.ERROR
+        if self.outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT):
+            counters.connect_failed += 1
+        record = self.record()
+        self._log(record)
+        self._call_hook(context.on_close, record)
+
+    # -- waiting and aborting -----------------------------------------------------
+
+    def wait(self, watcher) -> None:
+        """Block this pump until ``watcher`` fires; raise _Aborted if the connection was aborted."""
+        if self.outcome is not None:
+            raise _Aborted
+        watcher.start(getcurrent().switch)
+        try:
+            self._hub.switch()
+        finally:
+            watcher.stop()
+
+    def _wait_for(self, watcher, timeout: Optional[float]) -> bool:
+        """Like wait, with a deadline: True if the watcher fired, False on timeout."""
+        if self.outcome is not None:
+            raise _Aborted
+        self._watchers = [watcher]
+        switch = getcurrent().switch
+        timer = self._hub.loop.timer(timeout) if timeout else None
+        watcher.start(switch, True)
+        if timer is not None:
+            timer.start(switch, False)
+        try:
+            return self._hub.switch()
+        finally:
+            watcher.stop()
+            if timer is not None:
+                timer.close()
+            self._watchers = []
+
+    def abort(self, outcome: Outcome, error: Optional[str] = None) -> None:
+        """End the connection now: record why (the first reason wins) and wake both pumps."""
+        if self.outcome is not None:
+            return
+        self._finish(outcome, error)
+        aborted = _Aborted()
+        for watcher in self._watchers:
+            self._hub.cancel_wait(watcher, aborted)
+
+    def _finish(self, outcome: Outcome, error: Optional[str] = None) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self.error = error
+
+    # -- reporting ----------------------------------------------------------------
+
+    def record(self) -> ConnectionRecord:
+        done = self.outcome is not None and not self.context.active.get(self.id)
+        return ConnectionRecord(
+            id=self.id, client=self.client_name, upstream=self.upstream_name,
+            started=self.started,
+            bytes_upstream=self.counts[UPSTREAM], bytes_downstream=self.counts[DOWNSTREAM],
+            duration=time.monotonic() - self._t0 if done else None,
+            outcome=self.outcome if done else None,
+            error=self.error if done else None,
+        )
+
+    def _log(self, record: ConnectionRecord) -> None:
+        outcome = record.outcome
+        if outcome is Outcome.ERROR:
+            log.error("conn#%d %s -> %s failed after %.3fs, up %d B, down %d B:\n%s",
+                      record.id, record.client, record.upstream, record.duration,
+                      record.bytes_upstream, record.bytes_downstream, record.error)
+            return
+        if outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT):
+            log.warning("conn#%d %s -> %s %s after %.3fs: %s", record.id, record.client,
+                        record.upstream, outcome, record.duration, record.error)
+            return
+        if log.isEnabledFor(logging.INFO):
+            why = f" ({record.error})" if record.error else ""
+            log.info("conn#%d %s -> %s %s%s, %.3fs, up %d B, down %d B", record.id, record.client,
+                     record.upstream, outcome, why, record.duration,
+                     record.bytes_upstream, record.bytes_downstream)
+
+    def _call_hook(self, hook, record: Optional[ConnectionRecord] = None) -> None:
+        if hook is None:
+            return
+        try:
+            hook(record if record is not None else self.record())
+        except Exception:
+            log.exception("conn#%d: hook %r failed", self.id, hook)
+
+
+def sweep_idle(context: Context, idle_timeout: float, now: float) -> None:
+    """Abort every connection that moved no byte for ``idle_timeout``; one pass of the watch."""
+    for conn in list(context.active.values()):
+        if conn.upstream is None or conn.outcome is not None:
+            continue  # still connecting: connect_timeout is in charge
+        total = conn.counts[0] + conn.counts[1]
+        if total != conn.seen_total:
+            conn.seen_total, conn.seen_at = total, now
+        elif now - conn.seen_at >= idle_timeout:
+            conn.abort(Outcome.IDLE_TIMEOUT)
