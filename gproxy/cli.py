@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     verbosity.add_argument("-q", "--quiet", action="store_true",
-                           help="log only warnings and errors (no per-connection lines)")
+                           help="no line per connection, except warnings and errors")
     parser.add_argument("--version", action="version", version=f"gproxy {__version__}")
     return parser
 
@@ -91,11 +91,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"gproxy: error: {_option_name(exc.field)}: {message}", file=sys.stderr)
         return 2
 
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
-    log.setLevel(level)
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.quiet:  # no line per connection; the listening and stopping lines stay
+        logging.getLogger("gproxy.relay").setLevel(logging.WARNING)
 
     signals = 0
 
@@ -106,12 +107,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             log.warning("second signal: stopping now")
         gevent.spawn(forwarder.stop)
 
+    # Kept until the process exits: a late SIGTERM while we wind down must not kill us.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, on_signal)
     try:
-        watchers = [gevent.signal_handler(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)]
         forwarder.serve_forever()
     except OSError as exc:
         print(f"gproxy: error: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    for watcher in watchers:
-        watcher.cancel()
     return 0

@@ -266,6 +266,7 @@ class Forwarder:
             if self._sweeper is not None:
                 self._sweeper.kill()
         finally:
+            self._context.close()
             self._state = "stopped"
             self._stopped.set()
 
@@ -327,10 +328,11 @@ def _listen(rule: Rule):
 
 
 def _choose_pump(rule: Rule):
+    """splice(2) where the platform has it and the rule allows; else the copy pump."""
     if rule.splice:
         try:
-            from gproxy.splice import splice_pump
-        except ImportError:
+            from gproxy.splice import SplicePump
+        except (ImportError, AttributeError):
             return copy_pump
-        return splice_pump
+        return SplicePump(rule.buffer_size)
     return copy_pump

@@ -62,7 +62,7 @@ from gproxy import _sockets
 from gproxy.config import Rule
 from gproxy.stats import ConnectionRecord, Counters, Outcome
 
-__all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "copy_pump"]
+__all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "copy_pump", "copy_chunk"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,12 @@ class Context:
         self.pump = pump or copy_pump
         self._next_id = 0
 
+    def close(self) -> None:
+        """Release what the pump keeps between connections (splice's pipes)."""
+        close = getattr(self.pump, "close", None)
+        if close is not None:
+            close()
+
     def next_id(self) -> int:
         self._next_id += 1
         return self._next_id
@@ -108,39 +114,45 @@ class Context:
 def copy_pump(conn: "Connection", src: socket.socket, dst: socket.socket,
               readable, writable, direction: int) -> None:
     """Move bytes from src to dst until src's clean EOF; socket errors propagate."""
-    context = conn.context
-    scratch, view = context.scratch, context.scratch_view
-    recv_into, send, wait = src.recv_into, dst.send, conn.wait
-    counts = conn.counts
+    counts, wait = conn.counts, conn.wait
     budget = FAIR_SHARE
     while True:
-        try:
-            n = recv_into(scratch)
-        except BlockingIOError:
-            wait(readable)
-            budget = FAIR_SHARE
-            continue
-        if not n:
+        n = copy_chunk(conn, src, dst, writable)
+        if n > 0:
+            counts[direction] += n
+            budget -= n
+            if budget > 0:
+                continue
+        elif n == 0:
             return
+        wait(readable)
+        budget = FAIR_SHARE
+
+
+def copy_chunk(conn: "Connection", src: socket.socket, dst: socket.socket, writable) -> int:
+    """Read once from src and write all of it to dst: the bytes moved, 0 at EOF,
+    -1 if src had nothing. Waits only while dst is not taking what was read."""
+    context = conn.context
+    scratch = context.scratch
+    try:
+        n = src.recv_into(scratch)
+    except BlockingIOError:
+        return -1
+    if n:
         try:
-            sent = send(view[:n])
+            sent = dst.send(context.scratch_view[:n])
         except BlockingIOError:
             sent = 0
         if sent != n:
             # The destination is slow: keep the rest (at most buffer_size) and wait for it.
             pending = memoryview(scratch[sent:n])
             while pending:
-                wait(writable)
+                conn.wait(writable)
                 try:
-                    pending = pending[send(pending):]
+                    pending = pending[dst.send(pending):]
                 except BlockingIOError:
                     pass
-            budget = FAIR_SHARE
-        counts[direction] += n
-        budget -= n
-        if budget <= 0:
-            wait(readable)
-            budget = FAIR_SHARE
+    return n
 
 
 class Connection:

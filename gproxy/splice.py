@@ -1,0 +1,123 @@
+"""The zero-copy pump: bytes go socket -> pipe -> socket with splice(2), never through Python.
+
+Typical use (the forwarder picks it when the platform has ``os.splice``)::
+
+    pump = SplicePump(buffer_size=65536)
+    pump(conn, src, dst, readable, writable, direction)   # same contract as relay.copy_pump
+    pump.close()                                           # when the forwarder stops
+
+The pump keeps the shape and rules of ``relay.copy_pump``: wait on the source,
+move one chunk, wait on the destination while it is full, hand the loop back
+after ``FAIR_SHARE`` bytes, return at clean EOF, let socket errors propagate.
+
+Pipes cost two fds each, so they are not owned by connections: a pump takes a
+pipe from a shared pool when its source has data, and gives it back empty
+before it waits for more. An idle connection holds no pipe; a pump holds one
+only while a chunk is on its way, or while its destination is not reading.
+When no pipe can be had (out of fds) that chunk is copied through user space.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import List, Optional, Tuple
+
+from gproxy.relay import FAIR_SHARE, copy_chunk
+
+__all__ = ["SplicePump"]
+
+_splice = os.splice  # ImportError/AttributeError here means: no splice on this platform
+_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+#: empty pipes kept for the next chunk; more than this are closed when given back.
+_KEEP_IDLE = 32
+
+Pipe = Tuple[int, int]
+
+
+class SplicePump:
+    """A pump that splices through pooled pipes; one instance per forwarder (per hub)."""
+
+    def __init__(self, buffer_size: int):
+        self.chunk = buffer_size
+        self._idle: List[Pipe] = []
+
+    def __call__(self, conn, src, dst, readable, writable, direction: int) -> None:
+        src_fd, dst_fd = src.fileno(), dst.fileno()
+        counts, wait, chunk = conn.counts, conn.wait, self.chunk
+        budget = FAIR_SHARE
+        pipe: Optional[Pipe] = None
+        try:
+            while True:
+                if pipe is None:
+                    pipe = self._take()
+                    if pipe is None:  # no fd for a pipe: copy this chunk
+                        n = copy_chunk(conn, src, dst, writable)
+                        if n == 0:
+                            return
+                        if n > 0:
+                            counts[direction] += n
+                            budget -= n
+                            if budget > 0:
+                                continue
+                        wait(readable)
+                        budget = FAIR_SHARE
+                        continue
+                pipe_out, pipe_in = pipe
+                try:
+                    n = _splice(src_fd, pipe_in, chunk, flags=_FLAGS)
+                except BlockingIOError:
+                    n = -1
+                if n > 0:
+                    left = n
+                    while left:
+                        try:
+                            left -= _splice(pipe_out, dst_fd, left, flags=_FLAGS)
+                        except BlockingIOError:
+                            wait(writable)
+                    counts[direction] += n
+                    budget -= n
+                    if budget > 0:
+                        continue
+                elif n == 0:
+                    self._give(pipe)  # empty: everything read was written
+                    pipe = None
+                    return
+                # The pipe is empty: give it back before waiting for the source.
+                self._give(pipe)
+                pipe = None
+                wait(readable)
+                budget = FAIR_SHARE
+        finally:
+            if pipe is not None:  # an error or abort mid-chunk: the pipe may hold stale bytes
+                _close(pipe)
+
+    def _take(self) -> Optional[Pipe]:
+        if self._idle:
+            return self._idle.pop()
+        try:
+            pipe_out, pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.fcntl(pipe_in, _F_SETPIPE_SZ, self.chunk)
+        except OSError:
+            pass  # over /proc/sys/fs/pipe-max-size: the default pipe still works
+        return pipe_out, pipe_in
+
+    def _give(self, pipe: Pipe) -> None:
+        if len(self._idle) < _KEEP_IDLE:
+            self._idle.append(pipe)
+        else:
+            _close(pipe)
+
+    def close(self) -> None:
+        while self._idle:
+            _close(self._idle.pop())
+
+
+def _close(pipe: Pipe) -> None:
+    for fd in pipe:
+        os.close(fd)

@@ -1,0 +1,93 @@
+"""Fixtures: forwarders that must end every test with no connection open and no error logged."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+import gproxy
+from peers import TIMEOUT
+
+
+class _ErrorLog(logging.Handler):
+    """Collects ERROR records from the gproxy loggers: a bug inside a connection."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def no_errors_logged():
+    handler = _ErrorLog()
+    logger = logging.getLogger("gproxy")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    assert not handler.records, [handler.format(r) for r in handler.records]
+
+
+class Forwarders:
+    """Starts in-process forwarders (a hub in a daemon thread: this process is not patched)
+    and, after the test, checks that every connection has ended, then stops them."""
+
+    def __init__(self, splice: bool):
+        self.splice = splice
+        self.started = []
+        self.closed = threading.Condition()
+        self.records = []
+
+    def __call__(self, target, listen="127.0.0.1:0", **options) -> gproxy.Forwarder:
+        options.setdefault("splice", self.splice)
+        user_hook = options.pop("on_close", None)
+
+        def on_close(record):
+            if user_hook:
+                user_hook(record)
+            with self.closed:
+                self.records.append(record)
+                self.closed.notify_all()
+
+        fw = gproxy.Forwarder(listen, target, on_close=on_close, **options)
+        fw.start()
+        self.started.append(fw)
+        return fw
+
+    def wait_closed(self, fw: gproxy.Forwarder, accepted: int = None, timeout: float = TIMEOUT):
+        """Wait until fw has no open connection (and, if given, has accepted that many)."""
+        def done():
+            stats = fw.statistics()
+            return stats.active == 0 and (accepted is None or stats.accepted >= accepted)
+        with self.closed:
+            assert self.closed.wait_for(done, timeout), fw.statistics()
+        return fw.statistics()
+
+    def stop_all(self):
+        for fw in self.started:
+            self.wait_closed(fw)
+            fw.stop()
+
+
+@pytest.fixture(params=["splice", "copy"])
+def forwarders(request):
+    """A factory of started forwarders, once with each pump."""
+    factory = Forwarders(splice=request.param == "splice")
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+
+
+@pytest.fixture
+def forwarder_factory():
+    """Like ``forwarders``, with the default pump only (for tests about the API, not the bytes)."""
+    factory = Forwarders(splice=True)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()

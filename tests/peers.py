@@ -1,0 +1,273 @@
+"""Test peers on 127.0.0.1:0 that report to the test through queues (toxiproxy's testhelper).
+
+Plain threads and blocking sockets: these peers are the outside world, not gproxy.
+Every blocking call has a timeout, so a broken forwarder fails a test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, List, Optional, Tuple
+
+TIMEOUT = 20.0  # the most any single socket operation in a test may wait
+
+
+def free_port() -> int:
+    """A port nobody listens on: bound and closed in the same test (a refused upstream)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def connect(address, timeout: float = TIMEOUT) -> socket.socket:
+    sock = socket.create_connection(tuple(address), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with RST."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def recv_all(sock: socket.socket, chunk: int = 1 << 16) -> bytes:
+    parts = []
+    while True:
+        data = sock.recv(chunk)
+        if not data:
+            return b"".join(parts)
+        parts.append(data)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        data = sock.recv(n - got)
+        if not data:
+            raise EOFError(f"EOF after {got} of {n} bytes")
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+def payload(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def send_in_odd_chunks(sock: socket.socket, data: bytes, seed: int) -> None:
+    """sendall in chunks of irregular, odd sizes, so no size lines up with a buffer."""
+    rng = random.Random(seed)
+    view = memoryview(data)
+    offset = 0
+    while offset < len(view):
+        size = rng.choice((1, 7, 333, 4095, 4097, 65537, 131071, 300001))
+        sock.sendall(view[offset:offset + size])
+        offset += size
+
+
+class Server:
+    """Accept on 127.0.0.1:0 and run ``serve(sock)`` in a thread per client."""
+
+    def __init__(self, serve: Callable[[socket.socket], None], backlog: int = 128):
+        self.serve = serve
+        self.errors: "queue.Queue[BaseException]" = queue.Queue()
+        self.accepted = 0
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(backlog)
+        self.address = self.listener.getsockname()
+        self._threads: List[threading.Thread] = []
+        self._closed = False
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.accepted += 1
+            sock.settimeout(TIMEOUT)
+            thread = threading.Thread(target=self._run, args=(sock,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _run(self, sock: socket.socket) -> None:
+        try:
+            self.serve(sock)
+        except BaseException as exc:  # reported to the test, which decides
+            self.errors.put(exc)
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        for thread in self._threads:
+            thread.join(TIMEOUT)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def echo(sock: socket.socket) -> None:
+    """Echo until EOF, then half-close: the reply to a half-close is the rest plus our FIN."""
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            break
+        sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+    recv_all(sock)
+
+
+class Exchange:
+    """Upstream that sends ``size`` seeded bytes while it hashes all it receives, both at once;
+    after its own EOF and the client's, reports (sha256 of received, count) to ``results``."""
+
+    def __init__(self, size_for: Callable[[int], int]):
+        self.size_for = size_for
+        self.results: "queue.Queue[Tuple[int, str, int]]" = queue.Queue()
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, sock: socket.socket) -> None:
+        with self._lock:
+            index = self._n
+            self._n += 1
+        # the client announces its stream number first, so results are matched to clients
+        stream = struct.unpack("!I", recv_exactly(sock, 4))[0]
+        data = payload(self.size_for(stream), seed=10_000 + stream)
+        sender = threading.Thread(target=self._send, args=(sock, data, stream), daemon=True)
+        sender.start()
+        digest, count = hashlib.sha256(), 0
+        while True:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            digest.update(chunk)
+            count += len(chunk)
+        sender.join(TIMEOUT)
+        self.results.put((stream, digest.hexdigest(), count))
+
+    @staticmethod
+    def _send(sock, data, seed):
+        send_in_odd_chunks(sock, data, seed)
+        sock.shutdown(socket.SHUT_WR)
+
+
+class Gate:
+    """Upstream that hands each accepted socket to the test, which drives it by hand."""
+
+    def __init__(self):
+        self.sockets: "queue.Queue[socket.socket]" = queue.Queue()
+        self._done = threading.Event()
+
+    def __call__(self, sock: socket.socket) -> None:
+        self.sockets.put(sock)
+        self._done.wait(TIMEOUT * 3)  # keep the socket open until the test is done with it
+
+    def get(self) -> socket.socket:
+        return self.sockets.get(timeout=TIMEOUT)
+
+    def release(self) -> None:
+        self._done.set()
+
+
+class Proxy:
+    """``python -m gproxy`` in a subprocess, with its stderr read line by line into a queue."""
+
+    LISTENING = re.compile(r"listening on (\S+):(\d+) -> ")
+
+    def __init__(self, *args: str, listen: str = "127.0.0.1:0"):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gproxy", *args[:-1], listen, args[-1]] if args else
+            [sys.executable, "-m", "gproxy", listen],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self.seen: List[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        match = self.LISTENING.search(self.wait_for("listening on "))
+        self.address = (match.group(1), int(match.group(2)))
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_for(self, text: str, timeout: float = TIMEOUT) -> str:
+        """The next stderr line containing ``text``; every line read is kept in ``seen``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line with {text!r} within {timeout}s; saw {self.seen}") from None
+            if line is None:
+                raise AssertionError(f"gproxy exited ({self.process.wait()}) before {text!r}; saw {self.seen}")
+            self.seen.append(line)
+            if text in line:
+                return line
+
+    def count_lines(self, text: str, n: int, timeout: float = TIMEOUT) -> None:
+        for _ in range(n):
+            self.wait_for(text, timeout)
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def signal(self, signum=signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self) -> Tuple[int, str]:
+        """SIGTERM, wait, and return (exit status, everything on stderr)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(TIMEOUT)
+        while True:
+            try:
+                line = self.lines.get(timeout=TIMEOUT)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.seen.append(line)
+        return code, "\n".join(self.seen)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(TIMEOUT)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()

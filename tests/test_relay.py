@@ -1,0 +1,210 @@
+"""The bytes and the closing rules, with each pump (splice and copy), in process."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from gproxy import Outcome
+from peers import (TIMEOUT, Exchange, Gate, Server, connect, echo, free_port, payload, recv_all,
+                   recv_exactly, reset, send_in_odd_chunks)
+
+
+def test_both_directions_at_once_many_connections_byte_exact(forwarders):
+    """20 clients each send and receive a different random payload at the same time."""
+    sizes = {stream: 200_003 + stream * 77_777 for stream in range(20)}
+    exchange = Exchange(sizes.__getitem__)
+    with Server(exchange) as upstream:
+        fw = forwarders(upstream.address)
+        failures = []
+
+        def client(stream):
+            try:
+                sock = connect(fw.address)
+                sock.sendall(struct.pack("!I", stream))
+                data = payload(sizes[stream] + 5, seed=stream)
+                sender = threading.Thread(target=send_in_odd_chunks, args=(sock, data, stream))
+                sender.start()
+                received = recv_all(sock, 4093)
+                sender.join(TIMEOUT)
+                sock.shutdown(socket.SHUT_WR)
+                sock.close()
+                assert received == payload(sizes[stream], seed=10_000 + stream), f"stream {stream} downstream"
+                results[stream] = hashlib.sha256(data).hexdigest(), len(data) + 4
+            except BaseException as exc:
+                failures.append(exc)
+
+        results = {}
+        threads = [threading.Thread(target=client, args=(s,)) for s in sizes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT * 2)
+        assert not failures, failures
+        for _ in sizes:
+            stream, digest, count = exchange.results.get(timeout=TIMEOUT)
+            assert (digest, count + 4) == results[stream], f"stream {stream} upstream"
+        stats = forwarders.wait_closed(fw, accepted=len(sizes))
+    assert stats.bytes_upstream == sum(size + 5 + 4 for size in sizes.values())
+    assert stats.bytes_downstream == sum(sizes.values())
+    assert all(r.outcome is Outcome.EOF for r in forwarders.records)
+
+
+def test_client_half_close_still_gets_whole_reply(forwarders):
+    """Client sends, half-closes, and still receives everything the upstream answers."""
+    gate = Gate()
+    with Server(gate) as upstream:
+        fw = forwarders(upstream.address)
+        client = connect(fw.address)
+        client.sendall(b"request")
+        client.shutdown(socket.SHUT_WR)
+        server = gate.get()
+        assert recv_all(server) == b"request"  # the FIN came through
+        reply = payload(3_000_001, seed=1)
+        server.sendall(reply)
+        server.close()
+        assert recv_all(client) == reply
+        client.close()
+        gate.release()
+        forwarders.wait_closed(fw, accepted=1)
+    assert forwarders.records[-1].outcome is Outcome.EOF
+
+
+def test_upstream_half_close_still_gets_client_data(forwarders):
+    """Upstream sends and half-closes first; the client's later data still reaches it."""
+    gate = Gate()
+    with Server(gate) as upstream:
+        fw = forwarders(upstream.address)
+        client = connect(fw.address)
+        server = gate.get()
+        banner = payload(100_000, seed=2)
+        server.sendall(banner)
+        server.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == banner  # the FIN came through
+        late = payload(2_000_003, seed=3)
+        client.sendall(late)
+        client.close()
+        assert recv_all(server) == late
+        server.close()
+        gate.release()
+        stats = forwarders.wait_closed(fw, accepted=1)
+    assert (stats.bytes_upstream, stats.bytes_downstream) == (len(late), len(banner))
+
+
+@pytest.mark.parametrize("side", ["client", "upstream"])
+def test_reset_aborts_both_sides(forwarders, side):
+    gate = Gate()
+    with Server(gate) as upstream:
+        fw = forwarders(upstream.address)
+        client = connect(fw.address)
+        server = gate.get()
+        client.sendall(b"x")
+        assert recv_exactly(server, 1) == b"x"  # fully established end to end
+        if side == "client":
+            reset(client)
+            other = server
+        else:
+            reset(server)
+            other = client
+        with pytest.raises(ConnectionResetError):
+            recv_all(other)
+        other.close()
+        gate.release()
+        forwarders.wait_closed(fw, accepted=1)
+    assert forwarders.records[-1].outcome is Outcome.RESET
+
+
+def test_refused_upstream_closes_client_at_once(forwarders, caplog):
+    fw = forwarders(("127.0.0.1", free_port()))
+    client = connect(fw.address)
+    assert recv_all(client) == b""
+    client.close()
+    stats = forwarders.wait_closed(fw, accepted=1)
+    assert stats.connect_failed == 1
+    record = forwarders.records[-1]
+    assert record.outcome is Outcome.CONNECT_FAILED and "refused" in record.error
+
+
+def test_unanswered_connect_hits_connect_timeout(forwarders):
+    """A target whose accept queue is full drops our SYN: the connect must time out."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        while True:  # fill the accept queue until a connect no longer completes
+            sock = socket.socket()
+            sock.settimeout(0.2)
+            try:
+                sock.connect(listener.getsockname())
+            except socket.timeout:
+                sock.close()
+                break
+            fillers.append(sock)
+            assert len(fillers) < 64
+        fw = forwarders(listener.getsockname(), connect_timeout=0.3)
+        client = connect(fw.address)
+        started = time.monotonic()
+        assert recv_all(client) == b""
+        assert time.monotonic() - started < TIMEOUT / 2
+        client.close()
+        forwarders.wait_closed(fw, accepted=1)
+        assert forwarders.records[-1].outcome is Outcome.CONNECT_TIMEOUT
+    finally:
+        for sock in fillers:
+            sock.close()
+        listener.close()
+
+
+def test_idle_timeout_closes_a_silent_connection(forwarders):
+    gate = Gate()
+    with Server(gate) as upstream:
+        fw = forwarders(upstream.address, idle_timeout=0.3)
+        client = connect(fw.address)
+        server = gate.get()
+        client.sendall(b"hello")
+        assert recv_exactly(server, 5) == b"hello"
+        assert recv_all(client) == b""      # closed by gproxy, not by a peer
+        assert recv_all(server) == b""
+        client.close()
+        gate.release()
+        forwarders.wait_closed(fw, accepted=1)
+    assert forwarders.records[-1].outcome is Outcome.IDLE_TIMEOUT
+
+
+def test_idle_timeout_spares_a_one_way_stream(forwarders):
+    """Traffic in only one direction keeps the connection alive past the idle timeout."""
+    gate = Gate()
+    with Server(gate) as upstream:
+        fw = forwarders(upstream.address, idle_timeout=0.3)
+        client = connect(fw.address)
+        server = gate.get()
+        ticks = 30
+        for i in range(ticks):  # 1.5 s of a slow one-way stream, five idle timeouts long
+            server.sendall(b"tick %03d\n" % i)
+            time.sleep(0.05)  # sleep-ok: models a slow source, not a wait for readiness
+        server.close()
+        assert recv_all(client) == b"".join(b"tick %03d\n" % i for i in range(ticks))
+        client.close()
+        gate.release()
+        forwarders.wait_closed(fw, accepted=1)
+    assert forwarders.records[-1].outcome is Outcome.EOF
+
+
+def test_echo_round_trips(forwarders):
+    with Server(echo) as upstream:
+        fw = forwarders(upstream.address)
+        client = connect(fw.address)
+        for size in (1, 63, 64, 1000, 65535, 65536, 65537, 1 << 20):
+            data = payload(size, seed=size)
+            client.sendall(data)
+            assert recv_exactly(client, size) == data
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b""
+        client.close()
+        forwarders.wait_closed(fw, accepted=1)
