@@ -1,0 +1,289 @@
+"""gproxy.Forwarder inside other programs, each test a subprocess script the way users write them."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import gproxy
+from gproxy import ConfigError, Outcome
+from peers import TIMEOUT, Server, connect, echo, free_port, recv_all, recv_exactly
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A threaded echo server in plain blocking Python, for the scripts below.
+ECHO_SERVER = '''
+import socket, threading
+def _echo(sock):
+    with sock:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            sock.sendall(data)
+def echo_server():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    def accept():
+        while True:
+            sock, _ = listener.accept()
+            threading.Thread(target=_echo, args=(sock,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return listener.getsockname()
+def round_trip(address, data):
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+def os_threads():
+    # threading's own count: /proc/self/task may still list a thread that join() saw finish
+    import gevent.monkey
+    if gevent.monkey.is_module_patched("threading"):
+        return len(os.listdir("/proc/self/task"))  # patched: threading counts greenlets
+    return threading.active_count()
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+import os
+'''
+
+
+def run_script(body: str, prelude: str = "") -> str:
+    script = prelude + ECHO_SERVER + textwrap.dedent(body)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=TIMEOUT * 3, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.strip().endswith("OK"), result.stdout
+    return result.stdout
+
+
+PATCHED = "from gevent import monkey; monkey.patch_all()\n"
+
+
+def test_patched_program_urllib_through_forwarder_to_threaded_http_server():
+    run_script('''
+        import http.server, threading, urllib.request
+        import gproxy
+
+        class Hello(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = b"hello " * 5000
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threads = os_threads()
+        with gproxy.Forwarder("127.0.0.1:0", server.server_address) as fw:
+            assert os_threads() == threads, "patched: serves on the caller's hub, no OS thread"
+            host, port = fw.address
+            for _ in range(20):
+                with urllib.request.urlopen(f"http://{host}:{port}/", timeout=10) as response:
+                    assert response.read() == b"hello " * 5000
+            stats = fw.statistics()
+        assert stats.accepted == 20 and stats.bytes_downstream > 20 * 30000, stats
+        server.shutdown()
+        print("OK")
+    ''', prelude=PATCHED)
+
+
+def test_unpatched_program_plain_blocking_sockets():
+    run_script('''
+        import gevent.monkey
+        import gproxy
+        assert not gevent.monkey.is_module_patched("socket")
+        target = echo_server()
+        threads = os_threads()
+        fw = gproxy.Forwarder("127.0.0.1:0", target)
+        fw.start()
+        assert os_threads() == threads + 1, "unpatched: a hub in a thread of its own"
+        data = os.urandom(3_000_000)
+        assert round_trip(fw.address, data) == data
+        fw.stop()
+        assert os_threads() == threads
+        print("OK")
+    ''')
+
+
+@pytest.mark.parametrize("prelude", ["", PATCHED], ids=["unpatched", "patched"])
+def test_many_forwarders_at_once_and_chained(prelude):
+    run_script('''
+        import threading
+        import gproxy
+        target = echo_server()
+        forwarders = [gproxy.Forwarder("127.0.0.1:0", target).start() for _ in range(10)]
+        # a chain: client -> chain[0] -> chain[1] -> chain[2] -> echo
+        chain = []
+        hop = target
+        for _ in range(3):
+            chain.insert(0, gproxy.Forwarder("127.0.0.1:0", hop).start())
+            hop = chain[0].address
+        failures = []
+        def use(address, seed):
+            data = bytes([seed]) * 200_000 + os.urandom(seed * 1000)
+            if round_trip(address, data) != data:
+                failures.append(address)
+        clients = [threading.Thread(target=use, args=(fw.address, i)) for i, fw in enumerate(forwarders)]
+        clients.append(threading.Thread(target=use, args=(chain[0].address, 99)))
+        for c in clients: c.start()
+        for c in clients: c.join()
+        assert not failures, failures
+        for fw in forwarders + chain:
+            fw.stop()
+        assert [fw.statistics().accepted for fw in forwarders] == [1] * 10
+        assert [fw.statistics().accepted for fw in chain] == [1, 1, 1]
+        print("OK")
+    ''', prelude=prelude)
+
+
+@pytest.mark.parametrize("prelude", ["", PATCHED], ids=["unpatched", "patched"])
+def test_start_stop_cycles_leave_no_thread_greenlet_or_fd(prelude):
+    run_script('''
+        import gc, greenlet
+        import gproxy
+        target = echo_server()
+        def greenlets():
+            gc.collect()
+            return sum(isinstance(o, greenlet.greenlet) for o in gc.get_objects())
+        def cycle():
+            with gproxy.Forwarder("127.0.0.1:0", target, idle_timeout=30) as fw:
+                assert round_trip(fw.address, b"abc" * 1000) == b"abc" * 1000
+        cycle()  # first use creates what lives for the process (the hub, a resolver)
+        before = (os_threads(), open_fds(), greenlets())
+        for _ in range(30):
+            cycle()
+        after = (os_threads(), open_fds(), greenlets())
+        assert after == before, (before, after)
+        print("OK")
+    ''', prelude=prelude)
+
+
+def test_forwarder_api_contract(forwarder_factory):
+    with pytest.raises(ConfigError) as bad:
+        gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:1", idle_timeout="soon")
+    assert isinstance(bad.value, ValueError) and bad.value.field == "idle_timeout"
+    with pytest.raises(ConfigError) as bad:
+        gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:1", idle_timout=3)
+    assert bad.value.field == "idle_timout"
+    with pytest.raises(ConfigError) as bad:
+        gproxy.Forwarder(("127.0.0.1", 70000), "127.0.0.1:1")
+    assert bad.value.field == "listen"
+
+    fw = gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:1")
+    with pytest.raises(RuntimeError):
+        fw.address
+    fw.start()
+    assert fw.address[0] == "127.0.0.1" and fw.address[1] > 0
+    with pytest.raises(RuntimeError):
+        fw.start()
+    fw.stop()
+    fw.stop()  # harmless
+    with pytest.raises(RuntimeError):
+        fw.start()
+
+
+def test_port_in_use_raises_oserror_naming_the_address():
+    with Server(echo) as taken:
+        fw = gproxy.Forwarder(taken.address, "127.0.0.1:1")
+        with pytest.raises(OSError, match="cannot listen on 127.0.0.1:%d: address already in use"
+                           % taken.address[1]):
+            fw.start()
+
+
+def test_hooks_and_statistics(forwarder_factory):
+    opened, closed = [], []
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address, on_open=opened.append, on_close=closed.append)
+        client = connect(fw.address)
+        client.sendall(b"12345")
+        assert recv_exactly(client, 5) == b"12345"
+        live = fw.statistics()
+        assert (live.active, live.accepted, live.bytes_upstream, live.bytes_downstream) == (1, 1, 5, 5)
+        client.shutdown(1)
+        assert recv_all(client) == b""
+        client.close()
+        done = forwarder_factory.wait_closed(fw, accepted=1)
+    assert (done.active, done.bytes_upstream, done.bytes_downstream) == (0, 5, 5)
+    assert opened[0].outcome is None and opened[0].id == closed[0].id
+    assert closed[0].outcome is Outcome.EOF and closed[0].duration >= 0
+    assert (closed[0].bytes_upstream, closed[0].bytes_downstream) == (5, 5)
+    with pytest.raises(Exception):
+        done.active = 3  # a snapshot is immutable
+
+
+def test_a_failing_hook_is_logged_not_fatal(forwarder_factory, caplog, no_errors_logged):
+    def broken(record):
+        raise RuntimeError("hook bug")
+
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address, on_open=broken)
+        client = connect(fw.address)
+        client.sendall(b"ok")
+        assert recv_exactly(client, 2) == b"ok"
+        client.close()
+        forwarder_factory.wait_closed(fw, accepted=1)
+    assert any("hook bug" in r.exc_text or "hook" in r.getMessage() for r in no_errors_logged.records)
+    no_errors_logged.records.clear()  # the error was expected
+
+
+def test_pytest_plugin_fixture(tmp_path):
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["gproxy.testing"]\n')
+    (tmp_path / "test_user.py").write_text(textwrap.dedent('''
+        import socket, threading
+        def test_through_proxy(gproxy_forwarder):
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            def serve():
+                sock, _ = listener.accept()
+                sock.sendall(sock.recv(100).upper())
+                sock.close()
+            threading.Thread(target=serve, daemon=True).start()
+            fw = gproxy_forwarder(listener.getsockname())
+            with socket.create_connection(fw.address, timeout=10) as client:
+                client.sendall(b"hello")
+                assert client.recv(100) == b"HELLO"
+            assert fw.statistics().accepted == 1
+    '''))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                            capture_output=True, text=True, timeout=TIMEOUT * 3, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+
+
+def readme_examples():
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(# example: [^\n]*\n.*?)```", text, re.S)
+
+
+@pytest.mark.parametrize("example", readme_examples(), ids=lambda e: e.splitlines()[0][len("# example: "):])
+def test_readme_examples_run(example):
+    # The examples talk to a local echo server standing in for the README's "db.internal".
+    with Server(echo) as upstream:
+        source = example.replace('"127.0.0.1:5432"', f'"127.0.0.1:{upstream.address[1]}"')
+        result = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True,
+                                timeout=TIMEOUT * 3, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_readme_has_examples():
+    names = [e.splitlines()[0] for e in readme_examples()]
+    assert any("patched" in n and "unpatched" not in n for n in names), names
+    assert any("unpatched" in n for n in names), names
