@@ -77,7 +77,7 @@ class _Server(StreamServer):
             return None
         except OSError as exc:
             if exc.errno in _sockets.FD_EXHAUSTED:
-                self._pause_accepting(exc)
+                self.pause_accepting(exc)
                 return None
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                 return None  # the client gave up while queued; nothing to do
@@ -85,12 +85,12 @@ class _Server(StreamServer):
         self._pause = _PAUSE_MIN
         return _sockets.raw_socket(listener.family, fd), address
 
-    def _pause_accepting(self, exc: OSError) -> None:
+    def pause_accepting(self, exc: OSError) -> None:
         """Stop polling the listener (it stays readable: polling it would spin) and retry later."""
         now = time.monotonic()
         if self._warned_at is None or now - self._warned_at >= _WARN_EVERY:
             more = f" ({self._suppressed} more since the last warning)" if self._suppressed else ""
-            log.warning("cannot accept on %s: %s; pausing accepts, retrying every %.2fs up to %.0fs%s",
+            log.warning("cannot accept on %s: %s; pausing accepts, retrying after %.2fs up to %.0fs%s",
                         _sockets.describe_address(self.address), _sockets.describe_error(exc),
                         self._pause, _PAUSE_MAX, more)
             self._warned_at, self._suppressed = now, 0
@@ -229,6 +229,7 @@ class Forwarder:
         self._stopped = Event()
         self._pool = Pool(self.rule.max_connections)
         self._server = _Server(listener, self._handle, self._pool)
+        self._context.on_fd_exhausted = self._server.pause_accepting
         self._server.start()
         if self.rule.idle_timeout is not None:
             self._sweeper = gevent.spawn(self._sweep_idle, self.rule.idle_timeout)

@@ -98,6 +98,8 @@ class Context:
         self.scratch = bytearray(rule.buffer_size)
         self.scratch_view = memoryview(self.scratch)
         self.pump = pump or copy_pump
+        #: called when a connection finds no fd for its upstream socket
+        self.on_fd_exhausted: Optional[Callable[[OSError], None]] = None
         self._next_id = 0
 
     def close(self) -> None:
@@ -222,7 +224,13 @@ class Connection:
         for family, sockaddr in candidates:
             if self.outcome is not None:  # aborted while resolving
                 return None
-            sock = _sockets.raw_socket(family)
+            try:
+                sock = _sockets.raw_socket(family)
+            except OSError as exc:  # out of fds or memory: this client cannot be served now
+                self._finish(Outcome.CONNECT_FAILED, f"cannot open a socket: {_sockets.describe_error(exc)}")
+                if self.context.on_fd_exhausted is not None and exc.errno in _sockets.FD_EXHAUSTED:
+                    self.context.on_fd_exhausted(exc)  # accept no more clients we cannot serve
+                return None
             try:
                 code = sock.connect_ex(sockaddr)
                 if code == errno.EINPROGRESS:

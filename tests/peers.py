@@ -198,11 +198,12 @@ class Proxy:
 
     LISTENING = re.compile(r"listening on (\S+):(\d+) -> ")
 
-    def __init__(self, *args: str, listen: str = "127.0.0.1:0"):
+    def __init__(self, *args: str, listen: str = "127.0.0.1:0", preexec_fn=None):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gproxy", *args[:-1], listen, args[-1]] if args else
             [sys.executable, "-m", "gproxy", listen],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=preexec_fn,
         )
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self.seen: List[str] = []

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
+import os
+import resource
 import selectors
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -292,3 +294,40 @@ def test_ping_pong_keeps_answering_during_a_bulk_stream(pump_args):
             ping.close()
         code, output = proxy.stop()
     assert code == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_fd_exhaustion_pauses_accepting_with_one_warning_and_no_spin():
+    """With 40 fds and room for 1000 connections, gproxy runs out of fds while clients keep
+    coming: it must warn once, stop polling the listener, and serve again once fds free up."""
+    def low_fd_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    with Server(echo) as upstream, Proxy("--max-connections", "1000", f"127.0.0.1:{upstream.address[1]}",
+                                         preexec_fn=low_fd_limit) as proxy:
+        clients = []
+        for _ in range(40):   # more than its fds allow; the kernel queues what it cannot accept
+            clients.append(connect(proxy.address))
+        warning = proxy.wait_for("cannot accept")
+        assert "WARNING" in warning and "too many open files" in warning, warning
+        started, cpu_before = time.monotonic(), _cpu_seconds(proxy.process.pid)
+        # while the listener is paused, a queued client waits; its echo proves the resume
+        for client in clients[:20]:
+            client.close()
+        late = clients[-1]
+        late.sendall(b"still there?")
+        assert recv_exactly(late, 12) == b"still there?"
+        elapsed = time.monotonic() - started
+        cpu = _cpu_seconds(proxy.process.pid) - cpu_before
+        assert cpu < 0.5 * elapsed + 0.1, f"{cpu:.2f}s of CPU in {elapsed:.2f}s: spinning"
+        for client in clients[20:]:
+            client.close()
+        code, output = proxy.stop()
+    assert code == 0
+    assert output.count("cannot accept") <= 2, output   # rate-limited, not one per attempt
+    assert "Traceback" not in output, output
