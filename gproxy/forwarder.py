@@ -33,14 +33,14 @@ from typing import Callable, Optional, Tuple
 
 import gevent
 import gevent.socket
+from greenlet import greenlet
 from gevent import monkey
 from gevent.event import Event
-from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from gproxy import _sockets
 from gproxy.config import AddressLike, Rule
-from gproxy.relay import Connection, Context, copy_pump, sweep_idle
+from gproxy.relay import Connection, Context, copy_pump, sweep
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
 
 __all__ = ["Forwarder"]
@@ -49,9 +49,12 @@ log = logging.getLogger(__name__)
 
 Hook = Callable[[ConnectionRecord], None]
 
-#: after the drain deadline aborts what is left, how long teardown may take before
-#: the pool kills what still runs (a resolver call that does not return, say).
+#: after the drain deadline aborts what is left, how long teardown may take (only a
+#: connection stuck in the resolver, which nothing can interrupt, takes longer).
 _ABORT_GRACE = 5.0
+
+#: a pump quiet for this long (at most twice this) gives up its greenlet until data comes.
+_PARK_EVERY = 1.0
 
 #: accept() pauses on fd exhaustion for this long, doubling up to the maximum.
 _PAUSE_MIN, _PAUSE_MAX = 0.05, 1.0
@@ -60,14 +63,43 @@ _WARN_EVERY = 10.0
 
 
 class _Server(StreamServer):
-    """A StreamServer that hands raw sockets to the handler and survives fd exhaustion."""
+    """A StreamServer that hands raw sockets to the handler, runs each handler in a bare
+    greenlet (a gevent Greenlet and a Pool slot cost about 1 KiB per connection), stops
+    accepting at ``max_connections`` and survives fd exhaustion."""
 
-    def __init__(self, listener, handle, pool):
-        super().__init__(listener, handle, spawn=pool)
+    def __init__(self, listener, handle, max_connections: int):
+        super().__init__(listener, handle, spawn=self._spawn_handler)
+        self.max_connections = max_connections
+        self._hub = gevent.get_hub()
+        self.running = 0            # connections accepted and not yet closed
+        self.idle = Event()         # set while no handler runs: what a drain waits for
+        self.idle.set()
+        self._full = False
         self._pause = _PAUSE_MIN
         self._resume_timer = None
         self._warned_at = None
         self._suppressed = 0
+
+    def full(self) -> bool:
+        self._full = self.running >= self.max_connections
+        return self._full
+
+    def _spawn_handler(self, run, handle, close, args) -> None:
+        self.running += 1
+        self.idle.clear()
+        hub = self._hub
+        hub.loop.run_callback(greenlet(handle, hub).switch, *args)
+
+    def do_close(self, sock, *args) -> None:
+        """The connection owns its sockets and closes them itself, after its last pump."""
+
+    def connection_closed(self) -> None:
+        self.running -= 1
+        if not self.running:
+            self.idle.set()
+        if self._full:  # the slot just freed lets the next client in
+            self._full = False
+            self._start_accepting_if_started()
 
     def do_read(self):
         listener = self.socket
@@ -137,7 +169,6 @@ class Forwarder:
         self._context = Context(self.rule, self._counters, on_open, on_close, _choose_pump(self.rule))
         self._state = "new"          # new -> running -> stopping -> stopped
         self._server: Optional[_Server] = None
-        self._pool: Optional[Pool] = None
         self._sweeper = None
         self._stopped: Optional[Event] = None     # set on the hub when fully stopped
         self._thread: Optional[threading.Thread] = None
@@ -227,23 +258,27 @@ class Forwarder:
             raise
         self._address = listener.getsockname()[:2]
         self._stopped = Event()
-        self._pool = Pool(self.rule.max_connections)
-        self._server = _Server(listener, self._handle, self._pool)
+        self._server = _Server(listener, self._handle, self.rule.max_connections)
         self._context.on_fd_exhausted = self._server.pause_accepting
+        self._context.on_closed = self._server.connection_closed
         self._server.start()
-        if self.rule.idle_timeout is not None:
-            self._sweeper = gevent.spawn(self._sweep_idle, self.rule.idle_timeout)
+        idle_timeout = self.rule.idle_timeout
+        interval = _PARK_EVERY if idle_timeout is None else min(max(idle_timeout / 8, 0.01), _PARK_EVERY)
+        self._sweeper = self._server.loop.timer(interval, interval)
+        self._sweeper.start(self._sweep)
+        self._next_park = time.monotonic() + _PARK_EVERY
         log.info("listening on %s -> %s", _sockets.describe_address(self._address), self.rule.target)
 
     def _handle(self, client: socket.socket, address) -> None:
         Connection(self._context, client, address).run()
 
-    def _sweep_idle(self, idle_timeout: float) -> None:
-        interval = min(max(idle_timeout / 8, 0.01), 1.0)
-        context = self._context
-        while True:
-            gevent.sleep(interval)
-            sweep_idle(context, idle_timeout, time.monotonic())
+    def _sweep(self) -> None:
+        """The periodic watch, one timer for all connections: idle timeouts and parking."""
+        now = time.monotonic()
+        park = now >= self._next_park
+        if park:
+            self._next_park = now + _PARK_EVERY
+        sweep(self._context, now, self.rule.idle_timeout, park)
 
     def _stop_on_hub(self, timeout: float) -> None:
         if self._state == "stopping":  # a second stop while draining: cut it short
@@ -259,13 +294,14 @@ class Forwarder:
                          _sockets.describe_address(self._address), active, timeout)
             else:
                 log.info("stopping %s", _sockets.describe_address(self._address))
-            if not self._pool.join(timeout=timeout):
+            if not self._server.idle.wait(timeout=timeout):
                 log.warning("drain deadline hit: aborting %d connection(s)", len(self._context.active))
                 self._abort_all()
-                if not self._pool.join(timeout=_ABORT_GRACE):
-                    self._pool.kill(timeout=_ABORT_GRACE)
+                if not self._server.idle.wait(timeout=_ABORT_GRACE):
+                    log.warning("%d connection(s) still resolving the target; leaving them",
+                                self._server.running)
             if self._sweeper is not None:
-                self._sweeper.kill()
+                self._sweeper.close()
         finally:
             self._context.close()
             self._state = "stopped"
@@ -350,5 +386,5 @@ def _choose_pump(rule: Rule):
             from gproxy.splice import SplicePump
         except (ImportError, AttributeError):
             return copy_pump
-        return SplicePump(rule.buffer_size)
+        return SplicePump(rule.buffer_size).pump
     return copy_pump

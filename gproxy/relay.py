@@ -57,12 +57,13 @@ from typing import Callable, Dict, List, Optional
 import gevent
 from gevent import getcurrent
 from gevent.socket import getaddrinfo
+from greenlet import greenlet
 
 from gproxy import _sockets
 from gproxy.config import Rule
 from gproxy.stats import ConnectionRecord, Counters, Outcome
 
-__all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "copy_pump", "copy_chunk"]
+__all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "copy_pump", "copy_chunk", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ _READ, _WRITE = 1, 2
 
 class _Aborted(Exception):
     """Thrown into a waiting pump to end it; never leaves this module."""
+
+
+class _Park(Exception):
+    """Thrown into a pump that waits for a quiet source, to release its greenlet."""
 
 
 class Context:
@@ -100,11 +105,13 @@ class Context:
         self.pump = pump or copy_pump
         #: called when a connection finds no fd for its upstream socket
         self.on_fd_exhausted: Optional[Callable[[OSError], None]] = None
+        #: called after each connection's teardown
+        self.on_closed: Optional[Callable[[], None]] = None
         self._next_id = 0
 
     def close(self) -> None:
         """Release what the pump keeps between connections (splice's pipes)."""
-        close = getattr(self.pump, "close", None)
+        close = getattr(getattr(self.pump, "__self__", None), "close", None)
         if close is not None:
             close()
 
@@ -116,12 +123,11 @@ class Context:
 def copy_pump(conn: "Connection", src: socket.socket, dst: socket.socket,
               readable, writable, direction: int) -> None:
     """Move bytes from src to dst until src's clean EOF; socket errors propagate."""
-    counts, wait = conn.counts, conn.wait
+    wait = conn.wait
     budget = FAIR_SHARE
     while True:
-        n = copy_chunk(conn, src, dst, writable)
+        n = copy_chunk(conn, src, dst, writable, direction)
         if n > 0:
-            counts[direction] += n
             budget -= n
             if budget > 0:
                 continue
@@ -131,7 +137,7 @@ def copy_pump(conn: "Connection", src: socket.socket, dst: socket.socket,
         budget = FAIR_SHARE
 
 
-def copy_chunk(conn: "Connection", src: socket.socket, dst: socket.socket, writable) -> int:
+def copy_chunk(conn: "Connection", src: socket.socket, dst: socket.socket, writable, direction: int) -> int:
     """Read once from src and write all of it to dst: the bytes moved, 0 at EOF,
     -1 if src had nothing. Waits only while dst is not taking what was read."""
     context = conn.context
@@ -141,6 +147,8 @@ def copy_chunk(conn: "Connection", src: socket.socket, dst: socket.socket, writa
     except BlockingIOError:
         return -1
     if n:
+        # counted when read, so a peer that has the bytes always finds them in statistics()
+        conn.counts[direction] += n
         try:
             sent = dst.send(context.scratch_view[:n])
         except BlockingIOError:
@@ -158,12 +166,12 @@ def copy_chunk(conn: "Connection", src: socket.socket, dst: socket.socket, writa
 
 
 class Connection:
-    """One client, its upstream, two pumps; ``run()`` is its whole life."""
+    """One client, its upstream, two pumps; ``run()`` starts its life, the last pump ends it."""
 
     __slots__ = (
         "context", "id", "client", "client_name", "upstream", "upstream_name", "counts",
-        "started", "_t0", "outcome", "error", "_hub", "_watchers", "_eof_count",
-        "_downstream_done", "_joiner", "seen_total", "seen_at",
+        "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
+        "_pumps", "_closed", "seen", "seen_total", "seen_at",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -180,16 +188,20 @@ class Connection:
         self.error: Optional[str] = None
         self._hub = gevent.get_hub()
         self._watchers: List = []
+        self._ends: List[tuple] = []  # per direction: (src, dst, readable, writable)
         self._eof_count = 0
-        self._downstream_done = False
-        self._joiner = None
-        # for the idle sweep: the byte total it saw last, and when it changed
+        self._pumps = 0               # pumps started and not ended (a parked pump has not ended)
+        self._closed = False
+        # for the sweep: bytes per direction at its last pass (parking), and the
+        # byte total it saw last with when that changed (idle timeout)
+        self.seen = [0, 0]
         self.seen_total = 0
         self.seen_at = self._t0
 
     # -- the life, top to bottom ------------------------------------------------
 
     def run(self) -> None:
+        """The StreamServer handler: connect, then hand the connection to its pumps."""
         context = self.context
         context.active[self.id] = self
         context.counters.accepted += 1
@@ -198,13 +210,14 @@ class Connection:
             upstream = self.connect_upstream()
             if upstream is not None:
                 self.upstream = upstream
-                self.relay(upstream)
-        except gevent.GreenletExit:  # the pool killing us at shutdown
+                self._start_pumps(upstream)
+        except gevent.GreenletExit:
             self._finish(Outcome.SHUTDOWN)
         except Exception:  # a bug: logged once, with its traceback, by _teardown
             self._finish(Outcome.ERROR, traceback.format_exc())
         finally:
-            self._teardown()
+            if not self._pumps:
+                self._teardown()
 
     def connect_upstream(self) -> Optional[socket.socket]:
         """Try each address of the target in turn; on failure record why and return None."""
@@ -252,8 +265,7 @@ class Connection:
         self._finish(outcome, error)
         return None
 
-    def relay(self, upstream: socket.socket) -> None:
-        """Run both pumps; return when both have ended."""
+    def _start_pumps(self, upstream: socket.socket) -> None:
         client = self.client
         _sockets.tune(client)
         _sockets.tune(upstream)
@@ -263,24 +275,28 @@ class Connection:
         upstream_readable = loop.io(upstream.fileno(), _READ)
         upstream_writable = loop.io(upstream.fileno(), _WRITE)
         self._watchers = [client_readable, client_writable, upstream_readable, upstream_writable]
-        try:
-            gevent.spawn_raw(self._run_pump, upstream, client, upstream_readable, client_writable,
-                             DOWNSTREAM, True)
-            self._run_pump(client, upstream, client_readable, upstream_writable, UPSTREAM, False)
-            self._wait_for_downstream()
-        finally:
-            for watcher in self._watchers:
-                watcher.close()
-            self._watchers = []
-        if self._eof_count == 2:
-            self._finish(Outcome.EOF)
+        self._ends = [(client, upstream, client_readable, upstream_writable),    # UPSTREAM
+                      (upstream, client, upstream_readable, client_writable)]    # DOWNSTREAM
+        self._pumps = 2
+        # Both pumps start parked: a greenlet is taken when the source has data, so a
+        # connection that never speaks never costs one.
+        client_readable.start(self._unpark, UPSTREAM)
+        upstream_readable.start(self._unpark, DOWNSTREAM)
 
-    def _run_pump(self, src, dst, readable, writable, direction: int, spawned: bool) -> None:
+    def _run_pump(self, direction: int) -> None:
+        """Run one pump to its end, apply the closing rules, and tear down after the last one."""
+        src, dst, readable, writable = self._ends[direction]
         try:
             if self.outcome is None:
                 self.context.pump(self, src, dst, readable, writable, direction)
                 _sockets.half_close(dst)
                 self._eof_count += 1
+        except _Park:
+            if self.outcome is None:
+                # Quiet for a while: end this greenlet and let the watcher start a new one when
+                # the source has data. The pump held no bytes: it was waiting for the source.
+                readable.start(self._unpark, direction)
+                return
         except _Aborted:
             pass
         except OSError as exc:
@@ -290,27 +306,31 @@ class Connection:
                 self.abort(Outcome.ERROR, traceback.format_exc())
         except gevent.GreenletExit:
             self.abort(Outcome.SHUTDOWN)
-            if not spawned:
-                raise
         except Exception:
             self.abort(Outcome.ERROR, traceback.format_exc())
-        finally:
-            if spawned:
-                self._downstream_done = True
-                if self._joiner is not None:
-                    self._hub.loop.run_callback(self._joiner.switch)
+        self._pump_ended()
 
-    def _wait_for_downstream(self) -> None:
-        while not self._downstream_done:
-            self._joiner = getcurrent()
-            try:
-                self._hub.switch()
-            except gevent.GreenletExit:
-                self.abort(Outcome.SHUTDOWN)  # keep waiting: its sockets must outlive it
-            finally:
-                self._joiner = None
+    def _unpark(self, direction: int) -> None:
+        """Watcher callback, on the hub: the parked source has data; run its pump in a bare
+        greenlet (gevent.spawn_raw would add an attribute dict to every one)."""
+        self._ends[direction][2].stop()
+        greenlet(self._run_pump, self._hub).switch(direction)
+
+    def _pump_ended(self) -> None:
+        self._pumps -= 1
+        if not self._pumps:
+            if self._eof_count == 2:
+                self._finish(Outcome.EOF)
+            self._teardown()
 
     def _teardown(self) -> None:
+        """Close everything once no pump runs; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for watcher in self._watchers:
+            watcher.close()
+        self._watchers = []
         context = self.context
         reset = self.outcome in (Outcome.RESET, Outcome.SHUTDOWN, Outcome.ERROR)
         for sock in (self.upstream, self.client):
@@ -330,6 +350,8 @@ class Connection:
         record = self.record()
         self._log(record)
         self._call_hook(context.on_close, record)
+        if context.on_closed is not None:
+            context.on_closed()
 
     # -- waiting and aborting -----------------------------------------------------
 
@@ -366,9 +388,22 @@ class Connection:
         if self.outcome is not None:
             return
         self._finish(outcome, error)
-        aborted = _Aborted()
+        for direction, (_src, _dst, readable, _writable) in enumerate(self._ends):
+            if readable.active and getattr(readable.callback, "__self__", None) is self:
+                readable.stop()      # parked: no greenlet to wake, the pump just ends
+                self._pump_ended()
         for watcher in self._watchers:
-            self._hub.cancel_wait(watcher, aborted)
+            self._hub.cancel_wait(watcher, _Aborted())
+
+    def park(self) -> None:
+        """Release the greenlet of each pump that moved nothing since the last call and is
+        waiting for its source: an idle connection then costs no greenlet at all."""
+        counts, seen = self.counts, self.seen
+        for direction, (_src, _dst, readable, _writable) in enumerate(self._ends):
+            if counts[direction] == seen[direction] and readable.active \
+                    and getattr(readable.callback, "__self__", None) is not self:
+                self._hub.cancel_wait(readable, _Park())
+            seen[direction] = counts[direction]
 
     def _finish(self, outcome: Outcome, error: Optional[str] = None) -> None:
         if self.outcome is None:
@@ -414,13 +449,18 @@ class Connection:
             log.exception("conn#%d: hook %r failed", self.id, hook)
 
 
-def sweep_idle(context: Context, idle_timeout: float, now: float) -> None:
-    """Abort every connection that moved no byte for ``idle_timeout``; one pass of the watch."""
+def sweep(context: Context, now: float, idle_timeout: Optional[float], park: bool) -> None:
+    """One pass of the periodic watch: abort connections idle for ``idle_timeout``, and
+    with ``park`` release the greenlets of pumps that stayed quiet since the last parking pass."""
     for conn in list(context.active.values()):
-        if conn.upstream is None or conn.outcome is not None:
-            continue  # still connecting: connect_timeout is in charge
-        total = conn.counts[0] + conn.counts[1]
-        if total != conn.seen_total:
-            conn.seen_total, conn.seen_at = total, now
-        elif now - conn.seen_at >= idle_timeout:
-            conn.abort(Outcome.IDLE_TIMEOUT)
+        if not conn._pumps or conn.outcome is not None:
+            continue  # still connecting (connect_timeout is in charge) or ending
+        if idle_timeout is not None:
+            total = conn.counts[0] + conn.counts[1]
+            if total != conn.seen_total:
+                conn.seen_total, conn.seen_at = total, now
+            elif now - conn.seen_at >= idle_timeout:
+                conn.abort(Outcome.IDLE_TIMEOUT)
+                continue
+        if park:
+            conn.park()

@@ -2,9 +2,9 @@
 
 Typical use (the forwarder picks it when the platform has ``os.splice``)::
 
-    pump = SplicePump(buffer_size=65536)
-    pump(conn, src, dst, readable, writable, direction)   # same contract as relay.copy_pump
-    pump.close()                                           # when the forwarder stops
+    splicer = SplicePump(buffer_size=65536)
+    splicer.pump(conn, src, dst, readable, writable, direction)   # same contract as relay.copy_pump
+    splicer.close()                                                # when the forwarder stops
 
 The pump keeps the shape and rules of ``relay.copy_pump``: wait on the source,
 move one chunk, wait on the destination while it is full, hand the loop back
@@ -44,7 +44,9 @@ class SplicePump:
         self.chunk = buffer_size
         self._idle: List[Pipe] = []
 
-    def __call__(self, conn, src, dst, readable, writable, direction: int) -> None:
+    def pump(self, conn, src, dst, readable, writable, direction: int) -> None:
+        """The pump: ``Context.pump`` is this bound method (a plain call, unlike ``__call__``,
+        adds no C stack frame, and every idle connection's greenlets save their C stack)."""
         src_fd, dst_fd = src.fileno(), dst.fileno()
         counts, wait, chunk = conn.counts, conn.wait, self.chunk
         budget = FAIR_SHARE
@@ -54,11 +56,10 @@ class SplicePump:
                 if pipe is None:
                     pipe = self._take()
                     if pipe is None:  # no fd for a pipe: copy this chunk
-                        n = copy_chunk(conn, src, dst, writable)
+                        n = copy_chunk(conn, src, dst, writable, direction)
                         if n == 0:
                             return
                         if n > 0:
-                            counts[direction] += n
                             budget -= n
                             if budget > 0:
                                 continue
@@ -71,13 +72,13 @@ class SplicePump:
                 except BlockingIOError:
                     n = -1
                 if n > 0:
+                    counts[direction] += n  # counted when read, as in copy_chunk
                     left = n
                     while left:
                         try:
                             left -= _splice(pipe_out, dst_fd, left, flags=_FLAGS)
                         except BlockingIOError:
                             wait(writable)
-                    counts[direction] += n
                     budget -= n
                     if budget > 0:
                         continue

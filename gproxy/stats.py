@@ -38,8 +38,8 @@ class ConnectionRecord:
     client: str
     upstream: str
     started: float                   #: time.time() when accepted
-    bytes_upstream: int = 0          #: client -> upstream
-    bytes_downstream: int = 0        #: upstream -> client
+    bytes_upstream: int = 0          #: read from the client to forward upstream
+    bytes_downstream: int = 0        #: read from upstream to forward to the client
     duration: Optional[float] = None  #: seconds from accept to teardown
     outcome: Optional[Outcome] = None
     error: Optional[str] = None      #: the network error, in words, when there was one

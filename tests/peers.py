@@ -208,7 +208,11 @@ class Proxy:
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self.seen: List[str] = []
         threading.Thread(target=self._read, daemon=True).start()
-        match = self.LISTENING.search(self.wait_for("listening on "))
+        try:
+            match = self.LISTENING.search(self.wait_for("listening on "))
+        except BaseException:
+            self.kill()  # no __exit__ runs when the constructor fails
+            raise
         self.address = (match.group(1), int(match.group(2)))
 
     def _read(self) -> None:

@@ -164,12 +164,16 @@ def test_start_stop_cycles_leave_no_thread_greenlet_or_fd(prelude):
         def cycle():
             with gproxy.Forwarder("127.0.0.1:0", target, idle_timeout=30) as fw:
                 assert round_trip(fw.address, b"abc" * 1000) == b"abc" * 1000
-        cycle()  # first use creates what lives for the process (the hub, a resolver)
+        for _ in range(3):  # first uses create what lives for the process (the hub, a resolver)
+            cycle()
         before = (os_threads(), open_fds(), greenlets())
         for _ in range(30):
             cycle()
         after = (os_threads(), open_fds(), greenlets())
-        assert after == before, (before, after)
+        assert after[:2] == before[:2], (before, after)
+        # greenlet frees the main greenlet of an exited thread lazily, so the last forwarder
+        # thread's may still be counted: one at most, where a leak would show thirty
+        assert after[2] - before[2] <= 1, (before, after)
         print("OK")
     ''', prelude=prelude)
 

@@ -1,0 +1,110 @@
+"""Quiet connections give up their greenlets ("parking") and every closing rule still holds.
+
+gproxy parks a pump that moved nothing for a while (1 to 2 s); here the period is cut to
+20 ms so the tests stay short, and each test checks that both pumps really were parked.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from gproxy import Outcome
+from gproxy import forwarder as forwarder_module
+from peers import TIMEOUT, Gate, Server, connect, payload, recv_all, recv_exactly, reset
+
+PARK_EVERY = 0.02
+
+
+@pytest.fixture(autouse=True)
+def park_quickly(monkeypatch):
+    monkeypatch.setattr(forwarder_module, "_PARK_EVERY", PARK_EVERY)
+
+
+def parked_pumps(fw) -> int:
+    """How many pumps of fw's open connections are parked (white box, read across threads)."""
+    count = 0
+    for conn in list(fw._context.active.values()):
+        for _src, _dst, readable, _writable in conn._ends:
+            count += readable.active and getattr(readable.callback, "__self__", None) is conn
+    return count
+
+
+def wait_parked(fw) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while parked_pumps(fw) < 2:
+        assert time.monotonic() < deadline, "the pumps never parked"
+        time.sleep(PARK_EVERY)  # sleep-ok: staying quiet is the condition under test
+
+
+def open_quiet_connection(forwarders, gate, **options):
+    fw = forwarders(gate.address, **options)
+    client = connect(fw.address)
+    server = gate.gate.get()
+    client.sendall(b"hi")
+    assert recv_exactly(server, 2) == b"hi"
+    wait_parked(fw)
+    return fw, client, server
+
+
+class GateServer(Server):
+    def __init__(self):
+        self.gate = Gate()
+        super().__init__(self.gate)
+
+    def close(self):
+        self.gate.release()
+        super().close()
+
+
+def test_parked_connection_resumes_both_ways_and_closes_cleanly(forwarders):
+    with GateServer() as upstream:
+        fw, client, server = open_quiet_connection(forwarders, upstream)
+        late = payload(3_000_001, seed=21)
+        client.sendall(late)
+        assert recv_exactly(server, len(late)) == late
+        server.sendall(late[::-1])
+        assert recv_exactly(client, len(late)) == late[::-1]
+        wait_parked(fw)  # quiet again, then the half-close dance, from parked pumps
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(server) == b""
+        server.sendall(b"bye")
+        server.close()
+        assert recv_all(client) == b"bye"
+        client.close()
+        forwarders.wait_closed(fw, accepted=1)
+    assert forwarders.records[-1].outcome is Outcome.EOF
+
+
+def test_reset_while_parked_aborts_both_sides(forwarders):
+    with GateServer() as upstream:
+        fw, client, server = open_quiet_connection(forwarders, upstream)
+        reset(server)
+        with pytest.raises(ConnectionResetError):
+            recv_all(client)
+        client.close()
+        forwarders.wait_closed(fw, accepted=1)
+    assert forwarders.records[-1].outcome is Outcome.RESET
+
+
+def test_idle_timeout_applies_to_parked_connections(forwarders):
+    with GateServer() as upstream:
+        fw, client, server = open_quiet_connection(forwarders, upstream, idle_timeout=0.5)
+        assert recv_all(client) == b""
+        assert recv_all(server) == b""
+        client.close()
+        forwarders.wait_closed(fw, accepted=1)
+    assert forwarders.records[-1].outcome is Outcome.IDLE_TIMEOUT
+
+
+def test_stop_aborts_parked_connections(forwarders):
+    with GateServer() as upstream:
+        fw, client, server = open_quiet_connection(forwarders, upstream)
+        fw.stop(timeout=0)
+        with pytest.raises(ConnectionResetError):
+            recv_all(client)
+        client.close()
+    assert forwarders.records[-1].outcome is Outcome.SHUTDOWN
+    assert fw.statistics().active == 0
