@@ -12,6 +12,7 @@ so the CLI can print one line and exit 2, and embedders get a normal exception.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import resource
@@ -43,7 +44,7 @@ class Address:
     host: str
     port: int
 
-    @property
+    @functools.cached_property
     def family(self) -> Optional[int]:
         """``AF_INET``/``AF_INET6`` for an IP literal, ``None`` for a name."""
         try:

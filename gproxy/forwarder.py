@@ -368,6 +368,7 @@ def _listen(rule: Rule):
     else:
         sockaddr = (listen.host, listen.port)
     sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+    _sockets.tune(sock)  # accepted sockets inherit TCP_NODELAY and keepalive from it
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(sockaddr)

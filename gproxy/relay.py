@@ -103,6 +103,7 @@ class Context:
         self.scratch = bytearray(rule.buffer_size)
         self.scratch_view = memoryview(self.scratch)
         self.pump = pump or copy_pump
+        self.target_name = str(rule.target)
         #: called when a connection finds no fd for its upstream socket
         self.on_fd_exhausted: Optional[Callable[[OSError], None]] = None
         #: called after each connection's teardown
@@ -123,16 +124,17 @@ class Context:
 def copy_pump(conn: "Connection", src: socket.socket, dst: socket.socket,
               readable, writable, direction: int) -> None:
     """Move bytes from src to dst until src's clean EOF; socket errors propagate."""
-    wait = conn.wait
+    wait, size = conn.wait, len(conn.context.scratch)
     budget = FAIR_SHARE
     while True:
         n = copy_chunk(conn, src, dst, writable, direction)
         if n > 0:
             budget -= n
-            if budget > 0:
-                continue
+            if budget > 0 and n == size:
+                continue  # a full read: more is likely waiting
         elif n == 0:
             return
+        # Drained (a short read needs no EAGAIN to confirm it), or the fair share is spent.
         wait(readable)
         budget = FAIR_SHARE
 
@@ -169,7 +171,7 @@ class Connection:
     """One client, its upstream, two pumps; ``run()`` starts its life, the last pump ends it."""
 
     __slots__ = (
-        "context", "id", "client", "client_name", "upstream", "upstream_name", "counts",
+        "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
         "_pumps", "_closed", "seen", "seen_total", "seen_at",
     )
@@ -178,9 +180,8 @@ class Connection:
         self.context = context
         self.id = context.next_id()
         self.client = client
-        self.client_name = _sockets.describe_address(client_address)
+        self.client_address = client_address
         self.upstream: Optional[socket.socket] = None
-        self.upstream_name = str(context.rule.target)
         self.counts = [0, 0]
         self.started = time.time()
         self._t0 = time.monotonic()
@@ -266,8 +267,7 @@ class Connection:
         return None
 
     def _start_pumps(self, upstream: socket.socket) -> None:
-        client = self.client
-        _sockets.tune(client)
+        client = self.client  # tuned already: accepted sockets inherit the listener's options
         _sockets.tune(upstream)
         loop = self._hub.loop
         client_readable = loop.io(client.fileno(), _READ)
@@ -345,11 +345,14 @@ class Connection:
         counters.bytes_downstream += self.counts[DOWNSTREAM]
         if self.outcome is None:  # cannot happen; keep the books straight if it does
             self.outcome = Outcome.ERROR
-        if self.outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT):
+        failed = self.outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT)
+        if failed:
             counters.connect_failed += 1
-        record = self.record()
-        self._log(record)
-        self._call_hook(context.on_close, record)
+        if context.on_close is not None or failed or self.outcome is Outcome.ERROR \
+                or log.isEnabledFor(logging.INFO):
+            record = self.record()
+            self._log(record)
+            self._call_hook(context.on_close, record)
         if context.on_closed is not None:
             context.on_closed()
 
@@ -415,7 +418,8 @@ class Connection:
     def record(self) -> ConnectionRecord:
         done = self.outcome is not None and not self.context.active.get(self.id)
         return ConnectionRecord(
-            id=self.id, client=self.client_name, upstream=self.upstream_name,
+            id=self.id, client=_sockets.describe_address(self.client_address),
+            upstream=self.context.target_name,
             started=self.started,
             bytes_upstream=self.counts[UPSTREAM], bytes_downstream=self.counts[DOWNSTREAM],
             duration=time.monotonic() - self._t0 if done else None,
