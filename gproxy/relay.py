@@ -57,9 +57,9 @@ from typing import Callable, Dict, List, Optional
 import gevent
 from gevent import getcurrent
 from gevent.socket import getaddrinfo
-from greenlet import greenlet
 
 from gproxy import _sockets
+from gproxy._workers import Workers
 from gproxy.config import Rule
 from gproxy.stats import ConnectionRecord, Counters, Outcome
 
@@ -108,10 +108,14 @@ class Context:
         self.on_fd_exhausted: Optional[Callable[[OSError], None]] = None
         #: called after each connection's teardown
         self.on_closed: Optional[Callable[[], None]] = None
+        #: the greenlets pumps run in; set on the hub that serves
+        self.workers: Optional[Workers] = None
         self._next_id = 0
 
     def close(self) -> None:
-        """Release what the pump keeps between connections (splice's pipes)."""
+        """Release what is kept between connections: idle workers, splice's pipes."""
+        if self.workers is not None:
+            self.workers.close()
         close = getattr(getattr(self.pump, "__self__", None), "close", None)
         if close is not None:
             close()
@@ -201,14 +205,15 @@ class Connection:
 
     # -- the life, top to bottom ------------------------------------------------
 
-    def run(self) -> None:
-        """The StreamServer handler: connect, then hand the connection to its pumps."""
+    def run(self, spare: socket.socket) -> None:
+        """The StreamServer handler: connect (``spare`` is an unconnected socket to use if its
+        family fits), then hand the connection to its pumps."""
         context = self.context
         context.active[self.id] = self
         context.counters.accepted += 1
         try:
             self._call_hook(context.on_open)
-            upstream = self.connect_upstream()
+            upstream = self.connect_upstream(spare)
             if upstream is not None:
                 self.upstream = upstream
                 self._start_pumps(upstream)
@@ -220,8 +225,17 @@ class Connection:
             if not self._pumps:
                 self._teardown()
 
-    def connect_upstream(self) -> Optional[socket.socket]:
+    def connect_upstream(self, spare: Optional[socket.socket] = None) -> Optional[socket.socket]:
         """Try each address of the target in turn; on failure record why and return None."""
+        upstream = None
+        try:
+            upstream = self._connect_upstream(spare)
+            return upstream
+        finally:
+            if spare is not None and spare is not upstream:
+                spare.close()  # unused, or failed (closing twice is harmless)
+
+    def _connect_upstream(self, spare: Optional[socket.socket]) -> Optional[socket.socket]:
         rule = self.context.rule
         target = rule.target
         family = target.family
@@ -239,7 +253,10 @@ class Connection:
             if self.outcome is not None:  # aborted while resolving
                 return None
             try:
-                sock = _sockets.raw_socket(family)
+                if spare is not None and spare.family == family:
+                    sock, spare = spare, None
+                else:
+                    sock = _sockets.raw_socket(family)
             except OSError as exc:  # out of fds or memory: this client cannot be served now
                 self._finish(Outcome.CONNECT_FAILED, f"cannot open a socket: {_sockets.describe_error(exc)}")
                 if self.context.on_fd_exhausted is not None and exc.errno in _sockets.FD_EXHAUSTED:
@@ -311,10 +328,9 @@ class Connection:
         self._pump_ended()
 
     def _unpark(self, direction: int) -> None:
-        """Watcher callback, on the hub: the parked source has data; run its pump in a bare
-        greenlet (gevent.spawn_raw would add an attribute dict to every one)."""
+        """Watcher callback, on the hub: the parked source has data; run its pump."""
         self._ends[direction][2].stop()
-        greenlet(self._run_pump, self._hub).switch(direction)
+        self.context.workers.run(self._run_pump, direction)
 
     def _pump_ended(self) -> None:
         self._pumps -= 1
