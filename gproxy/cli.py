@@ -58,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                              "(default: half the fd limit, less a reserve)")
     parser.add_argument("--backlog", metavar="N", default="1024",
                         help="listen queue length (default 1024)")
-    parser.add_argument("--buffer-size", metavar="BYTES", default="65536",
+    parser.add_argument("--buffer-size", metavar="BYTES", default="262144",
                         help="most bytes read at once, and held for a peer that is not reading "
-                             "(default 65536)")
+                             "(default 262144)")
     parser.add_argument("--drain-timeout", metavar="SECONDS", default="10",
                         help="on SIGTERM/SIGINT, let open connections finish for this long, "
                              "then abort them (default 10)")

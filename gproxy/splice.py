@@ -2,7 +2,7 @@
 
 Typical use (the forwarder picks it when the platform has ``os.splice``)::
 
-    splicer = SplicePump(buffer_size=65536)
+    splicer = SplicePump(buffer_size=262144)
     splicer.pump(conn, src, dst, readable, writable, direction)   # same contract as relay.copy_pump
     splicer.close()                                                # when the forwarder stops
 
