@@ -2,16 +2,14 @@
 
 Typical use (the forwarder does this for every accepted client)::
 
-    Connection(context, conn_id, client_sock, client_addr).run()
+    Connection(context, client_sock, client_address).run(spare_upstream_sock)
 
 Theory of operation
 -------------------
 ``run()`` is the StreamServer handler. It connects to the target (every
 address the name has, in turn, each attempt bounded by ``connect_timeout``),
-then moves bytes with two *pumps*, one per direction:
-
-- ``UPSTREAM`` (client -> upstream) runs in the handler's own greenlet;
-- ``DOWNSTREAM`` (upstream -> client) runs in a second greenlet.
+then hands the bytes to two *pumps*, one per direction: ``UPSTREAM`` (client ->
+upstream) and ``DOWNSTREAM`` (upstream -> client).
 
 A pump is a blocking-style loop: read what the source has, write all of it to
 the destination, repeat. It blocks only by waiting on its own two libev
@@ -32,11 +30,18 @@ Closing rules (the "half-close dance"):
 - The idle sweep and the forwarder's shutdown abort the same way, with their
   own outcome.
 
-The handler returns only after both pumps have ended, because gevent's
-StreamServer closes the client socket when the handler returns; and sockets are
-closed only after their watchers are stopped, because closing an fd under an
-active watcher is what breaks libev. That is also why the sibling is woken by
-an exception and not by closing its socket under it.
+Who closes: the connection owns both sockets (the server's ``do_close`` does
+nothing) and the last pump to end tears everything down: watchers first, then
+sockets, because closing an fd under an active watcher is what breaks libev.
+That is also why a sibling is woken by an exception and not by closing its
+socket under it.
+
+Greenlets are taken only while bytes flow. A pump starts *parked*: its source's
+readable watcher calls ``_unpark``, which runs the pump in a worker greenlet
+(see ``_workers.py``). A pump that stayed quiet since the forwarder's previous
+parking pass is thrown ``_Park`` while it waits for its source, and parks again;
+it holds no bytes then, so nothing is lost. An idle connection thus costs two
+sockets, four watchers and this object, not two suspended greenlets.
 
 A pump never runs for long without the event loop: gevent's reads and writes
 return at once while data keeps flowing, so after ``FAIR_SHARE`` bytes without
