@@ -125,17 +125,13 @@ def _seconds(value, field: str, *, zero_is_off: bool) -> Optional[float]:
     return seconds
 
 
-def _count(value, field: str, *, minimum: int, allow_off: bool = False) -> Optional[int]:
-    if value is None and allow_off:
-        return None
+def _count(value, field: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ConfigError(field, f"expected a whole number, got {value!r}")
     try:
         number = int(value)
     except ValueError:
         raise ConfigError(field, f"expected a whole number, got {value!r}") from None
-    if number == 0 and allow_off:
-        return None
     if number < minimum:
         raise ConfigError(field, f"must be at least {minimum}, got {number}")
     return number

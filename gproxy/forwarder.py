@@ -285,12 +285,14 @@ class Forwarder:
         Connection(self._context, client, address).run(upstream)
 
     def _sweep(self) -> None:
-        """The periodic watch, one timer for all connections: idle timeouts and parking."""
+        """The periodic watch, one timer for all connections: idle timeouts and parking.
+        It runs in a worker, not in the timer's callback: an abort may close connections,
+        and on_close hooks must be free to use gevent, which the hub itself may not."""
         now = time.monotonic()
         park = now >= self._next_park
         if park:
             self._next_park = now + _PARK_EVERY
-        sweep(self._context, now, self.rule.idle_timeout, park)
+        self._context.workers.run(sweep, self._context, now, self.rule.idle_timeout, park)
 
     def _stop_on_hub(self, timeout: float) -> None:
         if self._state == "stopping":  # a second stop while draining: cut it short

@@ -68,7 +68,7 @@ from gproxy._workers import Workers
 from gproxy.config import Rule
 from gproxy.stats import ConnectionRecord, Counters, Outcome
 
-__all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "copy_pump", "copy_chunk", "sweep"]
+__all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "copy_pump", "copy_chunk", "send_rest", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Context:
 def copy_pump(conn: "Connection", src: socket.socket, dst: socket.socket,
               readable, writable, direction: int) -> None:
     """Move bytes from src to dst until src's clean EOF; socket errors propagate."""
-    wait, size = conn.wait, len(conn.context.scratch)
+    wait, size = conn.waiter(), len(conn.context.scratch)
     budget = FAIR_SHARE
     while True:
         n = copy_chunk(conn, src, dst, writable, direction)
@@ -165,15 +165,20 @@ def copy_chunk(conn: "Connection", src: socket.socket, dst: socket.socket, writa
         except BlockingIOError:
             sent = 0
         if sent != n:
-            # The destination is slow: keep the rest (at most buffer_size) and wait for it.
-            pending = memoryview(scratch[sent:n])
-            while pending:
-                conn.wait(writable)
-                try:
-                    pending = pending[dst.send(pending):]
-                except BlockingIOError:
-                    pass
+            send_rest(conn, dst, scratch, sent, n, writable)
     return n
+
+
+def send_rest(conn: "Connection", dst: socket.socket, scratch: bytearray, sent: int, n: int, writable) -> None:
+    """The destination took only ``sent`` of ``n`` bytes: keep the rest (at most buffer_size,
+    copied out of the shared scratch buffer) and wait until it takes them."""
+    pending = memoryview(scratch[sent:n])
+    while pending:
+        conn.wait(writable)
+        try:
+            pending = pending[dst.send(pending):]
+        except BlockingIOError:
+            pass
 
 
 class Connection:
@@ -378,6 +383,20 @@ class Connection:
             context.on_closed()
 
     # -- waiting and aborting -----------------------------------------------------
+
+    def waiter(self) -> Callable:
+        """``wait`` for the calling greenlet's hot loop, with what it needs bound once."""
+        switch, hub_switch = getcurrent().switch, self._hub.switch
+
+        def wait(watcher) -> None:
+            if self.outcome is not None:
+                raise _Aborted
+            watcher.start(switch)
+            try:
+                hub_switch()
+            finally:
+                watcher.stop()
+        return wait
 
     def wait(self, watcher) -> None:
         """Block this pump until ``watcher`` fires; raise _Aborted if the connection was aborted."""

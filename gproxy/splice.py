@@ -24,7 +24,7 @@ import fcntl
 import os
 from typing import List, Optional, Tuple
 
-from gproxy.relay import FAIR_SHARE, copy_chunk
+from gproxy.relay import FAIR_SHARE, send_rest
 
 __all__ = ["SplicePump"]
 
@@ -53,7 +53,11 @@ class SplicePump:
         message costs two syscalls copied and four spliced (in and out of the pipe), while
         a bulk stream saves two copies of every byte. It copies again after a small read."""
         src_fd, dst_fd = src.fileno(), dst.fileno()
-        wait, copy_size, splice_chunk = conn.wait, len(conn.context.scratch), self._splice_chunk
+        wait, splice_chunk = conn.waiter(), self._splice_chunk
+        # the copy path is copy_chunk inlined: it is the whole cost of a small message
+        recv_into, send, counts = src.recv_into, dst.send, conn.counts
+        scratch, view = conn.context.scratch, conn.context.scratch_view
+        copy_size = len(scratch)
         budget = FAIR_SHARE
         spliced = False
         while True:
@@ -65,8 +69,19 @@ class SplicePump:
                 if 0 < n < copy_size:
                     spliced = False
             else:
-                n = copy_chunk(conn, src, dst, writable, direction)
-                spliced = n == copy_size
+                try:
+                    n = recv_into(scratch)
+                except BlockingIOError:
+                    n = -1
+                if n > 0:
+                    counts[direction] += n
+                    try:
+                        sent = send(view[:n])
+                    except BlockingIOError:
+                        sent = 0
+                    if sent != n:
+                        send_rest(conn, dst, scratch, sent, n, writable)
+                    spliced = n == copy_size
             if n > 0:
                 budget -= n
                 if budget > 0 and n >= copy_size:

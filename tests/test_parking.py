@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import time
 
+import gevent
 import pytest
 
 from gproxy import Outcome
@@ -90,13 +91,20 @@ def test_reset_while_parked_aborts_both_sides(forwarders):
 
 
 def test_idle_timeout_applies_to_parked_connections(forwarders):
+    hooked = []
+
+    def on_close(record):
+        gevent.sleep(0)  # a hook may use gevent: it must not run on the hub itself
+        hooked.append(record.outcome)
+
     with GateServer() as upstream:
-        fw, client, server = open_quiet_connection(forwarders, upstream, idle_timeout=0.5)
+        fw, client, server = open_quiet_connection(forwarders, upstream, idle_timeout=0.5, on_close=on_close)
         assert recv_all(client) == b""
         assert recv_all(server) == b""
         client.close()
         forwarders.wait_closed(fw, accepted=1)
     assert forwarders.records[-1].outcome is Outcome.IDLE_TIMEOUT
+    assert hooked == [Outcome.IDLE_TIMEOUT]
 
 
 def test_stop_aborts_parked_connections(forwarders):

@@ -208,3 +208,40 @@ def test_echo_round_trips(forwarders):
         assert recv_all(client) == b""
         client.close()
         forwarders.wait_closed(fw, accepted=1)
+
+
+def test_target_name_tries_every_address(forwarders):
+    """'localhost' may resolve to ::1 first; the echo server listens on 127.0.0.1 only, so a
+    refused first address must lead to the next one, not to a failed connection."""
+    with Server(echo) as upstream:
+        fw = forwarders(f"localhost:{upstream.address[1]}")
+        client = connect(fw.address)
+        client.sendall(b"by name")
+        assert recv_exactly(client, 7) == b"by name"
+        client.close()
+        forwarders.wait_closed(fw, accepted=1)
+    assert forwarders.records[-1].upstream == f"localhost:{upstream.address[1]}"
+
+
+def test_ipv6_listen_and_target(forwarders):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    listener = socket.socket(socket.AF_INET6)
+    try:
+        listener.bind(("::1", 0))
+    except OSError:
+        listener.close()
+        pytest.skip("no ::1 on this machine")
+    listener.listen()
+    with listener:
+        fw = forwarders(f"[::1]:{listener.getsockname()[1]}", listen="[::1]:0")
+        assert fw.address[0] == "::1"
+        client = socket.create_connection(fw.address, timeout=TIMEOUT)
+        server, _ = listener.accept()
+        server.settimeout(TIMEOUT)
+        client.sendall(b"six")
+        assert recv_exactly(server, 3) == b"six"
+        server.close()
+        assert recv_all(client) == b""
+        client.close()
+        forwarders.wait_closed(fw, accepted=1)
