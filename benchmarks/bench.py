@@ -43,7 +43,7 @@ REPO = os.path.dirname(HERE)
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-ALL_FORWARDERS = ["direct", "gproxy", "haproxy", "socat", "naive"]
+ALL_FORWARDERS = ["direct", "gproxy", "haproxy", "socat", "naive", "uvloop"]
 # not in the default set; select with --only
 EXTRA_FORWARDERS = ["gproxy-nosplice"]  # gproxy --no-splice
 BULK_WORKLOADS = ["bulk_up", "bulk_down", "bulk_p4"]
@@ -344,7 +344,7 @@ class Forwarder:
         target = "%s:%d" % (HOST, target_port)
         env = None
         cwd = None
-        if self.name in ("gproxy", "gproxy-nosplice", "naive"):
+        if self.name in ("gproxy", "gproxy-nosplice", "naive", "uvloop"):
             if self.name.startswith("gproxy"):
                 cmd = shlex.split(self.args.gproxy_cmd) + shlex.split(self.args.gproxy_args)
                 if self.name == "gproxy-nosplice":
@@ -352,6 +352,8 @@ class Forwarder:
                 env = dict(os.environ)
                 env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
                 cwd = REPO
+            elif self.name == "uvloop":
+                cmd = [sys.executable, os.path.join(HERE, "uvloop_forwarder.py")]
             else:
                 cmd = [sys.executable, os.path.join(HERE, "naive_forwarder.py")]
             cmd = cmd + ["%s:0" % HOST, target]

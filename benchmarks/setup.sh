@@ -39,6 +39,11 @@ else
     echo "setup: gevent $("$py" -c 'import gevent; print(gevent.__version__)') already installed"
 fi
 
+if ! "$py" -c 'import uvloop' >/dev/null 2>&1; then
+    echo "setup: pip installing uvloop for $py (the asyncio peer, uvloop_forwarder.py)"
+    "$py" -m pip install uvloop
+fi
+
 for t in socat haproxy iperf3 sockperf redis-server redis-benchmark; do
     command -v "$t" >/dev/null || { echo "setup: $t still missing" >&2; exit 1; }
 done
