@@ -265,8 +265,9 @@ def test_pytest_plugin_fixture(tmp_path):
                 assert client.recv(100) == b"HELLO"
             assert fw.statistics().accepted == 1
     '''))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-                            capture_output=True, text=True, timeout=TIMEOUT * 3, cwd=tmp_path)
+                            capture_output=True, text=True, timeout=TIMEOUT * 3, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
 
