@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle-timeout", metavar="SECONDS", default="0",
                         help="close a connection with no traffic either way for this long "
                              "(default 0: never)")
+    parser.add_argument("--half-close-timeout", metavar="SECONDS", default="0",
+                        help="like --idle-timeout, once one side has closed its half (HAProxy's "
+                             "timeout client-fin; default 0: never)")
     parser.add_argument("--max-connections", metavar="N", default=None,
                         help="at this many open connections, stop accepting until one ends "
                              "(default: half the fd limit, less a reserve)")
@@ -81,7 +84,8 @@ def _option_name(field: str) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     options = {name: getattr(args, name) for name in (
-        "connect_timeout", "idle_timeout", "backlog", "buffer_size", "drain_timeout", "splice")}
+        "connect_timeout", "idle_timeout", "half_close_timeout", "backlog", "buffer_size",
+        "drain_timeout", "splice")}
     if args.max_connections is not None:
         options["max_connections"] = args.max_connections
     try:

@@ -157,6 +157,9 @@ class Rule:
     - ``idle_timeout`` (default ``None``, off): close a connection that moved no
       byte in either direction for this long (0 is off too). A one-way stream
       is not idle.
+    - ``half_close_timeout`` (default ``None``, off): like ``idle_timeout``, for a
+      connection one side of which has already closed (HAProxy's ``timeout
+      client-fin``), so peers that never finish cannot pile up.
     - ``max_connections`` (default: half the fd limit less a reserve): at the
       limit gproxy stops accepting and the kernel's listen queue holds new clients.
     - ``backlog`` (default 1024): the listen queue length.
@@ -173,6 +176,7 @@ class Rule:
     target: Address
     connect_timeout: Optional[float] = 10.0
     idle_timeout: Optional[float] = None
+    half_close_timeout: Optional[float] = None
     max_connections: Optional[int] = None
     backlog: int = 1024
     buffer_size: int = 262144
@@ -202,6 +206,7 @@ class Rule:
             target=target_address,
             connect_timeout=_seconds(opt["connect_timeout"], "connect_timeout", zero_is_off=True),
             idle_timeout=_seconds(opt["idle_timeout"], "idle_timeout", zero_is_off=True),
+            half_close_timeout=_seconds(opt["half_close_timeout"], "half_close_timeout", zero_is_off=True),
             max_connections=_count(max_connections, "max_connections", minimum=1),
             backlog=_count(opt["backlog"], "backlog", minimum=1),
             buffer_size=buffer_size,

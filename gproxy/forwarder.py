@@ -164,7 +164,7 @@ class Forwarder:
     ``listen`` and ``target`` are ``"HOST:PORT"``, ``"[IPV6]:PORT"``, ``"PORT"``
     (meaning 127.0.0.1) or ``(host, port)``. Options are those of
     :class:`gproxy.config.Rule`, with the same names and defaults as the command
-    line: ``connect_timeout``, ``idle_timeout``, ``max_connections``, ``backlog``,
+    line: ``connect_timeout``, ``idle_timeout``, ``half_close_timeout``, ``max_connections``, ``backlog``,
     ``buffer_size``, ``drain_timeout``, ``splice``. Bad values raise
     :class:`gproxy.ConfigError` (a ``ValueError``) naming the field.
 
@@ -274,8 +274,8 @@ class Forwarder:
         self._context.on_fd_exhausted = self._server.pause_accepting
         self._context.on_closed = self._server.connection_closed
         self._server.start()
-        idle_timeout = self.rule.idle_timeout
-        interval = _PARK_EVERY if idle_timeout is None else min(max(idle_timeout / 8, 0.01), _PARK_EVERY)
+        timeouts = [t for t in (self.rule.idle_timeout, self.rule.half_close_timeout) if t is not None]
+        interval = min([max(t / 8, 0.01) for t in timeouts] + [_PARK_EVERY])
         self._sweeper = self._server.loop.timer(interval, interval)
         self._sweeper.start(self._sweep)
         self._next_park = time.monotonic() + _PARK_EVERY
@@ -292,7 +292,7 @@ class Forwarder:
         park = now >= self._next_park
         if park:
             self._next_park = now + _PARK_EVERY
-        self._context.workers.run(sweep, self._context, now, self.rule.idle_timeout, park)
+        self._context.workers.run(sweep, self._context, now, park)
 
     def _stop_on_hub(self, timeout: float) -> None:
         if self._state == "stopping":  # a second stop while draining: cut it short

@@ -493,18 +493,27 @@ class Connection:
             log.exception("conn#%d: hook %r failed", self.id, hook)
 
 
-def sweep(context: Context, now: float, idle_timeout: Optional[float], park: bool) -> None:
-    """One pass of the periodic watch: abort connections idle for ``idle_timeout``, and
-    with ``park`` release the greenlets of pumps that stayed quiet since the last parking pass."""
+def sweep(context: Context, now: float, park: bool) -> None:
+    """One pass of the periodic watch: abort connections quiet for longer than the rule's
+    ``idle_timeout`` (or ``half_close_timeout`` once one side has closed), and with ``park``
+    release the greenlets of pumps that stayed quiet since the last parking pass."""
+    rule = context.rule
+    idle_timeout, half_close_timeout = rule.idle_timeout, rule.half_close_timeout
+    timed = idle_timeout is not None or half_close_timeout is not None
     for conn in list(context.active.values()):
         if not conn._pumps or conn.outcome is not None:
             continue  # still connecting (connect_timeout is in charge) or ending
-        if idle_timeout is not None:
+        if timed:
             total = conn.counts[0] + conn.counts[1]
             if total != conn.seen_total:
                 conn.seen_total, conn.seen_at = total, now
-            elif now - conn.seen_at >= idle_timeout:
-                conn.abort(Outcome.IDLE_TIMEOUT)
-                continue
+            else:
+                limit = half_close_timeout if conn._eof_count and half_close_timeout is not None \
+                    else idle_timeout
+                if idle_timeout is not None and limit is not None:
+                    limit = min(limit, idle_timeout)
+                if limit is not None and now - conn.seen_at >= limit:
+                    conn.abort(Outcome.IDLE_TIMEOUT, "half-closed" if conn._eof_count else None)
+                    continue
         if park:
             conn.park()

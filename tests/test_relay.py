@@ -245,3 +245,30 @@ def test_ipv6_listen_and_target(forwarders):
         assert recv_all(client) == b""
         client.close()
         forwarders.wait_closed(fw, accepted=1)
+
+
+def test_half_close_timeout_ends_a_quiet_half_closed_connection(forwarders):
+    """The client has said all it will (FIN) and the upstream goes quiet without closing:
+    half_close_timeout ends it, while a quiet open connection on the same forwarder stays."""
+    gate = Gate()
+    with Server(gate) as upstream:
+        fw = forwarders(upstream.address, half_close_timeout=0.3)
+        quiet = connect(fw.address)
+        quiet_server = gate.get()
+        done = connect(fw.address)
+        done_server = gate.get()
+        done.sendall(b"last words")
+        done.shutdown(socket.SHUT_WR)
+        assert recv_all(done_server) == b"last words"
+        assert recv_all(done) == b""                 # ended by gproxy, not by the upstream
+        done.close()
+        quiet.sendall(b"still open")                 # the other one was not touched
+        assert recv_exactly(quiet_server, 10) == b"still open"
+        quiet.close()
+        assert recv_all(quiet_server) == b""
+        done_server.close()
+        quiet_server.close()
+        gate.release()
+        forwarders.wait_closed(fw, accepted=2)
+    outcomes = sorted((r.outcome.value, r.error or "") for r in forwarders.records)
+    assert outcomes == [("eof", ""), ("idle timeout", "half-closed")], outcomes
