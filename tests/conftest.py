@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
 import pytest
 
 import gproxy
-from peers import TIMEOUT
+from peers import TIMEOUT, Gate, Server, connect
 
 
 class _ErrorLog(logging.Handler):
@@ -66,6 +67,23 @@ class Forwarders:
         with self.closed:
             assert self.closed.wait_for(done, timeout), fw.statistics()
         return fw.statistics()
+
+    @contextlib.contextmanager
+    def gated(self, **options):
+        """A client connected through a new forwarder to an upstream the test drives by hand:
+        yields (fw, client, server); afterwards both are closed and the connection has ended."""
+        gate = Gate()
+        with Server(gate) as upstream:
+            fw = self(upstream.address, **options)
+            client = connect(fw.address)
+            server = gate.get()
+            try:
+                yield fw, client, server
+            finally:
+                client.close()
+                server.close()
+                gate.release()
+            self.wait_closed(fw, accepted=1)
 
     def stop_all(self):
         for fw in self.started:

@@ -147,13 +147,8 @@ class Exchange:
     def __init__(self, size_for: Callable[[int], int]):
         self.size_for = size_for
         self.results: "queue.Queue[Tuple[int, str, int]]" = queue.Queue()
-        self._n = 0
-        self._lock = threading.Lock()
 
     def __call__(self, sock: socket.socket) -> None:
-        with self._lock:
-            index = self._n
-            self._n += 1
         # the client announces its stream number first, so results are matched to clients
         stream = struct.unpack("!I", recv_exactly(sock, 4))[0]
         data = payload(self.size_for(stream), seed=10_000 + stream)

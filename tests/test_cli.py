@@ -118,6 +118,8 @@ def test_second_signal_aborts_what_is_left():
         proxy.wait_for("draining 1 connection")
         proxy.signal()
         with pytest.raises(ConnectionResetError):
+            recv_all(server)   # the upstream side is cut too
+        with pytest.raises(ConnectionResetError):
             recv_all(client)
         client.close()
         gate.release()

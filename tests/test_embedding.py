@@ -13,7 +13,7 @@ import pytest
 
 import gproxy
 from gproxy import ConfigError, Outcome
-from peers import TIMEOUT, Server, connect, echo, free_port, recv_all, recv_exactly
+from peers import TIMEOUT, Server, connect, echo, recv_all, recv_exactly
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,7 +186,8 @@ def test_forwarder_api_contract(forwarder_factory):
         gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:1", idle_timout=3)
     assert bad.value.field == "idle_timout"
     with pytest.raises(ConfigError) as bad:
-        gproxy.Forwarder(("127.0.0.1", 70000), "127.0.0.1:1")
+        no_such_port = 70000
+        gproxy.Forwarder(("127.0.0.1", no_such_port), "127.0.0.1:1")
     assert bad.value.field == "listen"
 
     fw = gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:1")

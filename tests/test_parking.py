@@ -94,7 +94,7 @@ def test_idle_timeout_applies_to_parked_connections(forwarders):
     hooked = []
 
     def on_close(record):
-        gevent.sleep(0)  # a hook may use gevent: it must not run on the hub itself
+        gevent.sleep(0)  # sleep-ok: a hook may use gevent; it must not run on the hub itself
         hooked.append(record.outcome)
 
     with GateServer() as upstream:

@@ -57,31 +57,20 @@ def test_both_directions_at_once_many_connections_byte_exact(forwarders):
 
 def test_client_half_close_still_gets_whole_reply(forwarders):
     """Client sends, half-closes, and still receives everything the upstream answers."""
-    gate = Gate()
-    with Server(gate) as upstream:
-        fw = forwarders(upstream.address)
-        client = connect(fw.address)
+    with forwarders.gated() as (fw, client, server):
         client.sendall(b"request")
         client.shutdown(socket.SHUT_WR)
-        server = gate.get()
         assert recv_all(server) == b"request"  # the FIN came through
         reply = payload(3_000_001, seed=1)
         server.sendall(reply)
         server.close()
         assert recv_all(client) == reply
-        client.close()
-        gate.release()
-        forwarders.wait_closed(fw, accepted=1)
     assert forwarders.records[-1].outcome is Outcome.EOF
 
 
 def test_upstream_half_close_still_gets_client_data(forwarders):
     """Upstream sends and half-closes first; the client's later data still reaches it."""
-    gate = Gate()
-    with Server(gate) as upstream:
-        fw = forwarders(upstream.address)
-        client = connect(fw.address)
-        server = gate.get()
+    with forwarders.gated() as (fw, client, server):
         banner = payload(100_000, seed=2)
         server.sendall(banner)
         server.shutdown(socket.SHUT_WR)
@@ -90,19 +79,13 @@ def test_upstream_half_close_still_gets_client_data(forwarders):
         client.sendall(late)
         client.close()
         assert recv_all(server) == late
-        server.close()
-        gate.release()
-        stats = forwarders.wait_closed(fw, accepted=1)
+    stats = fw.statistics()
     assert (stats.bytes_upstream, stats.bytes_downstream) == (len(late), len(banner))
 
 
 @pytest.mark.parametrize("side", ["client", "upstream"])
 def test_reset_aborts_both_sides(forwarders, side):
-    gate = Gate()
-    with Server(gate) as upstream:
-        fw = forwarders(upstream.address)
-        client = connect(fw.address)
-        server = gate.get()
+    with forwarders.gated() as (fw, client, server):
         client.sendall(b"x")
         assert recv_exactly(server, 1) == b"x"  # fully established end to end
         if side == "client":
@@ -113,9 +96,6 @@ def test_reset_aborts_both_sides(forwarders, side):
             other = client
         with pytest.raises(ConnectionResetError):
             recv_all(other)
-        other.close()
-        gate.release()
-        forwarders.wait_closed(fw, accepted=1)
     assert forwarders.records[-1].outcome is Outcome.RESET
 
 
@@ -162,37 +142,23 @@ def test_unanswered_connect_hits_connect_timeout(forwarders):
 
 
 def test_idle_timeout_closes_a_silent_connection(forwarders):
-    gate = Gate()
-    with Server(gate) as upstream:
-        fw = forwarders(upstream.address, idle_timeout=0.3)
-        client = connect(fw.address)
-        server = gate.get()
+    with forwarders.gated(idle_timeout=0.3) as (fw, client, server):
         client.sendall(b"hello")
         assert recv_exactly(server, 5) == b"hello"
         assert recv_all(client) == b""      # closed by gproxy, not by a peer
         assert recv_all(server) == b""
-        client.close()
-        gate.release()
-        forwarders.wait_closed(fw, accepted=1)
     assert forwarders.records[-1].outcome is Outcome.IDLE_TIMEOUT
 
 
 def test_idle_timeout_spares_a_one_way_stream(forwarders):
     """Traffic in only one direction keeps the connection alive past the idle timeout."""
-    gate = Gate()
-    with Server(gate) as upstream:
-        fw = forwarders(upstream.address, idle_timeout=0.3)
-        client = connect(fw.address)
-        server = gate.get()
+    with forwarders.gated(idle_timeout=0.3) as (fw, client, server):
         ticks = 30
         for i in range(ticks):  # 1.5 s of a slow one-way stream, five idle timeouts long
             server.sendall(b"tick %03d\n" % i)
             time.sleep(0.05)  # sleep-ok: models a slow source, not a wait for readiness
         server.close()
         assert recv_all(client) == b"".join(b"tick %03d\n" % i for i in range(ticks))
-        client.close()
-        gate.release()
-        forwarders.wait_closed(fw, accepted=1)
     assert forwarders.records[-1].outcome is Outcome.EOF
 
 
