@@ -136,7 +136,7 @@ def copy_pump(conn: "Connection", src: socket.socket, dst: socket.socket,
     wait, size = conn.waiter(), len(conn.context.scratch)
     budget = FAIR_SHARE
     while True:
-        n = copy_chunk(conn, src, dst, writable, direction)
+        n = copy_chunk(conn, src, dst, writable, direction, wait)
         if n > 0:
             budget -= n
             if budget > 0 and n == size:
@@ -148,9 +148,11 @@ def copy_pump(conn: "Connection", src: socket.socket, dst: socket.socket,
         budget = FAIR_SHARE
 
 
-def copy_chunk(conn: "Connection", src: socket.socket, dst: socket.socket, writable, direction: int) -> int:
+def copy_chunk(conn: "Connection", src: socket.socket, dst: socket.socket, writable, direction: int,
+               wait: Callable) -> int:
     """Read once from src and write all of it to dst: the bytes moved, 0 at EOF,
-    -1 if src had nothing. Waits only while dst is not taking what was read."""
+    -1 if src had nothing. Waits (with the pump's ``wait``) only while dst is not taking
+    what was read."""
     context = conn.context
     scratch = context.scratch
     try:
@@ -165,16 +167,16 @@ def copy_chunk(conn: "Connection", src: socket.socket, dst: socket.socket, writa
         except BlockingIOError:
             sent = 0
         if sent != n:
-            send_rest(conn, dst, scratch, sent, n, writable)
+            send_rest(wait, dst, scratch, sent, n, writable)
     return n
 
 
-def send_rest(conn: "Connection", dst: socket.socket, scratch: bytearray, sent: int, n: int, writable) -> None:
+def send_rest(wait: Callable, dst: socket.socket, scratch: bytearray, sent: int, n: int, writable) -> None:
     """The destination took only ``sent`` of ``n`` bytes: keep the rest (at most buffer_size,
     copied out of the shared scratch buffer) and wait until it takes them."""
     pending = memoryview(scratch[sent:n])
     while pending:
-        conn.wait(writable)
+        wait(writable)
         try:
             pending = pending[dst.send(pending):]
         except BlockingIOError:
@@ -385,7 +387,8 @@ class Connection:
     # -- waiting and aborting -----------------------------------------------------
 
     def waiter(self) -> Callable:
-        """``wait`` for the calling greenlet's hot loop, with what it needs bound once."""
+        """The calling pump's ``wait(watcher)``: block until the watcher fires, or raise
+        _Aborted if the connection was aborted. What it needs is bound once, for the hot loop."""
         switch, hub_switch = getcurrent().switch, self._hub.switch
 
         def wait(watcher) -> None:
@@ -397,16 +400,6 @@ class Connection:
             finally:
                 watcher.stop()
         return wait
-
-    def wait(self, watcher) -> None:
-        """Block this pump until ``watcher`` fires; raise _Aborted if the connection was aborted."""
-        if self.outcome is not None:
-            raise _Aborted
-        watcher.start(getcurrent().switch)
-        try:
-            self._hub.switch()
-        finally:
-            watcher.stop()
 
     def _wait_for(self, watcher, timeout: Optional[float]) -> bool:
         """Like wait, with a deadline: True if the watcher fired, False on timeout."""
@@ -431,9 +424,9 @@ class Connection:
         if self.outcome is not None:
             return
         self._finish(outcome, error)
-        for direction, (_src, _dst, readable, _writable) in enumerate(self._ends):
-            if readable.active and getattr(readable.callback, "__self__", None) is self:
-                readable.stop()      # parked: no greenlet to wake, the pump just ends
+        for _src, _dst, readable, _writable in self._ends:
+            if self._parked(readable):
+                readable.stop()      # no greenlet to wake: the pump just ends
                 self._pump_ended()
         for watcher in self._watchers:
             self._hub.cancel_wait(watcher, _Aborted())
@@ -443,10 +436,13 @@ class Connection:
         waiting for its source: an idle connection then costs no greenlet at all."""
         counts, seen = self.counts, self.seen
         for direction, (_src, _dst, readable, _writable) in enumerate(self._ends):
-            if counts[direction] == seen[direction] and readable.active \
-                    and getattr(readable.callback, "__self__", None) is not self:
-                self._hub.cancel_wait(readable, _Park())
+            if counts[direction] == seen[direction] and readable.active and not self._parked(readable):
+                self._hub.cancel_wait(readable, _Park())  # it waits for its source: park it
             seen[direction] = counts[direction]
+
+    def _parked(self, readable) -> bool:
+        """Whether this source's pump is parked: its watcher calls _unpark, not a greenlet."""
+        return readable.active and getattr(readable.callback, "__self__", None) is self
 
     def _finish(self, outcome: Outcome, error: Optional[str] = None) -> None:
         if self.outcome is None:

@@ -62,7 +62,7 @@ class SplicePump:
         spliced = False
         while True:
             if spliced:
-                n = splice_chunk(conn, src_fd, dst_fd, writable, direction)
+                n = splice_chunk(conn, src_fd, dst_fd, writable, direction, wait)
                 if n is None:  # no fd for a pipe: copy
                     spliced = False
                     continue
@@ -80,7 +80,7 @@ class SplicePump:
                     except BlockingIOError:
                         sent = 0
                     if sent != n:
-                        send_rest(conn, dst, scratch, sent, n, writable)
+                        send_rest(wait, dst, scratch, sent, n, writable)
                     spliced = n == copy_size
             if n > 0:
                 budget -= n
@@ -92,7 +92,8 @@ class SplicePump:
             wait(readable)
             budget = FAIR_SHARE
 
-    def _splice_chunk(self, conn, src_fd: int, dst_fd: int, writable, direction: int) -> Optional[int]:
+    def _splice_chunk(self, conn, src_fd: int, dst_fd: int, writable, direction: int,
+                      wait) -> Optional[int]:
         """Splice once from src into a pipe and all of it on to dst: the bytes moved, 0 at EOF,
         -1 if src had nothing, None if no pipe could be had."""
         pipe = self._take()
@@ -108,7 +109,7 @@ class SplicePump:
                     try:
                         left -= _splice(pipe_out, dst_fd, left, flags=_FLAGS)
                     except BlockingIOError:
-                        conn.wait(writable)
+                        wait(writable)
         except BlockingIOError:
             n = -1
         except BaseException:  # an error or abort mid-chunk: the pipe may hold stale bytes

@@ -238,3 +238,21 @@ def test_half_close_timeout_ends_a_quiet_half_closed_connection(forwarders):
         forwarders.wait_closed(fw, accepted=2)
     outcomes = sorted((r.outcome.value, r.error or "") for r in forwarders.records)
     assert outcomes == [("eof", ""), ("idle timeout", "half-closed")], outcomes
+
+
+def test_splice_pump_copies_when_no_pipe_can_be_had(forwarder_factory):
+    """Out of fds for pipes, the splice pump must fall back to copying, byte for byte."""
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address, splice=True)
+        splicer = fw._context.pump.__self__   # white box: the forwarder's SplicePump
+        takes = []
+        splicer._take = lambda: takes.append(1)  # None, as if pipe2() failed with EMFILE
+        client = connect(fw.address)
+        data = payload(5_000_011, seed=31)   # bulk: reads fill the buffer, so it would splice
+        sender = threading.Thread(target=client.sendall, args=(data,))
+        sender.start()
+        assert recv_exactly(client, len(data)) == data
+        sender.join(TIMEOUT)
+        client.close()
+        forwarder_factory.wait_closed(fw, accepted=1)
+    assert takes, "the pump never tried to splice: the fallback was not exercised"
