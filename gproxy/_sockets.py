@@ -86,6 +86,8 @@ def abort(sock: socket.socket) -> None:
 
 def describe_error(exc: BaseException) -> str:
     """'connection reset by peer' rather than '[Errno 104] Connection reset by peer'."""
+    if isinstance(exc, socket.gaierror) and exc.strerror:
+        return exc.strerror.lower()  # its errno is a resolver code, not an errno
     if isinstance(exc, OSError) and exc.errno is not None:
         return os.strerror(exc.errno).lower()
     if isinstance(exc, socket.timeout):

@@ -377,7 +377,10 @@ def _listen(rule: Rule):
     listen = rule.listen
     family = listen.family
     if family is None:
-        infos = socket.getaddrinfo(listen.host, listen.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        try:
+            infos = socket.getaddrinfo(listen.host, listen.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {listen}: {_sockets.describe_error(exc)}") from None
         family, sockaddr = infos[0][0], infos[0][4]
     else:
         sockaddr = (listen.host, listen.port)

@@ -58,6 +58,13 @@ def test_port_in_use_is_one_line_and_exit_1():
         f"gproxy: error: cannot listen on 127.0.0.1:{port}: address already in use"]
 
 
+def test_unresolvable_listen_name_is_one_line_and_exit_1():
+    result = run_cli("no-such-host.invalid:0", "127.0.0.1:9")
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot listen on no-such-host.invalid:0" in lines[0], result.stderr
+
+
 def test_listening_line_reports_the_real_port_and_connections_are_logged():
     with Server(echo) as upstream, Proxy(f"127.0.0.1:{upstream.address[1]}") as proxy:
         assert proxy.address[1] != 0

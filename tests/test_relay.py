@@ -256,3 +256,14 @@ def test_splice_pump_copies_when_no_pipe_can_be_had(forwarder_factory):
         client.close()
         forwarder_factory.wait_closed(fw, accepted=1)
     assert takes, "the pump never tried to splice: the fallback was not exercised"
+
+
+def test_unresolvable_target_closes_the_client(forwarders):
+    fw = forwarders("no-such-host.invalid:80")
+    client = connect(fw.address)
+    assert recv_all(client) == b""
+    client.close()
+    stats = forwarders.wait_closed(fw, accepted=1)
+    assert stats.connect_failed == 1
+    record = forwarders.records[-1]
+    assert record.outcome is Outcome.CONNECT_FAILED and "cannot resolve no-such-host.invalid" in record.error
