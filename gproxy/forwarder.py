@@ -40,7 +40,7 @@ from gevent.server import StreamServer
 from gproxy import _sockets
 from gproxy._workers import Workers
 from gproxy.config import AddressLike, Rule
-from gproxy.relay import Connection, Context, copy_pump, sweep
+from gproxy.relay import Connection, Context, sweep
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
 
 __all__ = ["Forwarder"]
@@ -176,7 +176,7 @@ class Forwarder:
                  on_open: Optional[Hook] = None, on_close: Optional[Hook] = None, **options):
         self.rule = Rule.build(listen, target, **options)
         self._counters = Counters()
-        self._context = Context(self.rule, self._counters, on_open, on_close, _choose_pump(self.rule))
+        self._context = Context(self.rule, self._counters, on_open, on_close, _splicer(self.rule))
         self._state = "new"          # new -> running -> stopping -> stopped
         self._server: Optional[_Server] = None
         self._sweeper = None
@@ -397,12 +397,12 @@ def _listen(rule: Rule):
     return sock
 
 
-def _choose_pump(rule: Rule):
-    """splice(2) where the platform has it and the rule allows; else the copy pump."""
-    if rule.splice:
-        try:
-            from gproxy.splice import SplicePump
-        except (ImportError, AttributeError):
-            return copy_pump
-        return SplicePump(rule.buffer_size).pump
-    return copy_pump
+def _splicer(rule: Rule):
+    """A Splicer where the platform has splice(2) and the rule allows it; else None (copy)."""
+    if not rule.splice:
+        return None
+    try:
+        from gproxy.splice import Splicer
+    except (ImportError, AttributeError):  # no os.splice: not Linux, or Python < 3.10
+        return None
+    return Splicer(rule.buffer_size)

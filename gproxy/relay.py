@@ -11,8 +11,9 @@ address the name has, in turn, each attempt bounded by ``connect_timeout``),
 then hands the bytes to two *pumps*, one per direction: ``UPSTREAM`` (client ->
 upstream) and ``DOWNSTREAM`` (upstream -> client).
 
-A pump is a blocking-style loop: read what the source has, write all of it to
-the destination, repeat. It blocks only by waiting on its own two libev
+A pump (``pump()``) is a blocking-style loop: read what the source has, write all
+of it to the destination, repeat. Small reads are copied; once reads fill the
+buffer, chunks move in the kernel with splice(2) (``splice.Splicer``). It blocks only by waiting on its own two libev
 watchers (readable source, writable destination), so a destination that
 stops reading stalls its pump, the kernel buffers fill, and TCP flow control
 stalls the sender: memory stays bounded by one chunk per direction.
@@ -68,7 +69,7 @@ from gproxy._workers import Workers
 from gproxy.config import Rule
 from gproxy.stats import ConnectionRecord, Counters, Outcome
 
-__all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "copy_pump", "copy_chunk", "send_rest", "sweep"]
+__all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "pump", "send_rest", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class Context:
     def __init__(self, rule: Rule, counters: Counters,
                  on_open: Optional[Callable[[ConnectionRecord], None]] = None,
                  on_close: Optional[Callable[[ConnectionRecord], None]] = None,
-                 pump: Optional[Callable] = None):
+                 splicer=None):
         self.rule = rule
         self.counters = counters
         self.on_open = on_open
@@ -107,7 +108,8 @@ class Context:
         #: in use; what a slow destination does not take at once is copied out.
         self.scratch = bytearray(rule.buffer_size)
         self.scratch_view = memoryview(self.scratch)
-        self.pump = pump or copy_pump
+        #: moves bulk chunks with splice(2) (splice.Splicer), or None: always copy
+        self.splicer = splicer
         self.target_name = str(rule.target)
         #: called when a connection finds no fd for its upstream socket
         self.on_fd_exhausted: Optional[Callable[[OSError], None]] = None
@@ -121,54 +123,64 @@ class Context:
         """Release what is kept between connections: idle workers, splice's pipes."""
         if self.workers is not None:
             self.workers.close()
-        close = getattr(getattr(self.pump, "__self__", None), "close", None)
-        if close is not None:
-            close()
+        if self.splicer is not None:
+            self.splicer.close()
 
     def next_id(self) -> int:
         self._next_id += 1
         return self._next_id
 
 
-def copy_pump(conn: "Connection", src: socket.socket, dst: socket.socket,
-              readable, writable, direction: int) -> None:
-    """Move bytes from src to dst until src's clean EOF; socket errors propagate."""
-    wait, size = conn.waiter(), len(conn.context.scratch)
+def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
+         readable, writable, direction: int) -> None:
+    """Move bytes from src to dst until src's clean EOF; socket errors propagate.
+
+    Small reads are copied through the forwarder's scratch buffer: two syscalls per message.
+    With a splicer (``Context.splicer``), a read that fills the buffer means bulk, and the
+    next chunks go socket -> pipe -> socket in the kernel until a small read, like HAProxy's
+    ``option splice-auto``. The loop body is the whole cost of a small message, so the copy
+    is written out here rather than called."""
+    wait = conn.waiter()
+    context, counts = conn.context, conn.counts
+    recv_into, send = src.recv_into, dst.send
+    scratch, view = context.scratch, context.scratch_view
+    size = len(scratch)
+    splicer = context.splicer
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    spliced = False
     budget = FAIR_SHARE
     while True:
-        n = copy_chunk(conn, src, dst, writable, direction, wait)
+        if spliced:
+            n = splicer.chunk(conn, src_fd, dst_fd, writable, direction, wait)
+            if n is None:  # no fd for a pipe: copy
+                spliced = False
+                continue
+            if 0 < n < size:
+                spliced = False
+        else:
+            try:
+                n = recv_into(scratch)
+            except BlockingIOError:
+                n = -1
+            if n > 0:
+                # counted when read, so a peer that has the bytes always finds them in statistics()
+                counts[direction] += n
+                try:
+                    sent = send(view[:n])
+                except BlockingIOError:
+                    sent = 0
+                if sent != n:
+                    send_rest(wait, dst, scratch, sent, n, writable)
+                spliced = splicer is not None and n == size
         if n > 0:
             budget -= n
-            if budget > 0 and n == size:
+            if budget > 0 and n >= size:
                 continue  # a full read: more is likely waiting
         elif n == 0:
             return
         # Drained (a short read needs no EAGAIN to confirm it), or the fair share is spent.
         wait(readable)
         budget = FAIR_SHARE
-
-
-def copy_chunk(conn: "Connection", src: socket.socket, dst: socket.socket, writable, direction: int,
-               wait: Callable) -> int:
-    """Read once from src and write all of it to dst: the bytes moved, 0 at EOF,
-    -1 if src had nothing. Waits (with the pump's ``wait``) only while dst is not taking
-    what was read."""
-    context = conn.context
-    scratch = context.scratch
-    try:
-        n = src.recv_into(scratch)
-    except BlockingIOError:
-        return -1
-    if n:
-        # counted when read, so a peer that has the bytes always finds them in statistics()
-        conn.counts[direction] += n
-        try:
-            sent = dst.send(context.scratch_view[:n])
-        except BlockingIOError:
-            sent = 0
-        if sent != n:
-            send_rest(wait, dst, scratch, sent, n, writable)
-    return n
 
 
 def send_rest(wait: Callable, dst: socket.socket, scratch: bytearray, sent: int, n: int, writable) -> None:
@@ -317,7 +329,7 @@ class Connection:
         src, dst, readable, writable = self._ends[direction]
         try:
             if self.outcome is None:
-                self.context.pump(self, src, dst, readable, writable, direction)
+                pump(self, src, dst, readable, writable, direction)
                 _sockets.half_close(dst)
                 self._eof_count += 1
         except _Park:

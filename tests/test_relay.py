@@ -244,7 +244,7 @@ def test_splice_pump_copies_when_no_pipe_can_be_had(forwarder_factory):
     """Out of fds for pipes, the splice pump must fall back to copying, byte for byte."""
     with Server(echo) as upstream:
         fw = forwarder_factory(upstream.address, splice=True)
-        splicer = fw._context.pump.__self__   # white box: the forwarder's SplicePump
+        splicer = fw._context.splicer   # white box: the forwarder's Splicer
         takes = []
         splicer._take = lambda: takes.append(1)  # None, as if pipe2() failed with EMFILE
         client = connect(fw.address)
