@@ -99,15 +99,19 @@ def test_reset_aborts_both_sides(forwarders, side):
     assert forwarders.records[-1].outcome is Outcome.RESET
 
 
-def test_refused_upstream_closes_client_at_once(forwarders, caplog):
-    fw = forwarders(("127.0.0.1", free_port()))
+@pytest.mark.parametrize("target, why", [
+    (None, "refused"),                                          # a port nobody listens on
+    ("no-such-host.invalid:80", "cannot resolve no-such-host.invalid"),
+], ids=["refused", "unresolvable"])
+def test_failed_upstream_closes_client_at_once(forwarders, target, why):
+    fw = forwarders(target or ("127.0.0.1", free_port()))
     client = connect(fw.address)
     assert recv_all(client) == b""
     client.close()
     stats = forwarders.wait_closed(fw, accepted=1)
     assert stats.connect_failed == 1
     record = forwarders.records[-1]
-    assert record.outcome is Outcome.CONNECT_FAILED and "refused" in record.error
+    assert record.outcome is Outcome.CONNECT_FAILED and why in record.error, record.error
 
 
 def test_unanswered_connect_hits_connect_timeout(forwarders):
@@ -256,14 +260,3 @@ def test_splice_pump_copies_when_no_pipe_can_be_had(forwarder_factory):
         client.close()
         forwarder_factory.wait_closed(fw, accepted=1)
     assert takes, "the pump never tried to splice: the fallback was not exercised"
-
-
-def test_unresolvable_target_closes_the_client(forwarders):
-    fw = forwarders("no-such-host.invalid:80")
-    client = connect(fw.address)
-    assert recv_all(client) == b""
-    client.close()
-    stats = forwarders.wait_closed(fw, accepted=1)
-    assert stats.connect_failed == 1
-    record = forwarders.records[-1]
-    assert record.outcome is Outcome.CONNECT_FAILED and "cannot resolve no-such-host.invalid" in record.error
