@@ -18,9 +18,9 @@ import math
 import resource
 import socket
 from dataclasses import dataclass, fields
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
-__all__ = ["Address", "ConfigError", "Rule", "parse_address", "AddressLike"]
+__all__ = ["Address", "ConfigError", "Rule", "parse_address", "check_hook", "AddressLike"]
 
 AddressLike = Union[str, int, Tuple[str, int], "Address"]
 
@@ -135,6 +135,13 @@ def _count(value, field: str, *, minimum: int) -> int:
     if number < minimum:
         raise ConfigError(field, f"must be at least {minimum}, got {number}")
     return number
+
+
+def check_hook(hook: Optional[Callable], field: str) -> Optional[Callable]:
+    """A connection hook must be callable or ``None``: found now, not at the first client."""
+    if hook is not None and not callable(hook):
+        raise ConfigError(field, f"expected a function or None, got {hook!r}")
+    return hook
 
 
 def default_max_connections() -> int:

@@ -39,7 +39,7 @@ from gevent.server import StreamServer
 
 from gproxy import _sockets
 from gproxy._workers import Workers
-from gproxy.config import AddressLike, Rule
+from gproxy.config import AddressLike, Rule, check_hook
 from gproxy.relay import Connection, Context, sweep
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
 
@@ -162,19 +162,41 @@ class Forwarder:
     """Forward every connection to ``listen`` to ``target``.
 
     ``listen`` and ``target`` are ``"HOST:PORT"``, ``"[IPV6]:PORT"``, ``"PORT"``
-    (meaning 127.0.0.1) or ``(host, port)``. Options are those of
-    :class:`gproxy.config.Rule`, with the same names and defaults as the command
-    line: ``connect_timeout``, ``idle_timeout``, ``half_close_timeout``, ``max_connections``, ``backlog``,
-    ``buffer_size``, ``drain_timeout``, ``splice``. Bad values raise
-    :class:`gproxy.ConfigError` (a ``ValueError``) naming the field.
+    (meaning 127.0.0.1) or ``(host, port)``. Every option is keyword-only, with the
+    same name and default as on the command line; what each means, and what 0 or
+    ``None`` means, is in :class:`gproxy.config.Rule`:
+
+    - ``connect_timeout`` (10 s), ``idle_timeout`` (off), ``half_close_timeout`` (off),
+      ``drain_timeout`` (10 s): seconds; ``None`` (or 0, except for drain) is off;
+    - ``max_connections`` (half the fd limit less a reserve), ``backlog`` (1024),
+      ``buffer_size`` (262144 bytes);
+    - ``splice`` (``True``): zero-copy where the platform has ``splice(2)``.
+
+    Bad values raise :class:`gproxy.ConfigError` (a ``ValueError``) naming the field.
 
     ``on_open(record)`` and ``on_close(record)``, if given, are called on the
     forwarder's hub when a connection is accepted and when it has ended.
     """
 
     def __init__(self, listen: AddressLike, target: AddressLike, *,
-                 on_open: Optional[Hook] = None, on_close: Optional[Hook] = None, **options):
-        self.rule = Rule.build(listen, target, **options)
+                 connect_timeout: Optional[float] = 10.0,
+                 idle_timeout: Optional[float] = None,
+                 half_close_timeout: Optional[float] = None,
+                 max_connections: Optional[int] = None,
+                 backlog: int = 1024,
+                 buffer_size: int = 262144,
+                 drain_timeout: Optional[float] = 10.0,
+                 splice: bool = True,
+                 on_open: Optional[Hook] = None,
+                 on_close: Optional[Hook] = None) -> None:
+        # Rule.build is the one place options are validated; the names above are only
+        # spelled out so that type checkers, IDEs and help() see them.
+        self.rule = Rule.build(
+            listen, target, connect_timeout=connect_timeout, idle_timeout=idle_timeout,
+            half_close_timeout=half_close_timeout, max_connections=max_connections, backlog=backlog,
+            buffer_size=buffer_size, drain_timeout=drain_timeout, splice=splice)
+        on_open = check_hook(on_open, "on_open")
+        on_close = check_hook(on_close, "on_close")
         self._counters = Counters()
         self._context = Context(self.rule, self._counters, on_open, on_close, _splicer(self.rule))
         self._state = "new"          # new -> running -> stopping -> stopped

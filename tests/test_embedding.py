@@ -182,9 +182,8 @@ def test_forwarder_api_contract(forwarder_factory):
     with pytest.raises(ConfigError) as bad:
         gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:1", idle_timeout="soon")
     assert isinstance(bad.value, ValueError) and bad.value.field == "idle_timeout"
-    with pytest.raises(ConfigError) as bad:
+    with pytest.raises(TypeError, match="idle_timout"):  # keyword-only options: Python's own error
         gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:1", idle_timout=3)
-    assert bad.value.field == "idle_timout"
     with pytest.raises(ConfigError) as bad:
         no_such_port = 70000
         gproxy.Forwarder(("127.0.0.1", no_such_port), "127.0.0.1:1")
