@@ -45,8 +45,10 @@ it holds no bytes then, so nothing is lost. An idle connection thus costs two
 sockets, four watchers and this object, not two suspended greenlets.
 
 A pump never runs for long without the event loop: gevent's reads and writes
-return at once while data keeps flowing, so after ``FAIR_SHARE`` bytes without
-having waited, a pump waits for its source to be readable again. That costs one
+return at once while data keeps flowing, so after ``FAIR_SHARE`` bytes or
+``FAIR_READS`` reads without having waited (whichever comes first: a tiny
+``buffer_size`` must not stretch a turn to thousands of reads), a pump waits for
+its source to be readable again. That costs one
 pass through the loop and lets every other connection with I/O ready run.
 """
 
@@ -69,7 +71,8 @@ from gproxy._workers import Workers
 from gproxy.config import Rule
 from gproxy.stats import ConnectionRecord, Counters, Outcome
 
-__all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "pump", "send_rest", "sweep"]
+__all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "FAIR_READS", "pump",
+           "send_rest", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,9 @@ DOWNSTREAM = 1  #: upstream -> client
 
 #: bytes a pump may move without waiting before it hands control to the event loop.
 FAIR_SHARE = 256 * 1024
+#: reads a pump may make without waiting, whatever their size (so --buffer-size 1 cannot
+#: make a turn 262,144 reads long). A turn ends at whichever bound comes first.
+FAIR_READS = 64
 
 _READ, _WRITE = 1, 2
 
@@ -148,7 +154,8 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
     splicer = context.splicer
     src_fd, dst_fd = src.fileno(), dst.fileno()
     spliced = False
-    budget = FAIR_SHARE
+    # A turn goes on only after full reads, so its bytes are reads * size: one count bounds both.
+    turn = budget = max(1, min(FAIR_SHARE // size, FAIR_READS))
     while True:
         if spliced:
             n = splicer.chunk(conn, src_fd, dst_fd, writable, direction, wait)
@@ -172,15 +179,15 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
                 if sent != n:
                     send_rest(wait, dst, scratch, sent, n, writable)
                 spliced = splicer is not None and n == size
-        if n > 0:
-            budget -= n
-            if budget > 0 and n >= size:
-                continue  # a full read: more is likely waiting
+        if n >= size:  # a full read: more is likely waiting
+            budget -= 1
+            if budget:
+                continue
         elif n == 0:
             return
-        # Drained (a short read needs no EAGAIN to confirm it), or the fair share is spent.
+        # Drained (a short read needs no EAGAIN to confirm it), or the turn is spent.
         wait(readable)
-        budget = FAIR_SHARE
+        budget = turn
 
 
 def send_rest(wait: Callable, dst: socket.socket, scratch: bytearray, sent: int, n: int, writable) -> None:

@@ -305,6 +305,62 @@ def test_ping_pong_keeps_answering_during_a_bulk_stream(pump_args):
     assert code == 0
 
 
+TINY_PUMPS = {"splice": ["--buffer-size", "1"], "copy": ["--buffer-size", "1", "--no-splice"]}
+
+
+@pytest.mark.parametrize("pump_args", TINY_PUMPS.values(), ids=TINY_PUMPS.keys())
+def test_ping_is_answered_under_a_bulk_echo_with_a_one_byte_buffer(pump_args):
+    """Issue 11, defect 5: a turn counted only in bytes let a 1-byte-buffer pump make 262,144
+    reads before yielding, and a ping under a bulk echo got no reply for many seconds. A turn
+    is bounded in reads too; this asserts the pings complete at all, not how fast."""
+    block = payload(1 << 16, seed=8)
+    stop = threading.Event()
+    with Server(echo) as upstream, Proxy("-q", *pump_args, f"127.0.0.1:{upstream.address[1]}") as proxy:
+        bulk = connect(proxy.address)
+        moved = [0, 0]
+
+        def feed():
+            try:
+                while not stop.is_set():
+                    bulk.sendall(block)
+                    moved[0] += len(block)
+            except OSError:
+                pass
+
+        def drain():
+            try:
+                while not stop.is_set():
+                    moved[1] += len(bulk.recv(1 << 16))
+            except OSError:
+                pass
+
+        threads = [threading.Thread(target=feed), threading.Thread(target=drain)]
+        for t in threads:
+            t.start()
+        ping = connect(proxy.address, timeout=TIMEOUT)
+        try:
+            while moved[1] == 0:  # the bulk echo is flowing before the first ping
+                assert threads[1].is_alive()
+                time.sleep(0.01)  # sleep-ok: polling a counter another thread bumps
+            deadline = time.monotonic() + TIMEOUT  # generous: answered at all, not how fast
+            for i in range(5):
+                ping.settimeout(max(0.01, deadline - time.monotonic()))
+                ping.sendall(bytes([i]))
+                try:
+                    assert recv_exactly(ping, 1) == bytes([i])
+                except socket.timeout:
+                    raise AssertionError(f"ping {i} unanswered after {TIMEOUT}s under a bulk echo") from None
+        finally:
+            stop.set()
+            bulk.shutdown(socket.SHUT_RDWR)  # wakes the feeding and draining threads
+            bulk.close()
+            ping.close()
+            for t in threads:
+                t.join(TIMEOUT)
+        code, output = proxy.stop()
+    assert code == 0, output
+
+
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
