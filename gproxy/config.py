@@ -60,17 +60,50 @@ class Address:
 
 
 def _port(text: Union[str, int], field: str) -> int:
-    if isinstance(text, bool):
-        raise ConfigError(field, f"port must be a number, got {text!r}")
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ConfigError(field, f"port must be a whole number from 0 to 65535, got {text!r}")
     if isinstance(text, int):
         port = text
     else:
-        if not text.isdigit():
+        # ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and '٨٠'.
+        if not (text.isascii() and text.isdigit()):
             raise ConfigError(field, f"port must be a number from 0 to 65535, got {text!r}")
         port = int(text)
     if not 0 <= port <= 65535:
         raise ConfigError(field, f"port must be from 0 to 65535, got {port}")
     return port
+
+
+#: what a host name may hold once IDNA-encoded: letters, digits, '-', '.', and '_' (which
+#: DNS itself allows and /etc/hosts, Docker and SRV names use).
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
+
+
+def _check_host_name(host: str, field: str) -> None:
+    """Refuse a name no resolver can look up, now rather than at every connection.
+
+    A name is what the ``idna`` codec (the one ``getaddrinfo`` applies to str hosts)
+    encodes, at most 253 characters, labels of 1 to 63, and not a mangled IPv4 address.
+    """
+    try:
+        encoded = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        encoded = None
+    labels = host.rstrip(".").split(".")
+    if any(not label for label in labels):
+        raise ConfigError(field, f"empty label in host name {host!r}")
+    for label in (encoded or host).rstrip(".").split("."):
+        if len(label) > 63:
+            raise ConfigError(field, f"host name label longer than 63 characters: {label[:20]!r}...")
+    if encoded is None:
+        raise ConfigError(field, f"not a valid host name: {host!r}")
+    if len(encoded.rstrip(".")) > 253:
+        raise ConfigError(field, f"host name longer than 253 characters: {host[:20]!r}...")
+    bad = set(encoded) - _NAME_CHARS
+    if bad:
+        raise ConfigError(field, f"character {sorted(bad)[0]!r} cannot be in a host name: {host!r}")
+    if labels[-1].isdigit():  # DNS names never end in a numeric label: a typo'd IPv4 address
+        raise ConfigError(field, f"not a valid IPv4 address: {host!r}")
 
 
 def parse_address(value: AddressLike, field: str) -> Address:
@@ -85,7 +118,9 @@ def parse_address(value: AddressLike, field: str) -> Address:
         host, port = "127.0.0.1", _port(value, field)
     elif isinstance(value, str):
         text = value.strip()
-        if text.isdigit():
+        if "://" in text:
+            raise ConfigError(field, f"expected HOST:PORT, got a URL: {value!r}")
+        if text.isascii() and text.isdigit():
             host, port = "127.0.0.1", _port(text, field)
         elif text.startswith("["):
             close = text.find("]")
@@ -108,12 +143,19 @@ def parse_address(value: AddressLike, field: str) -> Address:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ConfigError(field, f"not an IPv6 address: {host!r}") from None
+    else:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            _check_host_name(host, field)
     return Address(host, port)
 
 
 def _seconds(value, field: str, *, zero_is_off: bool) -> Optional[float]:
     if value is None:
         return None
+    if isinstance(value, bool) or (isinstance(value, str) and not value.isascii()):
+        raise ConfigError(field, f"expected a number of seconds, got {value!r}")
     try:
         seconds = float(value)
     except (TypeError, ValueError):
@@ -125,8 +167,9 @@ def _seconds(value, field: str, *, zero_is_off: bool) -> Optional[float]:
     return seconds
 
 
-def _count(value, field: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
+def _count(value, field: str, *, minimum: int, maximum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) \
+            or (isinstance(value, str) and not value.isascii()):
         raise ConfigError(field, f"expected a whole number, got {value!r}")
     try:
         number = int(value)
@@ -134,7 +177,15 @@ def _count(value, field: str, *, minimum: int) -> int:
         raise ConfigError(field, f"expected a whole number, got {value!r}") from None
     if number < minimum:
         raise ConfigError(field, f"must be at least {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ConfigError(field, f"must be at most {maximum}, got {number}")
     return number
+
+
+def _flag(value, field: str) -> bool:
+    if not isinstance(value, bool):  # "no" is truthy: guessing would be wrong half the time
+        raise ConfigError(field, f"expected True or False, got {value!r}")
+    return value
 
 
 def check_hook(hook: Optional[Callable], field: str) -> Optional[Callable]:
@@ -199,9 +250,12 @@ class Rule:
                 raise ConfigError(name, "unknown option")
         defaults = cls(Address("", 0), Address("", 0))
         opt = {name: options.get(name, getattr(defaults, name)) for name in known}
+        listen_address = parse_address(listen, "listen")
         target_address = parse_address(target, "target")
         if target_address.port == 0:
             raise ConfigError("target", "port 0 cannot be connected to")
+        if target_address == listen_address:  # the forwarder's start() also checks resolved addresses
+            raise ConfigError("target", f"{target_address} is the listening address: a forwarding loop")
         max_connections = opt["max_connections"]
         if max_connections is None:
             max_connections = default_max_connections()
@@ -209,14 +263,15 @@ class Rule:
         if buffer_size > 64 << 20:
             raise ConfigError("buffer_size", f"must be at most 64 MiB, got {buffer_size}")
         return cls(
-            listen=parse_address(listen, "listen"),
+            listen=listen_address,
             target=target_address,
             connect_timeout=_seconds(opt["connect_timeout"], "connect_timeout", zero_is_off=True),
             idle_timeout=_seconds(opt["idle_timeout"], "idle_timeout", zero_is_off=True),
             half_close_timeout=_seconds(opt["half_close_timeout"], "half_close_timeout", zero_is_off=True),
             max_connections=_count(max_connections, "max_connections", minimum=1),
-            backlog=_count(opt["backlog"], "backlog", minimum=1),
+            # the kernel caps the queue at net.core.somaxconn anyway; past INT_MAX listen() overflows
+            backlog=_count(opt["backlog"], "backlog", minimum=1, maximum=65535),
             buffer_size=buffer_size,
             drain_timeout=_seconds(opt["drain_timeout"], "drain_timeout", zero_is_off=False),
-            splice=bool(opt["splice"]),
+            splice=_flag(opt["splice"], "splice"),
         )
