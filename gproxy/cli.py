@@ -69,6 +69,23 @@ def _parser() -> argparse.ArgumentParser:
                              "then abort them (default 10)")
     parser.add_argument("--no-splice", dest="splice", action="store_false",
                         help="always copy through user space instead of using splice(2)")
+    parser.add_argument("--proxy-protocol", metavar="off|v1|v2", default="off",
+                        help="send HAProxy's PROXY header (the real client and listen addresses) to the "
+                             "target before any payload (default off)")
+    parser.add_argument("--accept-proxy-from", metavar="CIDR", action="append", default=None,
+                        help="clients from this network (repeatable) must start with a PROXY v1/v2 "
+                             "header, whose address then stands for the client (default: nobody)")
+    parser.add_argument("--proxy-header-timeout", metavar="SECONDS", default="5",
+                        help="how long such a client has to send its PROXY header (default 5)")
+    parser.add_argument("--allow", metavar="CIDR", action="append", default=None,
+                        help="let in only clients from these networks or addresses (repeatable; "
+                             "default everyone)")
+    parser.add_argument("--deny", metavar="CIDR", action="append", default=None,
+                        help="refuse clients from these networks or addresses (repeatable; checked "
+                             "before --allow)")
+    parser.add_argument("--max-connections-per-client", metavar="N", default=None,
+                        help="refuse a client address's connections beyond this many open ones "
+                             "(default: no limit)")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     verbosity.add_argument("-q", "--quiet", action="store_true",
@@ -85,7 +102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     options = {name: getattr(args, name) for name in (
         "connect_timeout", "idle_timeout", "half_close_timeout", "backlog", "buffer_size",
-        "drain_timeout", "splice")}
+        "drain_timeout", "splice", "proxy_protocol", "accept_proxy_from", "proxy_header_timeout",
+        "allow", "deny", "max_connections_per_client")}
     if args.max_connections is not None:
         options["max_connections"] = args.max_connections
     try:

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Tuple, Union
 __all__ = ["Address", "ConfigError", "Rule", "parse_address", "check_hook", "AddressLike"]
 
 AddressLike = Union[str, int, Tuple[str, int], "Address"]
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 #: fds kept back for the listener, logging, pipes and the interpreter itself
 #: when ``max_connections`` is derived from the fd limit.
@@ -188,6 +189,46 @@ def _flag(value, field: str) -> bool:
     return value
 
 
+def networks(value, field: str) -> Optional[Tuple[Network, ...]]:
+    """``"10.0.0.0/8"``, ``"127.0.0.1"``, ``"::1"`` or a list of them -> a tuple of networks.
+    ``None`` stays ``None`` (no list), which is not the same as an empty list."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    try:
+        items = list(items)
+    except TypeError:
+        raise ConfigError(field, f"expected a list of addresses or CIDRs, got {value!r}") from None
+    parsed = []
+    for item in items:
+        if isinstance(item, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            parsed.append(item)
+            continue
+        if not isinstance(item, str):
+            raise ConfigError(field, f"expected an address or CIDR, got {item!r}")
+        try:
+            # strict: "10.1.2.3/8" is refused rather than silently read as 10.0.0.0/8
+            parsed.append(ipaddress.ip_network(item.strip().strip("[]"), strict=True))
+        except ValueError as exc:
+            raise ConfigError(field, f"not an address or CIDR: {item!r} ({exc})") from None
+    return tuple(parsed)
+
+
+def _proxy_version(value) -> str:
+    text = "off" if value is None or value is False else str(value).strip().lower()
+    aliases = {"off": "off", "none": "off", "v1": "v1", "1": "v1", "v2": "v2", "2": "v2"}
+    if text not in aliases or isinstance(value, bool) and value:
+        raise ConfigError("proxy_protocol", f"expected off, v1 or v2, got {value!r}")
+    return aliases[text]
+
+
+def _positive_seconds(value, field: str) -> float:
+    seconds = _seconds(value, field, zero_is_off=False)
+    if not seconds:
+        raise ConfigError(field, f"expected a number of seconds > 0, got {value!r}")
+    return seconds
+
+
 def check_hook(hook: Optional[Callable], field: str) -> Optional[Callable]:
     """A connection hook must be callable or ``None``: found now, not at the first client."""
     if hook is not None and not callable(hook):
@@ -228,6 +269,17 @@ class Rule:
       finish before they are aborted; 0 aborts at once, ``None`` waits for ever.
     - ``splice`` (default ``True``): move bytes with ``os.splice`` (zero copy)
       where the platform has it; ``False`` always copies through user space.
+    - ``proxy_protocol`` (default ``"off"``): ``"v1"`` or ``"v2"`` sends HAProxy's PROXY
+      header (the real client and listen addresses) to the target before any payload.
+    - ``accept_proxy_from`` (default ``None``: nobody): networks (CIDRs or addresses) whose
+      clients must start with a PROXY v1/v2 header; its address then stands for the client
+      in allow/deny, limits, logs and a PROXY header sent on.
+    - ``proxy_header_timeout`` (default 5 s): how long such a client has to send its header.
+    - ``allow`` (default ``None``: everyone) and ``deny`` (default ``None``: nobody):
+      networks; a client in ``deny``, or outside a given ``allow``, is closed at once
+      without dialling. ``deny`` is checked first. Stored as tuples of networks.
+    - ``max_connections_per_client`` (default ``None``: no limit): more open connections
+      than this from one client address are refused the same way.
     """
 
     listen: Address
@@ -240,6 +292,12 @@ class Rule:
     buffer_size: int = 262144
     drain_timeout: Optional[float] = 10.0
     splice: bool = True
+    proxy_protocol: str = "off"
+    accept_proxy_from: Optional[Tuple[Network, ...]] = None
+    proxy_header_timeout: float = 5.0
+    allow: Optional[Tuple[Network, ...]] = None
+    deny: Optional[Tuple[Network, ...]] = None
+    max_connections_per_client: Optional[int] = None
 
     @classmethod
     def build(cls, listen: AddressLike, target: AddressLike, **options) -> "Rule":
@@ -274,4 +332,11 @@ class Rule:
             buffer_size=buffer_size,
             drain_timeout=_seconds(opt["drain_timeout"], "drain_timeout", zero_is_off=False),
             splice=_flag(opt["splice"], "splice"),
+            proxy_protocol=_proxy_version(opt["proxy_protocol"]),
+            accept_proxy_from=networks(opt["accept_proxy_from"], "accept_proxy_from"),
+            proxy_header_timeout=_positive_seconds(opt["proxy_header_timeout"], "proxy_header_timeout"),
+            allow=networks(opt["allow"], "allow"),
+            deny=networks(opt["deny"], "deny"),
+            max_connections_per_client=None if opt["max_connections_per_client"] is None else
+            _count(opt["max_connections_per_client"], "max_connections_per_client", minimum=1),
         )

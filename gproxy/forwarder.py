@@ -29,7 +29,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import gevent
 import gevent.socket
@@ -170,7 +170,12 @@ class Forwarder:
       ``drain_timeout`` (10 s): seconds; ``None`` (or 0, except for drain) is off;
     - ``max_connections`` (half the fd limit less a reserve), ``backlog`` (1024),
       ``buffer_size`` (262144 bytes);
-    - ``splice`` (``True``): zero-copy where the platform has ``splice(2)``.
+    - ``splice`` (``True``): zero-copy where the platform has ``splice(2)``;
+    - ``proxy_protocol`` (``"off"``, ``"v1"``, ``"v2"``): send HAProxy's PROXY header upstream;
+      ``accept_proxy_from`` (networks, default nobody) must send one, within
+      ``proxy_header_timeout`` (5 s);
+    - ``allow``/``deny`` (networks; default everyone/nobody) and ``max_connections_per_client``
+      (default no limit): refused clients are closed before anything is dialled.
 
     Bad values raise :class:`gproxy.ConfigError` (a ``ValueError``) naming the field.
 
@@ -187,6 +192,12 @@ class Forwarder:
                  buffer_size: int = 262144,
                  drain_timeout: Optional[float] = 10.0,
                  splice: bool = True,
+                 proxy_protocol: str = "off",
+                 accept_proxy_from: Optional[Sequence[str]] = None,
+                 proxy_header_timeout: float = 5.0,
+                 allow: Optional[Sequence[str]] = None,
+                 deny: Optional[Sequence[str]] = None,
+                 max_connections_per_client: Optional[int] = None,
                  on_open: Optional[Hook] = None,
                  on_close: Optional[Hook] = None) -> None:
         # Rule.build is the one place options are validated; the names above are only
@@ -194,7 +205,10 @@ class Forwarder:
         self.rule = Rule.build(
             listen, target, connect_timeout=connect_timeout, idle_timeout=idle_timeout,
             half_close_timeout=half_close_timeout, max_connections=max_connections, backlog=backlog,
-            buffer_size=buffer_size, drain_timeout=drain_timeout, splice=splice)
+            buffer_size=buffer_size, drain_timeout=drain_timeout, splice=splice,
+            proxy_protocol=proxy_protocol, accept_proxy_from=accept_proxy_from,
+            proxy_header_timeout=proxy_header_timeout, allow=allow, deny=deny,
+            max_connections_per_client=max_connections_per_client)
         on_open = check_hook(on_open, "on_open")
         on_close = check_hook(on_close, "on_close")
         self._counters = Counters()
@@ -216,6 +230,20 @@ class Forwarder:
         if self._address is None:
             raise RuntimeError("the forwarder has not been started")
         return self._address
+
+    @property
+    def name(self) -> str:
+        """The rule's name in logs and metrics: its ``name`` if it has one, else its listen
+        address (the real bound one once started)."""
+        name = getattr(self.rule, "name", None)
+        if name:
+            return name
+        return _sockets.describe_address(self._address) if self._address else str(self.rule.listen)
+
+    @property
+    def counters(self) -> Counters:
+        """The live counters (read-only): what ``statistics()`` and ``gproxy.metrics`` read."""
+        return self._counters
 
     def start(self) -> "Forwarder":
         """Bind and serve in the background; return at once. Errors binding raise ``OSError``."""
@@ -289,6 +317,7 @@ class Forwarder:
             self._state = "stopped"
             raise
         self._address = listener.getsockname()[:2]
+        self._context.name = self.name
         self._stopped = Event()
         self._context.workers = Workers(gevent.get_hub())
         self._server = _Server(listener, self._handle, self.rule.max_connections, self._context.workers,

@@ -66,8 +66,9 @@ import gevent
 from gevent import getcurrent
 from gevent.socket import getaddrinfo
 
-from gproxy import _sockets
+from gproxy import _sockets, proxyproto
 from gproxy._workers import Workers
+from gproxy.access import Access, DeniedLog, client_ip, in_networks
 from gproxy.config import Rule
 from gproxy.stats import ConnectionRecord, Counters, Outcome
 
@@ -117,6 +118,16 @@ class Context:
         #: moves bulk chunks with splice(2) (splice.Splicer), or None: always copy
         self.splicer = splicer
         self.target_name = str(rule.target)
+        #: the rule's name in logs and metrics; the forwarder sets it to the bound address
+        self.name = str(rule.listen)
+        #: allow/deny and per-client limits, or None: the rule restricts nobody (no check at all)
+        self.access = Access.from_rule(rule)
+        #: networks whose clients must send a PROXY header first, or None
+        self.accept_proxy = rule.accept_proxy_from or None
+        #: PROXY protocol version to send upstream; 0: none
+        self.proxy_version = {"off": 0, "v1": 1, "v2": 2}[rule.proxy_protocol]
+        #: the rate-limited "denied" line, for rules that can refuse a client
+        self.denied_log = DeniedLog(log) if self.access is not None or self.accept_proxy else None
         #: called when a connection finds no fd for its upstream socket
         self.on_fd_exhausted: Optional[Callable[[OSError], None]] = None
         #: called after each connection's teardown
@@ -208,7 +219,7 @@ class Connection:
     __slots__ = (
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
-        "_pumps", "_closed", "seen", "seen_total", "seen_at",
+        "_pumps", "_closed", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -216,6 +227,12 @@ class Connection:
         self.id = context.next_id()
         self.client = client
         self.client_address = client_address
+        #: the socket's real peer; client_address is the one a trusted PROXY header gave, if any
+        self.peer = client_address
+        #: the PROXY header a trusted client sent (accept_proxy_from), or None
+        self.proxied: Optional[proxyproto.ProxyHeader] = None
+        #: what access counted this connection under (max_connections_per_client), or None
+        self.access_key = None
         self.upstream: Optional[socket.socket] = None
         self.counts = [0, 0]
         self.started = time.time()
@@ -242,9 +259,17 @@ class Connection:
         context = self.context
         context.active[self.id] = self
         context.counters.accepted += 1
+        context.counters.active += 1
         try:
+            if context.accept_proxy is not None and not self._accept_proxy_header():
+                return
             self._call_hook(context.on_open)
-            upstream = self.connect_upstream(spare)
+            if context.access is not None:
+                why, self.access_key = context.access.admit(client_ip(self.client_address))
+                if why is not None:  # refused before anything is dialled
+                    self._finish(Outcome.DENIED, why)
+                    return
+            upstream, spare = self.connect_upstream(spare), None
             if upstream is not None:
                 self.upstream = upstream
                 self._start_pumps(upstream)
@@ -253,18 +278,106 @@ class Connection:
         except Exception:  # a bug: logged once, with its traceback, by _teardown
             self._finish(Outcome.ERROR, traceback.format_exc())
         finally:
+            if spare is not None:
+                spare.close()  # refused before connecting
             if not self._pumps:
                 self._teardown()
 
+    def _accept_proxy_header(self) -> bool:
+        """A client from ``accept_proxy_from`` must start with a PROXY header: read exactly
+        that (peek, then take only header bytes), within ``proxy_header_timeout``. Its
+        address then stands for the client. False: the connection is refused (outcome set)."""
+        ip = client_ip(self.client_address)
+        if ip is None or not in_networks(ip, self.context.accept_proxy):
+            return True  # not a trusted proxy: an ordinary client, whose bytes are payload
+        client = self.client
+        timeout = self.context.rule.proxy_header_timeout
+        deadline = time.monotonic() + timeout
+        readable = self._hub.loop.io(client.fileno(), _READ)
+        seen, size = b"", None
+        try:
+            while size is None or len(seen) < size:
+                want = (size if size is not None else proxyproto.V1_MAX) - len(seen)
+                try:
+                    data = client.recv(want, socket.MSG_PEEK)
+                except BlockingIOError:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._wait_for(readable, remaining):
+                        self._finish(Outcome.DENIED, f"no PROXY header within {timeout:g}s")
+                        return False
+                    continue
+                if not data:
+                    self._finish(Outcome.DENIED, "closed before sending its PROXY header")
+                    return False
+                if size is None:
+                    size = proxyproto.header_size(seen + data)
+                # what header_size has not placed yet is all header too; never take past it
+                take = len(data) if size is None else min(len(data), size - len(seen))
+                seen += client.recv(take)
+            self.proxied = info = proxyproto.parse(seen)
+        except proxyproto.ProxyProtocolError as exc:
+            self._finish(Outcome.DENIED, f"bad PROXY header: {exc}")
+            return False
+        except _Aborted:
+            return False
+        except OSError as exc:
+            self._finish(Outcome.RESET, _sockets.describe_error(exc))
+            return False
+        finally:
+            readable.close()
+        if info.family in (socket.AF_INET, socket.AF_INET6):
+            self.client_address = info.source
+        return True
+
     def connect_upstream(self, spare: Optional[socket.socket] = None) -> Optional[socket.socket]:
-        """Try each address of the target in turn; on failure record why and return None."""
+        """Try each address of the target in turn; on failure record why and return None.
+        With ``proxy_protocol`` the header goes out first, in one write, before any payload."""
         upstream = None
         try:
             upstream = self._connect_upstream(spare)
+            context = self.context
+            if upstream is not None:
+                context.counters.connected(context.target_name, True)
+                if context.proxy_version and not self._send_proxy_header(upstream):
+                    upstream.close()
+                    upstream = None
+            elif self.outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT):
+                context.counters.connected(context.target_name, False)
             return upstream
         finally:
             if spare is not None and spare is not upstream:
                 spare.close()  # unused, or failed (closing twice is harmless)
+
+    def _send_proxy_header(self, upstream: socket.socket) -> bool:
+        """The PROXY header for this client, in one write; False (outcome set) if it failed."""
+        version, info = self.context.proxy_version, self.proxied
+        try:
+            if info is not None and info.family is not None:  # pass on what the trusted proxy said
+                header = proxyproto.encode(version, info.source, info.destination, info.family)
+            elif self.client.family == socket.AF_UNIX:
+                header = proxyproto.encode(version, self.peer or b"", self.client.getsockname(), socket.AF_UNIX)
+            else:
+                header = proxyproto.encode(version, self.peer, self.client.getsockname())
+            sent = upstream.send(header)
+            if sent != len(header):  # never on a fresh connection: the header is < one MSS
+                writable = self._hub.loop.io(upstream.fileno(), _WRITE)
+                try:
+                    while sent < len(header):
+                        if not self._wait_for(writable, self.context.rule.connect_timeout):
+                            self._finish(Outcome.CONNECT_TIMEOUT, "could not send the PROXY header")
+                            return False
+                        try:
+                            sent += upstream.send(header[sent:])
+                        except BlockingIOError:
+                            pass
+                finally:
+                    writable.close()
+        except _Aborted:
+            return False
+        except OSError as exc:
+            self._finish(Outcome.RESET, f"sending the PROXY header: {_sockets.describe_error(exc)}")
+            return False
+        return True
 
     def _connect_upstream(self, spare: Optional[socket.socket]) -> Optional[socket.socket]:
         rule = self.context.rule
@@ -379,7 +492,7 @@ class Connection:
             watcher.close()
         self._watchers = []
         context = self.context
-        reset = self.outcome in (Outcome.RESET, Outcome.SHUTDOWN, Outcome.ERROR)
+        reset = self.outcome in (Outcome.RESET, Outcome.SHUTDOWN, Outcome.ERROR, Outcome.DENIED)
         for sock in (self.upstream, self.client):
             if sock is not None:
                 if reset:
@@ -387,11 +500,12 @@ class Connection:
                 else:
                     sock.close()
         context.active.pop(self.id, None)
+        if self.access_key is not None:
+            context.access.release(self.access_key)
         counters = context.counters
-        counters.bytes_upstream += self.counts[UPSTREAM]
-        counters.bytes_downstream += self.counts[DOWNSTREAM]
         if self.outcome is None:  # cannot happen; keep the books straight if it does
             self.outcome = Outcome.ERROR
+        counters.ended(self.outcome, time.monotonic() - self._t0, self.counts[UPSTREAM], self.counts[DOWNSTREAM])
         failed = self.outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT)
         if failed:
             counters.connect_failed += 1
@@ -484,20 +598,32 @@ class Connection:
 
     def _log(self, record: ConnectionRecord) -> None:
         outcome = record.outcome
+        # the fields a JSON log line carries, so no formatter has to parse the text
+        extra = {"connection": {
+            "rule": self.context.name, "id": record.id, "client": record.client,
+            "target": record.upstream, "outcome": outcome.value, "duration": round(record.duration, 6),
+            "bytes_upstream": record.bytes_upstream, "bytes_downstream": record.bytes_downstream,
+            "error": record.error}}
         if outcome is Outcome.ERROR:
             log.error("conn#%d %s -> %s failed after %.3fs, up %d B, down %d B:\n%s",
                       record.id, record.client, record.upstream, record.duration,
-                      record.bytes_upstream, record.bytes_downstream, record.error)
+                      record.bytes_upstream, record.bytes_downstream, record.error, extra=extra)
             return
         if outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT):
             log.warning("conn#%d %s -> %s %s after %.3fs: %s", record.id, record.client,
-                        record.upstream, outcome, record.duration, record.error)
+                        record.upstream, outcome, record.duration, record.error, extra=extra)
+            return
+        if outcome is Outcome.DENIED:  # one line per client address per minute at most
+            ip = client_ip(self.client_address)
+            self.context.denied_log.note(str(ip) if ip is not None else record.client,
+                                         "conn#%d %s denied: %s", record.id, record.client, record.error,
+                                         extra=extra)
             return
         if log.isEnabledFor(logging.INFO):
             why = f" ({record.error})" if record.error else ""
             log.info("conn#%d %s -> %s %s%s, %.3fs, up %d B, down %d B", record.id, record.client,
                      record.upstream, outcome, why, record.duration,
-                     record.bytes_upstream, record.bytes_downstream)
+                     record.bytes_upstream, record.bytes_downstream, extra=extra)
 
     def _call_hook(self, hook, record: Optional[ConnectionRecord] = None) -> None:
         if hook is None:

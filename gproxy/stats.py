@@ -9,10 +9,11 @@ Typical use::
 from __future__ import annotations
 
 import enum
+from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
-__all__ = ["Outcome", "ConnectionRecord", "Statistics", "Counters"]
+__all__ = ["Outcome", "ConnectionRecord", "Statistics", "Counters", "DURATION_BUCKETS"]
 
 
 class Outcome(enum.Enum):
@@ -25,6 +26,7 @@ class Outcome(enum.Enum):
     CONNECT_TIMEOUT = "connect timeout"  #: upstream did not answer within connect_timeout
     SHUTDOWN = "shutdown"                #: the forwarder stopped before the connection ended
     ERROR = "error"                      #: a bug in gproxy; logged with its traceback
+    DENIED = "denied"                    #: refused by allow/deny, a per-client limit or a bad PROXY header
 
     def __str__(self) -> str:
         return self.value
@@ -56,13 +58,48 @@ class Statistics:
     bytes_downstream: int
 
 
-class Counters:
-    """Totals of connections that ended; the forwarder adds the open ones on demand."""
+#: upper bounds (seconds) of the connection duration histogram's buckets; +Inf is implied
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
-    __slots__ = ("accepted", "connect_failed", "bytes_upstream", "bytes_downstream")
+
+class Counters:
+    """Totals of connections that ended; the forwarder adds the open ones on demand.
+
+    Fed by relay once per connection (at accept, at the end of each connect, at teardown),
+    never per chunk; read by ``statistics()`` and ``metrics.render`` without walking the
+    open connections."""
+
+    __slots__ = ("accepted", "connect_failed", "bytes_upstream", "bytes_downstream", "active",
+                 "outcomes", "durations", "duration_sum", "target_failures", "target_up")
 
     def __init__(self) -> None:
         self.accepted = 0
         self.connect_failed = 0
         self.bytes_upstream = 0
         self.bytes_downstream = 0
+        #: connections accepted and not yet torn down
+        self.active = 0
+        #: ended connections by outcome
+        self.outcomes = dict.fromkeys(Outcome, 0)
+        #: ended connections per duration bucket (DURATION_BUCKETS, then +Inf); not cumulative
+        self.durations = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        #: failed connects per target (its name as configured), each target tried counting once
+        self.target_failures: Dict[str, int] = {}
+        #: per target: whether its last connect worked
+        self.target_up: Dict[str, bool] = {}
+
+    def ended(self, outcome: "Outcome", duration: float, bytes_upstream: int, bytes_downstream: int) -> None:
+        """One connection's teardown."""
+        self.active -= 1
+        self.bytes_upstream += bytes_upstream
+        self.bytes_downstream += bytes_downstream
+        self.outcomes[outcome] += 1
+        self.durations[bisect_left(DURATION_BUCKETS, duration)] += 1
+        self.duration_sum += duration
+
+    def connected(self, target: str, ok: bool) -> None:
+        """The end of one connect to ``target``: it worked, or it failed (refused, timed out...)."""
+        self.target_up[target] = ok
+        if not ok:
+            self.target_failures[target] = self.target_failures.get(target, 0) + 1

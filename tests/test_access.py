@@ -1,0 +1,143 @@
+"""allow/deny and max_connections_per_client: refused clients are closed before anything is dialled."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import pytest
+
+from gproxy import ConfigError, Forwarder, Outcome
+from peers import TIMEOUT, Gate, Server, echo
+
+
+def connect_from(source_ip: str, address) -> socket.socket:
+    """A client whose source address is ``source_ip`` (any 127.x.y.z is loopback on Linux)."""
+    sock = socket.socket()
+    sock.settimeout(TIMEOUT)
+    sock.bind((source_ip, 0))
+    sock.connect(tuple(address))
+    return sock
+
+
+def refused(source_ip: str, address) -> bool:
+    """True once the forwarder has closed a client from ``source_ip`` without a byte. The reset
+    may even beat connect() back: with a timeout set, Python's connect polls and reads SO_ERROR."""
+    try:
+        sock = connect_from(source_ip, address)
+    except ConnectionResetError:
+        return True
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.close()
+
+
+def served(sock: socket.socket) -> bool:
+    with sock:
+        sock.sendall(b"ping")
+        return sock.recv(4) == b"ping"
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def relay_lines():
+    handler = Lines()
+    logger = logging.getLogger("gproxy.relay")
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler.records
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+@pytest.mark.parametrize("options", [
+    {"allow": ["127.0.0.1"]},
+    {"allow": ["127.0.0.0/30"], "deny": ["127.0.0.2/31"]},   # deny is checked first
+    {"deny": ["127.0.0.3"]},
+])
+def test_allow_and_deny_by_source_address(forwarder_factory, relay_lines, options):
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address, **options)
+        assert served(connect_from("127.0.0.1", fw.address))
+        assert refused("127.0.0.3", fw.address)
+        assert refused("127.0.0.3", fw.address)
+        forwarder_factory.wait_closed(fw, accepted=3)
+        assert upstream.accepted == 1  # the refused clients never caused a connect
+        outcomes = sorted(str(r.outcome) for r in forwarder_factory.records)
+        assert outcomes == ["denied", "denied", "eof"]
+        assert fw.counters.outcomes[Outcome.DENIED] == 2
+    denied = [r for r in relay_lines if "denied" in r.getMessage()]
+    assert len(denied) == 1, [r.getMessage() for r in relay_lines]   # one line per address per minute
+    assert denied[0].levelno == logging.INFO and "127.0.0.3" in denied[0].getMessage()
+
+
+def test_the_denied_line_counts_what_it_held_back(forwarder_factory, relay_lines):
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address, deny=["127.0.0.3"])
+        fw._context.denied_log.every = 0.2   # a shorter minute, for the test
+        for _ in range(3):
+            assert refused("127.0.0.3", fw.address)
+        forwarder_factory.wait_closed(fw, accepted=3)
+        time.sleep(0.25)  # sleep-ok: the rate limit's window must pass
+        assert refused("127.0.0.3", fw.address)
+        forwarder_factory.wait_closed(fw, accepted=4)
+    denied = [r.getMessage() for r in relay_lines if "denied" in r.getMessage()]
+    assert len(denied) == 2 and "2 more from 127.0.0.3" in denied[1], denied
+
+
+def test_max_connections_per_client(forwarder_factory):
+    gate = Gate()
+    with Server(gate) as upstream:
+        fw = forwarder_factory(upstream.address, max_connections_per_client=1)
+        first = connect_from("127.0.0.1", fw.address)
+        held = gate.get()
+        assert refused("127.0.0.1", fw.address)       # a second from the same address
+        other = connect_from("127.0.0.3", fw.address)                  # another address is counted apart
+        held_other = gate.get()
+        first.close()
+        held.close()
+        with forwarder_factory.closed:
+            assert forwarder_factory.closed.wait_for(
+                lambda: any(str(r.outcome) == "eof" for r in forwarder_factory.records), TIMEOUT)
+        again = connect_from("127.0.0.1", fw.address)
+        held_again = gate.get()
+        for sock in (other, held_other, again, held_again):
+            sock.close()
+        gate.release()
+        forwarder_factory.wait_closed(fw, accepted=4)
+        assert upstream.accepted == 3
+        assert fw._context.access.open_per_client == {}   # nothing left counted
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"allow": ["10.0.0.0/33"]}, "allow"),
+    ({"deny": ["10.1.2.3/8"]}, "deny"),          # host bits set: refused, not silently widened
+    ({"deny": [42]}, "deny"),
+    ({"max_connections_per_client": 0}, "max_connections_per_client"),
+    ({"accept_proxy_from": ["nope"]}, "accept_proxy_from"),
+    ({"proxy_protocol": "v3"}, "proxy_protocol"),
+    ({"proxy_header_timeout": 0}, "proxy_header_timeout"),
+])
+def test_bad_values_name_the_option(options, field):
+    with pytest.raises(ConfigError) as bad:
+        Forwarder("127.0.0.1:0", "127.0.0.1:1", **options)
+    assert bad.value.field == field
+
+
+def test_a_rule_without_these_options_has_no_check():
+    fw = Forwarder("127.0.0.1:0", "127.0.0.1:1")
+    context = fw._context
+    assert context.access is None and context.accept_proxy is None and context.proxy_version == 0
