@@ -1,0 +1,328 @@
+"""``Service``: named forwarders run, changed and stopped together on one hub.
+
+Typical use (in a greenlet of the hub that runs them, e.g. the CLI's main hub)::
+
+    from gproxy.service import Service
+
+    service = Service(connect_timeout=5)           # defaults for every forwarder it creates
+    service.create("redis", "127.0.0.1:0", "127.0.0.1:6379")
+    service["redis"].address                       # the real bound port
+    service.populate([{"name": "pg", "listen": "127.0.0.1:15432", "target": "db:5432"}])
+    service.reset()                                # every proxy enabled, every toxic removed
+    service.stop()                                 # all drain in parallel, one deadline
+
+This is toxiproxy's ``ProxyCollection``: the command line, the config file and the HTTP API
+all drive one. Each forwarder is started on the hub of the thread that calls ``start()``
+or ``create()``, whether or not the program is monkey-patched.
+
+Thread-safety: none of it is thread-safe, by design. Every method must be called from
+greenlets of the one hub that runs the service (the one whose thread created it); there the
+only switches are the waits inside stop and drain, and a lock keeps changes from
+interleaving across those waits. To drive a service from another thread, hand the call to
+its hub (``hub.loop.run_callback_threadsafe``) and wait for the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
+
+import gevent
+from gevent.event import Event
+from gevent.lock import RLock
+
+from gproxy.config import Address, ConfigError, Rule, parse_address
+from gproxy.forwarder import Forwarder
+
+__all__ = ["Service", "DuplicateName", "UnknownName"]
+
+log = logging.getLogger(__name__)
+
+
+class DuplicateName(ConfigError):
+    """A proxy by this name exists already (toxiproxy: 409 "proxy already exists")."""
+
+    def __init__(self, name: str):
+        super().__init__("name", f"a proxy named {name!r} exists already")
+        self.name = name
+
+
+class UnknownName(KeyError):
+    """No proxy by this name (toxiproxy: 404 "proxy not found")."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"no proxy named {self.name!r}"
+
+
+def _start_here(fw: Forwarder) -> None:
+    """Start ``fw`` on the calling thread's hub, the service's, even in an unpatched program
+    (where ``Forwarder.start()`` would give it a thread and a hub of its own)."""
+    fw._claim_start()
+    fw._start_on_hub()
+
+
+def is_enabled(fw: Forwarder) -> bool:
+    """Listening now: started, not stopped, and not disabled (``fw.disable()``)."""
+    return fw._state == "running" and getattr(fw, "enabled", True)
+
+
+def listen_address(fw: Forwarder) -> Address:
+    """Where ``fw`` listens: the real bound address once started, else what was asked for."""
+    if fw._address is not None:
+        host, port = fw._address[:2]
+        return Address(host, port)
+    return fw.rule.listen
+
+
+def _same_listen(fw: Forwarder, wanted: Address) -> bool:
+    """``wanted`` is what ``fw`` was asked for, or where it really listens (so asking again
+    for port 0 and asking for the port it got both mean "the same")."""
+    return wanted == fw.rule.listen or (fw._address is not None and wanted == listen_address(fw))
+
+
+def _toxics(fw: Forwarder) -> list:
+    toxics = getattr(fw, "toxics", None)
+    return list(toxics()) if toxics is not None else []
+
+
+class Service:
+    """A collection of forwarders by name, in the order they were added.
+
+    ``options`` are the defaults for every forwarder the service creates (any
+    :class:`gproxy.config.Rule` option); each ``create`` may override them.
+    Errors: :class:`DuplicateName` and bad values are :class:`ConfigError`; a missing name is
+    :class:`UnknownName` (a ``KeyError``); binding failures are ``OSError``.
+    """
+
+    def __init__(self, **options: Any):
+        Rule.build("127.0.0.1:0", "127.0.0.1:1", **options)  # bad defaults fail here, not later
+        self.options: Dict[str, Any] = dict(options)
+        self._forwarders: Dict[str, Forwarder] = {}
+        self._lock = RLock()  # changes wait across stop/drain; nothing may interleave them
+        self._stopped = Event()
+
+    # -- reading -----------------------------------------------------------------------
+
+    def __getitem__(self, name: str) -> Forwarder:
+        try:
+            return self._forwarders[name]
+        except KeyError:
+            raise UnknownName(name) from None
+
+    get = __getitem__
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._forwarders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._forwarders))
+
+    def __len__(self) -> int:
+        return len(self._forwarders)
+
+    def items(self) -> List[tuple]:
+        """``[(name, forwarder), ...]`` in the order they were added."""
+        return list(self._forwarders.items())
+
+    # -- adding and removing ------------------------------------------------------------
+
+    def add(self, name: str, forwarder: Forwarder, *, start: bool = True) -> Forwarder:
+        """Add a forwarder built elsewhere under ``name`` and, unless told not to, start it here."""
+        _check_name(name)
+        with self._lock:
+            if name in self._forwarders:
+                raise DuplicateName(name)
+            if start and forwarder._state == "new":
+                _start_here(forwarder)
+            self._forwarders[name] = forwarder
+            return forwarder
+
+    def create(self, name: str, listen, target, *, enabled: bool = True, **options: Any) -> Forwarder:
+        """A new forwarder from ``listen`` to ``target`` with the service's options (overridden
+        by ``options``), started unless ``enabled`` is false. Nothing changes on error."""
+        _check_name(name)
+        fw = Forwarder(listen, target, **{**self.options, **options})
+        return self.add(name, fw, start=enabled)
+
+    def remove(self, name: str, timeout: Optional[float] = None) -> None:
+        """Stop the forwarder (drain for ``timeout``, default its ``drain_timeout``) and forget it.
+        The name is free again at once, before the drain ends."""
+        with self._lock:
+            fw = self[name]
+            del self._forwarders[name]
+        fw.stop(timeout)
+
+    def update(self, name: str, *, listen=None, target=None, enabled: Optional[bool] = None,
+               timeout: Optional[float] = None) -> Forwarder:
+        """Change where a proxy listens or connects, or whether it is enabled.
+
+        A new ``listen`` or ``target`` replaces the forwarder with a new one (same options, same
+        toxics; the old one's connections drain for ``timeout``), as toxiproxy restarts a proxy.
+        A new listen address is bound before the old one is let go, so a failure changes
+        nothing. Returns the proxy's forwarder, new or not."""
+        with self._lock:
+            fw = self[name]
+            new_listen = fw.rule.listen if listen is None else parse_address(listen, "listen")
+            new_target = fw.rule.target if target is None else parse_address(target, "target")
+            want_enabled = is_enabled(fw) if enabled is None else bool(enabled)
+            if _same_listen(fw, new_listen) and new_target == fw.rule.target:
+                self._set_enabled(fw, want_enabled)
+                return fw
+            # A listen address that did not change is the one it really has (port 0 or not).
+            bind = listen_address(fw) if _same_listen(fw, new_listen) else new_listen
+            new = Forwarder(bind, new_target, **_options_of(fw.rule))
+            for toxic in _toxics(fw):
+                new.add_toxic(toxic.type, name=toxic.name, stream=toxic.stream,
+                              toxicity=toxic.toxicity, **toxic.attributes)
+            moved = bind != listen_address(fw)
+            if want_enabled and moved:
+                _start_here(new)           # OSError here: the old one still runs
+            fw.stop(timeout)
+            if want_enabled and not moved:
+                _start_here(new)           # only now is the old address free
+            self._forwarders[name] = new
+            return new
+
+    def enable(self, name: str) -> Forwarder:
+        """Listen again (a proxy created disabled starts now)."""
+        with self._lock:
+            fw = self[name]
+            self._set_enabled(fw, True)
+            return fw
+
+    def disable(self, name: str) -> Forwarder:
+        """Stop listening and cut the proxy's connections; its address and toxics are kept."""
+        with self._lock:
+            fw = self[name]
+            self._set_enabled(fw, False)
+            return fw
+
+    @staticmethod
+    def _set_enabled(fw: Forwarder, enabled: bool) -> None:
+        if enabled == is_enabled(fw):
+            return
+        if fw._state == "new":
+            if enabled:
+                _start_here(fw)
+            return  # a never-started forwarder is disabled already
+        if enabled:
+            fw.enable()
+        else:
+            fw.disable()
+
+    # -- all of them ---------------------------------------------------------------------
+
+    def start(self) -> "Service":
+        """Start every forwarder not started yet, here. On a bind failure the ones started
+        by this call are stopped again and the ``OSError`` is raised."""
+        started = []
+        with self._lock:
+            try:
+                for fw in self._forwarders.values():
+                    if fw._state == "new":
+                        _start_here(fw)
+                        started.append(fw)
+            except BaseException:
+                _stop_all(started, 0)
+                raise
+        return self
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop every forwarder: all stop accepting at once and drain in parallel for up to
+        ``timeout`` seconds (default: each one's ``drain_timeout``), then abort what is left.
+        The forwarders stay in the collection, stopped. A second call while draining aborts."""
+        _stop_all(list(self._forwarders.values()), timeout)
+        self._stopped.set()
+
+    def serve_forever(self) -> None:
+        """Start what is not started, then wait until ``stop()``."""
+        self.start()
+        self._stopped.wait()
+
+    def reset(self) -> None:
+        """Every proxy enabled, every toxic removed (toxiproxy's ``POST /reset``)."""
+        with self._lock:
+            for fw in list(self._forwarders.values()):
+                if fw._state in ("new", "running"):
+                    self._set_enabled(fw, True)
+                for toxic in _toxics(fw):
+                    fw.remove_toxic(toxic.name)
+
+    def populate(self, proxies: Iterable[Mapping[str, Any]], timeout: Optional[float] = None) -> List[Forwarder]:
+        """Create or replace proxies from ``[{"name", "listen", "target", "enabled"?, option...}]``.
+
+        Idempotent: a proxy whose name, listen address, target and options match is left
+        alone (not restarted, toxics and connections kept, ``enabled`` not applied); one
+        that differs is stopped (draining for ``timeout``) and replaced by a new one. Every
+        entry is validated before anything changes: a bad one raises ``ConfigError``
+        naming it (``proxies[2].listen: ...``) and changes nothing. A bind failure stops
+        there with the earlier entries applied (``OSError``). Returns the forwarders in order."""
+        plans = []
+        seen = set()
+        for index, spec in enumerate(proxies):
+            where = f"proxies[{index}]"
+            if not isinstance(spec, Mapping):
+                raise ConfigError(where, f"expected an object, got {spec!r}")
+            spec = dict(spec)
+            name = spec.pop("name", None)
+            try:
+                _check_name(name)
+                if name in seen:
+                    raise ConfigError("name", f"{name!r} appears twice")
+                seen.add(name)
+                for key in ("listen", "target"):
+                    if key not in spec:
+                        raise ConfigError(key, "missing")
+                enabled = spec.pop("enabled", True)
+                if not isinstance(enabled, bool):
+                    raise ConfigError("enabled", f"expected true or false, got {enabled!r}")
+                rule = Rule.build(spec.pop("listen"), spec.pop("target"), **{**self.options, **spec})
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.{exc.field}", str(exc).split(": ", 1)[-1]) from None
+            plans.append((name, rule, enabled, {**self.options, **spec}))
+
+        result = []
+        with self._lock:
+            for name, rule, enabled, options in plans:
+                old = self._forwarders.get(name)
+                if old is not None and _same_rule(old, rule):
+                    result.append(old)
+                    continue
+                if old is not None:
+                    del self._forwarders[name]
+                    old.stop(timeout)
+                fw = Forwarder(rule.listen, rule.target, **options)
+                if enabled:
+                    _start_here(fw)
+                self._forwarders[name] = fw
+                result.append(fw)
+        return result
+
+
+def _check_name(name) -> None:
+    if not isinstance(name, str) or not name:
+        raise ConfigError("name", f"expected a non-empty string, got {name!r}")
+    if "/" in name:
+        raise ConfigError("name", f"may not contain '/', got {name!r}")
+
+
+def _options_of(rule: Rule) -> Dict[str, Any]:
+    return {key: value for key, value in vars(rule).items() if key not in ("listen", "target")}
+
+
+def _same_rule(fw: Forwarder, rule: Rule) -> bool:
+    return (_same_listen(fw, rule.listen) and rule.target == fw.rule.target
+            and _options_of(rule) == _options_of(fw.rule))
+
+
+def _stop_all(forwarders: List[Forwarder], timeout: Optional[float]) -> None:
+    """Stop them all in parallel: each stop closes its listener at once, then waits."""
+    greenlets = [gevent.spawn(fw.stop, timeout) for fw in forwarders]
+    gevent.joinall(greenlets)
+    for greenlet in greenlets:
+        if greenlet.exception is not None:
+            raise greenlet.exception
