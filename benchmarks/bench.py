@@ -51,10 +51,11 @@ REDIS_WORKLOADS = ["redis_ka", "redis_conn"]
 WORKLOAD_GROUPS = {
     "bulk": BULK_WORKLOADS,
     "pingpong": ["pingpong"],
+    "fairness": ["fairness"],
     "redis": REDIS_WORKLOADS,
     "idle": ["idle"],
 }
-ALL_WORKLOADS = BULK_WORKLOADS + ["pingpong"] + REDIS_WORKLOADS + ["idle"]
+ALL_WORKLOADS = BULK_WORKLOADS + ["pingpong", "fairness"] + REDIS_WORKLOADS + ["idle"]
 
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -344,14 +345,17 @@ class Forwarder:
         target = "%s:%d" % (HOST, target_port)
         env = None
         cwd = None
-        if self.name in ("gproxy", "gproxy-nosplice", "naive", "uvloop"):
+        if self.name.startswith("gproxy") or self.name in ("naive", "uvloop"):
             if self.name.startswith("gproxy"):
-                cmd = shlex.split(self.args.gproxy_cmd) + shlex.split(self.args.gproxy_args)
+                repo, extra = REPO, []
                 if self.name == "gproxy-nosplice":
-                    cmd.append("--no-splice")
+                    extra = ["--no-splice"]
+                elif self.name in self.args.variants:
+                    repo, extra = self.args.variants[self.name]
+                cmd = shlex.split(self.args.gproxy_cmd) + shlex.split(self.args.gproxy_args) + extra
                 env = dict(os.environ)
-                env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-                cwd = REPO
+                env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+                cwd = repo
             elif self.name == "uvloop":
                 cmd = [sys.executable, os.path.join(HERE, "uvloop_forwarder.py")]
             else:
@@ -480,6 +484,8 @@ class Server:
             cmd = ["iperf3", "-s", "-1", "-B", HOST, "-p", str(self.port)]
         elif kind == "sockperf":
             cmd = ["sockperf", "sr", "--tcp", "-i", HOST, "-p", str(self.port)]
+        elif kind == "fairness":
+            cmd = [sys.executable, os.path.join(HERE, "fairness.py"), "server", str(self.port)]
         elif kind == "redis":
             cmd = ["redis-server", "--port", str(self.port), "--bind", HOST,
                    "--save", "", "--appendonly", "no", "--daemonize", "no",
@@ -564,6 +570,30 @@ def wl_pingpong(fwd, args, workdir):
         if cpu0 is not None:
             res["cpu_s"] = cpu1 - cpu0
             res["cpu_us_per_msg"] = res["cpu_s"] * 1e6 / res["total_msgs"] if res["total_msgs"] else None
+        return res
+    finally:
+        srv.stop()
+
+
+def wl_fairness(fwd, args, workdir):
+    """64-byte round trips on one connection while another pulls an unpaced bulk stream from
+    the same target through the same forwarder (fairness.py: both ends)."""
+    srv = Server("fairness", workdir)
+    try:
+        port = fwd.start(srv.port)
+        cpu0 = fwd.cpu()
+        cmd = [sys.executable, os.path.join(HERE, "fairness.py"), "client", str(port),
+               str(args.seconds)]
+        rc, out, err = run_cmd(cmd, timeout=args.seconds + 60)
+        cpu1 = fwd.cpu()
+        if rc != 0:
+            raise BenchError("fairness client rc=%s: %s %s" % (rc, out[-300:], err[-300:]))
+        try:
+            res = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise BenchError("fairness client printed no JSON: %s %s" % (out[-300:], err[-300:]))
+        if cpu0 is not None:
+            res["cpu_s"] = cpu1 - cpu0
         return res
     finally:
         srv.stop()
@@ -825,6 +855,8 @@ def run_one(wl, fname, args, workdir):
             m = wl_iperf3(fwd, args, workdir, ["-P", "4"])
         elif wl == "pingpong":
             m = wl_pingpong(fwd, args, workdir)
+        elif wl == "fairness":
+            m = wl_fairness(fwd, args, workdir)
         elif wl == "redis_ka":
             m = wl_redis(fwd, args, workdir, keepalive=True)
         elif wl == "redis_conn":
@@ -936,6 +968,9 @@ def report_tables(summary, workloads, forwarders, args):
                     s["ok"], s["runs"]))
             out.append("")
             continue
+        if wl == "fairness":
+            out.extend(fairness_table(rows, forwarders))
+            continue
         title, key, higher, cpukey, cpuname = WL_INFO[wl]
         out.append("### %s: %s" % (wl, title))
         out.append("")
@@ -970,6 +1005,30 @@ def report_tables(summary, workloads, forwarders, args):
                     fmt(s.get(key + "_ratio"), 3), cpu, s["ok"], s["runs"]))
         out.append("")
     return "\n".join(out)
+
+
+def fairness_table(rows, forwarders):
+    out = ["### fairness: 64-byte round trips while another connection pulls an unpaced bulk "
+           "stream through the same forwarder", "",
+           "Whole round trips in us (not halved), timed by the client (fairness.py, Python: "
+           "its own overhead is in direct too); bulk = Gbit/s the other connection pulled "
+           "meanwhile.", "",
+           "| forwarder | p50 us | p99 us | p99 range | p99.9 us | p99 ratio to direct "
+           "| round trips | bulk Gbit/s | bulk ratio to direct | ok |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for f in forwarders:
+        s = rows.get(f)
+        if not s or not s["ok"]:
+            runs = s["runs"] if s else 0
+            out.append("| %s | %s | | | | | | | | %s |" % (
+                f, "failed" if runs else "not run", "0/%d" % runs if runs else ""))
+            continue
+        out.append("| %s | %s | %s | %s–%s | %s | %s | %s | %s | %s | %d/%d |" % (
+            f, fmt(s["p50_us"]), fmt(s["p99_us"]), fmt(s["p99_us_min"]), fmt(s["p99_us_max"]),
+            fmt(s["p999_us"]), fmt(s.get("p99_us_ratio"), 2), fmt(s["round_trips"], 0),
+            fmt(s["bulk_gbps"]), fmt(s.get("bulk_gbps_ratio"), 3), s["ok"], s["runs"]))
+    out.append("")
+    return out
 
 
 def first_line(cmd, pattern=None):
@@ -1042,9 +1101,10 @@ def parse_args(argv):
                     help="duration of each iperf3 / sockperf run (default 3)")
     ap.add_argument("--only", default=",".join(ALL_FORWARDERS),
                     help="comma list of forwarders (default %(default)s)")
-    ap.add_argument("--workloads", default="bulk,pingpong,redis,idle",
+    ap.add_argument("--workloads", default="bulk,pingpong,fairness,redis,idle",
                     help="comma list of workloads or groups: bulk (bulk_up,bulk_down,bulk_p4), "
-                         "pingpong, redis (redis_ka,redis_conn), idle (default %(default)s)")
+                         "pingpong, fairness, redis (redis_ka,redis_conn), idle "
+                         "(default %(default)s)")
     ap.add_argument("--redis-n", type=int, default=100000,
                     help="requests for the keep-alive redis run (default %(default)s)")
     ap.add_argument("--redis-conn-n", type=int, default=15000,
@@ -1072,14 +1132,28 @@ def parse_args(argv):
                          "SIGKILL (default %(default)s)")
     ap.add_argument("--no-rotate", action="store_true",
                     help="same forwarder order every repetition")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=[@REPO ]ARGS",
+                    help="an extra forwarder gproxy-NAME: gproxy with ARGS added, run from the "
+                         "checkout REPO if given (A/B of options or of commits in one run; "
+                         "select it with --only); repeatable")
     ap.add_argument("--json", metavar="PATH", help="save raw results and summary as JSON")
     ap.add_argument("--keep-logs", action="store_true",
                     help="keep the work directory with every process's log")
     ap.add_argument("--idle-helper", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.variants = {}
+    for v in args.variant:
+        name, sep, rest = v.partition("=")
+        if not sep or not name:
+            ap.error("--variant wants NAME=ARGS, got %r" % v)
+        words = shlex.split(rest)
+        repo = REPO
+        if words and words[0].startswith("@"):
+            repo = os.path.abspath(words.pop(0)[1:])
+        args.variants["gproxy-" + name] = (repo, words)
     args.forwarders = [f.strip() for f in args.only.split(",") if f.strip()]
     for f in args.forwarders:
-        if f not in ALL_FORWARDERS + EXTRA_FORWARDERS:
+        if f not in ALL_FORWARDERS + EXTRA_FORWARDERS + list(args.variants):
             ap.error("unknown forwarder %r (choose from %s)"
                      % (f, ", ".join(ALL_FORWARDERS + EXTRA_FORWARDERS)))
     wls = []
@@ -1210,7 +1284,7 @@ def main(argv=None):
             print("- rep %d %s %s: %s" % (r["rep"] + 1, r["workload"], r["forwarder"], r["error"]))
         print()
     bad_exit = [r for r in results if r.get("exit_on_sigterm") and r.get("exit_rc") != 0
-                and r["forwarder"] in ("gproxy", "gproxy-nosplice", "naive")]
+                and (r["forwarder"].startswith("gproxy") or r["forwarder"] == "naive")]
     if bad_exit:
         print("Note: exit status after SIGTERM was not 0 for: %s" % ", ".join(
             "%s/%s rep %d rc=%s" % (r["forwarder"], r["workload"], r["rep"] + 1, r["exit_rc"])
