@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import gevent
 import gevent.socket
-from gevent import monkey
+from gevent import getcurrent, monkey
 from gevent.event import Event
 from gevent.server import StreamServer
 
@@ -74,8 +74,10 @@ class _Server(StreamServer):
         self.upstream_family = upstream_family
         self._spare = None          # the next client's upstream socket
         self.running = 0            # connections accepted and not yet closed
-        self.idle = Event()         # set while no handler runs: what a drain waits for
+        self.idle = Event()         # set while at most `allowance` run: what a drain waits for
         self.idle.set()
+        #: connections a drain does not wait for: the one whose hook called stop()
+        self.allowance = 0
         self._full = False
         self._pause = _PAUSE_MIN
         self._resume_timer = None
@@ -96,7 +98,7 @@ class _Server(StreamServer):
 
     def connection_closed(self) -> None:
         self.running -= 1
-        if not self.running:
+        if self.running <= self.allowance:
             self.idle.set()
         if self._full:  # the slot just freed lets the next client in
             self._full = False
@@ -283,14 +285,17 @@ class Forwarder:
 
     def statistics(self) -> Statistics:
         """A snapshot: open connections, accepted, failed connects, bytes each way so far."""
-        counters = self._counters
-        active = list(self._context.active.values())
+        counters, context = self._counters, self._context
+        with context.lock:  # teardown moves a connection's bytes to the totals under it
+            active = list(context.active.values())
+            upstream, downstream = counters.bytes_upstream, counters.bytes_downstream
+            accepted, connect_failed = counters.accepted, counters.connect_failed
         return Statistics(
             active=len(active),
-            accepted=counters.accepted,
-            connect_failed=counters.connect_failed,
-            bytes_upstream=counters.bytes_upstream + sum(c.counts[0] for c in active),
-            bytes_downstream=counters.bytes_downstream + sum(c.counts[1] for c in active),
+            accepted=accepted,
+            connect_failed=connect_failed,
+            bytes_upstream=upstream + sum(c.counts[0] for c in active),
+            bytes_downstream=downstream + sum(c.counts[1] for c in active),
         )
 
     def __enter__(self) -> "Forwarder":
@@ -346,25 +351,36 @@ class Forwarder:
         self._context.workers.run(sweep, self._context, now, park)
 
     def _stop_on_hub(self, timeout: float) -> None:
+        # Called from a hook, stop() cannot wait for the hook's own connection: it is ending
+        # (on_close) or is stopped with the forwarder (on_open), and ends once the hook returns.
+        own = self._context.in_hook.get(getcurrent())
+        if own is not None and own.outcome is None:
+            own.abort(Outcome.SHUTDOWN)
         if self._state == "stopping":  # a second stop while draining: cut it short
             self._abort_all()
-            self._stopped.wait()
+            if own is None:
+                self._stopped.wait()
             return
         self._state = "stopping"
+        server = self._server
         try:
-            self._server.close()
-            active = len(self._context.active)
-            if active:
+            server.close()
+            server.allowance = 1 if own is not None else 0
+            if server.running <= server.allowance:
+                server.idle.set()
+            others = server.running - server.allowance
+            if others:
                 log.info("stopping %s: draining %d connection(s) for up to %gs",
-                         _sockets.describe_address(self._address), active, timeout)
+                         _sockets.describe_address(self._address), others, timeout)
             else:
                 log.info("stopping %s", _sockets.describe_address(self._address))
-            if not self._server.idle.wait(timeout=timeout):
-                log.warning("drain deadline hit: aborting %d connection(s)", len(self._context.active))
+            if not server.idle.wait(timeout=timeout):
+                log.warning("drain deadline hit: aborting %d connection(s)",
+                            server.running - server.allowance)
                 self._abort_all()
-                if not self._server.idle.wait(timeout=_ABORT_GRACE):
-                    log.warning("%d connection(s) still resolving the target; leaving them",
-                                self._server.running)
+                if not server.idle.wait(timeout=_ABORT_GRACE):
+                    log.warning("%d connection(s) did not end when aborted; leaving them",
+                                server.running - server.allowance)
             if self._sweeper is not None:
                 self._sweeper.close()
         finally:

@@ -58,12 +58,13 @@ import errno
 import logging
 import os
 import socket
+import sys
 import time
 import traceback
 from typing import Callable, Dict, List, Optional
 
 import gevent
-from gevent import getcurrent
+from gevent import getcurrent, monkey
 from gevent.socket import getaddrinfo
 
 from gproxy import _sockets, proxyproto
@@ -89,6 +90,9 @@ FAIR_READS = 64
 _READ, _WRITE = 1, 2
 
 
+_allocate_lock = monkey.get_original("_thread", "allocate_lock")  # a real lock, patched or not
+
+
 class _Aborted(Exception):
     """Thrown into a waiting pump to end it; never leaves this module."""
 
@@ -110,6 +114,12 @@ class Context:
         self.on_close = on_close
         #: open connections by id, for statistics, the idle sweep and shutdown
         self.active: Dict[int, Connection] = {}
+        #: held while a connection moves from ``active`` to the totals, and while statistics()
+        #: reads both (perhaps from another thread), so a snapshot counts every byte once
+        self.lock = _allocate_lock()
+        #: greenlets running a hook now -> their connection (stop() from a hook must not wait
+        #: for the connection whose hook called it)
+        self.in_hook: Dict[object, "Connection"] = {}
         #: one read buffer for every connection of this forwarder. A pump reads into it
         #: and writes from it without yielding in between, so no other greenlet sees it
         #: in use; what a slow destination does not take at once is copied out.
@@ -263,7 +273,9 @@ class Connection:
         try:
             if context.accept_proxy is not None and not self._accept_proxy_header():
                 return
-            self._call_hook(context.on_open)
+            self._call_hook(context.on_open, None, "on_open")
+            if self.outcome is not None:  # the hook stopped the forwarder
+                return
             if context.access is not None:
                 why, self.access_key = context.access.admit(client_ip(self.client_address))
                 if why is not None:  # refused before anything is dialled
@@ -275,7 +287,7 @@ class Connection:
                 self._start_pumps(upstream)
         except gevent.GreenletExit:
             self._finish(Outcome.SHUTDOWN)
-        except Exception:  # a bug: logged once, with its traceback, by _teardown
+        except BaseException:  # a bug: logged once, with its traceback, by _teardown
             self._finish(Outcome.ERROR, traceback.format_exc())
         finally:
             if spare is not None:
@@ -467,7 +479,7 @@ class Connection:
                 self.abort(Outcome.ERROR, traceback.format_exc())
         except gevent.GreenletExit:
             self.abort(Outcome.SHUTDOWN)
-        except Exception:
+        except BaseException:  # a bug, or a stray gevent.Timeout: this connection ends, not the hub
             self.abort(Outcome.ERROR, traceback.format_exc())
         self._pump_ended()
 
@@ -499,23 +511,27 @@ class Connection:
                     _sockets.abort(sock)
                 else:
                     sock.close()
-        context.active.pop(self.id, None)
         if self.access_key is not None:
             context.access.release(self.access_key)
         counters = context.counters
         if self.outcome is None:  # cannot happen; keep the books straight if it does
             self.outcome = Outcome.ERROR
-        counters.ended(self.outcome, time.monotonic() - self._t0, self.counts[UPSTREAM], self.counts[DOWNSTREAM])
+        with context.lock:  # counted and removed at once: statistics() never goes backwards
+            counters.ended(self.outcome, time.monotonic() - self._t0, self.counts[UPSTREAM],
+                           self.counts[DOWNSTREAM])
+            context.active.pop(self.id, None)
         failed = self.outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT)
         if failed:
             counters.connect_failed += 1
-        if context.on_close is not None or failed or self.outcome is Outcome.ERROR \
-                or log.isEnabledFor(logging.INFO):
-            record = self.record()
-            self._log(record)
-            self._call_hook(context.on_close, record)
-        if context.on_closed is not None:
-            context.on_closed()
+        try:
+            if context.on_close is not None or failed or self.outcome is Outcome.ERROR \
+                    or log.isEnabledFor(logging.INFO):
+                record = self.record()
+                self._log(record)
+                self._call_hook(context.on_close, record, "on_close")
+        finally:  # the slot is given back whatever happened above
+            if context.on_closed is not None:
+                context.on_closed()
 
     # -- waiting and aborting -----------------------------------------------------
 
@@ -625,13 +641,47 @@ class Connection:
                      record.upstream, outcome, why, record.duration,
                      record.bytes_upstream, record.bytes_downstream, extra=extra)
 
-    def _call_hook(self, hook, record: Optional[ConnectionRecord] = None) -> None:
+    def _call_hook(self, hook, record: Optional[ConnectionRecord], name: str) -> None:
+        """Call a user's hook. Whatever it raises (``SystemExit`` and ``gevent.Timeout``
+        included: it runs in a greenlet of ours, so nothing outside waits for that exception)
+        is reported and the connection goes on: a hook cannot break the forwarder."""
         if hook is None:
             return
+        in_hook, current = self.context.in_hook, getcurrent()
+        in_hook[current] = self
         try:
             hook(record if record is not None else self.record())
-        except Exception:
-            log.exception("conn#%d: hook %r failed", self.id, hook)
+        except BaseException:
+            _report(f"conn#{self.id}: {name} hook {getattr(hook, '__qualname__', hook)!r} failed",
+                    sys.exc_info())
+        finally:
+            in_hook.pop(current, None)
+
+
+def _report(message: str, exc_info) -> None:
+    """Log an ERROR with its traceback. When the host configured no handler for it (gproxy's
+    loggers have only a NullHandler, which hides the record from logging's ``lastResort``),
+    print it on stderr as Python prints an uncaught exception: a bug in the host's code
+    must not vanish without a word. A host that set gproxy's level above ERROR chose silence."""
+    if not log.isEnabledFor(logging.ERROR):
+        return
+    if _has_handler(log) or logging.lastResort is None:
+        log.error("%s", message, exc_info=exc_info)
+    else:
+        logging.lastResort.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s",
+                                                 (message,), exc_info))
+
+
+def _has_handler(logger: logging.Logger) -> bool:
+    """Whether a record of this logger reaches a handler other than a NullHandler."""
+    current: Optional[logging.Logger] = logger
+    while current is not None:
+        if any(not isinstance(h, logging.NullHandler) for h in current.handlers):
+            return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False
 
 
 def sweep(context: Context, now: float, park: bool) -> None:

@@ -48,11 +48,13 @@ class Forwarders:
         user_hook = options.pop("on_close", None)
 
         def on_close(record):
-            if user_hook:
-                user_hook(record)
-            with self.closed:
-                self.records.append(record)
-                self.closed.notify_all()
+            try:
+                if user_hook:
+                    user_hook(record)
+            finally:  # a test's hook may raise on purpose
+                with self.closed:
+                    self.records.append(record)
+                    self.closed.notify_all()
 
         fw = gproxy.Forwarder(listen, target, on_close=on_close, **options)
         fw.start()

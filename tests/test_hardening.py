@@ -1,0 +1,164 @@
+"""Issue 11's core defects: statistics, hooks, stop from a hook, stalls, exit, fork, resolution."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import gevent
+import pytest
+
+import gproxy
+from gproxy import Outcome
+from peers import TIMEOUT, Server, connect, echo, recv_all, recv_exactly
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(source: str, timeout: float = TIMEOUT * 3) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(source)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+
+
+# -- defect 9: statistics() never goes backwards -------------------------------------------------
+
+def test_statistics_are_monotonic_while_connections_end(forwarder_factory):
+    """Read from another thread while short connections end on the forwarder's thread: the
+    totals must never go down (teardown once removed a connection before counting its bytes)."""
+    seen, stop, errors = [], threading.Event(), []
+
+    def watch(fw):
+        last = (0, 0)
+        while not stop.is_set():
+            stats = fw.statistics()
+            now = (stats.bytes_upstream, stats.bytes_downstream)
+            if now[0] < last[0] or now[1] < last[1]:
+                errors.append((last, now))
+            last = now
+            seen.append(now)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race needs it
+    try:
+        with Server(echo) as upstream:
+            fw = forwarder_factory(upstream.address)
+            watcher = threading.Thread(target=watch, args=(fw,))
+            watcher.start()
+            try:
+                for i in range(300):
+                    client = connect(fw.address)
+                    client.sendall(b"x" * 1000)
+                    client.shutdown(1)
+                    assert recv_all(client) == b"x" * 1000
+                    client.close()
+                    if errors:
+                        break
+            finally:
+                stop.set()
+                watcher.join(TIMEOUT)
+            forwarder_factory.wait_closed(fw)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+    stats = fw.statistics()
+    assert (stats.bytes_upstream, stats.bytes_downstream) == (300_000, 300_000), stats
+
+
+# -- defect 4: hooks that raise anything -----------------------------------------------------------
+
+HOOK_ERRORS = [gevent.Timeout, SystemExit, KeyboardInterrupt, gevent.GreenletExit, RuntimeError]
+
+
+@pytest.mark.parametrize("which", ["on_open", "on_close"])
+@pytest.mark.parametrize("error", HOOK_ERRORS, ids=lambda e: e.__name__)
+def test_a_hook_raising_anything_breaks_nothing(forwarder_factory, no_errors_logged, which, error):
+    def hook(record):
+        raise error()
+
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address, max_connections=2, **{which: hook})
+        for i in range(5):  # more than max_connections: a leaked slot would hang a client
+            client = connect(fw.address, timeout=5)
+            client.sendall(b"ping%d" % i)
+            assert recv_exactly(client, 5) == b"ping%d" % i
+            client.shutdown(1)
+            assert recv_all(client) == b""
+            client.close()
+        stats = forwarder_factory.wait_closed(fw, accepted=5)
+        assert stats.active == 0
+        assert "running" in repr(fw)
+        started = time.monotonic()
+        fw.stop(timeout=1)
+        assert time.monotonic() - started < 1, "a leaked slot made stop() wait"
+        assert "stopped" in repr(fw)
+    failures = [r for r in no_errors_logged.records if "hook" in r.getMessage()]
+    assert len(failures) == 5 and all(r.exc_info for r in failures), [r.getMessage() for r in failures]
+    assert error.__name__ in logging.Formatter().format(failures[0])
+    no_errors_logged.records.clear()  # expected
+
+
+def test_a_failing_hook_is_reported_on_stderr_when_logging_is_not_configured():
+    """The host configured no logging: the hook's traceback still reaches stderr (as Python's
+    logging.lastResort and threading.excepthook would print it), and the forwarder serves on."""
+    result = run_python('''
+        import socket, threading, sys
+        import gproxy
+        listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen()
+        def serve():
+            while True:
+                sock, _ = listener.accept()
+                sock.sendall(sock.recv(10)); sock.close()
+        threading.Thread(target=serve, daemon=True).start()
+        def hook(record):
+            sys.exit("hook wants out")
+        with gproxy.Forwarder("127.0.0.1:0", listener.getsockname(), on_open=hook) as fw:
+            for _ in range(2):
+                with socket.create_connection(fw.address, timeout=10) as sock:
+                    sock.sendall(b"hi")
+                    assert sock.recv(10) == b"hi"
+        print("OK")
+    ''')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "OK"
+    assert result.stderr.count("on_open hook") == 2, result.stderr
+    assert "SystemExit: hook wants out" in result.stderr, result.stderr
+
+
+# -- defect 10: stop() from inside on_close ---------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["on_open", "on_close"])
+def test_stop_from_inside_a_hook_returns_without_waiting_for_itself(forwarder_factory, caplog, which):
+    calls = []
+    fw = None
+
+    def hook(record):
+        started = time.monotonic()
+        fw.stop()
+        calls.append(time.monotonic() - started)
+
+    caplog.set_level(logging.INFO, logger="gproxy")
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address, drain_timeout=3, **{which: hook})
+        client = connect(fw.address)
+        if which == "on_close":
+            client.sendall(b"bye")
+            assert recv_exactly(client, 3) == b"bye"
+            client.shutdown(1)
+        try:
+            assert recv_all(client) == b""
+        except ConnectionResetError:
+            assert which == "on_open"  # stopped before it was connected: aborted with the forwarder
+        client.close()
+        forwarder_factory.wait_closed(fw, accepted=1)
+        started = time.monotonic()
+        while calls == [] and time.monotonic() - started < TIMEOUT:
+            time.sleep(0.01)  # sleep-ok: polling for the hook's own report
+    assert calls and calls[0] < 1, calls
+    assert "stopped" in repr(fw)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not lines, lines
