@@ -39,6 +39,8 @@ PEER_GONE = frozenset({
     errno.ECONNREFUSED, errno.EHOSTDOWN, errno.ENETRESET,
 })
 
+_AF_UNIX = getattr(socket, "AF_UNIX", None)
+
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 #: seconds of silence before the first keepalive probe, between probes, and probes
@@ -54,7 +56,10 @@ def raw_socket(family: int, fileno: int | None = None) -> socket.socket:
 
 
 def tune(sock: socket.socket) -> None:
-    """No Nagle delay (a forwarder must not add latency) and keepalive to find dead peers."""
+    """No Nagle delay (a forwarder must not add latency) and keepalive to find dead peers.
+    A Unix socket has neither, and needs neither."""
+    if sock.family == _AF_UNIX:
+        return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -96,8 +101,15 @@ def describe_error(exc: BaseException) -> str:
 
 
 def describe_address(address) -> str:
-    """'127.0.0.1:80' or '[::1]:80' from a socket address tuple."""
+    """'127.0.0.1:80' or '[::1]:80' from a socket address tuple; 'unix:/path', 'unix:@name'
+    or 'unix' (a client socket with no name) from a Unix socket's."""
     if isinstance(address, tuple) and len(address) >= 2:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(address, bytes):
+        address = address.decode(errors="replace")
+    if isinstance(address, str):
+        if not address:
+            return "unix"
+        return "unix:@" + address[1:] if address.startswith("\0") else "unix:" + address
     return str(address)

@@ -1,10 +1,11 @@
-"""What a forwarder is told to do: addresses, timeouts and limits, validated once.
+"""What a forwarder is told to do: addresses, targets, timeouts and limits, validated once.
 
 Typical use::
 
     rule = Rule.build("127.0.0.1:0", "db.internal:5432", idle_timeout=300)
     rule.listen      # Address(host='127.0.0.1', port=0)
     rule.target      # Address(host='db.internal', port=5432)
+    Rule.build("unix:/run/app.sock", ["db1:5432", "db2:5432"], balance="round-robin").targets
 
 Every problem raises :class:`ConfigError` (a ``ValueError``) naming the field,
 so the CLI can print one line and exit 2, and embedders get a normal exception.
@@ -18,11 +19,19 @@ import math
 import resource
 import socket
 from dataclasses import dataclass, fields
-from typing import Callable, Optional, Tuple, Union
+import sys
+from typing import Callable, Optional, Sequence, Tuple, Union
 
-__all__ = ["Address", "ConfigError", "Rule", "parse_address", "check_hook", "AddressLike"]
+__all__ = ["Address", "UnixAddress", "Endpoint", "ConfigError", "Rule", "parse_address",
+           "parse_targets", "check_hook", "AddressLike", "TargetLike", "BALANCES"]
 
-AddressLike = Union[str, int, Tuple[str, int], "Address"]
+AddressLike = Union[str, int, Tuple[str, int], "Address", "UnixAddress"]
+#: one address, several (tried in the order ``balance`` says), or a function of the client's
+#: address returning either, called for each client
+TargetLike = Union[AddressLike, Sequence[AddressLike], Callable[..., object]]
+
+#: how the targets of a rule are ordered for each client
+BALANCES = ("failover", "round-robin", "least-connections")
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 #: fds kept back for the listener, logging, pipes and the interpreter itself
@@ -54,10 +63,54 @@ class Address:
             return None
         return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
+    @property
+    def sockaddr(self) -> Tuple[str, int]:
+        return (self.host, self.port)
+
     def __str__(self) -> str:
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    """A Unix socket: ``path`` is a file path, or ``@name`` in Linux's abstract namespace."""
+
+    path: str
+    family = socket.AF_UNIX if hasattr(socket, "AF_UNIX") else None
+    port = None
+
+    @property
+    def abstract(self) -> bool:
+        return self.path.startswith("@")
+
+    @property
+    def sockaddr(self) -> str:
+        """What ``bind``/``connect`` take: the path, or NUL and the name for the abstract namespace."""
+        return "\0" + self.path[1:] if self.abstract else self.path
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+Endpoint = Union[Address, UnixAddress]
+
+
+def _unix(text: str, field: str) -> UnixAddress:
+    path = text[len("unix:"):]
+    if UnixAddress.family is None:
+        raise ConfigError(field, f"Unix sockets are not available on this platform: {text!r}")
+    if not path or path == "@":
+        raise ConfigError(field, f"missing path in {text!r} (unix:/PATH or unix:@NAME)")
+    if path.startswith("@") and not sys.platform.startswith("linux"):
+        raise ConfigError(field, f"the abstract namespace (unix:@NAME) is Linux only: {text!r}")
+    if "\0" in path:
+        raise ConfigError(field, f"a NUL byte in {text!r}")
+    limit = 107  # sun_path is 108 bytes with its terminating NUL
+    if len(path.encode()) > limit:
+        raise ConfigError(field, f"a Unix socket path is at most {limit} bytes, got {len(path.encode())}")
+    return UnixAddress(path)
 
 
 def _port(text: Union[str, int], field: str) -> int:
@@ -107,10 +160,13 @@ def _check_host_name(host: str, field: str) -> None:
         raise ConfigError(field, f"not a valid IPv4 address: {host!r}")
 
 
-def parse_address(value: AddressLike, field: str) -> Address:
-    """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``PORT`` (meaning 127.0.0.1) or ``(host, port)``."""
-    if isinstance(value, Address):
+def parse_address(value: AddressLike, field: str) -> Endpoint:
+    """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``PORT`` (meaning 127.0.0.1), ``(host, port)``,
+    ``unix:/PATH`` or ``unix:@NAME`` (Linux's abstract namespace)."""
+    if isinstance(value, (Address, UnixAddress)):
         return value
+    if isinstance(value, str) and value.strip().startswith("unix:"):
+        return _unix(value.strip(), field)
     if isinstance(value, tuple):
         if len(value) != 2 or not isinstance(value[0], str):
             raise ConfigError(field, f"expected (host, port), got {value!r}")
@@ -150,6 +206,29 @@ def parse_address(value: AddressLike, field: str) -> Address:
         except ValueError:
             _check_host_name(host, field)
     return Address(host, port)
+
+
+def _is_one_address(value) -> bool:
+    """A (host, port) pair, as opposed to a sequence of addresses."""
+    return (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
+            and not value[0].startswith("unix:")
+            and (isinstance(value[1], int) or (isinstance(value[1], str) and value[1].isdigit())))
+
+
+def parse_targets(value, field: str = "target") -> Tuple[Endpoint, ...]:
+    """One address or a list of them -> a tuple of endpoints, at least one, none repeated."""
+    if isinstance(value, (list, tuple)) and not _is_one_address(value):
+        if not value:
+            raise ConfigError(field, "expected at least one target")
+        targets = tuple(parse_address(item, field) for item in value)
+    else:
+        targets = (parse_address(value, field),)
+    for target in targets:
+        if target.port == 0:
+            raise ConfigError(field, f"port 0 cannot be connected to: {target}")
+    if len(set(targets)) != len(targets):
+        raise ConfigError(field, "a target is listed twice")
+    return targets
 
 
 def _seconds(value, field: str, *, zero_is_off: bool) -> Optional[float]:
@@ -250,7 +329,17 @@ class Rule:
 
     - ``listen``: where to accept clients. Port 0 picks a free port.
     - ``target``: where to connect for each client. A name is resolved per
-      connection and every address it has is tried in turn.
+      connection and every address it has is tried in turn. Several targets are a
+      tuple of them; a function of the client's address is called per client and
+      returns an address or a list. ``targets`` is always a tuple (empty for a function).
+    - ``balance`` (default ``"failover"``): the order targets are tried in for each client.
+      ``failover`` always starts from the first that is up; ``round-robin`` starts from the
+      next one for each client; ``least-connections`` from the one with fewest open
+      connections. A connect that fails moves on to the next target for the same client.
+    - ``max_fails`` (default 1): after this many connects in a row fail, a target is
+      down: skipped (tried only after every other failed) for ``fail_timeout``, then
+      tried again. 0 never marks a target down.
+    - ``fail_timeout`` (default 10 s): how long a down target is skipped.
     - ``connect_timeout`` (default 10 s): for each connect attempt upstream;
       0 or ``None`` waits as long as the kernel does.
     - ``idle_timeout`` (default ``None``, off): close a connection that moved no
@@ -282,8 +371,11 @@ class Rule:
       than this from one client address are refused the same way.
     """
 
-    listen: Address
-    target: Address
+    listen: Endpoint
+    target: Union[Endpoint, Tuple[Endpoint, ...], Callable]
+    balance: str = "failover"
+    max_fails: int = 1
+    fail_timeout: float = 10.0
     connect_timeout: Optional[float] = 10.0
     idle_timeout: Optional[float] = None
     half_close_timeout: Optional[float] = None
@@ -299,8 +391,16 @@ class Rule:
     deny: Optional[Tuple[Network, ...]] = None
     max_connections_per_client: Optional[int] = None
 
+    @property
+    def targets(self) -> Tuple[Endpoint, ...]:
+        """Every fixed target in the order given; empty when the target is a function."""
+        target = self.target
+        if isinstance(target, tuple):
+            return target
+        return () if callable(target) else (target,)
+
     @classmethod
-    def build(cls, listen: AddressLike, target: AddressLike, **options) -> "Rule":
+    def build(cls, listen: AddressLike, target: TargetLike, **options) -> "Rule":
         """Validate everything; raise :class:`ConfigError` naming the first bad field."""
         known = {f.name for f in fields(cls)} - {"listen", "target"}
         for name in options:
@@ -309,11 +409,19 @@ class Rule:
         defaults = cls(Address("", 0), Address("", 0))
         opt = {name: options.get(name, getattr(defaults, name)) for name in known}
         listen_address = parse_address(listen, "listen")
-        target_address = parse_address(target, "target")
-        if target_address.port == 0:
-            raise ConfigError("target", "port 0 cannot be connected to")
-        if target_address == listen_address:  # the forwarder's start() also checks resolved addresses
-            raise ConfigError("target", f"{target_address} is the listening address: a forwarding loop")
+        if callable(target) and not isinstance(target, (str, tuple, list)):
+            targets: Tuple[Endpoint, ...] = ()
+        else:
+            targets = parse_targets(target, "target")
+            if listen_address in targets:
+                raise ConfigError("target", f"{listen_address} is the listening address: a forwarding loop")
+            target = targets[0] if len(targets) == 1 else targets
+        balance = opt["balance"]
+        if balance not in BALANCES:
+            raise ConfigError("balance", f"expected one of {', '.join(BALANCES)}, got {balance!r}")
+        fail_timeout = _seconds(opt["fail_timeout"], "fail_timeout", zero_is_off=False)
+        if fail_timeout is None:
+            raise ConfigError("fail_timeout", "expected a number of seconds")
         max_connections = opt["max_connections"]
         if max_connections is None:
             max_connections = default_max_connections()
@@ -322,7 +430,10 @@ class Rule:
             raise ConfigError("buffer_size", f"must be at most 64 MiB, got {buffer_size}")
         return cls(
             listen=listen_address,
-            target=target_address,
+            target=target,
+            balance=balance,
+            max_fails=_count(opt["max_fails"], "max_fails", minimum=0),
+            fail_timeout=fail_timeout,
             connect_timeout=_seconds(opt["connect_timeout"], "connect_timeout", zero_is_off=True),
             idle_timeout=_seconds(opt["idle_timeout"], "idle_timeout", zero_is_off=True),
             half_close_timeout=_seconds(opt["half_close_timeout"], "half_close_timeout", zero_is_off=True),

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
+import stat
 import threading
 import time
 from typing import Callable, Optional, Sequence, Tuple
@@ -39,7 +41,7 @@ from gevent.server import StreamServer
 
 from gproxy import _sockets
 from gproxy._workers import Workers
-from gproxy.config import AddressLike, Rule, check_hook
+from gproxy.config import AddressLike, Rule, TargetLike, UnixAddress, check_hook
 from gproxy.relay import Connection, Context, sweep
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
 
@@ -164,7 +166,10 @@ class Forwarder:
     """Forward every connection to ``listen`` to ``target``.
 
     ``listen`` and ``target`` are ``"HOST:PORT"``, ``"[IPV6]:PORT"``, ``"PORT"``
-    (meaning 127.0.0.1) or ``(host, port)``. Every option is keyword-only, with the
+    (meaning 127.0.0.1), ``(host, port)``, ``"unix:/PATH"`` or ``"unix:@NAME"`` (Linux's
+    abstract namespace). ``target`` may also be a list of addresses, tried for each client
+    in the order ``balance`` gives, or a function called with each client's address that
+    returns an address or a list. Every option is keyword-only, with the
     same name and default as on the command line; what each means, and what 0 or
     ``None`` means, is in :class:`gproxy.config.Rule`:
 
@@ -178,6 +183,8 @@ class Forwarder:
       ``proxy_header_timeout`` (5 s);
     - ``allow``/``deny`` (networks; default everyone/nobody) and ``max_connections_per_client``
       (default no limit): refused clients are closed before anything is dialled.
+    - ``balance`` (``"failover"``; or ``"round-robin"``, ``"least-connections"``),
+      ``max_fails`` (1; 0 never marks a target down), ``fail_timeout`` (10 s): several targets.
 
     Bad values raise :class:`gproxy.ConfigError` (a ``ValueError``) naming the field.
 
@@ -185,7 +192,7 @@ class Forwarder:
     forwarder's hub when a connection is accepted and when it has ended.
     """
 
-    def __init__(self, listen: AddressLike, target: AddressLike, *,
+    def __init__(self, listen: AddressLike, target: TargetLike, *,
                  connect_timeout: Optional[float] = 10.0,
                  idle_timeout: Optional[float] = None,
                  half_close_timeout: Optional[float] = None,
@@ -200,6 +207,9 @@ class Forwarder:
                  allow: Optional[Sequence[str]] = None,
                  deny: Optional[Sequence[str]] = None,
                  max_connections_per_client: Optional[int] = None,
+                 balance: str = "failover",
+                 max_fails: int = 1,
+                 fail_timeout: float = 10.0,
                  on_open: Optional[Hook] = None,
                  on_close: Optional[Hook] = None) -> None:
         # Rule.build is the one place options are validated; the names above are only
@@ -210,7 +220,8 @@ class Forwarder:
             buffer_size=buffer_size, drain_timeout=drain_timeout, splice=splice,
             proxy_protocol=proxy_protocol, accept_proxy_from=accept_proxy_from,
             proxy_header_timeout=proxy_header_timeout, allow=allow, deny=deny,
-            max_connections_per_client=max_connections_per_client)
+            max_connections_per_client=max_connections_per_client,
+            balance=balance, max_fails=max_fails, fail_timeout=fail_timeout)
         on_open = check_hook(on_open, "on_open")
         on_close = check_hook(on_close, "on_close")
         self._counters = Counters()
@@ -223,12 +234,16 @@ class Forwarder:
         self._wakeup = None                        # async watcher: stop() from another thread
         self._stop_timeout: Optional[float] = None
         self._address: Optional[Tuple[str, int]] = None
+        self._inherit_fd: Optional[int] = None     # a listening socket to serve on (takeover)
+        self._socket_file = None                   # our Unix socket file, removed on stop
+        self._keep_listener = False                # another forwarder took it over: leave it
 
     # -- public surface -------------------------------------------------------------
 
     @property
     def address(self) -> Tuple[str, int]:
-        """The real bound ``(host, port)``; valid once started."""
+        """The real bound ``(host, port)``, or for a Unix socket what ``connect()`` takes (the
+        path, or NUL and the name when abstract); valid once started."""
         if self._address is None:
             raise RuntimeError("the forwarder has not been started")
         return self._address
@@ -283,6 +298,25 @@ class Forwarder:
             return
         self._stop_on_hub(timeout)
 
+    def take_over(self, old: "Forwarder") -> "Forwarder":
+        """Start on ``old``'s listening socket instead of binding one: a reload's changed rule.
+        The socket is never closed or bound again, so no client is refused in between; clients
+        queued in the kernel go to whichever forwarder accepts first. Then call ``old.stop()``:
+        it stops accepting and drains its own connections, with its own options."""
+        if old._state != "running" or old._server is None:
+            raise RuntimeError(f"only a running forwarder can be taken over; this one is {old._state}")
+        if self.rule.listen != old.rule.listen:
+            raise ValueError(f"{self.rule.listen} is not {old.rule.listen}: take over the same address")
+        self._inherit_fd = os.dup(old._server.socket.fileno())
+        try:
+            self.start()
+        finally:
+            if self._inherit_fd is not None:  # start failed before adopting it
+                os.close(self._inherit_fd)
+                self._inherit_fd = None
+        self._socket_file, old._keep_listener = old._socket_file, True
+        return self
+
     def statistics(self) -> Statistics:
         """A snapshot: open connections, accepted, failed connects, bytes each way so far."""
         counters, context = self._counters, self._context
@@ -306,7 +340,7 @@ class Forwarder:
 
     def __repr__(self) -> str:
         where = _sockets.describe_address(self._address) if self._address else str(self.rule.listen)
-        return f"<Forwarder {where} -> {self.rule.target} {self._state}>"
+        return f"<Forwarder {where} -> {self._context.target_name} {self._state}>"
 
     # -- running on a hub -----------------------------------------------------------------
 
@@ -317,16 +351,27 @@ class Forwarder:
 
     def _start_on_hub(self) -> None:
         try:
-            listener = _listen(self.rule)
+            if self._inherit_fd is not None:
+                fd, self._inherit_fd = self._inherit_fd, None
+                listener = _adopt(fd, self.rule)
+            else:
+                listener = _listen(self.rule)
+                self._socket_file = _socket_file(self.rule)
         except BaseException:
             self._state = "stopped"
             raise
-        self._address = listener.getsockname()[:2]
+        if listener.family == getattr(socket, "AF_UNIX", None):
+            self._address = self.rule.listen.sockaddr
+        else:
+            self._address = listener.getsockname()[:2]
         self._context.name = self.name
+        if self._context.targets is not None:
+            self._context.targets.label = self.name
         self._stopped = Event()
         self._context.workers = Workers(gevent.get_hub())
         self._server = _Server(listener, self._handle, self.rule.max_connections, self._context.workers,
-                               self.rule.target.family or socket.AF_INET)
+                               (self.rule.targets[0].family if self.rule.targets else None)
+                               or socket.AF_INET)
         self._context.on_fd_exhausted = self._server.pause_accepting
         self._context.on_closed = self._server.connection_closed
         self._server.start()
@@ -335,7 +380,7 @@ class Forwarder:
         self._sweeper = self._server.loop.timer(interval, interval)
         self._sweeper.start(self._sweep)
         self._next_park = time.monotonic() + _PARK_EVERY
-        log.info("listening on %s -> %s", _sockets.describe_address(self._address), self.rule.target)
+        log.info("listening on %s -> %s", _sockets.describe_address(self._address), self._context.target_name)
 
     def _handle(self, client: socket.socket, address, upstream: socket.socket) -> None:
         Connection(self._context, client, address).run(upstream)
@@ -365,6 +410,8 @@ class Forwarder:
         server = self._server
         try:
             server.close()
+            if not self._keep_listener:
+                _unlink(self._socket_file)
             server.allowance = 1 if own is not None else 0
             if server.running <= server.allowance:
                 server.idle.set()
@@ -442,6 +489,8 @@ def _destroy_hub(hub) -> None:
 def _listen(rule: Rule):
     """A bound, listening gevent socket; OSError names the address on failure."""
     listen = rule.listen
+    if isinstance(listen, UnixAddress):
+        return _listen_unix(rule)
     family = listen.family
     if family is None:
         try:
@@ -460,6 +509,81 @@ def _listen(rule: Rule):
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {listen}: {_sockets.describe_error(exc)}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _listen_unix(rule: Rule):
+    """Like _listen, for a Unix socket. A socket file left by a process that died is replaced;
+    one that a live process listens on is an error, as a TCP port in use would be."""
+    listen = rule.listen
+    path = listen.sockaddr
+
+    def failure(code: int, why: str) -> OSError:
+        return OSError(code, f"cannot listen on {listen}: {why}")
+
+    if not listen.abstract:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise failure(exc.errno, _sockets.describe_error(exc)) from None
+        else:
+            if not stat.S_ISSOCK(mode):
+                raise failure(errno.EEXIST, "the path exists and is not a socket")
+            probe = _sockets.raw_socket(socket.AF_UNIX)
+            try:
+                code = probe.connect_ex(path)
+            finally:
+                probe.close()
+            if code != errno.ECONNREFUSED:  # 0 or EAGAIN: someone accepts there
+                raise failure(errno.EADDRINUSE, "another process listens on it")
+            try:
+                os.unlink(path)  # stale: nobody listens
+            except FileNotFoundError:
+                pass
+    sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(rule.backlog)
+    except OSError as exc:
+        sock.close()
+        raise failure(exc.errno, _sockets.describe_error(exc)) from None
+    sock.setblocking(False)
+    return sock
+
+
+def _socket_file(rule: Rule):
+    """(path, device, inode) of the socket file just bound, so that stop removes ours only."""
+    listen = rule.listen
+    if not isinstance(listen, UnixAddress) or listen.abstract:
+        return None
+    try:
+        info = os.stat(listen.path)
+    except OSError:
+        return None
+    return listen.path, info.st_dev, info.st_ino
+
+
+def _unlink(socket_file) -> None:
+    """Remove our socket file, unless another process has bound its own there since."""
+    if socket_file is None:
+        return
+    path, device, inode = socket_file
+    try:
+        info = os.stat(path)
+        if (info.st_dev, info.st_ino) == (device, inode):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _adopt(fd: int, rule: Rule):
+    """A listening socket from a duplicate of another forwarder's: the same socket in the
+    kernel, so its queue of clients carries over; the backlog takes the new rule's value."""
+    sock = gevent.socket.socket(fileno=fd)
+    sock.listen(rule.backlog)
     sock.setblocking(False)
     return sock
 

@@ -72,6 +72,7 @@ from gproxy._workers import Workers
 from gproxy.access import Access, DeniedLog, client_ip, in_networks
 from gproxy.config import Rule
 from gproxy.stats import ConnectionRecord, Counters, Outcome
+from gproxy.targets import Targets, TargetError
 
 __all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "FAIR_READS", "pump",
            "send_rest", "sweep"]
@@ -88,6 +89,7 @@ FAIR_SHARE = 256 * 1024
 FAIR_READS = 64
 
 _READ, _WRITE = 1, 2
+_AF_UNIX = getattr(socket, "AF_UNIX", None)
 
 
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")  # a real lock, patched or not
@@ -127,7 +129,11 @@ class Context:
         self.scratch_view = memoryview(self.scratch)
         #: moves bulk chunks with splice(2) (splice.Splicer), or None: always copy
         self.splicer = splicer
-        self.target_name = str(rule.target)
+        #: several targets or a function: their order and health (targets.py); None for one
+        #: fixed target, whose clients need none of it
+        self.targets: Optional[Targets] = Targets(rule) if len(rule.targets) != 1 else None
+        self.target_name = str(rule.target) if self.targets is None else \
+            ",".join(map(str, rule.targets)) or getattr(rule.target, "__name__", "function")
         #: the rule's name in logs and metrics; the forwarder sets it to the bound address
         self.name = str(rule.listen)
         #: allow/deny and per-client limits, or None: the rule restricts nobody (no check at all)
@@ -229,7 +235,7 @@ class Connection:
     __slots__ = (
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
-        "_pumps", "_closed", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key",
+        "_pumps", "_closed", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -244,6 +250,7 @@ class Connection:
         #: what access counted this connection under (max_connections_per_client), or None
         self.access_key = None
         self.upstream: Optional[socket.socket] = None
+        self.target = None            # the endpoint connected to, when the rule has several
         self.counts = [0, 0]
         self.started = time.time()
         self._t0 = time.monotonic()
@@ -392,19 +399,54 @@ class Connection:
         return True
 
     def _connect_upstream(self, spare: Optional[socket.socket]) -> Optional[socket.socket]:
+        targets = self.context.targets
+        if targets is None:  # one fixed target: the plain path
+            result = self._connect_to(self.context.rule.target, spare)
+            if type(result) is tuple:
+                self._finish(*result)
+                return None
+            return result
+        # Several targets, or a function: each in the order the balance gives, the next one
+        # after a failure, so the client notices nothing unless every one fails.
+        try:
+            order = targets.order(self.client_address)
+        except TargetError as exc:
+            self._finish(Outcome.CONNECT_FAILED, str(exc))
+            return None
+        failures = []
+        for endpoint in order:
+            result = self._connect_to(endpoint, spare)
+            spare = None  # used or closed by the first attempt
+            if result is None:
+                return None
+            if type(result) is not tuple:
+                targets.succeeded(endpoint)
+                self.target = endpoint
+                return result
+            targets.failed(endpoint, result[1])
+            failures.append(result)
+        if len(failures) == 1:
+            self._finish(*failures[0])
+        else:
+            timed_out = all(outcome is Outcome.CONNECT_TIMEOUT for outcome, _ in failures)
+            self._finish(Outcome.CONNECT_TIMEOUT if timed_out else Outcome.CONNECT_FAILED,
+                         f"all {len(failures)} targets failed: " + "; ".join(e for _, e in failures))
+        return None
+
+    def _connect_to(self, target, spare: Optional[socket.socket]):
+        """Try each address of one target in turn: the connected socket, or ``(outcome, error)``
+        when none answered, or None when the connection has ended already (aborted, no fds)."""
         rule = self.context.rule
-        target = rule.target
         family = target.family
         try:
-            if family is not None:  # an IP literal needs no resolver
-                candidates = [(family, (target.host, target.port))]
+            if family is not None:  # an IP literal or a Unix socket needs no resolver
+                candidates = [(family, target.sockaddr)]
             else:
                 candidates = [(info[0], info[4]) for info in
                               getaddrinfo(target.host, target.port, 0, socket.SOCK_STREAM)]
         except OSError as exc:
-            self._finish(Outcome.CONNECT_FAILED, f"cannot resolve {target.host}: {_sockets.describe_error(exc)}")
-            return None
-        outcome, error = Outcome.CONNECT_FAILED, "no address"
+            return Outcome.CONNECT_FAILED, f"cannot resolve {target.host}: {_sockets.describe_error(exc)}"
+        outcome, error = Outcome.CONNECT_FAILED, f"{target}: no address"
         for family, sockaddr in candidates:
             if self.outcome is not None:  # aborted while resolving
                 return None
@@ -420,7 +462,7 @@ class Connection:
                 return None
             try:
                 code = sock.connect_ex(sockaddr)
-                if code == errno.EINPROGRESS:
+                if code == errno.EINPROGRESS:  # a Unix socket never waits: EAGAIN is a full queue
                     writable = self._hub.loop.io(sock.fileno(), _WRITE)
                     try:
                         ready = self._wait_for(writable, rule.connect_timeout)
@@ -435,9 +477,9 @@ class Connection:
             sock.close()
             timed_out = code == errno.ETIMEDOUT
             outcome = Outcome.CONNECT_TIMEOUT if timed_out else Outcome.CONNECT_FAILED
-            error = f"{_sockets.describe_address(sockaddr)}: {os.strerror(code).lower()}"
-        self._finish(outcome, error)
-        return None
+            where = str(target) if family == _AF_UNIX else _sockets.describe_address(sockaddr)
+            error = f"{where}: {os.strerror(code).lower()}"
+        return outcome, error
 
     def _start_pumps(self, upstream: socket.socket) -> None:
         client = self.client  # tuned already: accepted sockets inherit the listener's options
@@ -513,6 +555,8 @@ class Connection:
                     sock.close()
         if self.access_key is not None:
             context.access.release(self.access_key)
+        if self.target is not None:
+            context.targets.released(self.target)
         counters = context.counters
         if self.outcome is None:  # cannot happen; keep the books straight if it does
             self.outcome = Outcome.ERROR
@@ -604,7 +648,7 @@ class Connection:
         done = self.outcome is not None and not self.context.active.get(self.id)
         return ConnectionRecord(
             id=self.id, client=_sockets.describe_address(self.client_address),
-            upstream=self.context.target_name,
+            upstream=self.context.target_name if self.target is None else str(self.target),
             started=self.started,
             bytes_upstream=self.counts[UPSTREAM], bytes_downstream=self.counts[DOWNSTREAM],
             duration=time.monotonic() - self._t0 if done else None,

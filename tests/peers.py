@@ -31,6 +31,12 @@ def free_port() -> int:
 
 
 def connect(address, timeout: float = TIMEOUT) -> socket.socket:
+    """A client socket: TCP to a (host, port), or a Unix socket to a path (str or bytes)."""
+    if isinstance(address, (str, bytes)):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(timeout)
+        sock.connect(address)
+        return sock
     sock = socket.create_connection(tuple(address), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
@@ -78,14 +84,16 @@ def send_in_odd_chunks(sock: socket.socket, data: bytes, seed: int) -> None:
 
 
 class Server:
-    """Accept on 127.0.0.1:0 and run ``serve(sock)`` in a thread per client."""
+    """Accept on 127.0.0.1:0 (or ``address``: a (host, port), or a str for a Unix socket)
+    and run ``serve(sock)`` in a thread per client."""
 
-    def __init__(self, serve: Callable[[socket.socket], None], backlog: int = 128):
+    def __init__(self, serve: Callable[[socket.socket], None], backlog: int = 128,
+                 address=("127.0.0.1", 0)):
         self.serve = serve
         self.errors: "queue.Queue[BaseException]" = queue.Queue()
         self.accepted = 0
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener = socket.socket(socket.AF_UNIX if isinstance(address, str) else socket.AF_INET)
+        self.listener.bind(address)
         self.listener.listen(backlog)
         self.address = self.listener.getsockname()
         self._threads: List[threading.Thread] = []

@@ -1,0 +1,159 @@
+"""Several targets for one rule: the order to try them in for each client, and passive health.
+
+Typical use (relay.connect_upstream does this for every client of a rule with several
+targets, or a function as its target)::
+
+    targets = Targets(rule, label="postgres")
+    for endpoint in targets.order(client_address):
+        if connect(endpoint):
+            targets.succeeded(endpoint)     # counted open until targets.released(endpoint)
+            break
+        targets.failed(endpoint, "connection refused")
+
+Health is passive, like nginx's ``max_fails``/``fail_timeout``: ``max_fails`` connects in
+a row that fail mark a target *down*; a down target is tried only after every other one,
+until ``fail_timeout`` has passed, when the next client tries it first again. It is
+remembered per target, not per client, and logged once per change: one WARNING when a
+target goes down, one INFO when a connect to it works again.
+
+A rule with one fixed target does not use this module at all: its clients connect the
+way they always did, with no work per connection here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from gproxy.config import ConfigError, Endpoint, Rule, parse_targets
+
+__all__ = ["Targets", "TargetError"]
+
+log = logging.getLogger(__name__)
+
+
+class TargetError(Exception):
+    """The rule's target function failed or returned something that is not an address."""
+
+
+class _Health:
+    __slots__ = ("fails", "down_until", "down", "active")
+
+    def __init__(self) -> None:
+        self.fails = 0          # connects failed in a row
+        self.down = False
+        self.down_until = 0.0   # monotonic time a down target becomes worth trying again
+        self.active = 0         # connections open to it now (least-connections)
+
+
+class Targets:
+    """The targets of one rule, their order per client and their health."""
+
+    def __init__(self, rule: Rule, label: str = "") -> None:
+        self.label = label or str(rule.listen)
+        self.function: Optional[Callable] = None if rule.targets else rule.target
+        self.static: Tuple[Endpoint, ...] = rule.targets
+        self.balance = rule.balance
+        self.max_fails = rule.max_fails
+        self.fail_timeout = rule.fail_timeout
+        self._health: Dict[Endpoint, _Health] = {}
+        self._next = 0          # where round-robin starts for the next client
+        self._parsed: Dict[object, Tuple[Endpoint, ...]] = {}  # a function's answers, parsed
+
+    def order(self, client_address) -> List[Endpoint]:
+        """Every target, in the order this client should try them."""
+        candidates = self.static if self.function is None else self._call(client_address)
+        count = len(candidates)
+        if count > 1:
+            if self.balance == "round-robin":
+                start = self._next % count
+                self._next = start + 1
+                candidates = candidates[start:] + candidates[:start]
+            elif self.balance == "least-connections":
+                start = self._next % count
+                self._next = start + 1
+                rotated = candidates[start:] + candidates[:start]  # ties are spread too
+                candidates = sorted(rotated, key=self._active)
+        health = self._health
+        if not health:
+            return list(candidates)
+        now = time.monotonic()
+        usable, skipped = [], []
+        for endpoint in candidates:
+            state = health.get(endpoint)
+            if state is not None and state.down and now < state.down_until:
+                skipped.append(endpoint)
+            else:
+                usable.append(endpoint)
+        if skipped:  # a last resort, soonest to recover first: better than no answer at all
+            skipped.sort(key=lambda endpoint: health[endpoint].down_until)
+            usable.extend(skipped)
+        return usable
+
+    def succeeded(self, endpoint: Endpoint) -> None:
+        """A connect to ``endpoint`` worked; it counts as open until :meth:`released`."""
+        state = self._health.get(endpoint)
+        if state is None:
+            state = self._health[endpoint] = _Health()
+        elif state.down:
+            log.info("%s: target %s is up again", self.label, endpoint)
+        state.fails = 0
+        state.down = False
+        state.active += 1
+
+    def released(self, endpoint: Endpoint) -> None:
+        """A connection to ``endpoint`` that :meth:`succeeded` has ended."""
+        state = self._health.get(endpoint)
+        if state is not None and state.active > 0:
+            state.active -= 1
+
+    def failed(self, endpoint: Endpoint, error: str) -> None:
+        """A connect to ``endpoint`` failed (refused, unreachable, timed out)."""
+        state = self._health.get(endpoint)
+        if state is None:
+            state = self._health[endpoint] = _Health()
+        state.fails += 1
+        if not self.max_fails or state.fails < self.max_fails:
+            log.debug("%s: target %s failed (%s), %d in a row", self.label, endpoint, error, state.fails)
+            return
+        state.down_until = time.monotonic() + self.fail_timeout
+        if not state.down:
+            state.down = True
+            log.warning("%s: target %s is down after %d failed connect(s) in a row: %s; "
+                        "skipping it for %gs", self.label, endpoint, state.fails, error, self.fail_timeout)
+
+    def is_up(self, endpoint: Endpoint) -> bool:
+        """False while ``endpoint`` is marked down (for statistics and metrics)."""
+        state = self._health.get(endpoint)
+        return state is None or not state.down
+
+    def known(self) -> List[Endpoint]:
+        """The fixed targets, then any a target function returned so far."""
+        seen = list(self.static)
+        seen.extend(endpoint for endpoint in self._health if endpoint not in self.static)
+        return seen
+
+    def _active(self, endpoint: Endpoint) -> int:
+        state = self._health.get(endpoint)
+        return state.active if state is not None else 0
+
+    def _call(self, client_address) -> Sequence[Endpoint]:
+        try:
+            answer = self.function(client_address)
+        except Exception as exc:
+            raise TargetError(f"the target function raised {type(exc).__name__}: {exc}") from None
+        try:
+            key = tuple(answer) if isinstance(answer, list) else answer
+            parsed = self._parsed.get(key)
+        except TypeError:  # unhashable: parse it every time
+            key, parsed = None, None
+        if parsed is None:
+            try:
+                parsed = parse_targets(answer, "target")
+            except ConfigError as exc:
+                raise TargetError(f"the target function returned {answer!r}: "
+                                  f"{str(exc).split(': ', 1)[-1]}") from None
+            if key is not None and len(self._parsed) < 1024:
+                self._parsed[key] = parsed
+        return parsed
