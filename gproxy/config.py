@@ -209,10 +209,13 @@ def parse_address(value: AddressLike, field: str) -> Endpoint:
 
 
 def _is_one_address(value) -> bool:
-    """A (host, port) pair, as opposed to a sequence of addresses."""
-    return (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
-            and not value[0].startswith("unix:")
-            and (isinstance(value[1], int) or (isinstance(value[1], str) and value[1].isdigit())))
+    """A (host, port) pair, as opposed to a sequence of addresses: a list is always a
+    sequence; a pair is one address unless its second item is an address itself."""
+    if not isinstance(value, tuple) or len(value) != 2 or not isinstance(value[0], str):
+        return False
+    second = value[1]
+    return not isinstance(second, (str, Address, UnixAddress, tuple)) or \
+        (isinstance(second, str) and ":" not in second)
 
 
 def parse_targets(value, field: str = "target") -> Tuple[Endpoint, ...]:

@@ -110,8 +110,8 @@ class Server:
             self.accepted += 1
             sock.settimeout(TIMEOUT)
             thread = threading.Thread(target=self._run, args=(sock,), daemon=True)
+            thread.start()  # before close() can see it: joining an unstarted thread raises
             self._threads.append(thread)
-            thread.start()
 
     def _run(self, sock: socket.socket) -> None:
         try:
