@@ -8,14 +8,28 @@ Typical use::
 Exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 on a runtime failure such
 as a port in use, 2 on bad arguments. This is the only module that configures
 logging or installs signal handlers.
+
+Signals: SIGTERM and SIGINT drain and stop (a second one aborts what is left);
+SIGUSR1 logs the statistics; SIGHUP logs that there is nothing to reload; SIGUSR2
+and SIGALRM are logged and otherwise ignored.
+
+Log lines never hold up forwarding: they go through a bounded queue to a writer
+thread, so a reader of stderr that stops reading (``gproxy ... 2>&1 | less``,
+a stuck pipe) costs lines, counted and reported once writing works again, not
+connections (HAProxy drops what it cannot write the same way).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
+import queue
 import signal
 import sys
+import threading
+import time
 from typing import List, Optional
 
 import gevent
@@ -27,6 +41,93 @@ from gproxy.forwarder import Forwarder
 __all__ = ["main"]
 
 log = logging.getLogger("gproxy")
+
+#: log lines held for a stderr that is not being read, beyond what the pipe itself holds
+#: (64 KiB, about 600 lines); past that, lines are dropped and counted. 1024 lines is a few
+#: hundred KiB at most.
+LOG_QUEUE_LINES = 1024
+
+#: at exit, how long queued log lines may take to reach a stderr that is slow or stuck.
+LOG_FLUSH_TIMEOUT = 2.0
+
+
+class _StderrLog(logging.Handler):
+    """Formats on the caller's thread, writes to fd 2 on a thread of its own.
+
+    ``emit`` never blocks: a full queue drops the line and counts it; the writer
+    reports the count in one line as soon as a write goes through again. The
+    writer uses ``os.write`` on the raw fd, not ``sys.stderr``: a daemon thread
+    blocked inside a buffered file's write holds its lock, and the interpreter's
+    final flush of that file would then abort the process at exit.
+    """
+
+    def __init__(self, fd: int = 2, capacity: int = LOG_QUEUE_LINES):
+        super().__init__()
+        self.fd = fd
+        self.lines: "queue.Queue[Optional[str]]" = queue.Queue(capacity)
+        self.dropped = 0            # only emit() adds to it
+        self._reported = 0          # only the writer thread touches it
+        self._broken = False        # stderr is gone (EPIPE, EBADF): stop writing, keep counting
+        self._closed = False
+        self._thread = threading.Thread(target=self._write_lines, name="gproxy log writer", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            self.lines.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout: float = LOG_FLUSH_TIMEOUT) -> None:
+        """Write what is queued, for up to ``timeout`` seconds, then stop the writer."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.lines.put(None, timeout=timeout)
+        except queue.Full:
+            pass  # the writer is stuck on a stderr nobody reads: leave what is queued
+        else:
+            self._thread.join(timeout)
+        super().close()
+
+    def _write_lines(self) -> None:
+        while True:
+            batch = [self.lines.get()]
+            while batch[-1] is not None and len(batch) < 256:
+                try:
+                    batch.append(self.lines.get_nowait())
+                except queue.Empty:
+                    break
+            done = batch[-1] is None
+            if done:
+                batch.pop()
+            self._write("".join(batch))
+            dropped = self.dropped - self._reported
+            if dropped:
+                self._reported += dropped
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                self._write(f"{stamp} WARNING {dropped} log line(s) dropped: stderr was not being read\n")
+            if done:
+                return
+
+    def _write(self, text: str) -> None:
+        if self._broken or not text:
+            return
+        data = memoryview(text.encode("utf-8", "backslashreplace"))
+        while data:
+            try:
+                data = data[os.write(self.fd, data):]
+            except InterruptedError:
+                continue
+            except OSError:
+                self._broken = True
+                return
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
                     "passing half-closes and resets through.",
         epilog="Addresses are HOST:PORT, [IPV6]:PORT, or PORT alone for 127.0.0.1:PORT. "
                "gproxy listens on all interfaces only when told (0.0.0.0:PORT, [::]:PORT). "
-               "SIGTERM or SIGINT stops accepting and drains; a second one stops at once.",
+               "SIGTERM or SIGINT stops accepting and drains; a second one stops at once. "
+               "SIGUSR1 logs the statistics; SIGHUP, SIGUSR2 and SIGALRM are logged and ignored.",
     )
     parser.add_argument("listen", metavar="LISTEN", help="address to accept clients on; port 0 picks one")
     parser.add_argument("target", metavar="TARGET", help="address to connect to for each client")
@@ -106,35 +208,67 @@ def main(argv: Optional[List[str]] = None) -> int:
         "allow", "deny", "max_connections_per_client")}
     if args.max_connections is not None:
         options["max_connections"] = args.max_connections
-    try:
-        forwarder = Forwarder(args.listen, args.target, **options)
-    except ConfigError as exc:
-        message = str(exc).split(": ", 1)[-1]
-        print(f"gproxy: error: {_option_name(exc.field)}: {message}", file=sys.stderr)
-        return 2
 
-    handler = logging.StreamHandler(sys.stderr)
+    # Before the Forwarder: building it may warn (a low fd limit, for one).
+    handler = _StderrLog()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.quiet:  # no line per connection; the listening and stopping lines stay
         logging.getLogger("gproxy.relay").setLevel(logging.WARNING)
+    try:
+        return _run(args, options)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(args: argparse.Namespace, options: dict) -> int:
+    try:
+        forwarder = Forwarder(args.listen, args.target, **options)
+    except ConfigError as exc:
+        return _fail(2, f"{_option_name(exc.field)}: {str(exc).split(': ', 1)[-1]}")
 
     signals = 0
 
-    def on_signal() -> None:
+    def on_stop() -> None:
         nonlocal signals
         signals += 1
         if signals == 2:
             log.warning("second signal: stopping now")
         gevent.spawn(forwarder.stop)
 
+    def on_statistics() -> None:
+        stats = dataclasses.asdict(forwarder.statistics())
+        log.info("statistics: %s", ", ".join(f"{name} {value}" for name, value in stats.items()))
+
+    def on_reload() -> None:
+        log.info("SIGHUP: nothing to reload (gproxy takes its rule from the command line)")
+
+    def ignored(name: str):
+        return lambda: log.info("%s ignored (SIGTERM or SIGINT stops gproxy)", name)
+
     # Kept until the process exits: a late SIGTERM while we wind down must not kill us.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, on_signal)
+    handlers = {"SIGTERM": on_stop, "SIGINT": on_stop, "SIGUSR1": on_statistics, "SIGHUP": on_reload,
+                "SIGUSR2": ignored("SIGUSR2"), "SIGALRM": ignored("SIGALRM")}
+    for name, handle in handlers.items():
+        signum = getattr(signal, name, None)  # Windows has only some of them
+        if signum is not None:
+            gevent.signal_handler(signum, handle)
     try:
         forwarder.serve_forever()
+    except ConfigError as exc:  # found only once bound, such as a target that is our own address
+        return _fail(2, f"{_option_name(exc.field)}: {str(exc).split(': ', 1)[-1]}")
     except OSError as exc:
-        print(f"gproxy: error: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fail(1, exc.strerror or str(exc))
     return 0
+
+
+def _fail(code: int, message: str) -> int:
+    """One line on stderr after what the log queue holds, and the exit status."""
+    for handler in log.handlers:
+        if isinstance(handler, _StderrLog):
+            log.removeHandler(handler)
+            handler.close()
+    print(f"gproxy: error: {message}", file=sys.stderr)
+    return code

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 import math
-import resource
 import socket
 from dataclasses import dataclass, fields
 import sys
 from typing import Callable, Optional, Sequence, Tuple, Union
+
+try:
+    import resource
+except ImportError:  # Windows: no rlimits to read
+    resource = None  # type: ignore[assignment]
 
 __all__ = ["Address", "UnixAddress", "Endpoint", "ConfigError", "Rule", "parse_address",
            "parse_targets", "check_hook", "AddressLike", "TargetLike", "BALANCES"]
@@ -37,6 +42,14 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 #: fds kept back for the listener, logging, pipes and the interpreter itself
 #: when ``max_connections`` is derived from the fd limit.
 _FD_RESERVE = 64
+
+#: a derived ``max_connections`` under this is worth a warning at startup.
+_FEW_CONNECTIONS = 100
+
+#: ``max_connections`` where the fd limit cannot be read (Windows: no ``resource`` module).
+_NO_FD_LIMIT = 10000
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -319,11 +332,31 @@ def check_hook(hook: Optional[Callable], field: str) -> Optional[Callable]:
 
 
 def default_max_connections() -> int:
-    """Half the fd limit (a connection holds two fds), less a reserve: like HAProxy's maxconn."""
+    """Half the fd limit (a connection holds two fds) less a reserve, like HAProxy's maxconn.
+
+    The reserve (for the listener, splice's pipes, logging and the interpreter) is 64 fds,
+    or a quarter of a low limit, so that ``ulimit -n 64`` still leaves 24 connections, not 1;
+    a figure under 100 is logged as a WARNING naming the limit.
+    """
+    soft = fd_limit()
+    if soft is None:
+        return _NO_FD_LIMIT
+    reserve = min(_FD_RESERVE, soft // 4)
+    figure = max(1, (soft - reserve) // 2)
+    if figure < _FEW_CONNECTIONS:
+        log.warning("the fd limit (ulimit -n) is %d: max_connections %d (2 fds each, %d kept in "
+                    "reserve); raise the limit for more", soft, figure, reserve)
+    return figure
+
+
+def fd_limit() -> Optional[int]:
+    """The soft limit on open fds, or None where there is none to read (no ``resource``)."""
+    if resource is None:
+        return None
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    return max(1, (soft - _FD_RESERVE) // 2)
+    return soft
 
 
 @dataclass(frozen=True)
@@ -351,7 +384,8 @@ class Rule:
     - ``half_close_timeout`` (default ``None``, off): like ``idle_timeout``, for a
       connection one side of which has already closed (HAProxy's ``timeout
       client-fin``), so peers that never finish cannot pile up.
-    - ``max_connections`` (default: half the fd limit less a reserve): at the
+    - ``max_connections`` (default: half the fd limit less a reserve of 64 fds, or of
+      a quarter of a limit under 256; 10000 where there is no fd limit to read): at the
       limit gproxy stops accepting and the kernel's listen queue holds new clients.
     - ``backlog`` (default 1024): the listen queue length.
     - ``buffer_size`` (default 256 KiB): the most read in one call (and the pipe size
