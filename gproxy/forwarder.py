@@ -24,6 +24,7 @@ Nothing here touches signals, logging configuration or global state.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -31,7 +32,7 @@ import socket
 import stat
 import threading
 import time
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import gevent
 import gevent.socket
@@ -42,8 +43,9 @@ from gevent.server import StreamServer
 from gproxy import _sockets
 from gproxy._workers import Workers
 from gproxy.config import AddressLike, Rule, TargetLike, UnixAddress, check_hook
-from gproxy.relay import Connection, Context, sweep
+from gproxy.relay import Connection, Context, sweep, toxics_changed
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
+from gproxy.toxics import Toxic, ToxicNotFound, make_toxic
 
 __all__ = ["Forwarder"]
 
@@ -85,6 +87,11 @@ class _Server(StreamServer):
         self._resume_timer = None
         self._warned_at = None
         self._suppressed = 0
+        self.disabled = False       # Forwarder.disable(): the listener is closed
+
+    def start_accepting(self) -> None:
+        if not self.disabled:  # a resume timer or a freed slot must not revive a closed listener
+            super().start_accepting()
 
     def full(self) -> bool:
         self._full = self.running >= self.max_connections
@@ -237,6 +244,8 @@ class Forwarder:
         self._inherit_fd: Optional[int] = None     # a listening socket to serve on (takeover)
         self._socket_file = None                   # our Unix socket file, removed on stop
         self._keep_listener = False                # another forwarder took it over: leave it
+        self._hub = None                           # the hub that serves, once started
+        self._enabled = True
 
     # -- public surface -------------------------------------------------------------
 
@@ -317,6 +326,86 @@ class Forwarder:
         self._socket_file, old._keep_listener = old._socket_file, True
         return self
 
+    # -- fault injection ---------------------------------------------------------------
+
+    def add_toxic(self, type: Union[str, Callable], *, name: Optional[str] = None,
+                  stream: str = "downstream", toxicity: float = 1.0, **attributes: Any) -> Toxic:
+        """Add a toxic (toxiproxy's types and attributes, see :mod:`gproxy.toxics`, or a
+        callable ``toxic(chunk, record)``); it acts on open connections too, from their next
+        chunk. ``name`` defaults to ``TYPE_STREAM``; ``stream`` is ``"upstream"`` (client to
+        target) or ``"downstream"``; ``toxicity`` is the chance (0 to 1) that it acts on a
+        given connection. Bad values, or a name in use, raise ``ConfigError``."""
+        toxic = make_toxic(type, name=name, stream=stream, toxicity=toxicity, attributes=attributes)
+        return self._on_hub(self._change_toxics, self._context.toxics.add, toxic)
+
+    def update_toxic(self, name: str, **changes: Any) -> Toxic:
+        """Change a toxic's ``toxicity`` or attributes (the others keep their values)."""
+        return self._on_hub(self._change_toxics, self._context.toxics.update, name, changes)
+
+    def remove_toxic(self, name: str) -> None:
+        """Remove a toxic; what it held goes on, in order. Unknown names raise ``ConfigError``."""
+        self._on_hub(self._change_toxics, self._context.toxics.remove, name)
+
+    def toxics(self) -> List[Toxic]:
+        """The toxics, upstream ones first, each stream in the order added."""
+        return self._on_hub(self._context.toxics.list)
+
+    @contextlib.contextmanager
+    def toxic(self, type: Union[str, Callable], **options: Any) -> Iterator[Toxic]:
+        """``with fw.toxic("latency", latency=100):`` the toxic acts inside the block only."""
+        toxic = self.add_toxic(type, **options)
+        try:
+            yield toxic
+        finally:
+            try:
+                self.remove_toxic(toxic.name)
+            except ToxicNotFound:
+                pass  # removed inside the block
+
+    @property
+    def enabled(self) -> bool:
+        """False after ``disable()``: nothing listens and no connection is open."""
+        return self._enabled
+
+    def disable(self) -> None:
+        """Close the listener (clients are refused) and close every open connection, as a
+        service that went down; toxics and the address are kept. Returns once done."""
+        self._on_hub(self._disable)
+
+    def enable(self) -> None:
+        """Listen again, on the same address and port (even if the port was 0)."""
+        self._on_hub(self._enable)
+
+    @contextlib.contextmanager
+    def down(self) -> Iterator["Forwarder"]:
+        """``with fw.down():`` disabled inside the block, enabled again after it."""
+        self.disable()
+        try:
+            yield self
+        finally:
+            self.enable()
+
+    def reset(self) -> None:
+        """Every toxic removed and the forwarder enabled (toxiproxy's ``POST /reset``)."""
+        def reset() -> None:
+            self._context.toxics.clear()
+            self._toxics_changed()
+            if self._state == "running":
+                self._enable()
+        self._on_hub(reset)
+
+    def connections(self) -> List[ConnectionRecord]:
+        """The open connections (``outcome`` is None), oldest first."""
+        return self._on_hub(lambda: [conn.record() for conn in list(self._context.active.values())])
+
+    def abort_connection(self, id: int) -> bool:
+        """Reset (RST) the open connection with this id; False if there is none."""
+        return self._on_hub(self._cut, id, Outcome.RESET, "aborted by abort_connection()")
+
+    def close_connection(self, id: int) -> bool:
+        """Close (FIN) the open connection with this id; False if there is none."""
+        return self._on_hub(self._cut, id, Outcome.CLOSED, "closed by close_connection()")
+
     def statistics(self) -> Statistics:
         """A snapshot: open connections, accepted, failed connects, bytes each way so far."""
         counters, context = self._counters, self._context
@@ -341,6 +430,94 @@ class Forwarder:
     def __repr__(self) -> str:
         where = _sockets.describe_address(self._address) if self._address else str(self.rule.listen)
         return f"<Forwarder {where} -> {self._context.target_name} {self._state}>"
+
+    # -- changes, made on the hub ---------------------------------------------------------
+
+    def _on_hub(self, func: Callable, *args: Any) -> Any:
+        """Run ``func(*args)`` on the hub that serves and return its result (or raise its
+        exception). From another thread (the unpatched mode) the call runs in a greenlet of
+        the forwarder's hub, and this thread waits until it has finished."""
+        thread = self._thread
+        if thread is None or threading.current_thread() is thread or self._state != "running":
+            return func(*args)
+        done = threading.Event()
+        box: List[tuple] = []
+
+        def job() -> None:
+            try:
+                box.append((True, func(*args)))
+            except BaseException as exc:  # handed to the calling thread
+                box.append((False, exc))
+            finally:
+                done.set()
+
+        self._hub.loop.run_callback_threadsafe(self._context.workers.run, job)
+        while not done.wait(0.5):
+            if not thread.is_alive():  # stopped meanwhile: nothing runs there any more
+                return func(*args)
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
+
+    def _change_toxics(self, change: Callable, *args: Any) -> Any:
+        result = change(*args)
+        self._toxics_changed()
+        return result
+
+    def _toxics_changed(self) -> None:
+        if self._state != "running" or not self._context.active:
+            self._context.toxic_version += 1
+            return
+        toxics_changed(self._context)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Let the callbacks just scheduled (pumps kicked, waits cancelled) run before the
+        change returns: they run in order, and this greenlet resumes after them."""
+        if getcurrent() is not self._hub and gevent.get_hub() is self._hub:
+            gevent.sleep(0)
+
+    def _disable(self) -> None:
+        self._require_running()
+        if not self._enabled:
+            return
+        self._enabled = False
+        server = self._server
+        server.disabled = True
+        server.stop_accepting()
+        server._cancel_resume()
+        server.socket.close()
+        active = list(self._context.active.values())
+        log.info("disabled %s: not listening, closing %d connection(s)",
+                 _sockets.describe_address(self._address), len(active))
+        for conn in active:
+            conn.abort(Outcome.CLOSED, "the forwarder was disabled")
+        if active and getcurrent() is not self._hub:
+            server.idle.wait(timeout=_ABORT_GRACE)
+
+    def _enable(self) -> None:
+        self._require_running()
+        if self._enabled:
+            return
+        server = self._server
+        server.socket = _listen(self.rule, self._address)
+        server.disabled = False
+        self._enabled = True
+        server.start_accepting()
+        log.info("enabled %s: listening again", _sockets.describe_address(self._address))
+
+    def _require_running(self) -> None:
+        if self._state != "running":
+            raise RuntimeError(f"the forwarder is {self._state}, not running")
+
+    def _cut(self, id: int, outcome: Outcome, why: str) -> bool:
+        conn = self._context.active.get(id)
+        if conn is None or conn.outcome is not None:
+            return False
+        conn.abort(outcome, why)
+        self._settle()
+        return True
 
     # -- running on a hub -----------------------------------------------------------------
 
@@ -367,6 +544,7 @@ class Forwarder:
         self._context.name = self.name
         if self._context.targets is not None:
             self._context.targets.label = self.name
+        self._hub = gevent.get_hub()
         self._stopped = Event()
         self._context.workers = Workers(gevent.get_hub())
         self._server = _Server(listener, self._handle, self.rule.max_connections, self._context.workers,
@@ -486,13 +664,16 @@ def _destroy_hub(hub) -> None:
         pass
 
 
-def _listen(rule: Rule):
-    """A bound, listening gevent socket; OSError names the address on failure."""
+def _listen(rule: Rule, bound: Optional[Tuple[str, int]] = None):
+    """A bound, listening gevent socket (on ``bound``, the address it had, when listening
+    again); OSError names the address on failure."""
     listen = rule.listen
     if isinstance(listen, UnixAddress):
         return _listen_unix(rule)
     family = listen.family
-    if family is None:
+    if bound is not None:
+        family, sockaddr = (socket.AF_INET6 if ":" in bound[0] else socket.AF_INET), bound
+    elif family is None:
         try:
             infos = socket.getaddrinfo(listen.host, listen.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
         except OSError as exc:

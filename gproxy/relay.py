@@ -73,9 +73,10 @@ from gproxy.access import Access, DeniedLog, client_ip, in_networks
 from gproxy.config import Rule
 from gproxy.stats import ConnectionRecord, Counters, Outcome
 from gproxy.targets import Targets, TargetError
+from gproxy.toxics import Link, Toxics
 
 __all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "FAIR_READS", "pump",
-           "send_rest", "sweep"]
+           "send_rest", "sweep", "toxics_changed"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,10 @@ class _Aborted(Exception):
 
 class _Park(Exception):
     """Thrown into a pump that waits for a quiet source, to release its greenlet."""
+
+
+class _Switch(Exception):
+    """Thrown into a waiting pump when the toxics changed: it picks its path again."""
 
 
 class Context:
@@ -150,6 +155,10 @@ class Context:
         self.on_closed: Optional[Callable[[], None]] = None
         #: the greenlets pumps run in; set on the hub that serves
         self.workers: Optional[Workers] = None
+        #: the forwarder's toxics (toxics.Toxics), and a number bumped at every change to
+        #: them: a pump compares it once per chunk to know when to leave the fast path
+        self.toxics = Toxics()
+        self.toxic_version = 0
         self._next_id = 0
 
     def close(self) -> None:
@@ -165,8 +174,9 @@ class Context:
 
 
 def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
-         readable, writable, direction: int) -> None:
-    """Move bytes from src to dst until src's clean EOF; socket errors propagate.
+         readable, writable, direction: int) -> bool:
+    """Move bytes from src to dst until src's clean EOF (True) or until the forwarder's
+    toxics change (False, at a chunk boundary: one comparison per chunk); socket errors propagate.
 
     Small reads are copied through the forwarder's scratch buffer: two syscalls per message.
     With a splicer (``Context.splicer``), a read that fills the buffer means bulk, and the
@@ -183,7 +193,10 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
     spliced = False
     # A turn goes on only after full reads, so its bytes are reads * size: one count bounds both.
     turn = budget = max(1, min(FAIR_SHARE // size, FAIR_READS))
+    version = context.toxic_version
     while True:
+        if context.toxic_version != version:
+            return False  # toxics changed: at this chunk boundary the caller picks the path again
         if spliced:
             n = splicer.chunk(conn, src_fd, dst_fd, writable, direction, wait)
             if n is None:  # no fd for a pipe: copy
@@ -211,7 +224,7 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
             if budget:
                 continue
         elif n == 0:
-            return
+            return True
         # Drained (a short read needs no EAGAIN to confirm it), or the turn is spent.
         wait(readable)
         budget = turn
@@ -235,7 +248,7 @@ class Connection:
     __slots__ = (
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
-        "_pumps", "_closed", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target",
+        "_pumps", "_closed", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target", "links",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -267,6 +280,8 @@ class Connection:
         self.seen = [0, 0]
         self.seen_total = 0
         self.seen_at = self._t0
+        #: per direction, the toxics.Link of a direction that met toxics, else None
+        self.links: Optional[List[Optional[Link]]] = None
 
     # -- the life, top to bottom ------------------------------------------------
 
@@ -497,15 +512,33 @@ class Connection:
         # connection that never speaks never costs one.
         client_readable.start(self._unpark, UPSTREAM)
         upstream_readable.start(self._unpark, DOWNSTREAM)
+        chains = self.context.toxics.chains
+        for direction in (UPSTREAM, DOWNSTREAM):
+            if chains[direction]:  # a toxic may act before any byte comes (timeout)
+                loop.run_callback(self.kick, direction)
 
     def _run_pump(self, direction: int) -> None:
         """Run one pump to its end, apply the closing rules, and tear down after the last one."""
         src, dst, readable, writable = self._ends[direction]
         try:
-            if self.outcome is None:
-                pump(self, src, dst, readable, writable, direction)
-                _sockets.half_close(dst)
-                self._eof_count += 1
+            while self.outcome is None:
+                try:
+                    link = self._link(direction)
+                    if link is None:
+                        done = pump(self, src, dst, readable, writable, direction)
+                    else:
+                        done = link.pump(src, dst, readable, writable, FAIR_SHARE)
+                except _Switch:
+                    continue
+                except _Park:
+                    if self.links is not None and self.links[direction] is not None \
+                            and self.links[direction].busy():
+                        continue  # it holds bytes or waits for a time: it must not park
+                    raise
+                if done:
+                    _sockets.half_close(dst)
+                    self._eof_count += 1
+                    break
         except _Park:
             if self.outcome is None:
                 # Quiet for a while: end this greenlet and let the watcher start a new one when
@@ -524,6 +557,45 @@ class Connection:
         except BaseException:  # a bug, or a stray gevent.Timeout: this connection ends, not the hub
             self.abort(Outcome.ERROR, traceback.format_exc())
         self._pump_ended()
+
+    def _link(self, direction: int) -> Optional[Link]:
+        """The toxic chain this direction must run through now, or None for the fast path."""
+        context = self.context
+        links = self.links
+        chain = context.toxics.chains[direction]
+        if not chain and (links is None or links[direction] is None):
+            return None
+        if links is None:
+            links = self.links = [None, None]
+        link = links[direction]
+        if link is None:
+            link = links[direction] = Link(self, direction, context.toxics, context.rule.buffer_size)
+        link.sync(context.toxic_version)
+        if link.plain():
+            if not chain:
+                links[direction] = None  # no toxic left: forget it
+            return None
+        return link
+
+    def kick(self, direction: int) -> None:
+        """Hub callback after a change to the toxics: make this direction's pump pick its path
+        now. A parked pump is started; one waiting for its source (holding no bytes) or in the
+        toxic chain's wait (whose state is all in its Link) is thrown _Switch; a busy one sees
+        the version at its next chunk."""
+        if self.outcome is not None or not self._ends:
+            return
+        readable = self._ends[direction][2]
+        if self._parked(readable):
+            readable.stop()
+            self.context.workers.run(self._run_pump, direction)
+            return
+        link = self.links[direction] if self.links is not None else None
+        if link is not None and link.waiting is not None:
+            link.waiting.throw(_Switch())
+        elif readable.active:
+            waiter = getattr(readable.callback, "__self__", None)
+            if waiter is not None and hasattr(waiter, "throw"):
+                waiter.throw(_Switch())
 
     def _unpark(self, direction: int) -> None:
         """Watcher callback, on the hub: the parked source has data; run its pump."""
@@ -557,6 +629,7 @@ class Connection:
             context.access.release(self.access_key)
         if self.target is not None:
             context.targets.released(self.target)
+        self.links = None
         counters = context.counters
         if self.outcome is None:  # cannot happen; keep the books straight if it does
             self.outcome = Outcome.ERROR
@@ -752,3 +825,17 @@ def sweep(context: Context, now: float, park: bool) -> None:
                     continue
         if park:
             conn.park()
+
+
+def toxics_changed(context: Context, direction: Optional[int] = None) -> None:
+    """After a change to ``context.toxics``: bump the version (busy pumps see it at their next
+    chunk) and kick every open connection's pump of ``direction`` (both if None) on the next
+    pass of the loop. Never waits for the data side."""
+    context.toxic_version += 1
+    if not context.active:
+        return
+    loop = gevent.get_hub().loop
+    directions = (UPSTREAM, DOWNSTREAM) if direction is None else (direction,)
+    for conn in list(context.active.values()):
+        for d in directions:
+            loop.run_callback(conn.kick, d)

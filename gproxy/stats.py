@@ -25,6 +25,7 @@ class Outcome(enum.Enum):
     CONNECT_FAILED = "connect failed"    #: upstream refused, unreachable or unresolvable
     CONNECT_TIMEOUT = "connect timeout"  #: upstream did not answer within connect_timeout
     SHUTDOWN = "shutdown"                #: the forwarder stopped before the connection ended
+    CLOSED = "closed"                    #: closed on purpose: a toxic, close_connection(), disable()
     ERROR = "error"                      #: a bug in gproxy; logged with its traceback
     DENIED = "denied"                    #: refused by allow/deny, a per-client limit or a bad PROXY header
 

@@ -1,0 +1,783 @@
+"""Fault injection: toxiproxy's toxics, and the chain a direction with toxics runs through.
+
+Typical use (through a started Forwarder, which owns a ``Toxics`` collection)::
+
+    fw.add_toxic("latency", latency=100, jitter=10)         # downstream, every connection
+    with fw.toxic("bandwidth", stream="upstream", rate=64):  # KB/s, removed on exit
+        ...
+    seen = []
+    fw.add_toxic(lambda chunk, conn: seen.append(chunk), name="tap")   # a tap: passes everything
+
+Toxics have toxiproxy's names, attributes, defaults and meanings (``TYPES``). A toxic
+in Python is any callable ``toxic(chunk, record)``: it returns ``None`` (pass the chunk),
+bytes (pass these instead; ``b""`` drops it), ``Delay(seconds)`` or ``Delay(seconds, data)``,
+``CLOSE`` or ``RESET`` (close or reset the connection, dropping the chunk).
+
+How a direction runs its toxics
+-------------------------------
+A direction with toxics leaves the fast path (``relay.pump``) for ``Link.pump``,
+one greenlet that both reads and writes. Each toxic is a *stage* with its own
+queue of ``[arrival, item]``; an item is a chunk or a marker (EOF, close, reset).
+A stage decides when its head leaves (``due``) and what leaves (``take``); what
+leaves stage *i* at time *t* enters stage *i+1* at *t*, and what leaves the last
+stage is written. Each stage computes its times from arrivals, never by sleeping,
+so a 100 ms latency delays a bulk stream by 100 ms instead of capping it at one
+chunk per 100 ms, and each stage keeps its output in order. The greenlet waits for
+whichever comes first: the source readable (if the link holds less than
+``LINK_BYTES``: a full link stops reading, so TCP flow control pushes back
+on the sender), the destination writable (if a write was short), or the next due
+time.
+
+Changes are made on the hub by the control side, which only edits the
+collection, bumps ``Context.toxic_version`` and kicks each connection's pumps
+(``relay.toxics_changed``): it never waits for the data side. A pump re-reads
+the chain at its next chunk boundary (``Link.sync``): a new toxic becomes the
+last stage; an updated one keeps its queue and state (``limit_data``'s count);
+a removed one hands what it holds, in order, to the stage after it. So a change
+never loses, duplicates or reorders a byte that was read.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+
+from greenlet import getcurrent
+
+from gproxy.config import ConfigError
+from gproxy.stats import Outcome
+
+__all__ = ["Toxic", "Toxics", "Link", "TYPES", "STREAMS", "Delay", "CLOSE", "RESET",
+           "ToxicExists", "ToxicNotFound", "make_toxic"]
+
+log = logging.getLogger(__name__)
+
+#: toxiproxy's stream names, in its direction order (index = relay.UPSTREAM/DOWNSTREAM)
+STREAMS = ("upstream", "downstream")
+
+#: every built-in type: its attributes and their defaults (toxiproxy's: Go's zero values)
+TYPES: Dict[str, Dict[str, int]] = {
+    "latency": {"latency": 0, "jitter": 0},               # ms, ms
+    "bandwidth": {"rate": 0},                             # KB/s (1000 bytes); 0: no limit
+    "slow_close": {"delay": 0},                           # ms
+    "timeout": {"timeout": 0},                            # ms; 0: never closes
+    "reset_peer": {"timeout": 0},                         # ms
+    "slicer": {"average_size": 0, "size_variation": 0, "delay": 0},   # bytes, bytes, us
+    "limit_data": {"bytes": 0},                           # bytes
+}
+
+#: the type a toxic written in Python reports
+PYTHON = "python"
+
+#: the most a direction with toxics holds (or its buffer_size, if larger): like a TCP
+#: window, it lets a 100 ms latency delay a bulk stream without capping it at a few
+#: chunks per 100 ms, and a full link stops reading, so the sender is pushed back.
+LINK_BYTES = 4 * 1024 * 1024
+#: a wait with nothing due still wakes this often (an abort never depends on it)
+_MAX_WAIT = 60.0
+#: the most one read takes (a read allocates what it asks for)
+_READ_MAX = 65536
+
+
+class ToxicExists(ConfigError):
+    """A toxic with that name is on the forwarder already (toxiproxy: 409)."""
+
+
+class ToxicNotFound(ConfigError, LookupError):
+    """No toxic with that name (toxiproxy: 404)."""
+
+
+@dataclass(frozen=True)
+class Toxic:
+    """One toxic as the API shows it: ``as_dict()`` is toxiproxy's JSON shape."""
+
+    name: str
+    type: str
+    stream: str = "downstream"
+    toxicity: float = 1.0
+    attributes: Dict[str, Any] = field(default_factory=dict)
+    #: the callable of a toxic written in Python, else None
+    function: Optional[Callable] = field(default=None, repr=False, compare=False)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "type": self.type, "stream": self.stream,
+                "toxicity": self.toxicity, "attributes": dict(self.attributes)}
+
+
+@dataclass(frozen=True)
+class Delay:
+    """What a Python toxic returns to hold a chunk back ``seconds`` (``data`` replaces it)."""
+
+    seconds: float
+    data: Optional[bytes] = None
+
+
+class Action:
+    """``CLOSE`` or ``RESET``: what a Python toxic returns to end the connection."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return self.kind.upper()
+
+
+CLOSE = Action("close")
+RESET = Action("reset")
+
+
+# -- building and validating -----------------------------------------------------------
+
+def make_toxic(type: Union[str, Callable], *, name: Optional[str] = None, stream: str = "downstream",
+               toxicity: float = 1.0, attributes: Optional[Dict[str, Any]] = None) -> Toxic:
+    """A validated Toxic; ``ConfigError`` names the culprit. ``type`` is a type name or a
+    Python toxic (a callable)."""
+    function = None
+    if callable(type) and not isinstance(type, str):
+        function, type = type, PYTHON
+        default_name = getattr(function, "__name__", None) or function.__class__.__name__
+    elif isinstance(type, str):
+        if type not in TYPES:
+            raise ConfigError("type", f"unknown toxic type {type!r} (known: {', '.join(TYPES)})")
+        default_name = type
+    else:
+        raise ConfigError("type", f"a toxic type name or a callable, not {type!r}")
+    if stream not in STREAMS:
+        raise ConfigError("stream", f"must be 'upstream' or 'downstream', not {stream!r}")
+    if name is None or name == "":
+        name = f"{default_name}_{stream}"
+    if not isinstance(name, str):
+        raise ConfigError("name", f"must be a string, not {name!r}")
+    label = f"toxic {name}"
+    toxicity = _toxicity(toxicity, label)
+    given = dict(attributes or {})
+    if function is not None:
+        if given:
+            raise ConfigError(f"{label}: {sorted(given)[0]}", "a Python toxic takes no attributes")
+        return Toxic(name, PYTHON, stream, toxicity, {}, function)
+    return Toxic(name, type, stream, toxicity, _attributes(type, TYPES[type], given, label))
+
+
+def _toxicity(value, label: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{label}: toxicity", f"must be a number from 0 to 1, not {value!r}")
+    return float(value)
+
+
+def _attributes(type: str, defaults: Dict[str, int], given: Dict[str, Any], label: str) -> Dict[str, int]:
+    result = dict(defaults)
+    for key, value in given.items():
+        if key not in defaults:
+            raise ConfigError(f"{label}: {key}",
+                              f"{type} has no such attribute (it has: {', '.join(defaults)})")
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{label}: {key}", f"must be a whole number >= 0, not {value!r}")
+        result[key] = value
+    if type == "slicer":
+        if result["average_size"] < 1:
+            raise ConfigError(f"{label}: average_size", "must be at least 1")
+        if result["size_variation"] >= result["average_size"]:
+            raise ConfigError(f"{label}: size_variation",
+                              f"must be smaller than average_size ({result['average_size']})")
+    return result
+
+
+def _updated(toxic: Toxic, changes: Dict[str, Any]) -> Toxic:
+    """``toxic`` with ``changes`` (toxicity and attributes) applied, validated."""
+    label = f"toxic {toxic.name}"
+    changes = dict(changes)
+    for fixed in ("name", "type", "stream"):
+        if fixed in changes and changes.pop(fixed) != getattr(toxic, fixed):
+            raise ConfigError(f"{label}: {fixed}", "cannot be changed; remove the toxic and add it again")
+    toxicity = _toxicity(changes.pop("toxicity"), label) if "toxicity" in changes else toxic.toxicity
+    attributes = changes.pop("attributes", None) or {}
+    attributes.update(changes)
+    if toxic.type == PYTHON:
+        if attributes:
+            raise ConfigError(f"{label}: {sorted(attributes)[0]}", "a Python toxic takes no attributes")
+        return Toxic(toxic.name, toxic.type, toxic.stream, toxicity, {}, toxic.function)
+    merged = dict(toxic.attributes)
+    merged.update(attributes)
+    return Toxic(toxic.name, toxic.type, toxic.stream, toxicity,
+                 _attributes(toxic.type, TYPES[toxic.type], merged, label))
+
+
+# -- the per-forwarder collection ---------------------------------------------------------
+
+class _Entry:
+    """A toxic's place in a chain; stages of open connections follow it by identity."""
+
+    __slots__ = ("toxic", "removed")
+
+    def __init__(self, toxic: Toxic):
+        self.toxic = toxic
+        self.removed = False
+
+
+class Toxics:
+    """The toxics of one forwarder: a chain per direction, names unique across both.
+    Used on the forwarder's hub only; the caller bumps the version and kicks pumps."""
+
+    def __init__(self) -> None:
+        self.chains: Tuple[List[_Entry], List[_Entry]] = ([], [])
+
+    def __len__(self) -> int:
+        return len(self.chains[0]) + len(self.chains[1])
+
+    def list(self) -> List[Toxic]:
+        """Upstream first, then downstream, each in the order added (as toxiproxy lists them)."""
+        return [entry.toxic for chain in self.chains for entry in chain]
+
+    def get(self, name: str) -> Toxic:
+        return self._find(name).toxic
+
+    def add(self, toxic: Toxic) -> Toxic:
+        for chain in self.chains:
+            if any(entry.toxic.name == toxic.name for entry in chain):
+                raise ToxicExists(f"toxic {toxic.name}", "a toxic with this name exists already")
+        self.chains[STREAMS.index(toxic.stream)].append(_Entry(toxic))
+        return toxic
+
+    def update(self, name: str, changes: Dict[str, Any]) -> Toxic:
+        entry = self._find(name)
+        entry.toxic = _updated(entry.toxic, changes)
+        return entry.toxic
+
+    def remove(self, name: str) -> Toxic:
+        entry = self._find(name)
+        self.chains[STREAMS.index(entry.toxic.stream)].remove(entry)
+        entry.removed = True
+        return entry.toxic
+
+    def clear(self) -> None:
+        for chain in self.chains:
+            for entry in chain:
+                entry.removed = True
+            chain.clear()
+
+    def _find(self, name: str) -> _Entry:
+        for chain in self.chains:
+            for entry in chain:
+                if entry.toxic.name == name:
+                    return entry
+        raise ToxicNotFound(f"toxic {name}", "no toxic with this name")
+
+
+# -- what flows through a chain ------------------------------------------------------------
+
+class _Marker:
+    """Not data: the source's EOF, or a toxic's order to close or reset the connection."""
+
+    __slots__ = ("kind", "reason")
+
+    def __init__(self, kind: str, reason: str = ""):
+        self.kind = kind
+        self.reason = reason
+
+
+_EOF = _Marker("eof")
+_INF = float("inf")
+
+
+def _size(item) -> int:
+    return 0 if item.__class__ is _Marker else len(item)
+
+
+class _Stage:
+    """One toxic on one direction of one connection. Subclasses say when the head leaves
+    (``schedule``) and what leaves (``release``); an unlucky toxicity roll makes it a no-op."""
+
+    def __init__(self, entry: _Entry, link: "Link", now: float):
+        self.entry = entry
+        self.link = link
+        self.queue: Deque[list] = deque()   # [arrival, item]
+        self.size = 0                       # data bytes held
+        self.last = 0.0                     # when the previous output left: output stays in order
+        self.next: Optional[float] = None   # the head's due time, once computed
+        self.toxic = entry.toxic
+        self.configure(entry.toxic, now)
+
+    def configure(self, toxic: Toxic, now: float) -> None:
+        """(Re)apply the toxic's settings: on creation and on every update (toxiproxy reruns
+        the toxic on update, rolling its toxicity again and restarting its timers)."""
+        self.toxic = toxic
+        self.active = toxic.toxicity >= 1.0 or random.random() < toxic.toxicity
+        self.next = None
+        self.setup(toxic.attributes, now)
+
+    def setup(self, attributes: Dict[str, int], now: float) -> None:
+        pass
+
+    # -- the queue --------------------------------------------------------------------
+
+    def admit(self, item, t: float) -> None:
+        if self.active:
+            self.accept(item, t)
+        else:
+            self.push(item, t)
+
+    def accept(self, item, t: float) -> None:
+        self.push(item, t)
+
+    def push(self, item, t: float) -> None:
+        self.queue.append([t, item])
+        self.size += _size(item)
+
+    def pop(self):
+        t, item = self.queue.popleft()
+        self.size -= _size(item)
+        return item
+
+    def drop_all(self) -> None:
+        self.queue.clear()
+        self.size = 0
+        self.next = None
+
+    def drain(self) -> list:
+        """Everything held, in order: the stage is being removed."""
+        items = [item for _t, item in self.queue]
+        self.drop_all()
+        return items
+
+    # -- timing -------------------------------------------------------------------------
+
+    def due(self) -> Optional[float]:
+        """When the next output leaves (``inf``: held until something changes), or None."""
+        if self.next is None:
+            if not self.active:
+                if not self.queue:
+                    return None
+                self.next = max(self.queue[0][0], self.last)
+            else:
+                self.next = self.schedule()
+        return self.next
+
+    def take(self):
+        """The next output, at ``due()``; None if it was dropped."""
+        t = self.next
+        self.next = None
+        self.last = t
+        if not self.active:
+            return self.pop()
+        return self.release(t)
+
+    def schedule(self) -> Optional[float]:
+        return max(self.queue[0][0], self.last) if self.queue else None
+
+    def release(self, t: float):
+        return self.pop()
+
+
+class _Latency(_Stage):
+    def setup(self, attributes, now):
+        self.latency = attributes["latency"] / 1000.0
+        self.jitter = attributes["jitter"] / 1000.0
+
+    def schedule(self):
+        if not self.queue:
+            return None
+        arrival, item = self.queue[0]
+        if item.__class__ is _Marker and item is not _EOF:
+            return max(arrival, self.last)
+        delay = self.latency
+        if self.jitter:
+            delay += random.uniform(-self.jitter, self.jitter)
+        return max(arrival + delay, self.last)
+
+
+class _Bandwidth(_Stage):
+    """A serial link of ``rate`` KB/s: a piece leaves when it has been sent, pieces of at
+    most 100 ms' worth (as toxiproxy splits them)."""
+
+    def setup(self, attributes, now):
+        self.rate = attributes["rate"] * 1000.0   # bytes per second
+        self.piece = attributes["rate"] * 100      # bytes per 100 ms
+
+    def schedule(self):
+        if not self.queue:
+            return None
+        arrival, item = self.queue[0]
+        start = max(arrival, self.last)
+        if item.__class__ is _Marker or not self.rate:
+            return start
+        return start + min(len(item), self.piece) / self.rate
+
+    def release(self, t):
+        head = self.queue[0]
+        item = head[1]
+        if item.__class__ is _Marker or not self.rate or len(item) <= self.piece:
+            return self.pop()
+        head[1] = item[self.piece:]
+        self.size -= self.piece
+        return item[:self.piece]
+
+
+class _Slicer(_Stage):
+    """Cuts each chunk into slices of about ``average_size`` bytes, ``delay`` us apart."""
+
+    def setup(self, attributes, now):
+        self.average = attributes["average_size"]
+        self.variation = attributes["size_variation"]
+        self.delay = attributes["delay"] / 1e6
+        self.cuts: Optional[List[int]] = None   # slice lengths left of the head chunk
+
+    def schedule(self):
+        if not self.queue:
+            return None
+        return max(self.queue[0][0], self.last)
+
+    def release(self, t):
+        head = self.queue[0]
+        item = head[1]
+        if item.__class__ is _Marker:
+            return self.pop()
+        if self.cuts is None:
+            self.cuts = _slices(len(item), self.average, self.variation)
+        n = self.cuts.pop()
+        self.last = t + self.delay   # the next slice (or chunk) waits delay after this one
+        if not self.cuts:
+            self.cuts = None
+            return self.pop()
+        head[1] = item[n:]
+        self.size -= n
+        return item[:n]
+
+    def drain(self):
+        self.cuts = None
+        return super().drain()
+
+
+def _slices(total: int, average: int, variation: int) -> List[int]:
+    """Slice lengths adding up to ``total``, in reverse order (popped from the end): halve
+    until a piece is within ``variation`` of ``average``, moving each cut by up to
+    ``variation``, so pieces vary evenly along the chunk (toxiproxy's method)."""
+    lengths: List[int] = []
+    pending = [(0, total)]
+    while pending:
+        start, end = pending.pop()
+        if end - start - average <= variation:
+            lengths.append(end - start)
+            continue
+        middle = start + (end - start) // 2
+        if variation:
+            middle += random.randrange(-variation, variation)
+        pending.append((middle, end))
+        pending.append((start, middle))
+    lengths.reverse()
+    return lengths
+
+
+class _SlowClose(_Stage):
+    def setup(self, attributes, now):
+        self.delay = attributes["delay"] / 1000.0
+
+    def schedule(self):
+        if not self.queue:
+            return None
+        arrival, item = self.queue[0]
+        if item is _EOF:
+            return max(arrival + self.delay, self.last)
+        return max(arrival, self.last)
+
+
+class _Timeout(_Stage):
+    """Holds everything; with ``timeout`` > 0 closes the connection that long after it
+    started acting on it (added, or updated), dropping what it held."""
+
+    def setup(self, attributes, now):
+        timeout = attributes["timeout"]
+        self.deadline = now + timeout / 1000.0 if timeout else _INF
+        self.closed = False
+
+    def accept(self, item, t):
+        if not self.closed:
+            self.push(item, t)
+
+    def schedule(self):
+        return None if self.closed else self.deadline
+
+    def release(self, t):
+        self.drop_all()
+        self.closed = True
+        return _Marker("close", f"timeout toxic {self.toxic.name}")
+
+
+class _ResetPeer(_Stage):
+    """The first item to arrive starts the clock; ``timeout`` ms later the connection is
+    reset. What arrives meanwhile is dropped (it would die with the connection)."""
+
+    def setup(self, attributes, now):
+        self.timeout = attributes["timeout"] / 1000.0
+        if not hasattr(self, "deadline"):
+            self.deadline: Optional[float] = None
+        elif self.deadline is not None:
+            self.deadline = now + self.timeout   # an update restarts the clock
+        self.fired = False
+
+    def accept(self, item, t):
+        if self.deadline is None:
+            self.deadline = t + self.timeout
+
+    def schedule(self):
+        return None if self.fired else self.deadline
+
+    def release(self, t):
+        self.fired = True
+        return _Marker("reset", f"reset_peer toxic {self.toxic.name}")
+
+
+class _LimitData(_Stage):
+    """Passes ``bytes`` bytes from when it started acting, then closes the connection."""
+
+    def setup(self, attributes, now):
+        self.limit = attributes["bytes"]
+        if not hasattr(self, "passed"):
+            self.passed = 0         # kept across updates, as toxiproxy keeps its state
+            self.closing = False    # the limit was reached: the close goes next
+            self.done = False       # the close went: nothing more passes
+
+    def accept(self, item, t):
+        if not (self.closing or self.done):
+            self.push(item, t)
+
+    def schedule(self):
+        if self.done:
+            return None
+        if self.closing:
+            return self.last
+        return max(self.queue[0][0], self.last) if self.queue else None
+
+    def release(self, t):
+        if self.closing:
+            self.closing, self.done = False, True
+            return _Marker("close", f"limit_data toxic {self.toxic.name}: {self.limit} bytes passed")
+        item = self.pop()
+        if item.__class__ is _Marker:
+            return item
+        room = self.limit - self.passed
+        if len(item) >= room:
+            self.closing = True
+            self.drop_all()
+            item = item[:max(room, 0)]
+        self.passed += len(item)
+        return item if item else None
+
+
+class _Python(_Stage):
+    """A user's callable: called once per chunk as the chunk arrives."""
+
+    def setup(self, attributes, now):
+        self.function = self.toxic.function
+
+    def accept(self, item, t):
+        if item.__class__ is _Marker:
+            self.push(item, t)
+            return
+        result = self.function(item, self.link.conn.record())
+        if result is None:
+            self.push(item, t)
+        elif isinstance(result, Delay):
+            data = item if result.data is None else bytes(result.data)
+            if data:
+                self.push(data, max(t + result.seconds, self.queue[-1][0] if self.queue else t))
+        elif isinstance(result, Action):
+            reason = f"Python toxic {self.toxic.name}"
+            self.push(_Marker(result.kind, reason), t)
+        else:
+            data = bytes(result)
+            if data:
+                self.push(data, t)
+
+
+_STAGES = {"latency": _Latency, "bandwidth": _Bandwidth, "slicer": _Slicer, "slow_close": _SlowClose,
+           "timeout": _Timeout, "reset_peer": _ResetPeer, "limit_data": _LimitData, PYTHON: _Python}
+
+
+# -- one direction of one connection -----------------------------------------------------------
+
+class Link:
+    """The toxic chain of one direction of one connection, and the pump that runs it."""
+
+    def __init__(self, conn, direction: int, toxics: Toxics, bound: int):
+        self.conn = conn
+        self.direction = direction
+        self.toxics = toxics
+        self.bound = max(bound, LINK_BYTES)  # bytes held at most: a full link stops reading
+        self.stages: List[_Stage] = []
+        self.out: Deque = deque()           # released by the last stage, to write in order
+        self.out_size = 0
+        self.version = -1
+        self.waiting = None                 # the pump's greenlet while it waits
+        self.eof = False                    # the source's EOF was read
+
+    # -- following the collection ------------------------------------------------------
+
+    def sync(self, version: int) -> None:
+        """Bring the stages in line with the collection's chain for this direction."""
+        self.version = version
+        now = time.monotonic()
+        chain = self.toxics.chains[self.direction]
+        stages: List[_Stage] = []
+        carry: list = []
+        for stage in self.stages:
+            if stage.entry.removed:
+                carry.extend(stage.drain())   # handed on, in order, to the next stage
+                continue
+            for item in carry:
+                stage.admit(item, now)
+            carry = []
+            if stage.toxic is not stage.entry.toxic:
+                stage.configure(stage.entry.toxic, now)
+            stages.append(stage)
+        for item in carry:
+            self.out.append(item)
+            self.out_size += _size(item)
+        present = {id(stage.entry) for stage in stages}
+        for entry in chain:
+            if id(entry) not in present:
+                stages.append(_STAGES[entry.toxic.type](entry, self, now))
+        self.stages = stages
+
+    def plain(self) -> bool:
+        """Nothing to do: no toxic acts on this connection (none, or toxicity said no) and
+        nothing is held, so the fast path may take over."""
+        return not self.out and not any(stage.active or stage.queue for stage in self.stages)
+
+    def busy(self) -> bool:
+        """Holding bytes or waiting for a time: must not be parked."""
+        return bool(self.out) or any(stage.queue or stage.due() is not None for stage in self.stages)
+
+    def held(self) -> int:
+        return self.out_size + sum(stage.size for stage in self.stages)
+
+    def admit(self, item, now: float) -> None:
+        if self.stages:
+            self.stages[0].admit(item, now)
+        else:
+            self.out.append(item)
+            self.out_size += _size(item)
+
+    def advance(self, now: float) -> Optional[float]:
+        """Move everything due by ``now`` along the chain; return the next due time."""
+        stages = self.stages
+        last = len(stages) - 1
+        soonest = None
+        for i, stage in enumerate(stages):
+            while True:
+                t = stage.due()
+                if t is None or t > now:
+                    break
+                item = stage.take()
+                if item is None:
+                    continue
+                if i < last:
+                    stages[i + 1].admit(item, t)
+                else:
+                    self.out.append(item)
+                    self.out_size += _size(item)
+            if t is not None and t != _INF and (soonest is None or t < soonest):
+                soonest = t
+        return soonest
+
+    # -- the pump ----------------------------------------------------------------------------
+
+    def pump(self, src, dst, readable, writable, fair_share: int) -> Optional[bool]:
+        """Run the chain: True at the source's EOF (written out), False when the fast path
+        may take over or the chain changed, None once the connection was closed or reset.
+        All state lives in this object, so the pump may be thrown out of a wait and rerun."""
+        conn = self.conn
+        context = conn.context
+        counts, direction = conn.counts, self.direction
+        budget = fair_share
+        while True:
+            if conn.outcome is not None:
+                return None
+            if self.version != context.toxic_version:
+                return False   # the caller syncs and chooses the path again
+            now = time.monotonic()
+            soonest = self.advance(now)
+            blocked = False
+            out = self.out
+            while out:
+                item = out[0]
+                if item.__class__ is _Marker:
+                    out.popleft()
+                    if item is _EOF:
+                        return True
+                    if item.kind == "reset":
+                        conn.abort(Outcome.RESET, item.reason)
+                    else:
+                        conn.abort(Outcome.CLOSED, item.reason)
+                    return None
+                try:
+                    sent = dst.send(item)
+                except BlockingIOError:
+                    sent = 0
+                budget -= sent
+                self.out_size -= sent
+                if sent < len(item):
+                    out[0] = item[sent:]
+                    blocked = True
+                    break
+                out.popleft()
+            room = self.bound - self.held()
+            reading = room > 0 and not self.eof
+            if reading and budget > 0:
+                try:
+                    data = src.recv(min(room, _READ_MAX))
+                except BlockingIOError:
+                    data = None
+                if data is not None:
+                    if data:
+                        counts[direction] += len(data)
+                        budget -= len(data)
+                        self.admit(data, now)
+                    else:
+                        self.eof = True
+                        self.admit(_EOF, now)
+                    continue
+            if budget <= 0:
+                delay = 0.0   # a fair share moved: let the loop poll everyone else first
+            elif soonest is not None:
+                delay = max(0.0, soonest - time.monotonic())
+            else:
+                delay = _MAX_WAIT
+            self._wait(readable if reading else None, writable if blocked else None, delay)
+            budget = fair_share
+
+    def _wait(self, readable, writable, delay: float) -> None:
+        """Wait for whichever comes first. The timer joins the connection's watchers, so an
+        abort wakes this wait like any other."""
+        conn = self.conn
+        hub = conn._hub
+        hub.loop.update_now()
+        timer = hub.loop.timer(min(delay, _MAX_WAIT))
+        current = getcurrent()
+        switch = current.switch
+        watchers = conn._watchers
+        watchers.append(timer)
+        try:
+            timer.start(switch)
+            if readable is not None:
+                readable.start(switch)
+            if writable is not None:
+                writable.start(switch)
+            self.waiting = current
+            hub.switch()
+        finally:
+            self.waiting = None
+            if readable is not None:
+                readable.stop()
+            if writable is not None:
+                writable.stop()
+            timer.close()
+            try:
+                watchers.remove(timer)
+            except ValueError:
+                pass

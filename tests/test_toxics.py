@@ -1,0 +1,487 @@
+"""Toxics on real sockets: each one measured, on new and open connections, changed live.
+
+Timing: lower bounds are firm (a toxic must not act early or not at all); upper bounds
+are generous (a loaded 2-core machine may be slow, never fast).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+
+import pytest
+
+import gproxy
+from gproxy import ConfigError, Outcome
+from gproxy.toxics import CLOSE, RESET, Delay, ToxicExists, ToxicNotFound
+from peers import TIMEOUT, Server, connect, echo, payload, recv_all, recv_exactly, send_in_odd_chunks
+
+SLACK = 2.0  # the most a loaded machine may add to any timing here
+
+
+def round_trip(sock: socket.socket, data: bytes = b"ping") -> float:
+    start = time.monotonic()
+    sock.sendall(data)
+    assert recv_exactly(sock, len(data)) == data
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def echo_through(forwarder_factory):
+    """A forwarder to an echo server; yields (fw, connect) where connect() opens a client."""
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address)
+        clients = []
+
+        def open_client() -> socket.socket:
+            sock = connect(fw.address)
+            clients.append(sock)
+            return sock
+        try:
+            yield fw, open_client
+        finally:
+            for sock in clients:
+                sock.close()
+
+
+# -- the API ---------------------------------------------------------------------------------
+
+def test_toxic_record_defaults_and_listing(forwarder_factory):
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address)
+        toxic = fw.add_toxic("latency", latency=100)
+        assert toxic.as_dict() == {"name": "latency_downstream", "type": "latency", "stream": "downstream",
+                                   "toxicity": 1.0, "attributes": {"latency": 100, "jitter": 0}}
+        fw.add_toxic("slicer", stream="upstream", average_size=10, toxicity=0.5)
+        fw.add_toxic("limit_data", name="cap")
+        assert [t.name for t in fw.toxics()] == ["slicer_upstream", "latency_downstream", "cap"]
+        assert fw.toxics()[2].attributes == {"bytes": 0}
+        updated = fw.update_toxic("latency_downstream", jitter=5, toxicity=0.25)
+        assert updated.attributes == {"latency": 100, "jitter": 5} and updated.toxicity == 0.25
+        fw.remove_toxic("cap")
+        with fw.toxic("bandwidth", rate=10) as bw:
+            assert bw.name in [t.name for t in fw.toxics()]
+        assert [t.name for t in fw.toxics()] == ["slicer_upstream", "latency_downstream"]
+        fw.reset()
+        assert fw.toxics() == [] and fw.enabled
+
+
+@pytest.mark.parametrize("call, culprit", [
+    (lambda fw: fw.add_toxic("lag"), "type"),
+    (lambda fw: fw.add_toxic("latency", stream="sideways"), "stream"),
+    (lambda fw: fw.add_toxic("latency", latency=-1), "latency_downstream: latency"),
+    (lambda fw: fw.add_toxic("latency", latency="10"), "latency_downstream: latency"),
+    (lambda fw: fw.add_toxic("latency", delay=10), "latency_downstream: delay"),
+    (lambda fw: fw.add_toxic("latency", toxicity=1.5), "latency_downstream: toxicity"),
+    (lambda fw: fw.add_toxic("slicer", average_size=10, size_variation=10), "size_variation"),
+    (lambda fw: fw.add_toxic("slicer"), "average_size"),
+    (lambda fw: fw.update_toxic("nope", latency=1), "toxic nope"),
+    (lambda fw: fw.remove_toxic("nope"), "toxic nope"),
+])
+def test_bad_toxics_raise_config_error_naming_the_culprit(forwarder_factory, call, culprit):
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address)
+        with pytest.raises(ConfigError) as info:
+            call(fw)
+        assert culprit in str(info.value)
+        assert fw.toxics() == []
+
+
+def test_duplicate_names_and_unknown_names_have_their_own_errors(forwarder_factory):
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address)
+        fw.add_toxic("latency", latency=1)
+        with pytest.raises(ToxicExists):
+            fw.add_toxic("latency", latency=2)
+        with pytest.raises(ToxicExists):  # names are unique across both streams
+            fw.add_toxic("bandwidth", name="latency_downstream", stream="upstream")
+        with pytest.raises(ToxicNotFound):
+            fw.remove_toxic("latency_upstream")
+        with pytest.raises(ConfigError, match="stream"):
+            fw.update_toxic("latency_downstream", stream="upstream")
+        assert [t.attributes["latency"] for t in fw.toxics()] == [1]
+
+
+# -- each toxic, measured ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stream", ["downstream", "upstream"])
+def test_latency_on_new_and_open_connections(echo_through, stream):
+    fw, open_client = echo_through
+    opened_before = open_client()
+    assert round_trip(opened_before) < 0.2
+    fw.add_toxic("latency", stream=stream, latency=150)
+    new = open_client()
+    for sock in (opened_before, new):
+        for _ in range(3):
+            elapsed = round_trip(sock)
+            assert 0.15 <= elapsed < 0.15 + SLACK
+    fw.update_toxic(f"latency_{stream}", latency=300)
+    assert 0.3 <= round_trip(new) < 0.3 + SLACK
+    fw.remove_toxic(f"latency_{stream}")
+    assert round_trip(new) < 0.15 and round_trip(opened_before) < 0.15
+
+
+def test_latency_with_jitter_stays_in_range_and_in_order(echo_through):
+    fw, open_client = echo_through
+    sock = open_client()
+    fw.add_toxic("latency", latency=100, jitter=50)
+    times = [round_trip(sock, bytes([65 + i]) * 10) for i in range(8)]
+    assert all(0.05 <= t < 0.15 + SLACK for t in times), times
+
+
+def test_latency_pipelines_a_bulk_stream(echo_through):
+    """8 MB through 200 ms each way: delayed by the latency, not paced at a chunk per 200 ms
+    (that would take 8 MB / 64 KB * 0.2 s = 25 s)."""
+    fw, open_client = echo_through
+    sock = open_client()
+    fw.add_toxic("latency", latency=200)
+    fw.add_toxic("latency", stream="upstream", latency=200)
+    data = payload(8_000_000, seed=7)
+    start = time.monotonic()
+    sender = threading.Thread(target=lambda: (sock.sendall(data), sock.shutdown(socket.SHUT_WR)))
+    sender.start()
+    first = sock.recv(1 << 16)
+    first_at = time.monotonic() - start
+    rest = recv_all(sock)
+    elapsed = time.monotonic() - start
+    sender.join(TIMEOUT)
+    assert hashlib.sha256(first + rest).digest() == hashlib.sha256(data).digest()
+    assert first_at >= 0.4
+    assert elapsed < 0.4 + 2 * SLACK, elapsed
+
+
+def test_bandwidth_limits_the_rate(forwarder_factory):
+    with forwarder_factory.gated() as (fw, client, server):
+        fw.add_toxic("bandwidth", rate=100)   # 100 KB/s
+        data = payload(60_000, seed=1)
+        start = time.monotonic()
+        server.sendall(data)
+        assert recv_exactly(client, len(data)) == data
+        elapsed = time.monotonic() - start
+        assert 0.6 * 0.9 <= elapsed < 0.6 + SLACK, elapsed
+        fw.update_toxic("bandwidth_downstream", rate=0)  # 0: no limit, as in toxiproxy
+        start = time.monotonic()
+        server.sendall(data)
+        assert recv_exactly(client, len(data)) == data
+        assert time.monotonic() - start < 0.3
+
+
+def test_bandwidth_upstream_and_backpressure(forwarder_factory):
+    """A slow toxic holds at most a bounded amount: the sender is pushed back."""
+    with forwarder_factory.gated() as (fw, client, server):
+        fw.add_toxic("bandwidth", stream="upstream", rate=50)
+        client.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                sent += client.send(b"x" * 65536)
+            except BlockingIOError:
+                time.sleep(0.05)  # sleep-ok: a sender that polls a full socket
+                try:
+                    sent += client.send(b"x" * 65536)
+                except BlockingIOError:
+                    break
+        # kernel buffers plus the link's bound, not unbounded
+        assert sent < 64 * 1024 * 1024, sent
+        fw.remove_toxic("bandwidth_upstream")
+        client.setblocking(True)
+        assert len(recv_exactly(server, sent)) == sent
+
+
+def test_slow_close_delays_the_fin(forwarder_factory):
+    with forwarder_factory.gated() as (fw, client, server):
+        fw.add_toxic("slow_close", stream="upstream", delay=300)
+        client.sendall(b"last words")
+        start = time.monotonic()
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(server) == b"last words"
+        assert 0.3 <= time.monotonic() - start < 0.3 + SLACK
+
+
+def test_timeout_holds_data_then_closes(forwarder_factory):
+    with forwarder_factory.gated() as (fw, client, server):
+        start = time.monotonic()
+        fw.add_toxic("timeout", timeout=300)
+        server.sendall(b"never arrives")
+        assert recv_all(client) == b""   # EOF, nothing passed
+        assert 0.3 <= time.monotonic() - start < 0.3 + SLACK
+        records = fw.connections()
+    assert not records
+
+
+def test_timeout_zero_holds_data_until_removed_and_loses_none(forwarder_factory):
+    with forwarder_factory.gated() as (fw, client, server):
+        fw.add_toxic("timeout", timeout=0)
+        data = payload(300_000, seed=3)
+        server.sendall(data)
+        client.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            client.recv(1)
+        client.settimeout(TIMEOUT)
+        start = time.monotonic()
+        fw.remove_toxic("timeout_downstream")  # never blocks on the data it holds
+        assert time.monotonic() - start < 1.0
+        assert recv_exactly(client, len(data)) == data
+        assert round_trip_through(client, server) < 0.2
+
+
+def round_trip_through(client, server) -> float:
+    start = time.monotonic()
+    client.sendall(b"?")
+    assert recv_exactly(server, 1) == b"?"
+    server.sendall(b"!")
+    assert recv_exactly(client, 1) == b"!"
+    return time.monotonic() - start
+
+
+def test_timeout_acts_on_an_idle_connection_opened_before(forwarder_factory):
+    with forwarder_factory.gated() as (fw, client, server):
+        assert round_trip_through(client, server) < 1
+        start = time.monotonic()
+        fw.add_toxic("timeout", stream="upstream", timeout=200)
+        assert recv_all(client) == b""
+        assert recv_all(server) == b""
+        assert 0.2 <= time.monotonic() - start < 0.2 + SLACK
+
+
+def test_reset_peer_resets_after_the_timeout(forwarder_factory):
+    closed = []
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address, on_close=closed.append)
+        fw.add_toxic("reset_peer", stream="upstream", timeout=250)
+        client = connect(fw.address)
+        start = time.monotonic()
+        client.sendall(b"hello")
+        with pytest.raises(ConnectionResetError):
+            client.recv(100)
+        assert 0.25 <= time.monotonic() - start < 0.25 + SLACK
+        client.close()
+        forwarder_factory.wait_closed(fw, accepted=1)
+    assert closed[0].outcome is Outcome.RESET and "reset_peer" in closed[0].error
+
+
+def test_slicer_cuts_a_message_into_many_reads(forwarder_factory):
+    with forwarder_factory.gated() as (fw, client, server):
+        fw.add_toxic("slicer", average_size=10, size_variation=5, delay=3000)
+        data = payload(1000, seed=5)
+        server.sendall(data)
+        reads, got = 0, b""
+        while len(got) < len(data):
+            got += client.recv(65536)
+            reads += 1
+        assert got == data
+        assert reads >= 25, reads   # about 100 slices, 3 ms apart; some may be read together
+        fw.update_toxic("slicer_downstream", average_size=100, size_variation=0, delay=0)
+        data = payload(100_000, seed=6)
+        server.sendall(data)
+        assert recv_exactly(client, len(data)) == data
+
+
+def test_limit_data_passes_exactly_that_many_bytes_then_closes(forwarder_factory):
+    with forwarder_factory.gated() as (fw, client, server):
+        fw.add_toxic("limit_data", bytes=1000)
+        data = payload(5000, seed=8)
+        server.sendall(data[:600])
+        assert recv_exactly(client, 600) == data[:600]
+        server.sendall(data[600:])
+        assert recv_all(client) == data[600:1000]
+
+
+@pytest.mark.parametrize("toxicity, slow", [(0.0, False), (1.0, True)])
+def test_toxicity_is_the_chance_a_connection_is_affected(echo_through, toxicity, slow):
+    fw, open_client = echo_through
+    fw.add_toxic("latency", latency=300, toxicity=toxicity)
+    for _ in range(3):
+        elapsed = round_trip(open_client())
+        assert (elapsed >= 0.3) if slow else (elapsed < 0.25), elapsed
+
+
+def test_a_connection_keeps_its_toxicity_roll(echo_through):
+    fw, open_client = echo_through
+    fw.add_toxic("latency", latency=200, toxicity=0.5)
+    for _ in range(4):
+        sock = open_client()
+        first = round_trip(sock) >= 0.2
+        assert all((round_trip(sock) >= 0.2) == first for _ in range(2))
+
+
+# -- live changes never lose, duplicate or reorder a byte ----------------------------------------
+
+def test_live_changes_mid_stream_keep_every_byte(forwarders):
+    """Toxics added, updated and removed, both ways, while 6 MB flow each way: byte-exact."""
+    with Server(echo) as upstream:
+        fw = forwarders(upstream.address)
+        sock = connect(fw.address)
+        data = payload(6_000_000, seed=11)
+        received = []
+        reader = threading.Thread(target=lambda: received.append(recv_all(sock)))
+        reader.start()
+        stop = threading.Event()
+
+        def churn():
+            i = 0
+            while not stop.is_set():
+                stream = ("upstream", "downstream")[i % 2]
+                fw.add_toxic("latency", name=f"l{i}", stream=stream, latency=5, jitter=3)
+                fw.add_toxic("slicer", name=f"s{i}", stream=stream, average_size=4000,
+                             size_variation=1000)
+                fw.add_toxic("bandwidth", name=f"b{i}", stream=stream, rate=50_000)
+                fw.update_toxic(f"l{i}", latency=10)
+                fw.add_toxic("timeout", name=f"t{i}", stream=stream, timeout=0)
+                fw.remove_toxic(f"s{i}")
+                fw.remove_toxic(f"t{i}")
+                fw.remove_toxic(f"l{i}")
+                fw.add_toxic(lambda chunk, conn: None, name=f"tap{i}", stream=stream)
+                fw.remove_toxic(f"b{i}")
+                fw.remove_toxic(f"tap{i}")
+                i += 1
+        churner = threading.Thread(target=churn)
+        churner.start()
+        send_in_odd_chunks(sock, data, seed=11)
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(TIMEOUT * 2)
+        stop.set()
+        churner.join(TIMEOUT)
+        sock.close()
+        assert fw.toxics() == []
+        assert len(received[0]) == len(data)
+        assert hashlib.sha256(received[0]).digest() == hashlib.sha256(data).digest()
+
+
+def test_removing_a_latency_mid_stream_keeps_order(forwarder_factory):
+    with forwarder_factory.gated() as (fw, client, server):
+        fw.add_toxic("latency", latency=400)
+        server.sendall(b"first ")
+        time.sleep(0.05)  # sleep-ok: "first " is held by the toxic when it is removed
+        fw.remove_toxic("latency_downstream")
+        server.sendall(b"second")
+        assert recv_exactly(client, 12) == b"first second"
+
+
+# -- toxics written in Python ------------------------------------------------------------------
+
+def test_python_toxic_taps_changes_and_drops(forwarder_factory):
+    seen = []
+
+    def tap(chunk, conn):
+        seen.append((conn.id, chunk))
+
+    with forwarder_factory.gated() as (fw, client, server):
+        toxic = fw.add_toxic(tap)
+        assert toxic.name == "tap_downstream" and toxic.type == "python"
+        server.sendall(b"abc")
+        assert recv_exactly(client, 3) == b"abc"
+        assert seen == [(fw.connections()[0].id, b"abc")]
+        fw.add_toxic(lambda chunk, conn: chunk.upper(), name="upper")
+        server.sendall(b"def")
+        assert recv_exactly(client, 3) == b"DEF"
+        fw.update_toxic("upper", toxicity=0.0)  # rolled again: never
+        fw.add_toxic(lambda chunk, conn: b"" if chunk == b"drop" else None, name="dropper",
+                     stream="upstream")
+        client.sendall(b"drop")
+        time.sleep(0.1)  # sleep-ok: give a dropped chunk the chance to arrive anyway
+        client.sendall(b"keep")
+        assert recv_exactly(server, 4) == b"keep"
+
+
+def test_python_toxic_delays_closes_and_resets(forwarder_factory):
+    with forwarder_factory.gated() as (fw, client, server):
+        fw.add_toxic(lambda chunk, conn: Delay(0.3, chunk + b"!"), name="slow")
+        start = time.monotonic()
+        server.sendall(b"hi")
+        assert recv_exactly(client, 3) == b"hi!"
+        assert 0.3 <= time.monotonic() - start < 0.3 + SLACK
+        fw.remove_toxic("slow")
+        fw.add_toxic(lambda chunk, conn: CLOSE if chunk == b"bye" else None, name="closer")
+        server.sendall(b"ok")
+        assert recv_exactly(client, 2) == b"ok"
+        server.sendall(b"bye")
+        assert recv_all(client) == b""
+    with forwarder_factory.gated() as (fw, client, server):
+        fw.add_toxic(lambda chunk, conn: RESET, name="resetter", stream="upstream")
+        client.sendall(b"x")
+        with pytest.raises(ConnectionResetError):
+            recv_all(server)
+
+
+def test_only_forwarders_with_toxics_leave_the_fast_path(echo_through):
+    fw, open_client = echo_through
+    sock = open_client()
+    assert round_trip(sock) < 1
+    conn = fw._context.active[fw.connections()[0].id]
+    assert conn.links is None
+    fw.add_toxic(lambda chunk, record: None, name="tap")
+    assert round_trip(sock) < 1
+    assert conn.links[1] is not None
+    fw.remove_toxic("tap")
+    assert round_trip(sock) < 1
+    assert conn.links[1] is None   # back on the fast path, nothing kept
+
+
+# -- down, and cutting one connection ------------------------------------------------------------
+
+def test_disable_cuts_connections_and_refuses_then_enable_listens_on_the_same_port(echo_through):
+    fw, open_client = echo_through
+    sock = open_client()
+    assert round_trip(sock) < 1
+    address = fw.address
+    with fw.down():
+        assert not fw.enabled
+        assert recv_all(sock) == b""
+        with pytest.raises(ConnectionRefusedError):
+            connect(address, timeout=5)
+        assert fw.connections() == []
+    assert fw.enabled and fw.address == address
+    assert round_trip(open_client()) < 1
+    fw.disable()
+    fw.disable()   # twice is harmless
+    fw.enable()
+    fw.enable()
+    assert round_trip(open_client()) < 1
+
+
+def test_toxics_survive_down_and_reset_clears_all(echo_through):
+    fw, open_client = echo_through
+    fw.add_toxic("latency", latency=200)
+    fw.disable()
+    fw.enable()
+    assert round_trip(open_client()) >= 0.2
+    fw.disable()
+    fw.reset()
+    assert fw.enabled and fw.toxics() == []
+    assert round_trip(open_client()) < 0.2
+
+
+def test_abort_or_close_one_connection_by_id(forwarder_factory):
+    records = []
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address, on_close=records.append)
+        a, b, c = connect(fw.address), connect(fw.address), connect(fw.address)
+        for sock in (a, b, c):
+            assert round_trip(sock) < 1
+        ids = [record.id for record in fw.connections()]
+        assert len(ids) == 3 and all(r.outcome is None for r in fw.connections())
+        assert fw.abort_connection(ids[0])
+        with pytest.raises(ConnectionResetError):
+            a.recv(1)
+        assert fw.close_connection(ids[1])
+        assert recv_all(b) == b""
+        assert not fw.abort_connection(ids[0]) and not fw.close_connection(12345)
+        assert round_trip(c) < 1
+        assert [r.id for r in fw.connections()] == [ids[2]]
+        for sock in (a, b, c):
+            sock.close()
+        forwarder_factory.wait_closed(fw, accepted=3)
+    outcomes = {r.id: r.outcome for r in records}
+    assert outcomes[ids[0]] is Outcome.RESET and outcomes[ids[1]] is Outcome.CLOSED
+
+
+def test_disable_before_start_is_an_error():
+    fw = gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:9")
+    with pytest.raises(RuntimeError):
+        fw.disable()
+    fw.add_toxic("latency", latency=10)   # toxics may be set up before start
+    assert [t.name for t in fw.toxics()] == ["latency_downstream"]
