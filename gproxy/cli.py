@@ -37,6 +37,7 @@ import gevent
 from gproxy import __version__
 from gproxy.config import ConfigError
 from gproxy.forwarder import Forwarder
+from gproxy.stats import Statistics
 
 __all__ = ["main"]
 
@@ -147,8 +148,14 @@ def _parser() -> argparse.ArgumentParser:
                "SIGTERM or SIGINT stops accepting and drains; a second one stops at once. "
                "SIGUSR1 logs the statistics; SIGHUP, SIGUSR2 and SIGALRM are logged and ignored.",
     )
-    parser.add_argument("listen", metavar="LISTEN", help="address to accept clients on; port 0 picks one")
-    parser.add_argument("target", metavar="TARGET", help="address to connect to for each client")
+    parser.add_argument("listen", metavar="LISTEN", nargs="?",
+                        help="address to accept clients on; port 0 picks one")
+    parser.add_argument("target", metavar="TARGET", nargs="?", help="address to connect to for each client")
+    parser.add_argument("--api", metavar="HOST:PORT", default=None,
+                        help="serve toxiproxy's HTTP API here (e.g. 127.0.0.1:8474); LISTEN TARGET are then "
+                             "optional. Whoever can reach it can make this host connect anywhere")
+    parser.add_argument("--name", metavar="NAME", default="default",
+                        help="with --api: the LISTEN TARGET rule's proxy name (default 'default')")
     parser.add_argument("--connect-timeout", metavar="SECONDS", default="10",
                         help="give up on each upstream connect attempt after this long (default 10; 0 waits "
                              "as long as the kernel does)")
@@ -200,8 +207,40 @@ def _option_name(field: str) -> str:
     return field.upper() if field in ("listen", "target") else "--" + field.replace("_", "-")
 
 
+class _ApiServer:
+    """``--api``: the HTTP API and the proxies it makes (the command line's rule among them)
+    on this thread's hub, served and stopped as one."""
+
+    def __init__(self, api: str, name: str, forwarder: Optional[Forwarder], options: dict):
+        from gproxy.api import Api
+        from gproxy.service import Service
+
+        self.service = Service(**options)
+        self.api = Api(self.service, api)
+        if forwarder is not None:
+            self.service.add(name, forwarder, start=False)
+
+    def serve_forever(self) -> None:
+        self.service.start()
+        self.api.start()
+        self.service.serve_forever()
+
+    def stop(self) -> None:
+        self.api.stop()
+        self.service.stop()
+
+    def statistics(self) -> Statistics:
+        """Every proxy's statistics, added up."""
+        each = [fw.statistics() for _name, fw in self.service.items()]
+        return Statistics(**{f.name: sum(getattr(s, f.name) for s in each)
+                             for f in dataclasses.fields(Statistics)})
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.target is None and (args.listen is not None or args.api is None):
+        parser.error("the following arguments are required: " + ("TARGET" if args.listen else "LISTEN, TARGET"))
     options = {name: getattr(args, name) for name in (
         "connect_timeout", "idle_timeout", "half_close_timeout", "backlog", "buffer_size",
         "drain_timeout", "splice", "proxy_protocol", "accept_proxy_from", "proxy_header_timeout",
@@ -225,7 +264,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args: argparse.Namespace, options: dict) -> int:
     try:
-        forwarder = Forwarder(args.listen, args.target, **options)
+        forwarder = Forwarder(args.listen, args.target, **options) if args.listen is not None else None
+        if args.api is not None:
+            forwarder = _ApiServer(args.api, args.name, forwarder, options)
     except ConfigError as exc:
         return _fail(2, f"{_option_name(exc.field)}: {str(exc).split(': ', 1)[-1]}")
 

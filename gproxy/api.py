@@ -1,0 +1,398 @@
+"""toxiproxy's HTTP API on ``gevent.pywsgi``: JSON in, :class:`~gproxy.service.Service` calls, JSON out.
+
+Typical use (what ``gproxy --api 127.0.0.1:8474`` does)::
+
+    service = Service()
+    api = Api(service, "127.0.0.1:8474").start()   # on this thread's hub
+    api.address                                     # the real bound (host, port)
+    api.mount("GET", "/metrics", render)            # render(environ) -> (status, headers, body)
+    ...
+    api.stop()
+
+The routes, fields, status codes and error bodies (``{"error": "...", "status": 409}``) are
+those of Shopify's toxiproxy server, so its clients drive gproxy unchanged. A request that
+fails changes nothing. Nothing here forwards a byte: the service and its forwarders do.
+
+Whoever can reach this port can make the host connect anywhere: it listens on loopback
+unless told otherwise. Requests from web browsers (a ``User-Agent`` starting ``Mozilla/``)
+are refused, as toxiproxy refuses them, so a web page cannot drive it either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from gevent.pywsgi import LoggingLogAdapter, WSGIServer
+
+from gproxy import __version__
+from gproxy._sockets import describe_address, describe_error
+from gproxy.config import AddressLike, ConfigError, parse_address
+from gproxy.forwarder import Forwarder
+from gproxy.service import DuplicateName, Service, UnknownName, is_enabled, listen_address
+
+__all__ = ["Api", "ApiError"]
+
+log = logging.getLogger(__name__)
+
+#: a mounted route: environ -> (HTTP status, headers, body)
+Handler = Callable[[dict], Tuple[int, List[Tuple[str, str]], bytes]]
+
+_REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
+            404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
+            500: "Internal Server Error"}
+
+#: the largest request body read; toxiproxy's bodies are a few hundred bytes.
+_MAX_BODY = 1 << 20
+
+#: where a proxy created without ``listen`` listens (toxiproxy: every interface, port 0).
+_DEFAULT_LISTEN = "127.0.0.1:0"
+
+
+class ApiError(Exception):
+    """An answer other than success: toxiproxy's ``{"error": message, "status": status}``."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+def _bad_body(detail: str) -> ApiError:
+    return ApiError(f"bad request body: {detail}", 400)
+
+
+_PROXY_NOT_FOUND = ("proxy not found", 404)
+_PROXY_EXISTS = ("proxy already exists", 409)
+_TOXIC_NOT_FOUND = ("toxic not found", 404)
+_TOXIC_EXISTS = ("toxic already exists", 409)
+_INVALID_STREAM = ("stream was invalid, can be either upstream or downstream", 400)
+_INVALID_TYPE = ("invalid toxic type", 400)
+
+
+class Api:
+    """The HTTP API of ``service`` on ``listen`` (default loopback, toxiproxy's port 8474).
+
+    ``drop_timeout`` is how long a deleted, replaced or moved proxy's connections may
+    finish (default 0: cut at once, as toxiproxy does)."""
+
+    def __init__(self, service: Service, listen: AddressLike = "127.0.0.1:8474", *,
+                 drop_timeout: float = 0.0):
+        self.service = service
+        self.listen = parse_address(listen, "api")
+        self.drop_timeout = drop_timeout
+        self._server: Optional[WSGIServer] = None
+        self._mounted: Dict[Tuple[str, str], Handler] = {}
+
+    # -- serving -----------------------------------------------------------------------
+
+    def mount(self, method: str, path: str, handler: Handler) -> None:
+        """Serve ``method path`` (an exact path) with ``handler(environ) -> (status, headers,
+        body)``, e.g. ``GET /metrics``. Mounted routes win over toxiproxy's."""
+        self._mounted[(method.upper(), path)] = handler
+
+    def start(self) -> "Api":
+        """Bind and serve on this thread's hub; ``OSError`` if the address cannot be bound."""
+        server = WSGIServer((self.listen.host, self.listen.port), self,
+                            log=LoggingLogAdapter(log, logging.DEBUG),
+                            error_log=LoggingLogAdapter(log, logging.ERROR))
+        try:
+            server.start()
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {self.listen} (API): {describe_error(exc)}") from None
+        self._server = server
+        log.info("HTTP API (toxiproxy) listening on %s", describe_address(self.address))
+        return self
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        """The real bound ``(host, port)``; valid once started."""
+        if self._server is None:
+            raise RuntimeError("the API has not been started")
+        return self._server.address[:2]
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop accepting and let requests in progress finish for up to ``timeout`` seconds."""
+        if self._server is not None:
+            self._server.stop(timeout=timeout)
+
+    # -- WSGI ------------------------------------------------------------------------------
+
+    def __call__(self, environ: dict, start_response) -> List[bytes]:
+        try:
+            status, headers, body = self._respond(environ)
+        except ApiError as exc:
+            status, headers, body = _error(exc.message, exc.status)
+        except Exception as exc:  # a bug: say so, keep serving
+            log.exception("API request %s %s failed", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            status, headers, body = _error(f"internal error: {exc}", 500)
+        start_response(f"{status} {_REASONS.get(status, '')}".rstrip(), headers)
+        return [body]
+
+    def _respond(self, environ: dict):
+        if environ.get("HTTP_USER_AGENT", "").startswith("Mozilla/"):
+            # toxiproxy's answer, verbatim: a web page must not drive the API (CSRF)
+            return 403, [("Content-Type", "text/plain; charset=utf-8")], b"User agent not allowed\n"
+        method = environ["REQUEST_METHOD"].upper()
+        path = environ.get("PATH_INFO") or "/"
+        mounted = self._mounted.get((method, path))
+        if mounted is not None:
+            return mounted(environ)
+        if path != "/" and path.endswith("/"):
+            raise ApiError("not found", 404)
+        parts = path.strip("/").split("/")
+        route = _route(parts)
+        if route is None:
+            if any(key[1] == path for key in self._mounted):
+                raise ApiError("method not allowed", 405)
+            raise ApiError("not found", 404)
+        name, args = route
+        handler = getattr(self, f"_{name}_{method.lower()}", None)
+        if method == "PATCH" and handler is None:  # toxiproxy takes PATCH for updates, POST too
+            handler = getattr(self, f"_{name}_post", None)
+        if handler is None:
+            raise ApiError("method not allowed", 405)
+        result = handler(environ, *args)
+        if result is None:
+            return 204, [], b""
+        status, obj = result
+        return status, [("Content-Type", "application/json")], json.dumps(obj).encode() + b"\n"
+
+    # -- proxies ------------------------------------------------------------------------------
+
+    def _proxies_get(self, environ):
+        return 200, {name: self._proxy_json(name, fw) for name, fw in self.service.items()}
+
+    def _proxies_post(self, environ):
+        body = _object(_read_json(environ))
+        name, upstream = body.get("name"), body.get("upstream")
+        _fields(body, name=str, listen=str, upstream=str, enabled=bool)
+        if not name:
+            raise ApiError("missing required field: name", 400)
+        if not upstream:
+            raise ApiError("missing required field: upstream", 400)
+        if name in self.service:
+            raise ApiError(*_PROXY_EXISTS)
+        enabled = body.get("enabled")
+        try:
+            fw = self.service.create(name, body.get("listen") or _DEFAULT_LISTEN, upstream,
+                                     enabled=True if enabled is None else enabled)
+        except DuplicateName:
+            raise ApiError(*_PROXY_EXISTS) from None
+        except ConfigError as exc:
+            raise _config_error(exc) from None
+        except OSError as exc:
+            raise ApiError(str(exc.strerror or exc), 500) from None
+        return 201, self._proxy_json(name, fw)
+
+    def _populate_post(self, environ):
+        try:
+            body = _read_json(environ)
+            if not isinstance(body, list):
+                raise _bad_body(f"expected an array of proxies, got {_json_type(body)}")
+            specs = []
+            for index, entry in enumerate(body, 1):
+                entry = _object(entry, f"proxy {index}")
+                _fields(entry, name=str, listen=str, upstream=str, enabled=bool)
+                if not entry.get("name"):
+                    raise ApiError(f"missing required field: name at proxy {index}", 400)
+                if not entry.get("upstream"):
+                    raise ApiError(f"missing required field: upstream at proxy {index}", 400)
+                enabled = entry.get("enabled")
+                specs.append({"name": entry["name"], "listen": entry.get("listen") or _DEFAULT_LISTEN,
+                              "target": entry["upstream"], "enabled": True if enabled is None else enabled})
+            try:
+                forwarders = self.service.populate(specs, timeout=self.drop_timeout)
+            except ConfigError as exc:
+                raise _config_error(exc) from None
+            except OSError as exc:
+                raise ApiError(str(exc.strerror or exc), 500) from None
+        except ApiError as exc:  # toxiproxy answers populate's errors with the proxies list too
+            return exc.status, {"error": exc.message, "status": exc.status, "proxies": []}
+        names = [spec["name"] for spec in specs]
+        return 201, {"proxies": [self._proxy_json(name, fw) for name, fw in zip(names, forwarders)]}
+
+    def _proxy_get(self, environ, name):
+        return 200, self._proxy_json(name, self._proxy(name))
+
+    def _proxy_post(self, environ, name):
+        self._proxy(name)
+        body = _object(_read_json(environ))
+        _fields(body, name=str, listen=str, upstream=str, enabled=bool)
+        try:
+            fw = self.service.update(name, listen=body.get("listen"), target=body.get("upstream"),
+                                     enabled=body.get("enabled"), timeout=self.drop_timeout)
+        except ConfigError as exc:
+            raise _config_error(exc) from None
+        except OSError as exc:
+            raise ApiError(str(exc.strerror or exc), 500) from None
+        return 200, self._proxy_json(name, fw)
+
+    def _proxy_delete(self, environ, name):
+        try:
+            self.service.remove(name, timeout=self.drop_timeout)
+        except UnknownName:
+            raise ApiError(*_PROXY_NOT_FOUND) from None
+
+    def _reset_post(self, environ):
+        self.service.reset()
+
+    def _version_get(self, environ):
+        return 200, {"version": __version__}
+
+    # -- toxics -----------------------------------------------------------------------------
+
+    def _toxics_get(self, environ, name):
+        return 200, [_toxic_json(t) for t in _toxics_of(self._proxy(name))]
+
+    def _toxics_post(self, environ, name):
+        fw = self._proxy(name)
+        body = _object(_read_json(environ))
+        _fields(body, name=str, type=str, stream=str, toxicity=(int, float), attributes=dict)
+        stream = (body.get("stream") or "downstream").lower()
+        if stream not in ("upstream", "downstream"):
+            raise ApiError(*_INVALID_STREAM)
+        kind = body.get("type") or ""
+        toxic_name = body.get("name") or f"{kind}_{stream}"
+        if any(t.name == toxic_name for t in _toxics_of(fw)):
+            raise ApiError(*_TOXIC_EXISTS)
+        toxicity = body.get("toxicity")
+        try:
+            toxic = fw.add_toxic(kind, name=toxic_name, stream=stream,
+                                 toxicity=1.0 if toxicity is None else toxicity,
+                                 **(body.get("attributes") or {}))
+        except ConfigError as exc:
+            if exc.field == "type":
+                raise ApiError(*_INVALID_TYPE) from None
+            raise _bad_body(str(exc)) from None
+        except TypeError as exc:  # an attribute name that is no keyword at all
+            raise _bad_body(str(exc)) from None
+        return 200, _toxic_json(toxic)
+
+    def _toxic_get(self, environ, name, toxic_name):
+        return 200, _toxic_json(self._toxic(self._proxy(name), toxic_name))
+
+    def _toxic_post(self, environ, name, toxic_name):
+        fw = self._proxy(name)
+        self._toxic(fw, toxic_name)
+        body = _object(_read_json(environ))
+        _fields(body, toxicity=(int, float), attributes=dict)
+        changes = dict(body.get("attributes") or {})
+        if body.get("toxicity") is not None:
+            changes["toxicity"] = body["toxicity"]
+        try:
+            toxic = fw.update_toxic(toxic_name, **changes)
+        except ConfigError as exc:
+            raise _bad_body(str(exc)) from None
+        except TypeError as exc:
+            raise _bad_body(str(exc)) from None
+        return 200, _toxic_json(toxic)
+
+    def _toxic_delete(self, environ, name, toxic_name):
+        fw = self._proxy(name)
+        self._toxic(fw, toxic_name)
+        fw.remove_toxic(toxic_name)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _proxy(self, name: str) -> Forwarder:
+        try:
+            return self.service[name]
+        except UnknownName:
+            raise ApiError(*_PROXY_NOT_FOUND) from None
+
+    @staticmethod
+    def _toxic(fw: Forwarder, toxic_name: str):
+        for toxic in _toxics_of(fw):
+            if toxic.name == toxic_name:
+                return toxic
+        raise ApiError(*_TOXIC_NOT_FOUND)
+
+    @staticmethod
+    def _proxy_json(name: str, fw: Forwarder) -> Dict[str, Any]:
+        return {"name": name, "listen": str(listen_address(fw)), "upstream": str(fw.rule.target),
+                "enabled": is_enabled(fw), "toxics": [_toxic_json(t) for t in _toxics_of(fw)]}
+
+
+def _route(parts: List[str]):
+    """(handler name, path arguments) for toxiproxy's paths, or None."""
+    if parts == ["proxies"]:
+        return "proxies", ()
+    if parts in (["populate"], ["reset"], ["version"]):
+        return parts[0], ()
+    if len(parts) >= 2 and parts[0] == "proxies" and parts[1]:
+        if len(parts) == 2:
+            return "proxy", (parts[1],)
+        if len(parts) == 3 and parts[2] == "toxics":
+            return "toxics", (parts[1],)
+        if len(parts) == 4 and parts[2] == "toxics" and parts[3]:
+            return "toxic", (parts[1], parts[3])
+    return None
+
+
+def _toxics_of(fw: Forwarder) -> list:
+    toxics = getattr(fw, "toxics", None)
+    return list(toxics()) if toxics is not None else []
+
+
+def _toxic_json(toxic) -> Dict[str, Any]:
+    return {"name": toxic.name, "type": toxic.type, "stream": str(toxic.stream),
+            "toxicity": toxic.toxicity, "attributes": dict(toxic.attributes)}
+
+
+def _config_error(exc: ConfigError) -> ApiError:
+    """400 naming the field as the JSON has it (``upstream``, which a Rule calls ``target``)."""
+    field, _, message = str(exc).partition(": ")
+    field = field.replace("target", "upstream")
+    return ApiError(f"{field}: {message}" if message else field, 400)
+
+
+def _error(message: str, status: int):
+    body = json.dumps({"error": message, "status": status}).encode() + b"\n"
+    return status, [("Content-Type", "application/json")], body
+
+
+def _read_json(environ: dict) -> Any:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise ApiError("bad Content-Length", 400) from None
+    if length > _MAX_BODY:
+        raise ApiError(f"request body over {_MAX_BODY} bytes", 413)
+    data = environ["wsgi.input"].read(length) if length else environ["wsgi.input"].read(_MAX_BODY + 1)
+    if len(data) > _MAX_BODY:
+        raise ApiError(f"request body over {_MAX_BODY} bytes", 413)
+    if not data.strip():
+        raise _bad_body("EOF")  # what toxiproxy says of an empty body
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad_body(str(exc)) from None
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def _object(value: Any, where: str = "") -> dict:
+    if not isinstance(value, dict):
+        raise _bad_body(f"expected an object{' for ' + where if where else ''}, got {_json_type(value)}")
+    return value
+
+
+def _fields(body: dict, **types) -> None:
+    """Each field present and not null has its JSON type (toxiproxy's decoder rejects the rest;
+    like it, fields it does not know are ignored)."""
+    for key, kind in types.items():
+        value = body.get(key)
+        if value is None:
+            continue
+        wrong = (not isinstance(value, kind)) or (kind is not bool and isinstance(value, bool))
+        if wrong:
+            raise _bad_body(f"{key}: expected {_json_type(_example(kind))}, got {_json_type(value)}")
+
+
+def _example(kind):
+    kind = kind[0] if isinstance(kind, tuple) else kind
+    return kind()

@@ -1,0 +1,324 @@
+"""The toxiproxy-compatible HTTP API: ``gproxy --api 127.0.0.1:0`` in a subprocess, driven over
+real sockets by a plain HTTP client (urllib) and by a toxiproxy client library from PyPI."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Optional, Tuple
+
+import pytest
+
+import gproxy
+from peers import TIMEOUT, Gate, Proxy, Server, connect, echo, free_port, recv_all, recv_exactly
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class ApiProcess(Proxy):
+    """``python -m gproxy --api 127.0.0.1:0 [args]``; ``url`` is read back from its log."""
+
+    API = re.compile(r"HTTP API \(toxiproxy\) listening on (\S+):(\d+)")
+
+    def __init__(self, *args: str):  # pylint: disable=super-init-not-called
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gproxy", "--api", "127.0.0.1:0", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self.seen = []
+        threading.Thread(target=self._read, daemon=True).start()
+        try:
+            match = self.API.search(self.wait_for("HTTP API"))
+        except BaseException:
+            self.kill()
+            raise
+        self.api = (match.group(1), int(match.group(2)))
+        self.url = "http://%s:%d" % self.api
+
+    def call(self, method: str, path: str, body: Any = None, *, raw: Optional[bytes] = None,
+             headers: Optional[dict] = None) -> Tuple[int, Any]:
+        """(status, decoded JSON body, or the text if it is not JSON, or None if empty)."""
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"User-Agent": "gproxy-tests", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                status, text = response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            status, text = error.code, error.read().decode()
+        if not text:
+            return status, None
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            return status, text
+
+
+def exchange(address, data: bytes = b"ping") -> bytes:
+    """One echo round trip through a proxy: send, half-close, read to EOF."""
+    with connect(address) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def address_of(listen: str) -> Tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def refused(address) -> bool:
+    try:
+        connect(address).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with Server(echo) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def server():
+    process = ApiProcess()
+    yield process
+    code, log = process.stop()
+    assert code == 0, log
+    assert "Traceback" not in log and " ERROR " not in log, log
+
+
+@pytest.fixture
+def api(server):
+    """The module's server, emptied after each test (and checked to be alive)."""
+    yield server
+    assert server.process.poll() is None, server.seen
+    status, proxies = server.call("GET", "/proxies")
+    assert status == 200
+    for name in proxies:
+        assert server.call("DELETE", f"/proxies/{name}")[0] == 204
+
+
+def create(api, name: str, upstream, listen: str = "127.0.0.1:0", **fields) -> dict:
+    status, proxy = api.call("POST", "/proxies", {"name": name, "listen": listen,
+                                                   "upstream": "%s:%d" % tuple(upstream), **fields})
+    assert status == 201, proxy
+    return proxy
+
+
+# -- proxies ------------------------------------------------------------------------------------
+
+def test_version(api):
+    assert api.call("GET", "/version") == (200, {"version": gproxy.__version__})
+
+
+def test_create_reports_the_real_port_and_forwards(api, upstream):
+    proxy = create(api, "echo", upstream.address)
+    host, port = address_of(proxy["listen"])
+    assert host == "127.0.0.1" and port > 0
+    assert proxy == {"name": "echo", "listen": f"127.0.0.1:{port}",
+                     "upstream": "%s:%d" % upstream.address, "enabled": True, "toxics": []}
+    assert exchange((host, port)) == b"ping"
+    assert api.call("GET", "/proxies") == (200, {"echo": proxy})
+    assert api.call("GET", "/proxies/echo") == (200, proxy)
+
+
+def test_created_disabled_listens_once_enabled(api, upstream):
+    port = free_port()
+    proxy = create(api, "later", upstream.address, listen=f"127.0.0.1:{port}", enabled=False)
+    assert proxy["enabled"] is False and refused(("127.0.0.1", port))
+    status, proxy = api.call("POST", "/proxies/later", {"enabled": True})
+    assert status == 200 and proxy["enabled"] is True
+    assert exchange(("127.0.0.1", port)) == b"ping"
+
+
+def test_delete_stops_listening(api, upstream):
+    address = address_of(create(api, "gone", upstream.address)["listen"])
+    assert api.call("DELETE", "/proxies/gone") == (204, None)
+    assert refused(address)
+    assert api.call("GET", "/proxies") == (200, {})
+
+
+def test_update_moves_the_listener(api, upstream):
+    old = address_of(create(api, "mover", upstream.address)["listen"])
+    port = free_port()
+    status, proxy = api.call("PATCH", "/proxies/mover", {"listen": f"127.0.0.1:{port}"})
+    assert status == 200 and proxy["listen"] == f"127.0.0.1:{port}"
+    assert refused(old) and exchange(("127.0.0.1", port)) == b"ping"
+    # the whole proxy sent back as read (what toxiproxy clients' save() does) changes nothing
+    status, same = api.call("POST", "/proxies/mover", proxy)
+    assert status == 200 and same == proxy
+
+
+def test_populate_creates_keeps_and_replaces(api, upstream):
+    with Server(echo) as other:
+        entries = [{"name": "a", "listen": "127.0.0.1:0", "upstream": "%s:%d" % upstream.address},
+                   {"name": "b", "listen": "127.0.0.1:0", "upstream": "%s:%d" % upstream.address}]
+        status, body = api.call("POST", "/populate", entries)
+        assert status == 201 and [p["name"] for p in body["proxies"]] == ["a", "b"]
+        first = {p["name"]: p for p in body["proxies"]}
+        # again, unchanged: left alone (same ports); b now elsewhere: replaced on its port
+        entries[1] = {"name": "b", "listen": first["b"]["listen"], "upstream": "%s:%d" % other.address}
+        status, body = api.call("POST", "/populate", entries)
+        assert status == 201
+        second = {p["name"]: p for p in body["proxies"]}
+        assert second["a"] == first["a"]
+        assert second["b"]["listen"] == first["b"]["listen"]
+        assert second["b"]["upstream"] == "%s:%d" % other.address
+        assert exchange(address_of(second["b"]["listen"])) == b"ping" and other.accepted == 1
+        assert api.call("GET", "/proxies")[1] == second
+
+
+def test_reset_enables_every_proxy(api, upstream):
+    port = free_port()
+    create(api, "off", upstream.address, listen=f"127.0.0.1:{port}", enabled=False)
+    assert api.call("POST", "/reset") == (204, None)
+    assert api.call("GET", "/proxies/off")[1]["enabled"] is True
+    assert exchange(("127.0.0.1", port)) == b"ping"
+
+
+# -- bad requests: toxiproxy's error, nothing changed, forwarding goes on ---------------------------
+
+def _taken_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+BAD = [
+    # (method, path, body or raw bytes, status, error message or its start)
+    ("POST", "/proxies", b"{\"name\": ", 400, "bad request body: "),
+    ("POST", "/proxies", b"", 400, "bad request body: EOF"),
+    ("POST", "/proxies", [1], 400, "bad request body: "),
+    ("POST", "/proxies", {"upstream": "127.0.0.1:1"}, 400, "missing required field: name"),
+    ("POST", "/proxies", {"name": "x"}, 400, "missing required field: upstream"),
+    ("POST", "/proxies", {"name": "x", "upstream": "127.0.0.1:1", "listen": "127.0.0.1:99999"}, 400, "listen: "),
+    ("POST", "/proxies", {"name": "x", "upstream": "nowhere", "listen": "127.0.0.1:0"}, 400, "upstream: "),
+    ("POST", "/proxies", {"name": "x", "upstream": "127.0.0.1:1", "enabled": "yes"}, 400, "bad request body: "),
+    ("POST", "/proxies", {"name": "live", "upstream": "127.0.0.1:1"}, 409, "proxy already exists"),
+    ("POST", "/proxies", {"name": "x", "upstream": "127.0.0.1:1", "listen": "TAKEN"}, 500, "cannot listen on"),
+    ("GET", "/proxies/missing", None, 404, "proxy not found"),
+    ("POST", "/proxies/missing", {"enabled": False}, 404, "proxy not found"),
+    ("DELETE", "/proxies/missing", None, 404, "proxy not found"),
+    ("POST", "/proxies/live", b"nonsense", 400, "bad request body: "),
+    ("POST", "/proxies/live", {"listen": "127.0.0.1:abc"}, 400, "listen: "),
+    ("POST", "/proxies/live", {"listen": "TAKEN"}, 500, "cannot listen on"),
+    ("POST", "/populate", {"name": "a"}, 400, "bad request body: "),
+    ("POST", "/populate", [{"name": "a", "upstream": "127.0.0.1:1"}, {"upstream": "127.0.0.1:1"}], 400,
+     "missing required field: name at proxy 2"),
+    ("POST", "/populate", [{"name": "a", "upstream": "127.0.0.1:1"}, {"name": "b"}], 400,
+     "missing required field: upstream at proxy 2"),
+    ("POST", "/populate", [{"name": "a", "upstream": "127.0.0.1:1"},
+                           {"name": "b", "upstream": "127.0.0.1:1", "listen": "local373"}], 400, "proxies[1].listen"),
+    ("GET", "/proxies/missing/toxics", None, 404, "proxy not found"),
+    ("POST", "/proxies/missing/toxics", {"type": "latency"}, 404, "proxy not found"),
+    ("GET", "/proxies/live/toxics/missing", None, 404, "toxic not found"),
+    ("POST", "/proxies/live/toxics/missing", {"attributes": {}}, 404, "toxic not found"),
+    ("DELETE", "/proxies/live/toxics/missing", None, 404, "toxic not found"),
+    ("GET", "/nowhere", None, 404, "not found"),
+    ("PUT", "/proxies", {}, 405, "method not allowed"),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status, message", BAD,
+                         ids=[f"{m} {p} {s} {msg}" for m, p, _, s, msg in BAD])
+def test_bad_request_gets_toxiproxys_error_and_changes_nothing(api, method, path, body, status, message):
+    with Server(echo) as upstream, _taken_port() as taken:
+        live = create(api, "live", upstream.address)
+        address = address_of(live["listen"])
+        client = connect(address)   # open across the bad request, must still work after it
+        client.sendall(b"before ")
+        assert recv_exactly(client, 7) == b"before "
+        before = api.call("GET", "/proxies")
+        if isinstance(body, bytes):
+            answer = api.call(method, path, raw=body)
+        else:
+            body = json.loads(json.dumps(body).replace("TAKEN", "127.0.0.1:%d" % taken.getsockname()[1]))
+            answer = api.call(method, path, body)
+        got_status, error = answer
+        assert got_status == status, answer
+        assert error["status"] == status and error["error"].startswith(message), answer
+        assert api.call("GET", "/proxies") == before
+        client.sendall(b"after")
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b"after"
+        client.close()
+
+
+def test_populate_error_keeps_toxiproxys_shape(api):
+    status, body = api.call("POST", "/populate", [{"name": "x"}])
+    assert status == 400
+    assert body == {"error": "missing required field: upstream at proxy 1", "status": 400, "proxies": []}
+
+
+def test_browsers_are_refused(api):
+    status, text = api.call("GET", "/proxies", headers={"User-Agent": "Mozilla/5.0 (X11; Linux x86_64)"})
+    assert status == 403 and text.strip() == "User agent not allowed"
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+def test_command_line_rule_is_a_named_proxy(upstream):
+    with ApiProcess("--name", "web", "127.0.0.1:0", "%s:%d" % upstream.address) as process:
+        line = process.seen[0] if "listening on" in process.seen[0] else process.wait_for("listening on")
+        status, proxies = process.call("GET", "/proxies")
+        assert status == 200 and list(proxies) == ["web"], proxies
+        assert proxies["web"]["listen"] in line and proxies["web"]["enabled"] is True
+        assert exchange(address_of(proxies["web"]["listen"])) == b"ping"
+        code, log = process.stop()
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--api", "127.0.0.1:99999"], "--api"),
+    (["--api", "127.0.0.1:0", "127.0.0.1:0"], "TARGET"),
+    (["--api", "127.0.0.1:0", "--name", "a/b", "127.0.0.1:0", "127.0.0.1:1"], "--name"),
+    ([], "LISTEN"),
+])
+def test_bad_api_arguments_are_one_line_and_exit_2(args, culprit):
+    result = subprocess.run([sys.executable, "-m", "gproxy", *args], capture_output=True, text=True,
+                            timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and culprit in lines[0], result.stderr
+
+
+def test_api_port_in_use_is_one_line_and_exit_1():
+    with _taken_port() as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "gproxy", "--api", f"127.0.0.1:{port}"],
+                                capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"gproxy: error: cannot listen on 127.0.0.1:{port} (API): address already in use"
+
+
+# -- a real toxiproxy client library ---------------------------------------------------------------
+
+def test_toxiproxy_python_client(api, upstream):
+    """toxiproxy-python (PyPI), unchanged, pointed at gproxy instead of toxiproxy."""
+    from toxiproxy import Toxiproxy
+    from toxiproxy.exceptions import NotFound
+
+    client = Toxiproxy()
+    client.update_api_consumer(*api.api)
+    assert client.running() and json.loads(client.version()) == {"version": gproxy.__version__}
+    proxy = client.create(upstream="%s:%d" % upstream.address, name="py", listen="127.0.0.1:0")
+    assert proxy.enabled is True and address_of(proxy.listen)[1] > 0
+    assert exchange(address_of(proxy.listen)) == b"ping"
+    assert set(client.proxies()) == {"py"} and client.get_proxy("py").listen == proxy.listen
+    assert client.reset() is True
+    assert proxy.destroy() is True and client.proxies() == {}
+    with pytest.raises(NotFound):
+        proxy.destroy()
