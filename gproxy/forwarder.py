@@ -40,7 +40,7 @@ from gevent import getcurrent, monkey
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from gproxy import _sockets
+from gproxy import _sockets, loops
 from gproxy._workers import Workers
 from gproxy.config import AddressLike, Rule, TargetLike, UnixAddress, check_hook
 from gproxy.relay import Connection, Context, sweep, toxics_changed
@@ -533,6 +533,11 @@ class Forwarder:
                 listener = _adopt(fd, self.rule)
             else:
                 listener = _listen(self.rule)
+                try:
+                    loops.refuse_at_start(self.rule, listener)
+                except BaseException:
+                    listener.close()
+                    raise
                 self._socket_file = _socket_file(self.rule)
         except BaseException:
             self._state = "stopped"
@@ -542,6 +547,8 @@ class Forwarder:
         else:
             self._address = listener.getsockname()[:2]
         self._context.name = self.name
+        if loops.may_loop(self.rule, self._address):
+            self._context.own_upstreams = loops.OwnUpstreams()
         if self._context.targets is not None:
             self._context.targets.label = self.name
         self._hub = gevent.get_hub()
@@ -561,7 +568,21 @@ class Forwarder:
         log.info("listening on %s -> %s", _sockets.describe_address(self._address), self._context.target_name)
 
     def _handle(self, client: socket.socket, address, upstream: socket.socket) -> None:
+        own = self._context.own_upstreams
+        if own is not None and address in own:  # None unless a target can reach our port
+            self._refuse_self(client, address, upstream)
+            return
         Connection(self._context, client, address).run(upstream)
+
+    def _refuse_self(self, client: socket.socket, address, upstream: socket.socket) -> None:
+        """A client that is one of our own upstream sockets: the target leads back here.
+        Reset it, which ends the connection that dialled it, and so the loop."""
+        log.warning("%s: refused a connection from %s, this forwarder's own upstream socket: "
+                    "the target %s leads back to the listening address (a forwarding loop)",
+                    self.name, _sockets.describe_address(address), self._context.target_name)
+        _sockets.abort(client)
+        upstream.close()
+        self._server.connection_closed()
 
     def _sweep(self) -> None:
         """The periodic watch, one timer for all connections: idle timeouts and parking.

@@ -149,6 +149,9 @@ class Context:
         self.proxy_version = {"off": 0, "v1": 1, "v2": 2}[rule.proxy_protocol]
         #: the rate-limited "denied" line, for rules that can refuse a client
         self.denied_log = DeniedLog(log) if self.access is not None or self.accept_proxy else None
+        #: local addresses of our upstream sockets (loops.OwnUpstreams), when a target could
+        #: lead back to the listener; None, and no cost, otherwise
+        self.own_upstreams = None
         #: called when a connection finds no fd for its upstream socket
         self.on_fd_exhausted: Optional[Callable[[OSError], None]] = None
         #: called after each connection's teardown
@@ -249,6 +252,7 @@ class Connection:
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
         "_pumps", "_closed", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target", "links",
+        "own_key",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -264,6 +268,7 @@ class Connection:
         self.access_key = None
         self.upstream: Optional[socket.socket] = None
         self.target = None            # the endpoint connected to, when the rule has several
+        self.own_key = None           # our upstream's local address, noted in own_upstreams
         self.counts = [0, 0]
         self.started = time.time()
         self._t0 = time.monotonic()
@@ -477,6 +482,8 @@ class Connection:
                 return None
             try:
                 code = sock.connect_ex(sockaddr)
+                if self.context.own_upstreams is not None:  # before the listener can accept it
+                    self.own_key = self.context.own_upstreams.note(sock, self.own_key)
                 if code == errno.EINPROGRESS:  # a Unix socket never waits: EAGAIN is a full queue
                     writable = self._hub.loop.io(sock.fileno(), _WRITE)
                     try:
@@ -630,6 +637,8 @@ class Connection:
         if self.target is not None:
             context.targets.released(self.target)
         self.links = None
+        if self.own_key is not None:
+            context.own_upstreams.forget(self.own_key)
         counters = context.counters
         if self.outcome is None:  # cannot happen; keep the books straight if it does
             self.outcome = Outcome.ERROR
