@@ -10,34 +10,60 @@ Typical use, as a pytest plugin (in a conftest.py)::
         ...
         print(fw.statistics())
 
+    @pytest.fixture(scope="session")
+    def db_proxy(gproxy_session_forwarder):      # one forwarder for the whole session
+        return gproxy_session_forwarder(("127.0.0.1", 5432))
+
 or without pytest::
 
     with forwarding(("127.0.0.1", 5432)) as fw:
         ...
 
-Each forwarder listens on 127.0.0.1 with a free port and is stopped at the end
-of the test (open connections are aborted at once: a test ends when it ends).
+The target comes first and ``listen`` is keyword-only (default ``127.0.0.1:0``, a free
+port): ``Forwarder(listen, target)`` puts listen first, so a positional listen here would
+be read the wrong way round; it is a ``TypeError`` instead. Every forwarder is stopped at
+the end of its test (or session) with open connections aborted at once: a test ends when
+it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, List
+from typing import Any, Callable, Iterator, List
 
-from gproxy.config import AddressLike
+from gproxy.config import AddressLike, TargetLike
 from gproxy.forwarder import Forwarder
 
-__all__ = ["forwarding", "gproxy_forwarder"]
+__all__ = ["forwarding", "gproxy_forwarder", "gproxy_session_forwarder"]
+
+LOCAL = "127.0.0.1:0"
 
 
 @contextlib.contextmanager
-def forwarding(target: AddressLike, listen: AddressLike = "127.0.0.1:0", **options) -> Iterator[Forwarder]:
-    """A started forwarder to ``target`` for the ``with`` block; stopped (no drain) after it."""
+def forwarding(target: TargetLike, *, listen: AddressLike = LOCAL, **options: Any) -> Iterator[Forwarder]:
+    """A started forwarder to ``target`` for the ``with`` block; stopped (no drain) after it.
+    ``options`` are Forwarder's keyword options."""
     fw = Forwarder(listen, target, **options).start()
     try:
         yield fw
     finally:
         fw.stop(timeout=0)
+
+
+@contextlib.contextmanager
+def _factory() -> Iterator[Callable[..., Forwarder]]:
+    started: List[Forwarder] = []
+
+    def make(target: TargetLike, *, listen: AddressLike = LOCAL, **options: Any) -> Forwarder:
+        fw = Forwarder(listen, target, **options).start()
+        started.append(fw)
+        return fw
+
+    try:
+        yield make
+    finally:
+        for fw in started:
+            fw.stop(timeout=0)
 
 
 try:
@@ -48,17 +74,14 @@ except ImportError:  # the helpers above work without pytest
 if pytest is not None:
     @pytest.fixture
     def gproxy_forwarder() -> Iterator[Callable[..., Forwarder]]:
-        """A factory: ``gproxy_forwarder(target, listen="127.0.0.1:0", **options)`` returns a
-        started Forwarder; every one it made is stopped when the test ends."""
-        started: List[Forwarder] = []
-
-        def make(target: AddressLike, listen: AddressLike = "127.0.0.1:0", **options) -> Forwarder:
-            fw = Forwarder(listen, target, **options).start()
-            started.append(fw)
-            return fw
-
-        try:
+        """A factory: ``gproxy_forwarder(target, *, listen="127.0.0.1:0", **options)`` returns
+        a started Forwarder; every one it made is stopped when the test ends."""
+        with _factory() as make:
             yield make
-        finally:
-            for fw in started:
-                fw.stop(timeout=0)
+
+    @pytest.fixture(scope="session")
+    def gproxy_session_forwarder() -> Iterator[Callable[..., Forwarder]]:
+        """The same factory for session-scoped fixtures (a database proxy every test shares):
+        its forwarders are stopped when the test session ends."""
+        with _factory() as make:
+            yield make

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import pydoc
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,57 @@ def test_a_hook_must_be_callable(hook):
     with pytest.raises(ConfigError) as bad:
         gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:1", **{hook: "not callable"})
     assert bad.value.field == hook
+
+
+def test_helpers_take_the_target_first_and_listen_only_by_keyword():
+    from gproxy.testing import forwarding
+    with pytest.raises(TypeError):  # Forwarder's order here would bind the target's port
+        with forwarding("127.0.0.1:0", "127.0.0.1:1"):
+            pass
+    with forwarding("127.0.0.1:1", listen="127.0.0.1:0", connect_timeout=1) as fw:
+        assert fw.rule.target.port == 1 and fw.address[1] != 0
+
+
+def test_session_scoped_forwarder_fixture(tmp_path):
+    (tmp_path / "conftest.py").write_text(textwrap.dedent('''
+        import socket, threading
+        import pytest
+        pytest_plugins = ["gproxy.testing"]
+
+        @pytest.fixture(scope="session")
+        def upper_server():
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            def serve():
+                while True:
+                    sock, _ = listener.accept()
+                    sock.sendall(sock.recv(100).upper())
+                    sock.close()
+            threading.Thread(target=serve, daemon=True).start()
+            return listener.getsockname()
+
+        @pytest.fixture(scope="session")
+        def proxy(gproxy_session_forwarder, upper_server):
+            return gproxy_session_forwarder(upper_server)
+    '''))
+    (tmp_path / "test_user.py").write_text(textwrap.dedent('''
+        import socket
+        seen = []
+        def round_trip(proxy):
+            with socket.create_connection(proxy.address, timeout=10) as client:
+                client.sendall(b"hello")
+                assert client.recv(100) == b"HELLO"
+        def test_one(proxy):
+            round_trip(proxy)
+            seen.append(proxy)
+        def test_two(proxy):
+            round_trip(proxy)
+            assert seen == [proxy]                 # the same forwarder, still running
+            assert proxy.statistics().accepted == 2
+    '''))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
