@@ -331,13 +331,11 @@ def _route(parts: List[str]):
 
 
 def _toxics_of(fw: Forwarder) -> list:
-    toxics = getattr(fw, "toxics", None)
-    return list(toxics()) if toxics is not None else []
+    return fw.toxics()
 
 
 def _toxic_json(toxic) -> Dict[str, Any]:
-    return {"name": toxic.name, "type": toxic.type, "stream": str(toxic.stream),
-            "toxicity": toxic.toxicity, "attributes": dict(toxic.attributes)}
+    return toxic.as_dict()
 
 
 def _config_error(exc: ConfigError) -> ApiError:

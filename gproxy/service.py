@@ -67,7 +67,7 @@ def _start_here(fw: Forwarder) -> None:
 
 def is_enabled(fw: Forwarder) -> bool:
     """Listening now: started, not stopped, and not disabled (``fw.disable()``)."""
-    return fw._state == "running" and getattr(fw, "enabled", True)
+    return fw._state == "running" and fw.enabled
 
 
 def listen_address(fw: Forwarder) -> Address:
@@ -82,11 +82,6 @@ def _same_listen(fw: Forwarder, wanted: Address) -> bool:
     """``wanted`` is what ``fw`` was asked for, or where it really listens (so asking again
     for port 0 and asking for the port it got both mean "the same")."""
     return wanted == fw.rule.listen or (fw._address is not None and wanted == listen_address(fw))
-
-
-def _toxics(fw: Forwarder) -> list:
-    toxics = getattr(fw, "toxics", None)
-    return list(toxics()) if toxics is not None else []
 
 
 class Service:
@@ -175,8 +170,8 @@ class Service:
             # A listen address that did not change is the one it really has (port 0 or not).
             bind = listen_address(fw) if _same_listen(fw, new_listen) else new_listen
             new = Forwarder(bind, new_target, **_options_of(fw.rule))
-            for toxic in _toxics(fw):
-                new.add_toxic(toxic.type, name=toxic.name, stream=toxic.stream,
+            for toxic in fw.toxics():
+                new.add_toxic(toxic.function or toxic.type, name=toxic.name, stream=toxic.stream,
                               toxicity=toxic.toxicity, **toxic.attributes)
             moved = bind != listen_address(fw)
             if want_enabled and moved:
@@ -247,10 +242,9 @@ class Service:
         """Every proxy enabled, every toxic removed (toxiproxy's ``POST /reset``)."""
         with self._lock:
             for fw in list(self._forwarders.values()):
-                if fw._state in ("new", "running"):
-                    self._set_enabled(fw, True)
-                for toxic in _toxics(fw):
-                    fw.remove_toxic(toxic.name)
+                if fw._state == "new":
+                    _start_here(fw)
+                fw.reset()
 
     def populate(self, proxies: Iterable[Mapping[str, Any]], timeout: Optional[float] = None) -> List[Forwarder]:
         """Create or replace proxies from ``[{"name", "listen", "target", "enabled"?, option...}]``.

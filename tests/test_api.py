@@ -160,6 +160,30 @@ def test_update_moves_the_listener(api, upstream):
     assert status == 200 and same == proxy
 
 
+def test_disable_refuses_and_cuts_then_enable_listens_on_the_same_port(api):
+    gate = Gate()
+    with Server(gate) as held:
+        try:
+            proxy = create(api, "flaky", held.address)
+            address = address_of(proxy["listen"])
+            with connect(address) as client:
+                gate.get()
+                status, proxy = api.call("POST", "/proxies/flaky", {"enabled": False})
+                assert status == 200 and proxy["enabled"] is False
+                try:
+                    assert client.recv(1) == b""      # the open connection was cut...
+                except ConnectionResetError:
+                    pass                              # ...with a FIN or a RST
+            assert refused(address)
+            status, proxy = api.call("POST", "/proxies/flaky", {"enabled": True})
+            assert status == 200 and proxy["enabled"] is True and proxy["listen"] == "%s:%d" % address
+            with connect(address) as again:
+                gate.get().sendall(b"up")
+                assert recv_exactly(again, 2) == b"up"
+        finally:
+            gate.release()
+
+
 def test_populate_creates_keeps_and_replaces(api, upstream):
     with Server(echo) as other:
         entries = [{"name": "a", "listen": "127.0.0.1:0", "upstream": "%s:%d" % upstream.address},
@@ -304,6 +328,77 @@ def test_api_port_in_use_is_one_line_and_exit_1():
         f"gproxy: error: cannot listen on 127.0.0.1:{port} (API): address already in use"
 
 
+# -- toxics ----------------------------------------------------------------------------------------
+
+def timed_exchange(address) -> float:
+    started = time.monotonic()
+    assert exchange(address) == b"ping"
+    return time.monotonic() - started
+
+
+def test_toxic_lifecycle_and_effect(api, upstream):
+    address = address_of(create(api, "slow", upstream.address)["listen"])
+    status, toxic = api.call("POST", "/proxies/slow/toxics", {"type": "latency", "attributes": {"latency": 1000}})
+    assert status == 200
+    assert toxic == {"name": "latency_downstream", "type": "latency", "stream": "downstream",
+                     "toxicity": 1.0, "attributes": {"latency": 1000, "jitter": 0}}
+    assert api.call("GET", "/proxies/slow/toxics") == (200, [toxic])
+    assert api.call("GET", "/proxies/slow/toxics/latency_downstream") == (200, toxic)
+    assert api.call("GET", "/proxies/slow")[1]["toxics"] == [toxic]
+    assert timed_exchange(address) >= 1.0
+    status, changed = api.call("PATCH", "/proxies/slow/toxics/latency_downstream",
+                               {"attributes": {"jitter": 10}, "toxicity": 0.5})
+    assert status == 200 and changed == {**toxic, "toxicity": 0.5, "attributes": {"latency": 1000, "jitter": 10}}
+    assert api.call("DELETE", "/proxies/slow/toxics/latency_downstream") == (204, None)
+    assert api.call("GET", "/proxies/slow/toxics") == (200, [])
+    assert timed_exchange(address) < 1.0
+
+
+def test_toxics_survive_a_move_and_go_on_reset(api, upstream):
+    create(api, "moving", upstream.address)
+    api.call("POST", "/proxies/moving/toxics", {"type": "limit_data", "name": "cap", "stream": "downstream",
+                                                 "attributes": {"bytes": 2}})
+    status, moved = api.call("POST", "/proxies/moving", {"listen": f"127.0.0.1:{free_port()}"})
+    assert status == 200 and [t["name"] for t in moved["toxics"]] == ["cap"]
+    assert exchange(address_of(moved["listen"])) == b"pi"   # the toxic acts on the new listener
+    assert api.call("POST", "/reset") == (204, None)
+    assert api.call("GET", "/proxies/moving")[1]["toxics"] == []
+    assert exchange(address_of(moved["listen"])) == b"ping"
+
+
+TOXIC_BAD = [
+    ({"type": "nonsense"}, 400, "invalid toxic type"),
+    ({"attributes": {}}, 400, "invalid toxic type"),
+    ({"type": "latency", "stream": "sideways"}, 400, "stream was invalid, can be either upstream or downstream"),
+    ({"type": "latency"}, 409, "toxic already exists"),
+    ({"type": "bandwidth", "name": "latency_downstream"}, 409, "toxic already exists"),
+    ({"type": "latency", "stream": "upstream", "attributes": {"latency": -1}}, 400, "bad request body: "),
+    ({"type": "latency", "stream": "upstream", "attributes": {"speed": 1}}, 400, "bad request body: "),
+    ({"type": "latency", "stream": "upstream", "attributes": [1]}, 400, "bad request body: "),
+    ({"type": "latency", "stream": "upstream", "toxicity": "high"}, 400, "bad request body: "),
+    ({"type": "latency", "stream": "upstream", "toxicity": 2}, 400, "bad request body: "),
+    (b"{", 400, "bad request body: "),
+]
+
+
+@pytest.mark.parametrize("body, status, message", TOXIC_BAD, ids=[str(b) for b, _, _ in TOXIC_BAD])
+def test_bad_toxic_gets_toxiproxys_error_and_changes_nothing(api, upstream, body, status, message):
+    create(api, "t", upstream.address)
+    assert api.call("POST", "/proxies/t/toxics", {"type": "latency", "attributes": {"latency": 5}})[0] == 200
+    before = api.call("GET", "/proxies")
+    if isinstance(body, bytes):
+        answer = api.call("POST", "/proxies/t/toxics", raw=body)
+    else:
+        answer = api.call("POST", "/proxies/t/toxics", body)
+    assert answer[0] == status and answer[1] == {"error": answer[1]["error"], "status": status}, answer
+    assert answer[1]["error"].startswith(message), answer
+    for change in ({"attributes": {"latency": -5}}, {"toxicity": 7}, {"attributes": {"speed": 1}}):
+        got = api.call("POST", "/proxies/t/toxics/latency_downstream", change)
+        assert got[0] == 400 and got[1]["error"].startswith("bad request body: "), got
+    assert api.call("GET", "/proxies") == before
+    assert exchange(address_of(before[1]["t"]["listen"])) == b"ping"
+
+
 # -- a real toxiproxy client library ---------------------------------------------------------------
 
 def test_toxiproxy_python_client(api, upstream):
@@ -318,7 +413,16 @@ def test_toxiproxy_python_client(api, upstream):
     assert proxy.enabled is True and address_of(proxy.listen)[1] > 0
     assert exchange(address_of(proxy.listen)) == b"ping"
     assert set(client.proxies()) == {"py"} and client.get_proxy("py").listen == proxy.listen
-    assert client.reset() is True
+    proxy.add_toxic(type="latency", attributes={"latency": 1000})
+    assert [t.name for t in proxy.toxics().values()] == ["latency_downstream"]
+    assert proxy.get_toxic("latency_downstream").attributes == {"latency": 1000, "jitter": 0}
+    assert timed_exchange(address_of(proxy.listen)) >= 1.0
+    assert proxy.destroy_toxic("latency_downstream") is True and proxy.toxics() == {}
+    with proxy.down():
+        assert refused(address_of(proxy.listen)) and client.get_proxy("py").enabled is False
+    assert exchange(address_of(proxy.listen)) == b"ping"
+    proxy.add_toxic(type="timeout", stream="upstream")
+    assert client.reset() is True and proxy.toxics() == {}
     assert proxy.destroy() is True and client.proxies() == {}
     with pytest.raises(NotFound):
         proxy.destroy()
