@@ -34,9 +34,10 @@ from typing import List, Optional
 
 import gevent
 
-from gproxy import __version__
-from gproxy.config import ConfigError
+from gproxy import __version__, _sockets, metrics
+from gproxy.config import ConfigError, parse_address
 from gproxy.forwarder import Forwarder
+from gproxy.jsonlog import JsonFormatter
 from gproxy.stats import Statistics
 
 __all__ = ["main"]
@@ -195,6 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-connections-per-client", metavar="N", default=None,
                         help="refuse a client address's connections beyond this many open ones "
                              "(default: no limit)")
+    parser.add_argument("--metrics", metavar="HOST:PORT", default=None,
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "
+                             "with --api they are at its /metrics too)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text lines (default), or one JSON object per line for log shippers")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     verbosity.add_argument("-q", "--quiet", action="store_true",
@@ -217,6 +223,7 @@ class _ApiServer:
 
         self.service = Service(**options)
         self.api = Api(self.service, api)
+        self.api.mount("GET", "/metrics", metrics.route(self.service.items))
         if forwarder is not None:
             self.service.add(name, forwarder, start=False)
 
@@ -250,7 +257,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # Before the Forwarder: building it may warn (a low fd limit, for one).
     handler = _StderrLog()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(JsonFormatter() if args.log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.quiet:  # no line per connection; the listening and stopping lines stay
@@ -267,6 +275,8 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         forwarder = Forwarder(args.listen, args.target, **options) if args.listen is not None else None
         if args.api is not None:
             forwarder = _ApiServer(args.api, args.name, forwarder, options)
+        if args.metrics is not None:
+            parse_address(args.metrics, "metrics")
     except ConfigError as exc:
         return _fail(2, f"{_option_name(exc.field)}: {str(exc).split(': ', 1)[-1]}")
 
@@ -296,12 +306,20 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         signum = getattr(signal, name, None)  # Windows has only some of them
         if signum is not None:
             gevent.signal_handler(signum, handle)
+    metrics_server = None
     try:
+        if args.metrics is not None:
+            sources = forwarder.service.items if isinstance(forwarder, _ApiServer) else (lambda: [forwarder])
+            metrics_server = metrics.serve(args.metrics, sources)
+            log.info("metrics on http://%s/metrics", _sockets.describe_address(metrics_server.address))
         forwarder.serve_forever()
     except ConfigError as exc:  # found only once bound, such as a target that is our own address
         return _fail(2, f"{_option_name(exc.field)}: {str(exc).split(': ', 1)[-1]}")
     except OSError as exc:
         return _fail(1, exc.strerror or str(exc))
+    finally:
+        if metrics_server is not None:
+            metrics_server.stop(timeout=1)
     return 0
 
 

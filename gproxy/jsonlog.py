@@ -1,0 +1,46 @@
+"""JSON log lines for log shippers: one object per line, connection fields as keys.
+
+Typical use (the CLI does this for ``--log-format json``)::
+
+    handler.setFormatter(JsonFormatter())
+    # {"time": "2026-11-27T21:02:14.877Z", "level": "INFO", "logger": "gproxy.relay",
+    #  "message": "conn#1 ...", "rule": "127.0.0.1:8080", "id": 1, "client": "127.0.0.1:50412",
+    #  "target": "127.0.0.1:5432", "outcome": "eof", "duration": 3.574,
+    #  "bytes_upstream": 1532, "bytes_downstream": 88211}
+
+The connection fields come from the ``connection`` dict relay passes as ``extra`` on its
+log call, never from parsing the message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+__all__ = ["JsonFormatter"]
+
+
+class JsonFormatter(logging.Formatter):
+    """``time`` (UTC, ISO 8601, milliseconds), ``level``, ``logger``, ``message``, then the
+    record's ``connection`` fields if it has them, and ``traceback`` when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        seconds = int(record.created)
+        line = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        connection = getattr(record, "connection", None)
+        if isinstance(connection, dict):
+            for key, value in connection.items():
+                if value is not None:
+                    line[key] = value
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["traceback"] = record.exc_text
+        # ensure_ascii: any byte a peer managed to put in a message stays on its one line
+        return json.dumps(line, ensure_ascii=True, default=str)

@@ -1,0 +1,153 @@
+"""/metrics read by Prometheus's own parser after known traffic: exact bytes and connections."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gproxy import metrics
+from peers import TIMEOUT, Proxy, Server, connect, echo, free_port, recv_exactly
+from test_access import refused
+
+
+def samples(text: str) -> dict:
+    """{(sample name, frozenset of labels): value}, through prometheus_client's parser."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(found: dict, name: str, **labels) -> float:
+    return found[(name, frozenset(labels.items()))]
+
+
+def echo_through(address, size: int) -> None:
+    with connect(address) as client:
+        client.sendall(b"x" * size)
+        assert recv_exactly(client, size) == b"x" * size
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(1) == b""
+
+
+def test_render_after_known_traffic(forwarder_factory):
+    with Server(echo) as upstream:
+        good = forwarder_factory(upstream.address)
+        for size in (1, 1000, 300_001):
+            echo_through(good.address, size)
+        dead = forwarder_factory(("127.0.0.1", free_port()))
+        with connect(dead.address) as client:
+            assert client.recv(1) == b""
+        picky = forwarder_factory(upstream.address, deny=["127.0.0.3"])
+        assert refused("127.0.0.3", picky.address)
+        for fw, n in ((good, 3), (dead, 1), (picky, 1)):
+            forwarder_factory.wait_closed(fw, accepted=n)
+        found = samples(metrics.render([good, dead, picky]))
+
+    rule = good.name
+    assert rule == f"127.0.0.1:{good.address[1]}"
+    assert value(found, "gproxy_connections_total", rule=rule, outcome="eof") == 3
+    assert value(found, "gproxy_connections_total", rule=rule, outcome="reset") == 0
+    assert value(found, "gproxy_bytes_total", rule=rule, direction="upstream") == 301_002
+    assert value(found, "gproxy_bytes_total", rule=rule, direction="downstream") == 301_002
+    assert value(found, "gproxy_connections_active", rule=rule) == 0
+    target = f"127.0.0.1:{upstream.address[1]}"
+    assert value(found, "gproxy_target_up", rule=rule, target=target) == 1
+    assert value(found, "gproxy_connect_failures_total", rule=rule, target=target) == 0
+    assert value(found, "gproxy_connection_duration_seconds_count", rule=rule) == 3
+    assert value(found, "gproxy_connection_duration_seconds_bucket", rule=rule, le="+Inf") == 3
+    assert value(found, "gproxy_connection_duration_seconds_sum", rule=rule) > 0
+    buckets = sorted((float(dict(k[1])["le"]), v) for k, v in found.items()
+                     if k[0] == "gproxy_connection_duration_seconds_bucket" and dict(k[1])["rule"] == rule)
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)   # cumulative
+
+    assert value(found, "gproxy_connections_total", rule=dead.name, outcome="connect_failed") == 1
+    dead_target = str(dead.rule.target)
+    assert value(found, "gproxy_target_up", rule=dead.name, target=dead_target) == 0
+    assert value(found, "gproxy_connect_failures_total", rule=dead.name, target=dead_target) == 1
+
+    assert value(found, "gproxy_connections_total", rule=picky.name, outcome="denied") == 1
+    assert value(found, "gproxy_connections_total", rule=picky.name, outcome="eof") == 0
+
+
+def test_label_values_are_escaped():
+    class Fake:
+        def __init__(self):
+            from gproxy.stats import Counters
+            self.counters = Counters()
+            self.counters.connected('db "primary"\\1\n', False)
+
+    text = metrics.render([('we"ird\\name\n', Fake())])
+    found = samples(text)
+    assert value(found, "gproxy_target_up", rule='we"ird\\name\n', target='db "primary"\\1\n') == 0
+
+
+def test_help_and_type_once_per_family():
+    class Fake:
+        def __init__(self, name):
+            from gproxy.stats import Counters
+            self.name, self.counters = name, Counters()
+
+    text = metrics.render([Fake("a"), Fake("b")])
+    for family in ("gproxy_connections_total", "gproxy_bytes_total", "gproxy_connection_duration_seconds"):
+        assert text.count(f"# TYPE {family} ") == 1
+    assert "# TYPE gproxy_connection_duration_seconds histogram" in text
+
+
+def get(url: str):
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        return response.status, response.headers.get("Content-Type"), response.read().decode()
+
+
+def test_cli_serves_metrics_and_json_logs():
+    with Server(echo) as upstream:
+        proxy = Proxy("--metrics", "127.0.0.1:0", "--log-format", "json", f"127.0.0.1:{upstream.address[1]}")
+        try:
+            metrics_line = json.loads(proxy.seen[0])
+            url = metrics_line["message"].split()[-1]
+            assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+            for size in (10, 20_000):
+                echo_through(proxy.address, size)
+            proxy.count_lines('"outcome": "eof"', 2)
+            status, content_type, text = get(url)
+            assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+            found = samples(text)
+            rule = f"127.0.0.1:{proxy.address[1]}"
+            assert value(found, "gproxy_connections_total", rule=rule, outcome="eof") == 2
+            assert value(found, "gproxy_bytes_total", rule=rule, direction="upstream") == 20_010
+            assert value(found, "gproxy_bytes_total", rule=rule, direction="downstream") == 20_010
+            with pytest.raises(urllib.error.HTTPError) as missing:
+                get(url.replace("/metrics", "/nothing"))
+            assert missing.value.code == 404
+        finally:
+            code, output = proxy.stop()
+    assert code == 0
+    lines = [json.loads(line) for line in output.splitlines()]   # every line is one JSON object
+    for line in lines:
+        assert {"time", "level", "message"} <= set(line), line
+    closed = [line for line in lines if line.get("outcome") == "eof"]
+    assert len(closed) == 2
+    for line, size in zip(closed, (10, 20_000)):
+        assert line["rule"] == rule and line["target"] == f"127.0.0.1:{upstream.address[1]}"
+        assert line["bytes_upstream"] == size and line["bytes_downstream"] == size
+        assert line["client"].startswith("127.0.0.1:") and isinstance(line["id"], int)
+        assert line["duration"] >= 0 and line["level"] == "INFO"
+
+
+def test_cli_metrics_port_in_use_is_one_line_exit_1():
+    import subprocess
+    import sys
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "gproxy", "--metrics", f"127.0.0.1:{port}",
+                                 "127.0.0.1:0", "127.0.0.1:9"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("gproxy: error: ")
+    assert "Traceback" not in result.stderr
