@@ -42,10 +42,12 @@ class Forwarders:
         self.started = []
         self.closed = threading.Condition()
         self.records = []
+        self.reported = {}
 
     def __call__(self, target, listen="127.0.0.1:0", **options) -> gproxy.Forwarder:
         options.setdefault("splice", self.splice)
         user_hook = options.pop("on_close", None)
+        reported = [0]  # this forwarder's connections whose on_close has run
 
         def on_close(record):
             try:
@@ -54,18 +56,25 @@ class Forwarders:
             finally:  # a test's hook may raise on purpose
                 with self.closed:
                     self.records.append(record)
+                    reported[0] += 1
                     self.closed.notify_all()
 
         fw = gproxy.Forwarder(listen, target, on_close=on_close, **options)
+        self.reported[id(fw)] = reported
         fw.start()
         self.started.append(fw)
         return fw
 
     def wait_closed(self, fw: gproxy.Forwarder, accepted: int = None, timeout: float = TIMEOUT):
-        """Wait until fw has no open connection (and, if given, has accepted that many)."""
+        """Wait until fw has no open connection (and, if given, has accepted that many), and
+        every connection's on_close has run: a connection leaves ``active`` before its record
+        is handed to the hook, so ``active == 0`` alone can be seen before the last record."""
+        reported = self.reported[id(fw)]
+
         def done():
             stats = fw.statistics()
-            return stats.active == 0 and (accepted is None or stats.accepted >= accepted)
+            return (stats.active == 0 and (accepted is None or stats.accepted >= accepted)
+                    and reported[0] >= stats.accepted)
         with self.closed:
             assert self.closed.wait_for(done, timeout), fw.statistics()
         return fw.statistics()
