@@ -564,7 +564,9 @@ class Forwarder:
         interval = min([max(t / 8, 0.01) for t in timeouts] + [_PARK_EVERY])
         self._sweeper = self._server.loop.timer(interval, interval)
         self._sweeper.start(self._sweep)
-        self._next_park = time.monotonic() + _PARK_EVERY
+        self._sweep_every = interval
+        self._swept_at = time.monotonic()
+        self._next_park = self._swept_at + _PARK_EVERY
         log.info("listening on %s -> %s", _sockets.describe_address(self._address), self._context.target_name)
 
     def _handle(self, client: socket.socket, address, upstream: socket.socket) -> None:
@@ -589,10 +591,17 @@ class Forwarder:
         It runs in a worker, not in the timer's callback: an abort may close connections,
         and on_close hooks must be free to use gevent, which the hub itself may not."""
         now = time.monotonic()
+        gap, self._swept_at = now - self._swept_at, now
+        context = self._context
+        if gap > 2 * self._sweep_every:
+            # The loop did not run for a while (a blocking hook, a CPU-bound greenlet): bytes
+            # that came meanwhile wait unread in the kernel, and this timer may fire before
+            # their watchers do. Time the loop did not run is not idle time.
+            context.stalled += gap - self._sweep_every
         park = now >= self._next_park
         if park:
             self._next_park = now + _PARK_EVERY
-        self._context.workers.run(sweep, self._context, now, park)
+        context.workers.run(sweep, context, now - context.stalled, park)
 
     def _stop_on_hub(self, timeout: float) -> None:
         # Called from a hook, stop() cannot wait for the hook's own connection: it is ending
@@ -678,7 +687,17 @@ def _destroy_hub(hub) -> None:
     #1601; the fix in #1604 needs the hub switched to once more). Throwing
     GreenletExit into it lets it finish, and everything it held is freed.
     """
-    hub.destroy(destroy_loop=True)
+    # A resolver call stuck in the hub's thread pool (relay gave up waiting for it) would make
+    # destroy() wait for that thread for ever (ThreadPool.kill joins its workers). Leave such
+    # a pool and its loop to the garbage collector instead: the worker reports to the loop
+    # when its call returns, so the loop must outlive it; idle workers are told to exit.
+    pool = getattr(hub, "_threadpool", None)
+    stuck = pool is not None and pool.task_queue.unfinished_tasks > 0
+    if stuck:
+        hub._threadpool = None
+        for _ in range(pool.size):
+            pool.task_queue.put(None)
+    hub.destroy(destroy_loop=not stuck)
     try:
         hub.throw(gevent.GreenletExit)
     except BaseException:  # it ends one way or another; nothing is left to run

@@ -124,6 +124,8 @@ class Context:
         #: held while a connection moves from ``active`` to the totals, and while statistics()
         #: reads both (perhaps from another thread), so a snapshot counts every byte once
         self.lock = _allocate_lock()
+        #: seconds the event loop did not run, found by the sweep: idle time leaves them out
+        self.stalled = 0.0
         #: greenlets running a hook now -> their connection (stop() from a hook must not wait
         #: for the connection whose hook called it)
         self.in_hook: Dict[object, "Connection"] = {}
@@ -252,7 +254,7 @@ class Connection:
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
         "_pumps", "_closed", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target", "links",
-        "own_key",
+        "own_key", "_resolving",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -280,11 +282,12 @@ class Connection:
         self._eof_count = 0
         self._pumps = 0               # pumps started and not ended (a parked pump has not ended)
         self._closed = False
+        self._resolving = None        # the greenlet waiting for the resolver, while it does
         # for the sweep: bytes per direction at its last pass (parking), and the
         # byte total it saw last with when that changed (idle timeout)
         self.seen = [0, 0]
         self.seen_total = 0
-        self.seen_at = self._t0
+        self.seen_at = self._t0 - context.stalled  # on the sweep's clock, which skips stalls
         #: per direction, the toxics.Link of a direction that met toxics, else None
         self.links: Optional[List[Optional[Link]]] = None
 
@@ -458,14 +461,12 @@ class Connection:
         when none answered, or None when the connection has ended already (aborted, no fds)."""
         rule = self.context.rule
         family = target.family
-        try:
-            if family is not None:  # an IP literal or a Unix socket needs no resolver
-                candidates = [(family, target.sockaddr)]
-            else:
-                candidates = [(info[0], info[4]) for info in
-                              getaddrinfo(target.host, target.port, 0, socket.SOCK_STREAM)]
-        except OSError as exc:
-            return Outcome.CONNECT_FAILED, f"cannot resolve {target.host}: {_sockets.describe_error(exc)}"
+        if family is not None:  # an IP literal or a Unix socket needs no resolver
+            candidates = [(family, target.sockaddr)]
+        else:
+            candidates = self._resolve(target.host, target.port, rule.connect_timeout)
+            if type(candidates) is not list:
+                return candidates  # (outcome, error), or None if aborted meanwhile
         outcome, error = Outcome.CONNECT_FAILED, f"{target}: no address"
         for family, sockaddr in candidates:
             if self.outcome is not None:  # aborted while resolving
@@ -502,6 +503,38 @@ class Connection:
             where = str(target) if family == _AF_UNIX else _sockets.describe_address(sockaddr)
             error = f"{where}: {os.strerror(code).lower()}"
         return outcome, error
+
+    def _resolve(self, host: str, port: int, timeout: Optional[float]):
+        """A list of (family, sockaddr), one per address of ``host``; ``(outcome, error)`` if
+        it has none or the resolver did not answer within ``timeout``; None if the connection
+        was aborted meanwhile.
+
+        gevent resolves in a thread pool by default, and a C resolver call cannot be
+        interrupted: on timeout or abort we stop waiting and let the thread finish on its own."""
+        deadline = gevent.Timeout(timeout) if timeout else None
+        self._resolving = getcurrent()
+        try:
+            if deadline is not None:
+                deadline.start()
+            infos = getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            return Outcome.CONNECT_TIMEOUT, f"cannot resolve {host}: no answer within {timeout:g}s"
+        except _Aborted:
+            return None
+        except OSError as exc:
+            return Outcome.CONNECT_FAILED, f"cannot resolve {host}: {_sockets.describe_error(exc)}"
+        finally:
+            self._resolving = None
+            if deadline is not None:
+                deadline.close()
+        return [(info[0], info[4]) for info in infos]
+
+    def _interrupt_resolving(self, resolving) -> None:
+        """Hub callback after an abort: end the wait for the resolver, if still in it."""
+        if self._resolving is resolving:
+            resolving.throw(_Aborted())
 
     def _start_pumps(self, upstream: socket.socket) -> None:
         client = self.client  # tuned already: accepted sockets inherit the listener's options
@@ -699,6 +732,8 @@ class Connection:
         if self.outcome is not None:
             return
         self._finish(outcome, error)
+        if self._resolving is not None:  # nothing to cancel: it waits on the resolver's pool
+            self._hub.loop.run_callback(self._interrupt_resolving, self._resolving)
         for _src, _dst, readable, _writable in self._ends:
             if self._parked(readable):
                 readable.stop()      # no greenlet to wake: the pump just ends
@@ -813,7 +848,8 @@ def _has_handler(logger: logging.Logger) -> bool:
 def sweep(context: Context, now: float, park: bool) -> None:
     """One pass of the periodic watch: abort connections quiet for longer than the rule's
     ``idle_timeout`` (or ``half_close_timeout`` once one side has closed), and with ``park``
-    release the greenlets of pumps that stayed quiet since the last parking pass."""
+    release the greenlets of pumps that stayed quiet since the last parking pass. ``now`` is
+    ``time.monotonic()`` less ``context.stalled``, the time the loop did not run."""
     rule = context.rule
     idle_timeout, half_close_timeout = rule.idle_timeout, rule.half_close_timeout
     timed = idle_timeout is not None or half_close_timeout is not None

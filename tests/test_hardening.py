@@ -162,3 +162,99 @@ def test_stop_from_inside_a_hook_returns_without_waiting_for_itself(forwarder_fa
     assert "stopped" in repr(fw)
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not lines, lines
+
+
+# -- defect 2: time the event loop did not run is not idle time ------------------------------------
+
+def test_a_stalled_loop_does_not_make_a_busy_connection_idle(forwarder_factory):
+    """idle_timeout=1 and a connection echoing 4 KiB every 50 ms; then an on_open hook blocks
+    the forwarder's loop for 2 s (plain time.sleep in an unpatched program) while that client
+    is waiting for its echo. Neither the busy connection nor the one whose hook stalled may
+    be closed as idle: their bytes wait in the kernel while the loop does not run."""
+    stalled = threading.Event()
+
+    def on_open(record):
+        if record.id == 2:
+            stalled.set()
+            time.sleep(2)  # sleep-ok: the host's blocking hook, the stall under test
+
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address, idle_timeout=1, on_open=on_open)
+        busy = connect(fw.address)
+        chunk = b"e" * 4096
+        for _ in range(10):
+            busy.sendall(chunk)
+            assert recv_exactly(busy, len(chunk)) == chunk
+            time.sleep(0.05)  # sleep-ok: the client's pace
+        time.sleep(0.3)  # sleep-ok: a pause well under idle_timeout; the sweep sees the last bytes
+        other = connect(fw.address)  # its on_open stalls the loop
+        assert stalled.wait(TIMEOUT)
+        busy.sendall(chunk)  # read by the forwarder only once the loop runs again
+        assert recv_exactly(busy, len(chunk)) == chunk
+        other.close()
+        for _ in range(10):
+            busy.sendall(chunk)
+            assert recv_exactly(busy, len(chunk)) == chunk
+            time.sleep(0.05)  # sleep-ok: the client's pace
+        busy.shutdown(1)
+        assert recv_all(busy) == b""
+        busy.close()
+        forwarder_factory.wait_closed(fw, accepted=2)
+    outcomes = {r.id: r.outcome for r in forwarder_factory.records}
+    assert outcomes == {1: Outcome.EOF, 2: Outcome.EOF}, outcomes
+
+
+# -- defect 13: name resolution is bounded by connect_timeout ---------------------------------------
+
+SILENT_NAME = "never-answers.test"
+
+
+@pytest.fixture
+def silent_resolver(monkeypatch):
+    """The C resolver gevent's threadpool calls never answers for SILENT_NAME (the blocked
+    threads are let go after the test); other names resolve as usual."""
+    import _socket
+    release = threading.Event()
+    original = _socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == SILENT_NAME:
+            release.wait(60)
+            raise _socket.gaierror(-3, "Temporary failure in name resolution")
+        return original(host, *args, **kwargs)
+
+    monkeypatch.setattr(_socket, "getaddrinfo", getaddrinfo)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def test_resolution_is_bounded_by_connect_timeout(forwarder_factory, silent_resolver):
+    fw = forwarder_factory(f"{SILENT_NAME}:80", connect_timeout=1)
+    started = time.monotonic()
+    clients = [connect(fw.address) for _ in range(12)]  # more than gevent's 10 resolver threads
+    for client in clients:
+        assert client.recv(1) == b""
+        client.close()
+    elapsed = time.monotonic() - started
+    forwarder_factory.wait_closed(fw, accepted=12)
+    assert 0.9 < elapsed < 3, elapsed
+    records = forwarder_factory.records
+    assert {r.outcome for r in records} == {Outcome.CONNECT_TIMEOUT}, records
+    assert "cannot resolve never-answers.test" in records[0].error, records[0]
+
+
+def test_stop_does_not_wait_for_a_silent_resolver(forwarder_factory, silent_resolver, caplog):
+    fw = forwarder_factory(f"{SILENT_NAME}:80", connect_timeout=30)
+    client = connect(fw.address)
+    while fw.statistics().active == 0:
+        time.sleep(0.01)  # sleep-ok: polling until the forwarder accepted the client
+    started = time.monotonic()
+    fw.stop(timeout=0)
+    assert time.monotonic() - started < 1
+    with pytest.raises(ConnectionResetError):  # aborted: stop(timeout=0) drains nothing
+        client.recv(1)
+    client.close()
+    assert [r.outcome for r in forwarder_factory.records] == [Outcome.SHUTDOWN]
+    assert not [r for r in caplog.records if "did not end" in r.getMessage()]
