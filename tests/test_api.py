@@ -4,6 +4,7 @@ real sockets by a plain HTTP client (urllib) and by a toxiproxy client library f
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import socket
@@ -426,3 +427,15 @@ def test_toxiproxy_python_client(api, upstream):
     assert proxy.destroy() is True and client.proxies() == {}
     with pytest.raises(NotFound):
         proxy.destroy()
+
+
+NODE_CLIENT = os.path.join(os.path.dirname(__file__), "node")
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(NODE_CLIENT, "node_modules", "toxiproxy-node-client")),
+                    reason="toxiproxy-node-client not installed: .ci/run does `npm install --prefix tests/node`")
+def test_toxiproxy_node_client(api, upstream):
+    """toxiproxy-node-client (npm), unchanged: tests/node/toxiproxy_client.js asserts each answer."""
+    result = subprocess.run(["node", os.path.join(NODE_CLIENT, "toxiproxy_client.js"), api.url,
+                             "%s:%d" % upstream.address], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0 and "all passed" in result.stdout, result.stdout + result.stderr
