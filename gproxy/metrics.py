@@ -45,7 +45,9 @@ _HEADERS = {
               "Bytes relayed by connections that ended, upstream (client to target) and downstream."),
     "failures": ("gproxy_connect_failures_total", "counter",
                  "Connect attempts to a target that failed (refused, unreachable, timed out)."),
-    "up": ("gproxy_target_up", "gauge", "1 if the last connect to the target worked (or none was tried yet)."),
+    "up": ("gproxy_target_up", "gauge",
+           "1 unless the target is down: its last connect failed (one target), or passive health "
+           "marked it down (several)."),
     "duration": ("gproxy_connection_duration_seconds", "histogram",
                  "Connection lifetimes, from accept to teardown."),
 }
@@ -83,7 +85,8 @@ def render(sources: Iterable) -> str:
         sections["bytes"].append(f'gproxy_bytes_total{{{rule},direction="upstream"}} {counters.bytes_upstream}')
         sections["bytes"].append(f'gproxy_bytes_total{{{rule},direction="downstream"}} {counters.bytes_downstream}')
         failures = dict(list(counters.target_failures.items()))
-        for target, up in list(counters.target_up.items()):
+        health = counters.health() if counters.health is not None else dict(list(counters.target_up.items()))
+        for target, up in health.items():
             label = f'{rule},target="{_escape(target)}"'
             sections["failures"].append(f"gproxy_connect_failures_total{{{label}}} {failures.get(target, 0)}")
             sections["up"].append(f"gproxy_target_up{{{label}}} {1 if up else 0}")

@@ -149,6 +149,13 @@ class Context:
         self.accept_proxy = rule.accept_proxy_from or None
         #: PROXY protocol version to send upstream; 0: none
         self.proxy_version = {"off": 0, "v1": 1, "v2": 2}[rule.proxy_protocol]
+        # what gproxy_target_up shows: one fixed target is up until a connect to it fails;
+        # several take their passive health from Targets
+        if self.targets is None:
+            counters.target_up.setdefault(self.target_name, True)
+        else:
+            targets = self.targets
+            counters.health = lambda: {str(e): targets.is_up(e) for e in targets.known()}
         #: the rate-limited "denied" line, for rules that can refuse a client
         self.denied_log = DeniedLog(log) if self.access is not None or self.accept_proxy else None
         #: local addresses of our upstream sockets (loops.OwnUpstreams), when a target could
@@ -378,13 +385,14 @@ class Connection:
         try:
             upstream = self._connect_upstream(spare)
             context = self.context
-            if upstream is not None:
-                context.counters.connected(context.target_name, True)
-                if context.proxy_version and not self._send_proxy_header(upstream):
-                    upstream.close()
-                    upstream = None
-            elif self.outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT):
-                context.counters.connected(context.target_name, False)
+            if context.targets is None:  # several targets are counted one by one, as tried
+                if upstream is not None:
+                    context.counters.connected(context.target_name, True)
+                elif self.outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT):
+                    context.counters.connected(context.target_name, False)
+            if upstream is not None and context.proxy_version and not self._send_proxy_header(upstream):
+                upstream.close()
+                upstream = None
             return upstream
         finally:
             if spare is not None and spare is not upstream:
@@ -444,9 +452,11 @@ class Connection:
                 return None
             if type(result) is not tuple:
                 targets.succeeded(endpoint)
+                self.context.counters.connected(str(endpoint), True)
                 self.target = endpoint
                 return result
             targets.failed(endpoint, result[1])
+            self.context.counters.connected(str(endpoint), False)
             failures.append(result)
         if len(failures) == 1:
             self._finish(*failures[0])

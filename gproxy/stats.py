@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 __all__ = ["Outcome", "ConnectionRecord", "Statistics", "Counters", "DURATION_BUCKETS"]
 
@@ -71,7 +71,7 @@ class Counters:
     open connections."""
 
     __slots__ = ("accepted", "connect_failed", "bytes_upstream", "bytes_downstream", "active",
-                 "outcomes", "durations", "duration_sum", "target_failures", "target_up")
+                 "outcomes", "durations", "duration_sum", "target_failures", "target_up", "health")
 
     def __init__(self) -> None:
         self.accepted = 0
@@ -89,6 +89,9 @@ class Counters:
         self.target_failures: Dict[str, int] = {}
         #: per target: whether its last connect worked
         self.target_up: Dict[str, bool] = {}
+        #: for several targets: a function giving {target: up} from their passive health, which
+        #: metrics shows instead of ``target_up``; None for one fixed target
+        self.health: Optional[Callable[[], Dict[str, bool]]] = None
 
     def ended(self, outcome: "Outcome", duration: float, bytes_upstream: int, bytes_downstream: int) -> None:
         """One connection's teardown."""

@@ -151,3 +151,18 @@ def test_cli_metrics_port_in_use_is_one_line_exit_1():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("gproxy: error: ")
     assert "Traceback" not in result.stderr
+
+
+def test_several_targets_are_counted_one_by_one(forwarder_factory):
+    with Server(echo) as upstream:
+        dead = ("127.0.0.1", free_port())
+        fw = forwarder_factory([dead, upstream.address])   # failover: the dead one first
+        echo_through(fw.address, 100)
+        forwarder_factory.wait_closed(fw, accepted=1)
+        found = samples(metrics.render([fw]))
+    dead_name, live_name = f"127.0.0.1:{dead[1]}", f"127.0.0.1:{upstream.address[1]}"
+    assert value(found, "gproxy_connect_failures_total", rule=fw.name, target=dead_name) == 1
+    assert value(found, "gproxy_connect_failures_total", rule=fw.name, target=live_name) == 0
+    assert value(found, "gproxy_target_up", rule=fw.name, target=dead_name) == 0   # max_fails 1
+    assert value(found, "gproxy_target_up", rule=fw.name, target=live_name) == 1
+    assert value(found, "gproxy_connections_total", rule=fw.name, outcome="eof") == 1
