@@ -119,3 +119,32 @@ def test_session_scoped_forwarder_fixture(tmp_path):
                             capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+def test_gproxy_imports_and_forwards_without_resource_or_fcntl():
+    # Windows has neither module (nor os.splice): hide them and use gproxy as a program would.
+    script = textwrap.dedent('''
+        import sys
+        for name in ("resource", "fcntl"):
+            sys.modules[name] = None   # import raises ImportError, as on Windows
+        import os, socket, threading
+        if hasattr(os, "splice"):
+            del os.splice
+        import gproxy, gproxy.cli, gproxy.testing
+        server = socket.create_server(("127.0.0.1", 0))
+        def echo():
+            conn, _ = server.accept()
+            with conn:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+        threading.Thread(target=echo, daemon=True).start()
+        with gproxy.Forwarder("127.0.0.1:0", server.getsockname()) as fw:   # splice=True: copies
+            assert fw.rule.max_connections == 10000, fw.rule.max_connections
+            with socket.create_connection(fw.address, timeout=10) as sock:
+                sock.sendall(b"ping")
+                assert sock.recv(4) == b"ping"
+        print("OK")
+    ''')
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0 and result.stdout.strip() == "OK", result.stdout + result.stderr
