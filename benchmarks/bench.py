@@ -673,7 +673,9 @@ class IdleHelper:
         stop_proc(self.proc, signal.SIGTERM, timeout=5)
 
 
-def wl_idle(fwd, args, workdir, k):
+def wl_idle(fwd, args, workdir, k, spoken=False):
+    """K idle connections end to end; with spoken, each first exchanged one small message
+    (client -> upstream -> client), and they idle --spoken-idle seconds before the reading."""
     helper = IdleHelper()
     try:
         port = fwd.start(helper.port)
@@ -688,6 +690,9 @@ def wl_idle(fwd, args, workdir, k):
         info = helper.cmd("connect %d %d %d" % (port, k, args.idle_timeout),
                           timeout=args.idle_timeout + 10)
         setup_s = time.monotonic() - t0
+        if spoken:
+            helper.cmd("talk %d" % args.idle_timeout, timeout=args.idle_timeout + 10)
+            time.sleep(args.spoken_idle)
         time.sleep(args.idle_settle)
         check = helper.cmd("check", timeout=60)
         if int(check["dead"]):
@@ -798,6 +803,40 @@ def idle_helper_main():
                 reply("error %s" % error)
             else:
                 reply("ok accepted=%d secs=%.3f" % (len(uppers) - base, time.monotonic() - t0))
+        elif parts[0] == "talk":
+            # every client sends one message, its upstream end answers, the client reads it
+            deadline = time.monotonic() + (float(parts[1]) if len(parts) > 1 else 600)
+            message = b"m" * 32
+            sel = selectors.DefaultSelector()
+            for c in clients:
+                c.sendall(message)
+                sel.register(c, selectors.EVENT_READ, "C")
+            for u in uppers:
+                sel.register(u, selectors.EVENT_READ, "U")
+            waiting, error = len(clients), None
+            got = {}
+            while waiting and not error:
+                if time.monotonic() > deadline:
+                    error = "timeout: %d of %d replies missing" % (waiting, len(clients))
+                    break
+                for key, _ev in sel.select(0.5):
+                    sock = key.fileobj
+                    try:
+                        data = sock.recv(64)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    if not data:
+                        error = "a connection closed during the exchange"
+                        break
+                    n = got[sock] = got.get(sock, 0) + len(data)
+                    if n >= len(message):
+                        sel.unregister(sock)
+                        if key.data == "U":
+                            sock.sendall(message)
+                        else:
+                            waiting -= 1
+            sel.close()
+            reply("error %s" % error if error else "ok talked=%d" % len(clients))
         elif parts[0] == "check":
             sel = selectors.DefaultSelector()
             for s in clients + uppers:
@@ -863,6 +902,8 @@ def run_one(wl, fname, args, workdir):
             m = wl_redis(fwd, args, workdir, keepalive=False)
         elif wl.startswith("idle_"):
             m = wl_idle(fwd, args, workdir, int(wl.split("_")[1]))
+        elif wl.startswith("spoken_"):
+            m = wl_idle(fwd, args, workdir, int(wl.split("_")[1]), spoken=True)
         else:
             raise BenchError("unknown workload %s" % wl)
         if fwd.proc is not None and not fwd.alive():
@@ -939,13 +980,20 @@ def report_tables(summary, workloads, forwarders, args):
     out = []
     for wl in workloads:
         rows = summary[wl]
-        if wl.startswith("idle_"):
+        if wl.startswith(("idle_", "spoken_")):
             k = wl.split("_")[1]
-            out.append("### Memory per idle connection, K=%s" % k)
-            out.append("")
-            out.append("RSS of the forwarder (process tree) with K idle connections "
-                       "established end to end, minus its RSS before; PSS likewise "
-                       "(the fair number for socat's fork-per-connection).")
+            if wl.startswith("idle_"):
+                out.append("### Memory per idle connection, K=%s, never spoke" % k)
+                out.append("")
+                out.append("RSS of the forwarder (process tree) with K idle connections "
+                           "established end to end, minus its RSS before; PSS likewise "
+                           "(the fair number for socat's fork-per-connection).")
+            else:
+                out.append("### Memory per idle connection, K=%s, after one exchange" % k)
+                out.append("")
+                out.append("As above, but every connection first carried one 32-byte "
+                           "message each way (all K at once), then all idled %g s "
+                           "before the reading." % args.spoken_idle)
             out.append("")
             out.append("| forwarder | KiB/conn (RSS) | range | KiB/conn (PSS) | processes "
                        "| setup s | CPU us/conn (setup) | ok |")
@@ -1115,6 +1163,9 @@ def parse_args(argv):
                     help="comma list of idle connection counts K (default %(default)s)")
     ap.add_argument("--idle-timeout", type=int, default=300,
                     help="timeout to establish K idle connections, s (default %(default)s)")
+    ap.add_argument("--spoken-idle", type=float, default=10.0,
+                    help="spoken_K: idle time after the exchange before reading RSS, s "
+                         "(default %(default)s)")
     ap.add_argument("--idle-settle", type=float, default=1.0,
                     help="wait after establishing idle connections before reading RSS, s")
     ap.add_argument("--pause", type=float, default=0.3,
@@ -1173,6 +1224,7 @@ def parse_args(argv):
         if w in wls:
             if w == "idle":
                 args.workload_list.extend("idle_%d" % k for k in args.idle_conns)
+                args.workload_list.extend("spoken_%d" % k for k in args.idle_conns)
             else:
                 args.workload_list.append(w)
     if args.reps < 1 or args.seconds < 1:
@@ -1225,7 +1277,7 @@ def main(argv=None):
                     r = rep % len(order)
                     order = order[r:] + order[:r]
                 for f in order:
-                    if wl.startswith("idle_") and f == "direct":
+                    if wl.startswith(("idle_", "spoken_")) and f == "direct":
                         continue
                     rec = run_one(wl, f, args, workdir)
                     rec["rep"] = rep
