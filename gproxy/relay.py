@@ -37,19 +37,25 @@ sockets, because closing an fd under an active watcher is what breaks libev.
 That is also why a sibling is woken by an exception and not by closing its
 socket under it.
 
-Greenlets are taken only while bytes flow. A pump starts *parked*: its source's
-readable watcher calls ``_unpark``, which runs the pump in a worker greenlet
-(see ``_workers.py``). A pump that stayed quiet since the forwarder's previous
-parking pass is thrown ``_Park`` while it waits for its source, and parks again;
-it holds no bytes then, so nothing is lost. An idle connection thus costs two
-sockets, four watchers and this object, not two suspended greenlets.
+Greenlets are taken only while bytes flow. A pump is *parked* whenever its
+source has nothing: its source's readable watcher calls ``_unpark``. A message
+that one read takes whole and one send delivers whole (most request/response
+traffic) moves right there, in the callback, and the pump stays parked. Anything
+more (a full read, which means bulk; a destination that does not take it all;
+EOF; an error) runs the pump in a worker greenlet (see ``_workers.py``), which
+waits only for its destination and parks again, returning its greenlet to the
+pool, once its source is drained. An idle connection thus costs two sockets,
+four watchers and this object, whether it ever spoke or not; only pumps with
+bytes in hand hold a greenlet. (A pump running a toxic chain waits for its
+source inside the chain; the forwarder's parking pass throws it ``_Park`` after
+a quiet while.)
 
 A pump never runs for long without the event loop: gevent's reads and writes
 return at once while data keeps flowing, so after ``FAIR_SHARE`` bytes or
-``FAIR_READS`` reads without having waited (whichever comes first: a tiny
-``buffer_size`` must not stretch a turn to thousands of reads), a pump waits for
-its source to be readable again. That costs one
-pass through the loop and lets every other connection with I/O ready run.
+``FAIR_READS`` reads in one turn (whichever comes first: a tiny ``buffer_size``
+must not stretch a turn to thousands of reads), a pump parks even with data
+waiting; its watcher runs it again on the next pass through the loop, after
+every other connection with I/O ready had its turn.
 """
 
 from __future__ import annotations
@@ -90,6 +96,10 @@ FAIR_SHARE = 256 * 1024
 FAIR_READS = 64
 
 _READ, _WRITE = 1, 2
+
+# What pump() returns: the source is drained or the turn spent (park; the next turn copies,
+# or splices), the source's clean EOF, or a change of the toxics (pick the path again).
+_DRAINED, _DRAINED_SPLICING, _ENDED, _SWITCHED = range(4)
 _AF_UNIX = getattr(socket, "AF_UNIX", None)
 
 
@@ -186,9 +196,11 @@ class Context:
 
 
 def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
-         readable, writable, direction: int) -> bool:
-    """Move bytes from src to dst until src's clean EOF (True) or until the forwarder's
-    toxics change (False, at a chunk boundary: one comparison per chunk); socket errors propagate.
+         readable, writable, direction: int, spliced: bool = False) -> int:
+    """Move bytes from src to dst for one turn: until src is drained or the turn is spent
+    (``_DRAINED``, or ``_DRAINED_SPLICING`` when the next turn should splice), src's clean
+    EOF (``_ENDED``), or a change of the forwarder's toxics (``_SWITCHED``, at a chunk
+    boundary: one comparison per chunk); socket errors propagate. It waits only for dst.
 
     Small reads are copied through the forwarder's scratch buffer: two syscalls per message.
     With a splicer (``Context.splicer``), a read that fills the buffer means bulk, and the
@@ -202,13 +214,12 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
     size = len(scratch)
     splicer = context.splicer
     src_fd, dst_fd = src.fileno(), dst.fileno()
-    spliced = False
     # A turn goes on only after full reads, so its bytes are reads * size: one count bounds both.
-    turn = budget = max(1, min(FAIR_SHARE // size, FAIR_READS))
+    budget = max(1, min(FAIR_SHARE // size, FAIR_READS))
     version = context.toxic_version
     while True:
         if context.toxic_version != version:
-            return False  # toxics changed: at this chunk boundary the caller picks the path again
+            return _SWITCHED  # at this chunk boundary the caller picks the path again
         if spliced:
             n = splicer.chunk(conn, src_fd, dst_fd, writable, direction, wait)
             if n is None:  # no fd for a pipe: copy
@@ -236,10 +247,10 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
             if budget:
                 continue
         elif n == 0:
-            return True
-        # Drained (a short read needs no EAGAIN to confirm it), or the turn is spent.
-        wait(readable)
-        budget = turn
+            return _ENDED
+        # Drained (a short read needs no EAGAIN to confirm it), or the turn is spent: park;
+        # the source's watcher runs the pump again when it has data (at once if it has).
+        return _DRAINED_SPLICING if spliced else _DRAINED
 
 
 def send_rest(wait: Callable, dst: socket.socket, scratch: bytearray, sent: int, n: int, writable) -> None:
@@ -567,15 +578,29 @@ class Connection:
             if chains[direction]:  # a toxic may act before any byte comes (timeout)
                 loop.run_callback(self.kick, direction)
 
-    def _run_pump(self, direction: int) -> None:
-        """Run one pump to its end, apply the closing rules, and tear down after the last one."""
+    def _run_pump(self, direction: int, spliced: bool = False, carry=None) -> None:
+        """Run one pump until it parks again, or to its end: then apply the closing rules and
+        tear down after the last pump. ``carry`` is what ``_unpark`` left: an exception to
+        handle here, or (sent, n) when the destination took only ``sent`` of the ``n`` bytes
+        it read into the scratch buffer."""
         src, dst, readable, writable = self._ends[direction]
         try:
+            if carry is not None:
+                if isinstance(carry, BaseException):
+                    raise carry
+                send_rest(self.waiter(), dst, self.context.scratch, carry[0], carry[1], writable)
             while self.outcome is None:
                 try:
                     link = self._link(direction)
                     if link is None:
-                        done = pump(self, src, dst, readable, writable, direction)
+                        result = pump(self, src, dst, readable, writable, direction, spliced)
+                        if result is _SWITCHED:
+                            continue
+                        if result is not _ENDED:
+                            if self.outcome is None:  # drained: no greenlet until data comes
+                                readable.start(self._unpark, direction, result is _DRAINED_SPLICING)
+                            return
+                        done = True
                     else:
                         done = link.pump(src, dst, readable, writable, FAIR_SHARE)
                 except _Switch:
@@ -647,10 +672,38 @@ class Connection:
             if waiter is not None and hasattr(waiter, "throw"):
                 waiter.throw(_Switch())
 
-    def _unpark(self, direction: int) -> None:
-        """Watcher callback, on the hub: the parked source has data; run its pump."""
-        self._ends[direction][2].stop()
-        self.context.workers.run(self._run_pump, direction)
+    def _unpark(self, direction: int, spliced: bool = False) -> None:
+        """Watcher callback, on the hub: the parked source has data.
+
+        A message that one read takes whole and one send delivers whole moves right here,
+        and the pump stays parked: no greenlet switch, no watcher stopped and started.
+        Anything else (a full read: bulk; a destination not taking it all; EOF; an error;
+        toxics on this direction) runs the pump in a worker, handing over what was read."""
+        src, dst, readable, _writable = self._ends[direction]
+        context = self.context
+        carry = None
+        links = self.links
+        if not spliced and not context.toxics.chains[direction] and (links is None or links[direction] is None):
+            scratch = context.scratch
+            try:
+                n = src.recv_into(scratch)
+                if n > 0:
+                    self.counts[direction] += n  # counted when read, as in pump
+                    try:
+                        sent = dst.send(context.scratch_view[:n])
+                    except BlockingIOError:
+                        sent = 0
+                    if sent != n:
+                        carry = (sent, n)
+                    elif n < len(scratch):
+                        return  # done; still parked
+                    spliced = n == len(scratch) and context.splicer is not None  # bulk
+            except BlockingIOError:
+                return  # nothing after all; still parked
+            except BaseException as exc:  # handled by the pump's rules, in a worker
+                carry = exc
+        readable.stop()
+        context.workers.run(self._run_pump, direction, spliced, carry)
 
     def _pump_ended(self) -> None:
         self._pumps -= 1

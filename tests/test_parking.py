@@ -14,7 +14,7 @@ import pytest
 
 from gproxy import Outcome
 from gproxy import forwarder as forwarder_module
-from peers import TIMEOUT, Gate, Server, connect, payload, recv_all, recv_exactly, reset
+from peers import TIMEOUT, Gate, Server, connect, echo, payload, recv_all, recv_exactly, reset
 
 PARK_EVERY = 0.02
 
@@ -116,3 +116,23 @@ def test_stop_aborts_parked_connections(forwarders):
         client.close()
     assert forwarders.records[-1].outcome is Outcome.SHUTDOWN
     assert fw.statistics().active == 0
+
+
+def test_a_drained_pump_parks_at_once_so_a_connection_that_spoke_holds_no_greenlet(
+        forwarders, monkeypatch):
+    """Issue 10, memory after traffic: a pump whose source is drained gives its greenlet back
+    at once, not at the next parking pass (disabled here), whether the message was small (moved
+    in the watcher's callback) or bulk (a pump in a worker, then parked)."""
+    monkeypatch.setattr(forwarder_module, "_PARK_EVERY", 3600.0)
+    with Server(echo) as upstream:
+        fw = forwarders(upstream.address)
+        client = connect(fw.address)
+        for size in (64, 3_000_017):
+            data = payload(size, seed=size)
+            client.sendall(data)
+            assert recv_exactly(client, size) == data
+            deadline = time.monotonic() + TIMEOUT
+            while parked_pumps(fw) < 2:
+                assert time.monotonic() < deadline, f"a pump still holds a greenlet after {size} B"
+                time.sleep(0.01)  # sleep-ok: polling state another thread changes
+        client.close()
