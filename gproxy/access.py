@@ -4,12 +4,12 @@ line that says a client was refused. Checked before anything is dialled.
 Typical use (relay does this for every client when the rule has any of these options)::
 
     access = Access.from_rule(rule)          # None when the rule restricts nobody
-    why = access.admit(conn, ip)             # None: let in; else the reason, in words
+    why, key = access.admit(client_key(conn.client_address))   # why None: let in
     ...
-    access.release(conn)                     # at teardown, for the per-client count
+    access.release(key)                      # at teardown, for the per-client count
 
-Addresses and networks are parsed once, when the rule is built (``config.Rule``);
-per client the cost is one ``ipaddress`` parse and one membership test per network.
+Networks are parsed when the rule is built (``config.Rule``) and compiled to integers
+here; per client the cost is one ``inet_pton`` and an AND and compare per network.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 from typing import Dict, Optional, Sequence, Tuple, Union
 
-__all__ = ["Access", "DeniedLog", "Network", "client_ip", "in_networks"]
+__all__ = ["Access", "DeniedLog", "Network", "client_key", "compile_networks", "describe_key", "in_networks"]
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +32,44 @@ LOG_EVERY = 60.0
 _PRUNE_AT = 4096
 
 
-def client_ip(address) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
-    """The IP of an accepted client's address (IPv4-mapped IPv6 seen as IPv4); ``None`` for a
-    Unix-socket client, which has no address."""
-    if not isinstance(address, tuple) or not address:
+_MAPPED = b"\x00" * 10 + b"\xff\xff"  # ::ffff:0:0/96: IPv4 clients of a dual-stack listener
+
+#: networks ready for matching: (address length in bytes, network as int, netmask as int)
+Compiled = Tuple[Tuple[int, int, int], ...]
+
+
+def client_key(address) -> Optional[bytes]:
+    """An accepted client's IP, packed (4 bytes for IPv4, IPv4-mapped IPv6 included; 16 for
+    IPv6), or ``None`` for a Unix-socket client, which has no address. inet_pton, not
+    ipaddress: this runs for every client of a rule with access control."""
+    if type(address) is not tuple or not address:
         return None
+    host = address[0]
     try:
-        ip = ipaddress.ip_address(address[0].split("%", 1)[0])
-    except (ValueError, AttributeError):
+        if ":" in host:
+            packed = inet_pton(AF_INET6, host.partition("%")[0])
+            return packed[12:] if packed[:12] == _MAPPED else packed
+        return inet_pton(AF_INET, host)
+    except (OSError, TypeError, ValueError):
         return None
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
-def in_networks(ip, networks: Sequence[Network]) -> bool:
-    for net in networks:
-        if ip.version == net.version and ip in net:
+def describe_key(key: Optional[bytes]) -> str:
+    if key is None:
+        return "unix"
+    return inet_ntop(AF_INET if len(key) == 4 else AF_INET6, key)
+
+
+def compile_networks(networks: Optional[Sequence[Network]]) -> Compiled:
+    return tuple((net.max_prefixlen // 8, int(net.network_address), int(net.netmask))
+                 for net in networks or ())
+
+
+def in_networks(key: bytes, networks: Compiled) -> bool:
+    """Whether the packed IP ``key`` is in one of the compiled ``networks``."""
+    length, value = len(key), int.from_bytes(key, "big")
+    for net_length, net, mask in networks:
+        if net_length == length and value & mask == net:
             return True
     return False
 
@@ -85,8 +107,8 @@ class Access:
 
     def __init__(self, allow: Optional[Sequence[Network]], deny: Optional[Sequence[Network]],
                  per_client: Optional[int]) -> None:
-        self.allow = tuple(allow) if allow is not None else None
-        self.deny = tuple(deny) if deny else ()
+        self.allow = compile_networks(allow) if allow is not None else None
+        self.deny = compile_networks(deny)
         self.per_client = per_client
         #: open connections per client IP, for ``per_client``; entries at 0 are removed
         self.open_per_client: Dict[object, int] = {}
@@ -101,22 +123,24 @@ class Access:
             return None
         return cls(allow, deny, per_client)
 
-    def admit(self, ip) -> Tuple[Optional[str], object]:
-        """(None, key) to let the client in, counting it under ``key`` (release it at the end),
-        or (reason, None) to refuse it."""
-        if ip is None:
+    def admit(self, key: Optional[bytes]) -> Tuple[Optional[str], Optional[bytes]]:
+        """For a client whose packed IP is ``key`` (``client_key``): (None, key) to let it in,
+        counted under ``key`` (release it at the end) or (None, None) if not counted; or
+        (reason, None) to refuse it."""
+        if key is None:
             return None, None
-        if self.deny and in_networks(ip, self.deny):
+        if self.deny and in_networks(key, self.deny):
             return "denied by deny", None
-        if self.allow is not None and not in_networks(ip, self.allow):
+        if self.allow is not None and not in_networks(key, self.allow):
             return "not in allow", None
         if self.per_client is None:
             return None, None
-        count = self.open_per_client.get(ip, 0)
+        count = self.open_per_client.get(key, 0)
         if count >= self.per_client:
-            return f"already {count} connection(s) from {ip} (max_connections_per_client)", None
-        self.open_per_client[ip] = count + 1
-        return None, ip
+            return (f"already {count} connection(s) from {describe_key(key)} "
+                    "(max_connections_per_client)"), None
+        self.open_per_client[key] = count + 1
+        return None, key
 
     def release(self, key) -> None:
         """A connection counted under ``key`` by ``admit`` has ended."""

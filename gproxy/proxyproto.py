@@ -15,7 +15,6 @@ read exactly ``header_size``) is the caller's job, see ``relay.Connection``.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
@@ -92,11 +91,8 @@ def encode_v1(source, destination, family: Optional[int] = None) -> bytes:
         return b"PROXY UNKNOWN\r\n"
     src_ip, src_port = _ip_endpoint(source, family)
     dst_ip, dst_port = _ip_endpoint(destination, family)
-    if family == socket.AF_INET:
-        proto, src_text, dst_text = "TCP4", str(src_ip), str(dst_ip)
-    else:
-        proto, src_text, dst_text = "TCP6", _v6_text(src_ip), _v6_text(dst_ip)
-    return f"PROXY {proto} {src_text} {dst_text} {src_port} {dst_port}\r\n".encode("ascii")
+    proto = "TCP4" if family == socket.AF_INET else "TCP6"
+    return f"PROXY {proto} {_ip_text(src_ip)} {_ip_text(dst_ip)} {src_port} {dst_port}\r\n".encode("ascii")
 
 
 def encode_v2(source=None, destination=None, family: Optional[int] = None, *, local: bool = False) -> bytes:
@@ -109,7 +105,7 @@ def encode_v2(source=None, destination=None, family: Optional[int] = None, *, lo
     if family in (socket.AF_INET, socket.AF_INET6):
         src_ip, src_port = _ip_endpoint(source, family)
         dst_ip, dst_port = _ip_endpoint(destination, family)
-        block = src_ip.packed + dst_ip.packed + struct.pack("!HH", src_port, dst_port)
+        block = src_ip + dst_ip + struct.pack("!HH", src_port, dst_port)
     elif family == socket.AF_UNIX:
         block = _unix_path(source) + _unix_path(destination)
     else:
@@ -120,11 +116,10 @@ def encode_v2(source=None, destination=None, family: Optional[int] = None, *, lo
 
 def _family_of(endpoint) -> Optional[int]:
     if isinstance(endpoint, tuple) and len(endpoint) >= 2:
-        try:
-            ip = ipaddress.ip_address(_strip_scope(endpoint[0]))
-        except ValueError:
+        host = endpoint[0]
+        if not isinstance(host, str):
             return None
-        return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        return socket.AF_INET6 if ":" in host else socket.AF_INET
     if isinstance(endpoint, (str, bytes)):
         return socket.AF_UNIX
     return None
@@ -134,27 +129,47 @@ def _strip_scope(host: str) -> str:
     return host.split("%", 1)[0]
 
 
-def _ip_endpoint(endpoint, family: int):
-    if not (isinstance(endpoint, tuple) and len(endpoint) >= 2):
+_MAPPED = b"\x00" * 10 + b"\xff\xff"  # ::ffff:0:0/96, IPv4-mapped IPv6 addresses
+
+
+def _ip_endpoint(endpoint, family: int) -> Tuple[bytes, int]:
+    """(address in network order for ``family``, port). inet_pton, not ipaddress: it is the
+    per-connection path, and glibc's parser is strict (no leading zeroes in IPv4)."""
+    if not (isinstance(endpoint, tuple) and len(endpoint) >= 2 and isinstance(endpoint[0], str)):
         raise ValueError(f"expected (ip, port), got {endpoint!r}")
-    ip = ipaddress.ip_address(_strip_scope(endpoint[0]))
-    if family == socket.AF_INET and ip.version == 6:
-        if ip.ipv4_mapped is None:
-            raise ValueError(f"{ip} is not an IPv4 address")
-        ip = ip.ipv4_mapped
-    elif family == socket.AF_INET6 and ip.version == 4:
-        ip = ipaddress.IPv6Address(f"::ffff:{ip}")
+    host = _strip_scope(endpoint[0])
+    try:
+        if ":" in host:
+            ip = socket.inet_pton(socket.AF_INET6, host)
+            if family == socket.AF_INET:
+                if ip[:12] != _MAPPED:
+                    raise ValueError(f"{host} is not an IPv4 address")
+                ip = ip[12:]
+        else:
+            ip = socket.inet_pton(socket.AF_INET, host)
+            if family == socket.AF_INET6:
+                ip = _MAPPED + ip
+    except OSError:
+        raise ValueError(f"not an IP address: {host!r}") from None
     port = int(endpoint[1])
     if not 0 <= port <= 65535:
         raise ValueError(f"port out of range: {port}")
     return ip, port
 
 
-def _v6_text(ip: ipaddress.IPv6Address) -> str:
-    """Hex groups without leading zeroes, the longest run of two or more zero groups as "::"
-    (RFC 5952). Never the dotted tail some Python versions print for IPv4-mapped addresses,
-    which the spec's v1 grammar does not allow."""
-    groups = [int.from_bytes(ip.packed[i:i + 2], "big") for i in range(0, 16, 2)]
+def _ip_text(packed: bytes) -> str:
+    """The canonical text of a packed address: dotted quad for IPv4; for IPv6 hex groups
+    without leading zeroes, the longest run of two or more zero groups as "::" (RFC 5952),
+    and never the dotted tail inet_ntop prints for IPv4-mapped addresses, which the spec's
+    v1 grammar does not allow."""
+    if len(packed) == 4:
+        return socket.inet_ntop(socket.AF_INET, packed)
+    text = socket.inet_ntop(socket.AF_INET6, packed)
+    return _v6_text(packed) if "." in text else text
+
+
+def _v6_text(packed: bytes) -> str:
+    groups = [int.from_bytes(packed[i:i + 2], "big") for i in range(0, 16, 2)]
     best_start, best_len, start = -1, 1, None
     for i, group in enumerate(groups + [1]):
         if group == 0 and start is None:
@@ -243,14 +258,10 @@ def _parse_v1(header: bytes) -> ProxyHeader:
 
 def _v1_ip(text: str, family: int) -> str:
     try:
-        ip = ipaddress.IPv4Address(text) if family == socket.AF_INET else ipaddress.IPv6Address(text)
-    except ValueError:
+        # glibc's inet_pton: no leading zeroes in IPv4 (octal confusion), no IPv6 zone
+        return _ip_text(socket.inet_pton(family, text))
+    except (OSError, ValueError):
         raise ProxyProtocolError(f"bad address {text!r} in PROXY v1 line") from None
-    if family == socket.AF_INET:
-        return str(ip)
-    if ip.scope_id:
-        raise ProxyProtocolError(f"bad address {text!r} in PROXY v1 line")
-    return _v6_text(ip)
 
 
 def _v1_port(text: str) -> int:
@@ -284,13 +295,13 @@ def _parse_v2(header: bytes) -> ProxyHeader:
     if proto != 0x1:  # DGRAM: gproxy forwards streams; a datagram header tells it nothing usable
         return ProxyHeader(2, None, None, None, len(header), tlvs=tlvs)
     if fam == 0x1:
-        src = str(ipaddress.IPv4Address(body[0:4]))
-        dst = str(ipaddress.IPv4Address(body[4:8]))
+        src = _ip_text(bytes(body[0:4]))
+        dst = _ip_text(bytes(body[4:8]))
         sport, dport = struct.unpack_from("!HH", body, 8)
         return ProxyHeader(2, socket.AF_INET, (src, sport), (dst, dport), len(header), tlvs=tlvs)
     if fam == 0x2:
-        src = _v6_text(ipaddress.IPv6Address(body[0:16]))
-        dst = _v6_text(ipaddress.IPv6Address(body[16:32]))
+        src = _ip_text(bytes(body[0:16]))
+        dst = _ip_text(bytes(body[16:32]))
         sport, dport = struct.unpack_from("!HH", body, 32)
         return ProxyHeader(2, socket.AF_INET6, (src, sport), (dst, dport), len(header), tlvs=tlvs)
     src_path = bytes(body[0:_UNIX_PATH]).rstrip(b"\x00")

@@ -75,7 +75,7 @@ from gevent.socket import getaddrinfo
 
 from gproxy import _sockets, proxyproto
 from gproxy._workers import Workers
-from gproxy.access import Access, DeniedLog, client_ip, in_networks
+from gproxy.access import Access, DeniedLog, client_key, compile_networks, describe_key, in_networks
 from gproxy.config import Rule
 from gproxy.stats import ConnectionRecord, Counters, Outcome
 from gproxy.targets import Targets, TargetError
@@ -156,7 +156,7 @@ class Context:
         #: allow/deny and per-client limits, or None: the rule restricts nobody (no check at all)
         self.access = Access.from_rule(rule)
         #: networks whose clients must send a PROXY header first, or None
-        self.accept_proxy = rule.accept_proxy_from or None
+        self.accept_proxy = compile_networks(rule.accept_proxy_from) or None
         #: PROXY protocol version to send upstream; 0: none
         self.proxy_version = {"off": 0, "v1": 1, "v2": 2}[rule.proxy_protocol]
         # what gproxy_target_up shows: one fixed target is up until a connect to it fails;
@@ -325,7 +325,7 @@ class Connection:
             if self.outcome is not None:  # the hook stopped the forwarder
                 return
             if context.access is not None:
-                why, self.access_key = context.access.admit(client_ip(self.client_address))
+                why, self.access_key = context.access.admit(client_key(self.client_address))
                 if why is not None:  # refused before anything is dialled
                     self._finish(Outcome.DENIED, why)
                     return
@@ -347,8 +347,8 @@ class Connection:
         """A client from ``accept_proxy_from`` must start with a PROXY header: read exactly
         that (peek, then take only header bytes), within ``proxy_header_timeout``. Its
         address then stands for the client. False: the connection is refused (outcome set)."""
-        ip = client_ip(self.client_address)
-        if ip is None or not in_networks(ip, self.context.accept_proxy):
+        key = client_key(self.client_address)
+        if key is None or not in_networks(key, self.context.accept_proxy):
             return True  # not a trusted proxy: an ordinary client, whose bytes are payload
         client = self.client
         timeout = self.context.rule.proxy_header_timeout
@@ -854,8 +854,8 @@ class Connection:
                         record.upstream, outcome, record.duration, record.error, extra=extra)
             return
         if outcome is Outcome.DENIED:  # one line per client address per minute at most
-            ip = client_ip(self.client_address)
-            self.context.denied_log.note(str(ip) if ip is not None else record.client,
+            key = client_key(self.client_address)
+            self.context.denied_log.note(describe_key(key) if key is not None else record.client,
                                          "conn#%d %s denied: %s", record.id, record.client, record.error,
                                          extra=extra)
             return
