@@ -71,8 +71,22 @@ class _StderrLog(logging.Handler):
         self._reported = 0          # only the writer thread touches it
         self._broken = False        # stderr is gone (EPIPE, EBADF): stop writing, keep counting
         self._closed = False
+        self._capacity = capacity
+        self._start_writer()
+        if hasattr(os, "register_at_fork"):  # worker processes log too
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _start_writer(self) -> None:
         self._thread = threading.Thread(target=self._write_lines, name="gproxy log writer", daemon=True)
         self._thread.start()
+
+    def _after_fork(self) -> None:
+        """A forked child has no writer thread, and the parent's may have held the queue's
+        lock at the fork: a fresh queue and thread (the parent writes what it had queued)."""
+        if not self._closed:
+            self.lines = queue.Queue(self._capacity)
+            self.dropped = self._reported = 0
+            self._start_writer()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

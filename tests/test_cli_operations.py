@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 
 import pytest
@@ -123,3 +124,26 @@ def test_a_low_fd_limit_is_a_warning_naming_it_and_leaves_usable_connections():
             client.close()
         code, output = proxy.stop()
     assert code == 0, output
+
+
+def test_a_forked_worker_still_logs():
+    script = textwrap.dedent('''
+        import logging, os
+        from gproxy.cli import _StderrLog
+        handler = _StderrLog()
+        log = logging.getLogger("gproxy.fork-test")
+        log.addHandler(handler)
+        log.warning("parent before fork")
+        pid = os.fork()
+        if pid == 0:
+            log.warning("child line")
+            handler.close()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        log.warning("parent after fork")
+        handler.close()
+    ''')
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["parent before fork", "child line", "parent after fork"], result.stderr
