@@ -56,6 +56,14 @@ return at once while data keeps flowing, so after ``FAIR_SHARE`` bytes or
 must not stretch a turn to thousands of reads), a pump parks even with data
 waiting; its watcher runs it again on the next pass through the loop, after
 every other connection with I/O ready had its turn.
+
+Toxics: a direction of a forwarder that has toxics runs through ``toxics.Link.pump``
+instead of ``pump`` (see toxics.py). ``pump`` compares ``Context.toxic_version`` once per
+chunk and returns False when it changed, at a chunk boundary with no byte held;
+``_run_pump`` then picks the path again (``_link``). A change also kicks every open
+connection (``toxics_changed`` -> ``Connection.kick``): a parked pump is started, and a pump
+waiting for its source, or in the chain's own wait, is thrown ``_Switch`` and picks its path
+at once, so a toxic acts on an idle connection too (a ``timeout`` closes it in time).
 """
 
 from __future__ import annotations

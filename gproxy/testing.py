@@ -14,6 +14,14 @@ Typical use, as a pytest plugin (in a conftest.py)::
     def db_proxy(gproxy_session_forwarder):      # one forwarder for the whole session
         return gproxy_session_forwarder(("127.0.0.1", 5432))
 
+    def test_app_retries_while_the_database_is_down(db_proxy):
+        app = App(db_port=db_proxy.address[1])
+        with db_proxy.down():                    # refused, open connections cut
+            assert app.get("key") is None        # degraded, not crashed
+        assert app.get("key") == "value"         # and back once it is up again
+        db_proxy.add_toxic("latency", latency=500)
+        assert app.get("key") is None            # its 0.1 s timeout fires
+
 or without pytest::
 
     with forwarding(("127.0.0.1", 5432)) as fw:
@@ -23,12 +31,15 @@ The target comes first and ``listen`` is keyword-only (default ``127.0.0.1:0``, 
 port): ``Forwarder(listen, target)`` puts listen first, so a positional listen here would
 be read the wrong way round; it is a ``TypeError`` instead. Every forwarder is stopped at
 the end of its test (or session) with open connections aborted at once: a test ends when
-it ends.
+it ends. After every test the plugin resets the forwarders these fixtures made that are
+still running (``Forwarder.reset()``: every toxic removed, enabled again), so what one test
+did to a shared proxy never leaks into the next.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Callable, Iterator, List
 
 from gproxy.config import AddressLike, TargetLike
@@ -37,6 +48,9 @@ from gproxy.forwarder import Forwarder
 __all__ = ["forwarding", "gproxy_forwarder", "gproxy_session_forwarder"]
 
 LOCAL = "127.0.0.1:0"
+
+#: forwarders the fixtures made: reset after every test while they run
+_made: "weakref.WeakSet[Forwarder]" = weakref.WeakSet()
 
 
 @contextlib.contextmanager
@@ -57,6 +71,7 @@ def _factory() -> Iterator[Callable[..., Forwarder]]:
     def make(target: TargetLike, *, listen: AddressLike = LOCAL, **options: Any) -> Forwarder:
         fw = Forwarder(listen, target, **options).start()
         started.append(fw)
+        _made.add(fw)
         return fw
 
     try:
@@ -85,3 +100,11 @@ if pytest is not None:
         its forwarders are stopped when the test session ends."""
         with _factory() as make:
             yield make
+
+    @pytest.fixture(autouse=True)
+    def _gproxy_reset() -> Iterator[None]:
+        """After each test: the fixtures' running forwarders lose their toxics and listen again."""
+        yield
+        for fw in list(_made):
+            if fw._state == "running":
+                fw.reset()

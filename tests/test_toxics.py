@@ -485,3 +485,151 @@ def test_disable_before_start_is_an_error():
         fw.disable()
     fw.add_toxic("latency", latency=10)   # toxics may be set up before start
     assert [t.name for t in fw.toxics()] == ["latency_downstream"]
+
+
+# -- both ways of running, the way users run them ---------------------------------------------------
+
+MODES_SCRIPT = r'''
+import socket, threading, time
+import gproxy
+from gproxy.toxics import Delay
+
+def echo_server():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    def serve(sock):
+        with sock:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                sock.sendall(data)
+    def accept():
+        while True:
+            sock, _ = listener.accept()
+            threading.Thread(target=serve, args=(sock,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return listener.getsockname()
+
+def rtt(sock, data=b"ping"):
+    start = time.monotonic()
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        got += sock.recv(65536)
+    assert got == data, got
+    return time.monotonic() - start
+
+fw = gproxy.Forwarder("127.0.0.1:0", echo_server()).start()
+sock = socket.create_connection(fw.address, timeout=10)
+assert rtt(sock) < 1
+fw.add_toxic("latency", latency=200)                     # on an open connection
+assert rtt(sock) >= 0.2
+other = socket.create_connection(fw.address, timeout=10)  # and a new one
+assert rtt(other) >= 0.2
+fw.update_toxic("latency_downstream", latency=0)
+assert rtt(sock) < 0.2
+fw.remove_toxic("latency_downstream")
+seen = []
+fw.add_toxic(lambda chunk, conn: seen.append((conn.id, chunk)), name="tap", stream="upstream")
+fw.add_toxic(lambda chunk, conn: Delay(0.2, chunk.upper()), name="shout")
+start = time.monotonic()
+sock.sendall(b"abc")
+got = b""
+while len(got) < 3:
+    got += sock.recv(10)
+assert got == b"ABC" and seen[-1][1] == b"abc" and time.monotonic() - start >= 0.2, (got, seen)
+fw.reset()
+assert fw.toxics() == []
+ids = [c.id for c in fw.connections()]
+assert len(ids) == 2
+assert fw.close_connection(ids[1])
+assert other.recv(1) == b""
+timeout_toxic = fw.add_toxic("timeout", timeout=200)    # closes the idle open connection
+start = time.monotonic()
+assert sock.recv(1) == b"" and time.monotonic() - start >= 0.2
+fw.remove_toxic(timeout_toxic.name)
+port = fw.address[1]
+with fw.down():
+    try:
+        socket.create_connection(fw.address, timeout=5)
+        raise AssertionError("connected to a disabled forwarder")
+    except ConnectionRefusedError:
+        pass
+assert fw.enabled and fw.address[1] == port
+assert rtt(socket.create_connection(fw.address, timeout=10)) < 1
+fw.stop()
+print("OK")
+'''
+
+
+@pytest.mark.parametrize("prelude", ["", "from gevent import monkey; monkey.patch_all()\n"],
+                         ids=["unpatched", "patched"])
+def test_the_python_api_in_a_patched_and_an_unpatched_program(prelude):
+    import subprocess
+    import sys
+    from pathlib import Path
+    result = subprocess.run([sys.executable, "-c", prelude + MODES_SCRIPT], capture_output=True, text=True,
+                            timeout=TIMEOUT * 3, cwd=Path(__file__).resolve().parent.parent,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.strip().endswith("OK"), result.stdout
+
+
+def test_the_pytest_plugin_resets_shared_forwarders_between_tests(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["gproxy.testing"]\n')
+    (tmp_path / "test_user.py").write_text(textwrap.dedent('''
+        import socket, threading
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def upstream():
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+            def serve():
+                while True:
+                    sock, _ = listener.accept()
+                    sock.sendall(b"hi")
+                    sock.close()
+            threading.Thread(target=serve, daemon=True).start()
+            return listener.getsockname()
+
+        @pytest.fixture(scope="session")
+        def proxy(gproxy_session_forwarder, upstream):
+            return gproxy_session_forwarder(upstream)
+
+        def greet(proxy):
+            try:
+                with socket.create_connection(proxy.address, timeout=5) as sock:
+                    return sock.recv(10)
+            except ConnectionRefusedError:
+                return None
+
+        def test_1_breaks_it(proxy):
+            proxy.add_toxic("limit_data", bytes=0)
+            proxy.disable()
+            assert greet(proxy) is None
+
+        def test_2_finds_it_clean(proxy):
+            assert proxy.enabled and proxy.toxics() == []
+            assert greet(proxy) == b"hi"
+
+        def test_3_down_reads_well(proxy):
+            with proxy.down():
+                assert greet(proxy) is None
+            assert greet(proxy) == b"hi"
+    '''))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                            capture_output=True, text=True, timeout=TIMEOUT * 3, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
