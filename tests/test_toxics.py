@@ -120,7 +120,7 @@ def test_latency_on_new_and_open_connections(echo_through, stream):
     fw.update_toxic(f"latency_{stream}", latency=300)
     assert 0.3 <= round_trip(new) < 0.3 + SLACK
     fw.remove_toxic(f"latency_{stream}")
-    assert round_trip(new) < 0.15 and round_trip(opened_before) < 0.15
+    assert round_trip(new) < 0.3 and round_trip(opened_before) < 0.3
 
 
 def test_latency_with_jitter_stays_in_range_and_in_order(echo_through):
@@ -165,7 +165,7 @@ def test_bandwidth_limits_the_rate(forwarder_factory):
         start = time.monotonic()
         server.sendall(data)
         assert recv_exactly(client, len(data)) == data
-        assert time.monotonic() - start < 0.3
+        assert time.monotonic() - start < 0.5
 
 
 def test_bandwidth_upstream_and_backpressure(forwarder_factory):
@@ -225,7 +225,7 @@ def test_timeout_zero_holds_data_until_removed_and_loses_none(forwarder_factory)
         fw.remove_toxic("timeout_downstream")  # never blocks on the data it holds
         assert time.monotonic() - start < 1.0
         assert recv_exactly(client, len(data)) == data
-        assert round_trip_through(client, server) < 0.2
+        assert round_trip_through(client, server) < 1
 
 
 def round_trip_through(client, server) -> float:
@@ -265,7 +265,7 @@ def test_reset_peer_resets_after_the_timeout(forwarder_factory):
 
 def test_slicer_cuts_a_message_into_many_reads(forwarder_factory):
     with forwarder_factory.gated() as (fw, client, server):
-        fw.add_toxic("slicer", average_size=10, size_variation=5, delay=3000)
+        fw.add_toxic("slicer", average_size=10, size_variation=5, delay=10_000)
         data = payload(1000, seed=5)
         server.sendall(data)
         reads, got = 0, b""
@@ -273,7 +273,7 @@ def test_slicer_cuts_a_message_into_many_reads(forwarder_factory):
             got += client.recv(65536)
             reads += 1
         assert got == data
-        assert reads >= 25, reads   # about 100 slices, 3 ms apart; some may be read together
+        assert reads >= 20, reads   # about 100 slices, 10 ms apart; some may be read together
         fw.update_toxic("slicer_downstream", average_size=100, size_variation=0, delay=0)
         data = payload(100_000, seed=6)
         server.sendall(data)
@@ -293,19 +293,19 @@ def test_limit_data_passes_exactly_that_many_bytes_then_closes(forwarder_factory
 @pytest.mark.parametrize("toxicity, slow", [(0.0, False), (1.0, True)])
 def test_toxicity_is_the_chance_a_connection_is_affected(echo_through, toxicity, slow):
     fw, open_client = echo_through
-    fw.add_toxic("latency", latency=300, toxicity=toxicity)
+    fw.add_toxic("latency", latency=500, toxicity=toxicity)
     for _ in range(3):
         elapsed = round_trip(open_client())
-        assert (elapsed >= 0.3) if slow else (elapsed < 0.25), elapsed
+        assert (elapsed >= 0.5) if slow else (elapsed < 0.5), elapsed
 
 
 def test_a_connection_keeps_its_toxicity_roll(echo_through):
     fw, open_client = echo_through
-    fw.add_toxic("latency", latency=200, toxicity=0.5)
+    fw.add_toxic("latency", latency=400, toxicity=0.5)
     for _ in range(4):
         sock = open_client()
-        first = round_trip(sock) >= 0.2
-        assert all((round_trip(sock) >= 0.2) == first for _ in range(2))
+        first = round_trip(sock) >= 0.4
+        assert all((round_trip(sock) >= 0.4) == first for _ in range(2))
 
 
 # -- live changes never lose, duplicate or reorder a byte ----------------------------------------
@@ -445,14 +445,14 @@ def test_disable_cuts_connections_and_refuses_then_enable_listens_on_the_same_po
 
 def test_toxics_survive_down_and_reset_clears_all(echo_through):
     fw, open_client = echo_through
-    fw.add_toxic("latency", latency=200)
+    fw.add_toxic("latency", latency=400)
     fw.disable()
     fw.enable()
-    assert round_trip(open_client()) >= 0.2
+    assert round_trip(open_client()) >= 0.4
     fw.disable()
     fw.reset()
     assert fw.enabled and fw.toxics() == []
-    assert round_trip(open_client()) < 0.2
+    assert round_trip(open_client()) < 0.4
 
 
 def test_abort_or_close_one_connection_by_id(forwarder_factory):
@@ -524,12 +524,12 @@ def rtt(sock, data=b"ping"):
 fw = gproxy.Forwarder("127.0.0.1:0", echo_server()).start()
 sock = socket.create_connection(fw.address, timeout=10)
 assert rtt(sock) < 1
-fw.add_toxic("latency", latency=200)                     # on an open connection
-assert rtt(sock) >= 0.2
+fw.add_toxic("latency", latency=400)                     # on an open connection
+assert rtt(sock) >= 0.4
 other = socket.create_connection(fw.address, timeout=10)  # and a new one
-assert rtt(other) >= 0.2
+assert rtt(other) >= 0.4
 fw.update_toxic("latency_downstream", latency=0)
-assert rtt(sock) < 0.2
+assert rtt(sock) < 0.4
 fw.remove_toxic("latency_downstream")
 seen = []
 fw.add_toxic(lambda chunk, conn: seen.append((conn.id, chunk)), name="tap", stream="upstream")
