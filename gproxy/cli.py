@@ -4,14 +4,19 @@ Typical use::
 
     gproxy 127.0.0.1:8080 db.internal:5432
     gproxy --idle-timeout 300 -v 0.0.0.0:6380 6379
+    gproxy --balance round-robin 127.0.0.1:8080 app1:80 app2:80
+    gproxy -c /etc/gproxy.toml            # many rules; SIGHUP reloads the file
+    gproxy --check -c /etc/gproxy.toml    # validate only: exit 0 or 2
 
 Exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 on a runtime failure such
-as a port in use, 2 on bad arguments. This is the only module that configures
+as a port in use, 2 on bad arguments or a bad config file. This is the only module that configures
 logging or installs signal handlers.
 
 Signals: SIGTERM and SIGINT drain and stop (a second one aborts what is left);
-SIGUSR1 logs the statistics; SIGHUP logs that there is nothing to reload; SIGUSR2
-and SIGALRM are logged and otherwise ignored.
+SIGUSR1 logs the statistics; SIGHUP reloads the config file (-c; without one it is
+logged and ignored); SIGUSR2 and SIGALRM are logged and otherwise ignored. Under
+systemd (``$NOTIFY_SOCKET``), gproxy reports READY=1 once every listener is bound,
+RELOADING=1 and READY=1 around a reload, and STOPPING=1.
 
 Log lines never hold up forwarding: they go through a bounded queue to a writer
 thread, so a reader of stderr that stops reading (``gproxy ... 2>&1 | less``,
@@ -30,11 +35,11 @@ import signal
 import sys
 import threading
 import time
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import gevent
 
-from gproxy import __version__, _sockets, metrics
+from gproxy import __version__, _sockets, _systemd, metrics
 from gproxy.config import ConfigError, parse_address
 from gproxy.forwarder import Forwarder
 from gproxy.jsonlog import JsonFormatter
@@ -158,14 +163,31 @@ def _parser() -> argparse.ArgumentParser:
         prog="gproxy",
         description="Forward TCP connections from LISTEN to TARGET, byte for byte, "
                     "passing half-closes and resets through.",
-        epilog="Addresses are HOST:PORT, [IPV6]:PORT, or PORT alone for 127.0.0.1:PORT. "
+        epilog="Addresses are HOST:PORT, [IPV6]:PORT, PORT alone for 127.0.0.1:PORT, or "
+               "unix:/PATH (unix:@NAME: Linux's abstract namespace). "
                "gproxy listens on all interfaces only when told (0.0.0.0:PORT, [::]:PORT). "
                "SIGTERM or SIGINT stops accepting and drains; a second one stops at once. "
-               "SIGUSR1 logs the statistics; SIGHUP, SIGUSR2 and SIGALRM are logged and ignored.",
+               "SIGUSR1 logs the statistics; SIGHUP reloads -c FILE; SIGUSR2 and SIGALRM are logged "
+               "and ignored.",
     )
     parser.add_argument("listen", metavar="LISTEN", nargs="?",
                         help="address to accept clients on; port 0 picks one")
-    parser.add_argument("target", metavar="TARGET", nargs="?", help="address to connect to for each client")
+    parser.add_argument("target", metavar="TARGET", nargs="*",
+                        help="address to connect to for each client; with several, a connect that "
+                             "fails moves on to the next (see --balance)")
+    parser.add_argument("-c", "--config", metavar="FILE", default=None,
+                        help="read the rules from this TOML file instead of LISTEN TARGET; SIGHUP "
+                             "re-reads it")
+    parser.add_argument("--check", action="store_true",
+                        help="with -c: validate the file, print what it holds, exit 0 (good) or 2")
+    parser.add_argument("--balance", metavar="POLICY", default="failover",
+                        help="with several targets: failover (the first that works; default), "
+                             "round-robin, or least-connections")
+    parser.add_argument("--max-fails", metavar="N", default="1",
+                        help="mark a target down after this many connects to it fail in a row "
+                             "(default 1; 0 never)")
+    parser.add_argument("--fail-timeout", metavar="SECONDS", default="10",
+                        help="skip a down target for this long, then try it again (default 10)")
     parser.add_argument("--api", metavar="HOST:PORT", default=None,
                         help="serve toxiproxy's HTTP API here (e.g. 127.0.0.1:8474); LISTEN TARGET are then "
                              "optional. Whoever can reach it can make this host connect anywhere")
@@ -227,28 +249,89 @@ def _option_name(field: str) -> str:
     return field.upper() if field in ("listen", "target") else "--" + field.replace("_", "-")
 
 
+#: the options that make a rule: with -c they belong in the file
+_RULE_OPTIONS = (
+    "connect_timeout", "idle_timeout", "half_close_timeout", "backlog", "buffer_size",
+    "drain_timeout", "splice", "proxy_protocol", "accept_proxy_from", "proxy_header_timeout",
+    "allow", "deny", "max_connections_per_client", "balance", "max_fails", "fail_timeout",
+    "max_connections")
+
+
+def _given(argv: Optional[List[str]]) -> set:
+    """The options given on this command line (not defaulted): parsed again with no defaults."""
+    parser = _parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _load_config(args: argparse.Namespace):
+    """``-c FILE``: the validated file (ConfigError naming file, rule and key)."""
+    from gproxy.configfile import load
+    config = load(args.config)
+    for key, value in config.settings.items():
+        if not hasattr(args, key) and (key, value) != ("log_format", "text"):
+            # a key the file format knows and this command does not (yet)
+            raise ConfigError(f"{args.config}: {key}", "not supported by this gproxy")
+        setattr(args, key, value)  # the file's process-wide settings, for whoever reads args
+    return config
+
+
+class _Single:
+    """One forwarder (LISTEN TARGET), bound on this thread's hub: the CLI is its own loop."""
+
+    def __init__(self, forwarder: Forwarder):
+        self.forwarder = forwarder
+
+    def start(self) -> None:
+        from gproxy.service import _start_here
+        _start_here(self.forwarder)
+
+    def serve_forever(self) -> None:
+        self.forwarder.serve_forever()
+
+    def stop(self) -> None:
+        self.forwarder.stop()
+
+    def statistics(self) -> Statistics:
+        return self.forwarder.statistics()
+
+
 class _ApiServer:
     """``--api``: the HTTP API and the proxies it makes (the command line's rule among them)
     on this thread's hub, served and stopped as one."""
 
-    def __init__(self, api: str, name: str, forwarder: Optional[Forwarder], options: dict):
+    def __init__(self, api: str, name: str, forwarder: Optional[Forwarder], options: dict,
+                 files: Any = None):
         from gproxy.api import Api
         from gproxy.service import Service
 
-        self.service = Service(**options)
+        self.files = files  # a FileService (-c): the API then sees and changes the file's rules
+        self.service = files.service if files is not None else Service(**options)
         self.api = Api(self.service, api)
         self.api.mount("GET", "/metrics", metrics.route(self.service.items))
         if forwarder is not None:
             self.service.add(name, forwarder, start=False)
 
-    def serve_forever(self) -> None:
-        self.service.start()
+    def start(self) -> None:
+        if self.files is not None:
+            self.files.start(here=True)
+        else:
+            self.service.start()
         self.api.start()
-        self.service.serve_forever()
+
+    def serve_forever(self) -> None:
+        if self.files is not None:
+            self.files.serve_forever()
+        else:
+            self.service.serve_forever()
 
     def stop(self) -> None:
         self.api.stop()
-        self.service.stop()
+        if self.files is not None:
+            self.files.stop()
+        else:
+            self.service.stop()
 
     def statistics(self) -> Statistics:
         """Every proxy's statistics, added up."""
@@ -260,14 +343,34 @@ class _ApiServer:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.target is None and (args.listen is not None or args.api is None):
+    config = None
+    if args.config is not None or args.check:
+        if args.listen is not None:
+            parser.error("give LISTEN TARGET or -c FILE, not both")
+        if args.config is None:
+            parser.error("--check needs -c FILE")
+        in_file = sorted(_given(argv) & set(_RULE_OPTIONS))
+        if in_file:
+            parser.error(f"{_option_name(in_file[0])}: with -c, rule options go in the file "
+                         "(a rule, or [defaults])")
+        try:
+            config = _load_config(args)
+        except ConfigError as exc:
+            print(f"gproxy: error: {exc}", file=sys.stderr)
+            return 2
+        if args.check:
+            print(f"{args.config}: OK, {len(config.rules)} rule(s)")
+            for name, rule in config.rules.items():
+                targets = ", ".join(map(str, rule.targets)) or "a function"
+                balance = f" ({rule.balance})" if len(rule.targets) > 1 else ""
+                print(f"  {name}: {rule.listen} -> {targets}{balance}")
+            return 0
+    elif not args.target and (args.listen is not None or args.api is None):
         parser.error("the following arguments are required: " + ("TARGET" if args.listen else "LISTEN, TARGET"))
-    options = {name: getattr(args, name) for name in (
-        "connect_timeout", "idle_timeout", "half_close_timeout", "backlog", "buffer_size",
-        "drain_timeout", "splice", "proxy_protocol", "accept_proxy_from", "proxy_header_timeout",
-        "allow", "deny", "max_connections_per_client")}
+    options = {name: getattr(args, name) for name in _RULE_OPTIONS if name != "max_connections"}
     if args.max_connections is not None:
         options["max_connections"] = args.max_connections
+    args.config_file = config
 
     # Before the Forwarder: building it may warn (a low fd limit, for one).
     handler = _StderrLog()
@@ -285,10 +388,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace, options: dict) -> int:
+    files = None
     try:
-        forwarder = Forwarder(args.listen, args.target, **options) if args.listen is not None else None
+        if args.config_file is not None:
+            from gproxy.fileservice import FileService
+            files = FileService(args.config, args.config_file)
+            forwarder = files
+        else:
+            target = args.target[0] if len(args.target) == 1 else args.target
+            forwarder = _Single(Forwarder(args.listen, target, **options)) if args.listen is not None else None
         if args.api is not None:
-            forwarder = _ApiServer(args.api, args.name, forwarder, options)
+            single = forwarder.forwarder if isinstance(forwarder, _Single) else None
+            forwarder = _ApiServer(args.api, args.name, single, options, files=files)
         if args.metrics is not None:
             parse_address(args.metrics, "metrics")
     except ConfigError as exc:
@@ -299,6 +410,8 @@ def _run(args: argparse.Namespace, options: dict) -> int:
     def on_stop() -> None:
         nonlocal signals
         signals += 1
+        if signals == 1:
+            _systemd.notify("STOPPING=1")
         if signals == 2:
             log.warning("second signal: stopping now")
         gevent.spawn(forwarder.stop)
@@ -307,8 +420,19 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         stats = dataclasses.asdict(forwarder.statistics())
         log.info("statistics: %s", ", ".join(f"{name} {value}" for name, value in stats.items()))
 
+    def reload() -> None:
+        _systemd.reloading()
+        try:
+            files.reload()
+        finally:
+            _systemd.notify("READY=1")
+
     def on_reload() -> None:
-        log.info("SIGHUP: nothing to reload (gproxy takes its rule from the command line)")
+        if files is None:
+            log.info("SIGHUP: nothing to reload (gproxy takes its rule from the command line)")
+        elif not signals:  # stopping: too late to reload
+            log.info("SIGHUP: reading %s again", args.config)
+            gevent.spawn(reload)
 
     def ignored(name: str):
         return lambda: log.info("%s ignored (SIGTERM or SIGINT stops gproxy)", name)
@@ -322,15 +446,30 @@ def _run(args: argparse.Namespace, options: dict) -> int:
             gevent.signal_handler(signum, handle)
     metrics_server = None
     try:
+        if files is not None and forwarder is files:
+            files.start(here=True)
+        else:
+            forwarder.start()
         if args.metrics is not None:
-            sources = forwarder.service.items if isinstance(forwarder, _ApiServer) else (lambda: [forwarder])
+            if isinstance(forwarder, _Single):
+                sources = (lambda: [forwarder.forwarder])
+            else:
+                sources = forwarder.service.items
             metrics_server = metrics.serve(args.metrics, sources)
             log.info("metrics on http://%s/metrics", _sockets.describe_address(metrics_server.address))
-        forwarder.serve_forever()
     except ConfigError as exc:  # found only once bound, such as a target that is our own address
+        if files is not None:
+            return _fail(2, str(exc))
         return _fail(2, f"{_option_name(exc.field)}: {str(exc).split(': ', 1)[-1]}")
     except OSError as exc:
         return _fail(1, exc.strerror or str(exc))
+    except BaseException:
+        if metrics_server is not None:
+            metrics_server.stop(timeout=1)
+        raise
+    try:
+        _systemd.notify("READY=1")  # every listener is bound
+        forwarder.serve_forever()
     finally:
         if metrics_server is not None:
             metrics_server.stop(timeout=1)

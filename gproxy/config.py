@@ -368,6 +368,8 @@ class Rule:
       connection and every address it has is tried in turn. Several targets are a
       tuple of them; a function of the client's address is called per client and
       returns an address or a list. ``targets`` is always a tuple (empty for a function).
+    - ``name`` (default ``None``: the listen address stands for it): the rule's name in
+      logs and metrics, and its identity in a config file's reload.
     - ``balance`` (default ``"failover"``): the order targets are tried in for each client.
       ``failover`` always starts from the first that is up; ``round-robin`` starts from the
       next one for each client; ``least-connections`` from the one with fewest open
@@ -410,6 +412,7 @@ class Rule:
 
     listen: Endpoint
     target: Union[Endpoint, Tuple[Endpoint, ...], Callable]
+    name: Optional[str] = None
     balance: str = "failover"
     max_fails: int = 1
     fail_timeout: float = 10.0
@@ -453,6 +456,10 @@ class Rule:
             if listen_address in targets:
                 raise ConfigError("target", f"{listen_address} is the listening address: a forwarding loop")
             target = targets[0] if len(targets) == 1 else targets
+        name = opt["name"]
+        if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 200
+                                 or not name.isprintable()):
+            raise ConfigError("name", f"expected a short printable string, got {name!r}")
         balance = opt["balance"]
         if balance not in BALANCES:
             raise ConfigError("balance", f"expected one of {', '.join(BALANCES)}, got {balance!r}")
@@ -468,6 +475,7 @@ class Rule:
         return cls(
             listen=listen_address,
             target=target,
+            name=name,
             balance=balance,
             max_fails=_count(opt["max_fails"], "max_fails", minimum=0),
             fail_timeout=fail_timeout,

@@ -190,6 +190,7 @@ class Forwarder:
       ``proxy_header_timeout`` (5 s);
     - ``allow``/``deny`` (networks; default everyone/nobody) and ``max_connections_per_client``
       (default no limit): refused clients are closed before anything is dialled.
+    - ``name`` (``None``: the listen address): the rule's name in logs and metrics;
     - ``balance`` (``"failover"``; or ``"round-robin"``, ``"least-connections"``),
       ``max_fails`` (1; 0 never marks a target down), ``fail_timeout`` (10 s): several targets.
 
@@ -214,6 +215,7 @@ class Forwarder:
                  allow: Optional[Sequence[str]] = None,
                  deny: Optional[Sequence[str]] = None,
                  max_connections_per_client: Optional[int] = None,
+                 name: Optional[str] = None,
                  balance: str = "failover",
                  max_fails: int = 1,
                  fail_timeout: float = 10.0,
@@ -228,7 +230,7 @@ class Forwarder:
             proxy_protocol=proxy_protocol, accept_proxy_from=accept_proxy_from,
             proxy_header_timeout=proxy_header_timeout, allow=allow, deny=deny,
             max_connections_per_client=max_connections_per_client,
-            balance=balance, max_fails=max_fails, fail_timeout=fail_timeout)
+            name=name, balance=balance, max_fails=max_fails, fail_timeout=fail_timeout)
         on_open = check_hook(on_open, "on_open")
         on_close = check_hook(on_close, "on_close")
         self._counters = Counters()
@@ -242,6 +244,7 @@ class Forwarder:
         self._stop_timeout: Optional[float] = None
         self._address: Optional[Tuple[str, int]] = None
         self._inherit_fd: Optional[int] = None     # a listening socket to serve on (takeover)
+        self._inherit_from: Optional["Forwarder"] = None
         self._socket_file = None                   # our Unix socket file, removed on stop
         self._keep_listener = False                # another forwarder took it over: leave it
         self._hub = None                           # the hub that serves, once started
@@ -312,19 +315,28 @@ class Forwarder:
         The socket is never closed or bound again, so no client is refused in between; clients
         queued in the kernel go to whichever forwarder accepts first. Then call ``old.stop()``:
         it stops accepting and drains its own connections, with its own options."""
+        self.inherit_listener(old)
+        return self.start()
+
+    def listens_on(self, listen) -> bool:
+        """Whether ``listen`` (an Address) is what this forwarder was asked to listen on, or
+        the address it really has (port 0 asked for, the port it got)."""
+        if listen == self.rule.listen:
+            return True
+        bound = self._address
+        return isinstance(bound, tuple) and getattr(listen, "sockaddr", None) == tuple(bound[:2])
+
+    def inherit_listener(self, old: "Forwarder") -> None:
+        """Make the next start serve on ``old``'s listening socket (a duplicate of its fd)
+        instead of binding one; ``take_over`` is this and ``start()``."""
         if old._state != "running" or old._server is None:
             raise RuntimeError(f"only a running forwarder can be taken over; this one is {old._state}")
-        if self.rule.listen != old.rule.listen:
+        if not old.listens_on(self.rule.listen):
             raise ValueError(f"{self.rule.listen} is not {old.rule.listen}: take over the same address")
+        if self._inherit_fd is not None:
+            os.close(self._inherit_fd)
         self._inherit_fd = os.dup(old._server.socket.fileno())
-        try:
-            self.start()
-        finally:
-            if self._inherit_fd is not None:  # start failed before adopting it
-                os.close(self._inherit_fd)
-                self._inherit_fd = None
-        self._socket_file, old._keep_listener = old._socket_file, True
-        return self
+        self._inherit_from = old
 
     # -- fault injection ---------------------------------------------------------------
 
@@ -529,8 +541,10 @@ class Forwarder:
     def _start_on_hub(self) -> None:
         try:
             if self._inherit_fd is not None:
-                fd, self._inherit_fd = self._inherit_fd, None
-                listener = _adopt(fd, self.rule)
+                listener = _adopt(self._inherit_fd, self.rule)
+                self._inherit_fd = None
+                old, self._inherit_from = self._inherit_from, None
+                self._socket_file, old._keep_listener = old._socket_file, True
             else:
                 listener = _listen(self.rule)
                 try:
@@ -541,6 +555,9 @@ class Forwarder:
                 self._socket_file = _socket_file(self.rule)
         except BaseException:
             self._state = "stopped"
+            if self._inherit_fd is not None:
+                os.close(self._inherit_fd)
+                self._inherit_fd = None
             raise
         if listener.family == getattr(socket, "AF_UNIX", None):
             self._address = self.rule.listen.sockaddr
@@ -567,7 +584,8 @@ class Forwarder:
         self._sweep_every = interval
         self._swept_at = time.monotonic()
         self._next_park = self._swept_at + _PARK_EVERY
-        log.info("listening on %s -> %s", _sockets.describe_address(self._address), self._context.target_name)
+        log.info("listening on %s -> %s%s", _sockets.describe_address(self._address), self._context.target_name,
+                 f" (rule {self.rule.name})" if self.rule.name else "")
 
     def _handle(self, client: socket.socket, address, upstream: socket.socket) -> None:
         own = self._context.own_upstreams

@@ -9,6 +9,7 @@ Typical use (in a greenlet of the hub that runs them, e.g. the CLI's main hub)::
     service["redis"].address                       # the real bound port
     service.populate([{"name": "pg", "listen": "127.0.0.1:15432", "target": "db:5432"}])
     service.reset()                                # every proxy enabled, every toxic removed
+    service.reload({"pg": {"listen": "127.0.0.1:15432", "target": ["db1:5432", "db2:5432"]}})
     service.stop()                                 # all drain in parallel, one deadline
 
 This is toxiproxy's ``ProxyCollection``: the command line, the config file and the HTTP API
@@ -99,6 +100,7 @@ class Service:
         self._forwarders: Dict[str, Forwarder] = {}
         self._lock = RLock()  # changes wait across stop/drain; nothing may interleave them
         self._stopped = Event()
+        self._retired: List[gevent.Greenlet] = []  # reload's old forwarders, draining
 
     # -- reading -----------------------------------------------------------------------
 
@@ -231,7 +233,85 @@ class Service:
         ``timeout`` seconds (default: each one's ``drain_timeout``), then abort what is left.
         The forwarders stay in the collection, stopped. A second call while draining aborts."""
         _stop_all(list(self._forwarders.values()), timeout)
+        gevent.joinall([g for g in self._retired if not g.dead])  # reloads' drains end too
         self._stopped.set()
+
+    def reload(self, specs: Mapping[str, Mapping[str, Any]],
+               timeout: Optional[float] = None) -> Dict[str, str]:
+        """Make the collection exactly ``specs``: ``{name: {"listen", "target", option...}}``
+        in order, as a config file's reload does; returns ``{name: what happened}`` with
+        ``added``, ``changed``, ``unchanged`` or ``removed``.
+
+        - A proxy whose rule did not change is not touched: not its listener, not its
+          connections, not its toxics.
+        - A changed proxy gets a new forwarder for new connections; where its listen
+          address stayed the same (or another proxy being replaced or removed had it),
+          the new one serves on the very same listening socket (``Forwarder.take_over``),
+          never closed and bound again, so no client is refused. Toxics carry over.
+        - Old forwarders, changed or removed, stop accepting at once and drain their
+          connections in the background with their own ``drain_timeout`` (or ``timeout``).
+
+        Every forwarder is built, and every new address bound, before anything else
+        changes: a bad spec (``ConfigError``) or a failed bind (``OSError``) leaves the
+        running collection exactly as it was."""
+        with self._lock:
+            old = dict(self._forwarders)
+            built: Dict[str, Forwarder] = {}
+            result: Dict[str, str] = {}
+            for name, spec in specs.items():
+                _check_name(name)
+                spec = dict(spec)
+                options = {**self.options, **{k: v for k, v in spec.items() if k not in ("listen", "target")}}
+                options.setdefault("name", name)
+                rule = Rule.build(spec["listen"], spec["target"], **options)
+                current = old.get(name)
+                if current is not None and current.rule == rule and current._state != "stopped":
+                    result[name] = "unchanged"
+                else:
+                    built[name] = Forwarder(spec["listen"], spec["target"], **options)
+                    result[name] = "changed" if current is not None else "added"
+            leaving = [fw for name, fw in old.items() if name not in result or name in built]
+            # Which old listening socket each new forwarder keeps: its own name's first, then
+            # any other leaving forwarder's on the same address (a rule renamed).
+            sources: Dict[str, Forwarder] = {}
+            claimed = set()
+            for name, new in built.items():
+                candidates = [old[name]] if name in old else []
+                if getattr(new.rule.listen, "port", None) != 0:  # port 0 asks for a port of its own
+                    candidates += [fw for fw in leaving if fw is not old.get(name)]
+                for fw in candidates:
+                    if (id(fw) not in claimed and fw.listens_on(new.rule.listen)
+                            and is_enabled(fw) and fw._server is not None):
+                        sources[name] = fw
+                        claimed.add(id(fw))
+                        break
+            started: List[Forwarder] = []
+            try:
+                for name, new in built.items():
+                    source = sources.get(name)
+                    if source is not None:
+                        new.inherit_listener(source)
+                    _start_here(new)
+                    started.append(new)
+            except BaseException:
+                for name, new in built.items():  # inherited sockets go back to their owners
+                    source = sources.get(name)
+                    if source is not None and new in started:
+                        new._keep_listener, source._keep_listener = True, False
+                _stop_all(started, 0)
+                raise
+            for name, new in built.items():
+                for toxic in _toxics(old.get(name)) if name in old else ():
+                    new.add_toxic(toxic.type, name=toxic.name, stream=toxic.stream,
+                                  toxicity=toxic.toxicity, **toxic.attributes)
+            self._forwarders = {name: built.get(name) or old[name] for name in result}
+            for name in old:
+                if name not in result:
+                    result[name] = "removed"
+            self._retired = [g for g in self._retired if not g.dead]
+            for fw in leaving:
+                self._retired.append(gevent.spawn(fw.stop, timeout))
+            return result
 
     def serve_forever(self) -> None:
         """Start what is not started, then wait until ``stop()``."""

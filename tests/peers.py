@@ -201,12 +201,15 @@ class Proxy:
 
     LISTENING = re.compile(r"listening on (\S+):(\d+) -> ")
 
-    def __init__(self, *args: str, listen: str = "127.0.0.1:0", preexec_fn=None):
+    def __init__(self, *args: str, listen: str = "127.0.0.1:0", preexec_fn=None, argv=None, env=None):
+        """``gproxy [args...] LISTEN TARGET`` (the last of ``args`` is the target), or exactly
+        ``gproxy argv...`` when ``argv`` is given (``address`` is then the first rule's)."""
+        if argv is None:
+            argv = [*args[:-1], listen, args[-1]] if args else [listen]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gproxy", *args[:-1], listen, args[-1]] if args else
-            [sys.executable, "-m", "gproxy", listen],
+            [sys.executable, "-m", "gproxy", *argv],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            preexec_fn=preexec_fn,
+            preexec_fn=preexec_fn, env=env,
         )
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self.seen: List[str] = []
@@ -216,7 +219,7 @@ class Proxy:
         except BaseException:
             self.kill()  # no __exit__ runs when the constructor fails
             raise
-        self.address = (match.group(1), int(match.group(2)))
+        self.address = (match.group(1), int(match.group(2))) if match else None
 
     def _read(self) -> None:
         for line in self.process.stderr:

@@ -1,0 +1,176 @@
+"""The config file: TOML -> validated rules, every error naming the file, the rule and the key.
+
+Typical use::
+
+    config = load("/etc/gproxy.toml")      # ConfigError: "/etc/gproxy.toml: rule 'pg': idle_timeout: ..."
+    config.rules["postgres"]               # a validated gproxy.config.Rule
+    config.options["postgres"]             # the keyword arguments that make its Forwarder
+    config.settings                        # process-wide keys: {"log_format": "text", ...}
+
+The format (``gproxy --check -c FILE`` validates one)::
+
+    log_format = "text"                    # process-wide settings first
+    [defaults]                             # any rule option; a rule may override each
+    connect_timeout = 5
+    [[rule]]
+    name = "postgres"                      # unique; default: the listen address
+    listen = "127.0.0.1:15432"             # unique
+    targets = ["db1:5432", "db2:5432"]     # or target = "HOST:PORT"
+    balance = "failover"
+
+Every option of a rule is a :class:`gproxy.config.Rule` field, with the ``Forwarder``
+keyword's name: whatever a Forwarder accepts, the file accepts, and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional
+
+from gproxy.config import ConfigError, Rule, UnixAddress, parse_address
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the same parser, from PyPI
+    import tomli as tomllib
+
+__all__ = ["ConfigFile", "load", "parse", "SETTINGS"]
+
+#: process-wide keys (the rest of the top level is [defaults] and [[rule]]), with their checks
+SETTINGS = ("log_format", "metrics")
+
+#: rule keys that are not Rule options (listen and target are Rule's positional arguments)
+_NOT_DEFAULTS = ("name", "listen", "target", "targets")
+
+
+@dataclass
+class ConfigFile:
+    """A validated config file: rules by name, in file order, and the process-wide settings."""
+
+    path: str
+    rules: Dict[str, Rule] = field(default_factory=dict)
+    #: per rule, ``Forwarder(**options[name])`` builds it: listen, target and every option given
+    options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+
+def load(path: str) -> ConfigFile:
+    """Read and validate ``path``; raise :class:`ConfigError` naming the file, rule and key."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read it: {os.strerror(exc.errno).lower() if exc.errno else exc}") \
+            from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not UTF-8 text (byte {exc.start})") from None
+    return parse(text, str(path))
+
+
+def parse(text: str, path: str = "<config>") -> ConfigFile:
+    """Validate a config file's text; ``path`` names it in errors."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"TOML syntax: {exc}") from None
+    config = ConfigFile(path)
+
+    def fail(where: str, message: str) -> ConfigError:
+        return ConfigError(f"{path}: {where}", message)
+
+    for key, value in document.items():
+        if key in ("defaults", "rule"):
+            continue
+        if key not in SETTINGS:
+            known = ", ".join(SETTINGS + ("[defaults]", "[[rule]]"))
+            raise fail(key, f"unknown key (the top level has {known})")
+        config.settings[key] = _setting(key, value, fail)
+
+    defaults = document.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise fail("defaults", "expected a table: [defaults]")
+    for key in defaults:
+        if key in _NOT_DEFAULTS:
+            raise fail(f"[defaults] {key}", "belongs in each [[rule]], not in [defaults]")
+    try:  # bad defaults are reported once, as the defaults' fault
+        Rule.build("127.0.0.1:0", "127.0.0.1:1", **defaults)
+    except ConfigError as exc:
+        raise fail(f"[defaults] {exc.field}", _message(exc)) from None
+
+    rules = document.get("rule")
+    if rules is None:
+        raise fail("rule", "no [[rule]]: nothing to forward")
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise fail("rule", "expected [[rule]] tables")
+    listens: Dict[Any, str] = {}
+    for index, table in enumerate(rules, 1):
+        name = table.get("name")
+        label = f"rule {name!r}" if isinstance(name, str) else f"rule #{index}"
+        if "listen" not in table:
+            raise fail(f"{label}: listen", "missing")
+        if "target" in table and "targets" in table:
+            raise fail(f"{label}: targets", "give target or targets, not both")
+        if "target" not in table and "targets" not in table:
+            raise fail(f"{label}: target", "missing (target = \"HOST:PORT\" or targets = [...])")
+        target_key = "targets" if "targets" in table else "target"
+        target = table[target_key]
+        if target_key == "targets" and not isinstance(target, list):
+            raise fail(f"{label}: targets", f"expected a list of addresses, got {target!r}")
+        if isinstance(target, list) and not all(isinstance(t, str) for t in target):
+            raise fail(f"{label}: {target_key}", f"expected addresses as strings, got {target!r}")
+        if not isinstance(target, (str, list)):
+            raise fail(f"{label}: {target_key}", f"expected \"HOST:PORT\", got {target!r}")
+        if not isinstance(table["listen"], str):
+            raise fail(f"{label}: listen", f"expected \"HOST:PORT\", got {table['listen']!r}")
+        options = {**defaults, **{k: v for k, v in table.items() if k not in ("listen", "target", "targets")}}
+        try:
+            rule = Rule.build(table["listen"], target, **options)
+        except ConfigError as exc:
+            key = target_key if exc.field == "target" else exc.field
+            raise fail(f"{label}: {key}", _message(exc)) from None
+        rule_name = rule.name if rule.name is not None else str(rule.listen)
+        if rule_name in config.rules:
+            raise fail(f"{label}: name", f"{rule_name!r} names an earlier rule too; names are unique")
+        if _binds(rule.listen):
+            other = listens.get(rule.listen)
+            if other is not None:
+                raise fail(f"{label}: listen", f"{rule.listen} is the listen address of rule {other!r} too")
+            listens[rule.listen] = rule_name
+        config.rules[rule_name] = rule
+        config.options[rule_name] = {"listen": table["listen"], "target": target, **options}
+    return config
+
+
+def _binds(address) -> bool:
+    """Whether two rules with this listen address would collide (port 0 never does)."""
+    return isinstance(address, UnixAddress) or address.port != 0
+
+
+def _message(exc: ConfigError) -> str:
+    return str(exc)[len(exc.field) + 2:] if str(exc).startswith(exc.field + ": ") else str(exc)
+
+
+def _setting(key: str, value: Any, fail) -> Any:
+    if key == "log_format":
+        if value not in ("text", "json"):
+            raise fail(key, f"expected \"text\" or \"json\", got {value!r}")
+        return value
+    # metrics: an address to serve HTTP on
+    if not isinstance(value, str):
+        raise fail(key, f"expected \"HOST:PORT\", got {value!r}")
+    try:
+        parse_address(value, key)
+    except ConfigError as exc:
+        raise fail(key, _message(exc)) from None
+    return value
+
+
+def rule_keys() -> Mapping[str, Optional[object]]:
+    """Every key a [[rule]] may have, with its default (for documentation and tests)."""
+    keys: Dict[str, Optional[object]] = {"name": None, "listen": None, "target": None, "targets": None}
+    keys.update({f.name: f.default for f in fields(Rule) if f.name not in ("listen", "target", "name")})
+    return keys

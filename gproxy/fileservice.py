@@ -1,0 +1,206 @@
+"""A service run from a config file: load it, start every rule, reload it on demand, stop.
+
+Typical use, in a program (``gproxy.load_config`` is this class)::
+
+    service = gproxy.load_config("gproxy.toml")   # ConfigError naming file, rule and key
+    service.start()                               # OSError if an address cannot be bound
+    service["postgres"].address                   # each rule's Forwarder, by name
+    service.reload()                              # False (and the old rules stay) on a bad file
+    service.stop()
+
+The command line runs one on its main hub (``gproxy -c FILE``, SIGHUP reloads). In a
+program that gevent has not patched, ``start()`` runs the rules on a hub in a thread of
+their own, as ``Forwarder.start()`` does, and the other methods may be called from any
+thread; in a patched program they run on the calling thread's hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any, Callable, Dict, Optional
+
+import gevent
+from gevent import monkey
+from gevent.event import Event
+
+from gproxy.config import ConfigError
+from gproxy.configfile import ConfigFile, load
+from gproxy.forwarder import Forwarder, _destroy_hub
+from gproxy.service import Service
+from gproxy.stats import Statistics
+
+__all__ = ["FileService"]
+
+log = logging.getLogger(__name__)
+
+
+class FileService:
+    """The rules of one config file, run as a :class:`gproxy.service.Service`."""
+
+    def __init__(self, path: str, config: Optional[ConfigFile] = None):
+        self.path = str(path)
+        #: the configuration in force: the file as last loaded successfully
+        self.config = config if config is not None else load(self.path)
+        self.service = Service()
+        self._thread: Optional[threading.Thread] = None
+        self._hub = None
+        self._done: Optional[Event] = None
+
+    # -- reading ----------------------------------------------------------------------
+
+    def __getitem__(self, name: str) -> Forwarder:
+        return self.service[name]
+
+    def __iter__(self):
+        return iter(self.service)
+
+    def __len__(self) -> int:
+        return len(self.service)
+
+    def statistics(self) -> Statistics:
+        """Every rule's statistics, added up."""
+        each = [fw.statistics() for _name, fw in self.service.items()]
+        return Statistics(**{f.name: sum(getattr(s, f.name) for s in each)
+                             for f in dataclasses.fields(Statistics)})
+
+    # -- life ---------------------------------------------------------------------------
+
+    def start(self, *, here: bool = False) -> "FileService":
+        """Bind every rule's address and serve; raise ``OSError`` (nothing left bound) if one
+        fails. ``here``: on this thread's hub even when unpatched (a program that runs the hub
+        itself, like the command line)."""
+        if self._done is not None:
+            raise RuntimeError("a FileService starts once")
+        if here or monkey.is_module_patched("socket"):
+            self._start_here()
+        else:
+            self._start_in_thread()
+        return self
+
+    def serve_forever(self) -> None:
+        """Start if not started, then wait until ``stop()``."""
+        if self._done is None:
+            self._start_here()
+        if self._thread is not None:
+            while self._thread.is_alive():
+                self._thread.join(0.5)
+        else:
+            self._done.wait()
+
+    def reload(self) -> bool:
+        """Read the file again and apply it (``Service.reload``): True if it was applied. A file
+        that does not load, or an address that cannot be bound, is logged as an ERROR and
+        changes nothing: the configuration in force stays."""
+        try:
+            config = load(self.path)
+        except ConfigError as exc:
+            log.error("reload failed, the running configuration stays: %s", exc)
+            return False
+        try:
+            changes = self._call(self.service.reload, config.options)
+        except (OSError, ConfigError) as exc:
+            log.error("reload of %s failed, the running configuration stays: %s", self.path,
+                      getattr(exc, "strerror", None) or exc)
+            return False
+        if config.settings != self.config.settings:
+            log.warning("reload of %s: process-wide settings (%s) take effect on restart only",
+                        self.path, ", ".join(sorted(set(config.settings) | set(self.config.settings))))
+        self.config = config
+        counts: Dict[str, int] = {}
+        for what in changes.values():
+            counts[what] = counts.get(what, 0) + 1
+        log.info("reloaded %s: %s", self.path, ", ".join(
+            f"{counts.get(what, 0)} {what}" for what in ("added", "changed", "removed", "unchanged")))
+        return True
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop accepting everywhere, drain (for ``timeout``, default each rule's
+        ``drain_timeout``), abort what is left. A second call while draining aborts."""
+        if self._done is None:
+            return
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._hub.loop.run_callback_threadsafe(gevent.spawn, self._stop_here, timeout)
+            self._thread.join()
+            return
+        self._stop_here(timeout)
+
+    def __enter__(self) -> "FileService":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # -- on the hub -------------------------------------------------------------------------
+
+    def _start_here(self) -> None:
+        self._done = Event()
+        try:
+            self.service.reload(self.config.options)
+        except BaseException:
+            self._done.set()
+            raise
+
+    def _stop_here(self, timeout: Optional[float]) -> None:
+        try:
+            self.service.stop(timeout)
+        finally:
+            self._done.set()
+
+    def _call(self, func: Callable, *args: Any):
+        """``func(*args)`` on the service's hub, from whichever thread calls."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return func(*args)
+        answer: list = []
+        ready = threading.Event()
+
+        def run() -> None:
+            try:
+                answer.append((True, func(*args)))
+            except BaseException as exc:  # handed to the calling thread
+                answer.append((False, exc))
+            finally:
+                ready.set()
+
+        self._hub.loop.run_callback_threadsafe(gevent.spawn, run)
+        ready.wait()
+        ok, value = answer[0]
+        if not ok:
+            raise value
+        return value
+
+    def _start_in_thread(self) -> None:
+        started = threading.Event()
+        failure: list = []
+
+        def main() -> None:
+            hub = gevent.get_hub()
+            self._hub = hub
+            try:
+                self._start_here()
+            except BaseException as exc:
+                failure.append(exc)
+                _destroy_hub(hub)
+                return
+            finally:
+                started.set()
+            # A callback handed over by another thread needs the loop alive to run it: keep
+            # one watcher open until stopped.
+            keepalive = hub.loop.async_()
+            keepalive.start(lambda: None)
+            try:
+                self._done.wait()
+            finally:
+                keepalive.close()
+                _destroy_hub(hub)
+
+        self._thread = threading.Thread(target=main, name=f"gproxy {self.path}", daemon=True)
+        self._thread.start()
+        started.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            self._done = None
+            raise failure[0]
+
