@@ -59,7 +59,7 @@ class ConfigProxy(Proxy):
     def reload(self) -> str:
         """SIGHUP, and the line that says how it went."""
         self.signal(signal.SIGHUP)
-        return self.wait_for("reload")
+        return self.wait_for(" reload")  # "INFO reloaded ..." or "ERROR reload failed ..."
 
 
 def echo_through(address, data: bytes = b"ping") -> bytes:
