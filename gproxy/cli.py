@@ -424,6 +424,8 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         _systemd.reloading()
         try:
             files.reload()
+        except Exception:  # a bug: said once, with its traceback, and the old rules stay
+            log.exception("reload of %s failed", args.config)
         finally:
             _systemd.notify("READY=1")
 
@@ -446,10 +448,6 @@ def _run(args: argparse.Namespace, options: dict) -> int:
             gevent.signal_handler(signum, handle)
     metrics_server = None
     try:
-        if files is not None and forwarder is files:
-            files.start(here=True)
-        else:
-            forwarder.start()
         if args.metrics is not None:
             if isinstance(forwarder, _Single):
                 sources = (lambda: [forwarder.forwarder])
@@ -457,11 +455,19 @@ def _run(args: argparse.Namespace, options: dict) -> int:
                 sources = forwarder.service.items
             metrics_server = metrics.serve(args.metrics, sources)
             log.info("metrics on http://%s/metrics", _sockets.describe_address(metrics_server.address))
+        if files is not None and forwarder is files:
+            files.start(here=True)
+        else:
+            forwarder.start()
     except ConfigError as exc:  # found only once bound, such as a target that is our own address
+        if metrics_server is not None:
+            metrics_server.stop(timeout=1)
         if files is not None:
             return _fail(2, str(exc))
         return _fail(2, f"{_option_name(exc.field)}: {str(exc).split(': ', 1)[-1]}")
     except OSError as exc:
+        if metrics_server is not None:
+            metrics_server.stop(timeout=1)
         return _fail(1, exc.strerror or str(exc))
     except BaseException:
         if metrics_server is not None:

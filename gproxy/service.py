@@ -301,9 +301,14 @@ class Service:
                 _stop_all(started, 0)
                 raise
             for name, new in built.items():
-                for toxic in _toxics(old.get(name)) if name in old else ():
-                    new.add_toxic(toxic.type, name=toxic.name, stream=toxic.stream,
+                previous = old.get(name)
+                if previous is None:
+                    continue
+                for toxic in previous.toxics():  # what the API added to the rule stays
+                    new.add_toxic(toxic.function or toxic.type, name=toxic.name, stream=toxic.stream,
                                   toxicity=toxic.toxicity, **toxic.attributes)
+                if previous._state == "running" and not previous.enabled:
+                    new.disable()  # and so does a rule the API disabled
             self._forwarders = {name: built.get(name) or old[name] for name in result}
             for name in old:
                 if name not in result:
