@@ -601,9 +601,12 @@ class Connection:
                 try:
                     link = self._link(direction)
                     if link is None:
+                        version = self.context.toxic_version
                         result = pump(self, src, dst, readable, writable, direction, spliced)
                         if result is _SWITCHED:
                             continue
+                        if result is not _ENDED and self.context.toxic_version != version:
+                            continue  # changed while it waited to write (a kick found it busy)
                         if result is not _ENDED:
                             if self.outcome is None:  # drained: no greenlet until data comes
                                 readable.start(self._unpark, direction, result is _DRAINED_SPLICING)
