@@ -150,3 +150,26 @@ def test_an_untrusted_client_is_an_ordinary_client(forwarder_factory):
         gate.release()
         forwarder_factory.wait_closed(fw, accepted=1)
     assert forwarder_factory.records[-1].client.startswith("127.0.0.1:")
+
+
+@pytest.mark.parametrize("version, family", [("v2", socket.AF_UNIX), ("v1", None)])
+def test_a_unix_socket_client_is_sent_as_af_unix_or_unknown(forwarder_factory, tmp_path, version, family):
+    gate = Gate()
+    path = str(tmp_path / "gproxy.sock")
+    with Server(gate) as upstream:
+        fw = forwarder_factory(upstream.address, listen=f"unix:{path}", proxy_protocol=version)
+        client = socket.socket(socket.AF_UNIX)
+        client.settimeout(TIMEOUT)
+        client.connect(path)
+        client.sendall(b"hi")
+        server = gate.get()
+        info = read_header(server)
+        assert info.family == family
+        if family == socket.AF_UNIX:
+            assert info.source == b"" and info.destination == path.encode()   # an unnamed client
+        assert recv_exactly(server, 2) == b"hi"
+        client.close()
+        assert recv_all(server) == b""
+        server.close()
+        gate.release()
+        forwarder_factory.wait_closed(fw, accepted=1)
