@@ -241,6 +241,9 @@ def _parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     verbosity.add_argument("-q", "--quiet", action="store_true",
                            help="no line per connection, except warnings and errors")
+    parser.add_argument("--workers", metavar="N|auto", default="1",
+                        help="run N worker processes on the port (SO_REUSEPORT, Linux); auto: one per CPU")
+    parser.add_argument("--worker-port", type=int, default=None, help=argparse.SUPPRESS)  # set for workers
     parser.add_argument("--version", action="version", version=f"gproxy {__version__}")
     return parser
 
@@ -371,20 +374,72 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.max_connections is not None:
         options["max_connections"] = args.max_connections
     args.config_file = config
+    workers = _workers_count(args)
+    if isinstance(workers, str):
+        return _fail(2, workers)
+    if args.worker_port is not None:
+        options["reuse_port"] = True
 
     # Before the Forwarder: building it may warn (a low fd limit, for one).
     handler = _StderrLog()
-    handler.setFormatter(JsonFormatter() if args.log_format == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    # a worker's lines say whose they are: all workers write to the one stderr
+    handler.setFormatter(JsonFormatter() if args.log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s " + ("[%(process)d] " if args.worker_port is not None else "") + "%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.quiet:  # no line per connection; the listening and stopping lines stay
         logging.getLogger("gproxy.relay").setLevel(logging.WARNING)
     try:
+        if workers > 1:
+            return _supervise(args, options, workers, sys.argv[1:] if argv is None else list(argv))
         return _run(args, options)
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+def _workers_count(args: argparse.Namespace):
+    """``--workers``: the count, or the one-line error (a str)."""
+    value = args.workers.strip()
+    if value == "auto":
+        from gproxy.workers import auto_count
+        count = auto_count()
+    elif value.isascii() and value.isdigit() and 1 <= int(value) <= 1024:
+        count = int(value)
+    else:
+        return f"--workers: expected a count from 1 to 1024 or auto, got {args.workers!r}"
+    if count > 1:
+        if not sys.platform.startswith("linux"):
+            return "--workers: several workers need Linux's SO_REUSEPORT; run one gproxy per port elsewhere"
+        # Each worker would serve its own API or metrics port, knowing only its own connections,
+        # and a reload would have to reach every worker at once: refused rather than half working.
+        for given, why in ((args.api, "--api (each worker would serve its own API)"),
+                           (args.metrics, "--metrics (each worker would count only its own connections)"),
+                           (args.config, "-c (a reload would have to reach every worker)")):
+            if given is not None:
+                return f"--workers: not with {why}; use one process"
+        if args.listen is not None and args.listen.strip().startswith("unix:"):
+            return "--workers: a Unix socket cannot be shared with SO_REUSEPORT; use one process"
+    return count
+
+
+def _supervise(args: argparse.Namespace, options: dict, count: int, argv: List[str]) -> int:
+    """``--workers N``: validate here, reserve the port, run and supervise N workers."""
+    from gproxy import workers
+    target = args.target[0] if len(args.target) == 1 else args.target
+    try:
+        rule = Forwarder(args.listen, target, **options).rule
+    except ConfigError as exc:
+        return _fail(2, f"{_option_name(exc.field)}: {str(exc).split(': ', 1)[-1]}")
+    try:
+        reserved = workers.reserve(rule)
+    except OSError as exc:
+        return _fail(1, exc.strerror or str(exc))
+    with reserved:
+        address = reserved.getsockname()[:2]
+        log.info("listening on %s -> %s with %d workers", _sockets.describe_address(address),
+                 ",".join(args.target), count)
+        return workers.Supervisor(lambda _index: workers.worker_argv(argv, address[1]), count).run()
 
 
 def _run(args: argparse.Namespace, options: dict) -> int:
@@ -396,7 +451,10 @@ def _run(args: argparse.Namespace, options: dict) -> int:
             forwarder = files
         else:
             target = args.target[0] if len(args.target) == 1 else args.target
-            forwarder = _Single(Forwarder(args.listen, target, **options)) if args.listen is not None else None
+            listen = args.listen
+            if args.worker_port is not None:  # a worker: the port its parent reserved
+                listen = (parse_address(listen, "listen").host, args.worker_port)
+            forwarder = _Single(Forwarder(listen, target, **options)) if args.listen is not None else None
         if args.api is not None:
             single = forwarder.forwarder if isinstance(forwarder, _Single) else None
             forwarder = _ApiServer(args.api, args.name, single, options, files=files)

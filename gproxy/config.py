@@ -408,6 +408,9 @@ class Rule:
       without dialling. ``deny`` is checked first. Stored as tuples of networks.
     - ``max_connections_per_client`` (default ``None``: no limit): more open connections
       than this from one client address are refused the same way.
+    - ``reuse_port`` (default ``False``): set ``SO_REUSEPORT`` on the listening socket, so
+      several processes can listen on the same address and the kernel spreads clients
+      over them (``gproxy --workers``; Linux). Not for Unix sockets.
     """
 
     listen: Endpoint
@@ -430,6 +433,7 @@ class Rule:
     allow: Optional[Tuple[Network, ...]] = None
     deny: Optional[Tuple[Network, ...]] = None
     max_connections_per_client: Optional[int] = None
+    reuse_port: bool = False
 
     @property
     def targets(self) -> Tuple[Endpoint, ...]:
@@ -495,4 +499,5 @@ class Rule:
             deny=networks(opt["deny"], "deny"),
             max_connections_per_client=None if opt["max_connections_per_client"] is None else
             _count(opt["max_connections_per_client"], "max_connections_per_client", minimum=1),
+            reuse_port=_flag(opt["reuse_port"], "reuse_port"),
         )

@@ -193,6 +193,8 @@ class Forwarder:
     - ``name`` (``None``: the listen address): the rule's name in logs and metrics;
     - ``balance`` (``"failover"``; or ``"round-robin"``, ``"least-connections"``),
       ``max_fails`` (1; 0 never marks a target down), ``fail_timeout`` (10 s): several targets.
+    - ``reuse_port`` (``False``): ``SO_REUSEPORT`` on the listener, for several processes on
+      one port (``gproxy --workers``).
 
     Bad values raise :class:`gproxy.ConfigError` (a ``ValueError``) naming the field.
 
@@ -219,6 +221,7 @@ class Forwarder:
                  balance: str = "failover",
                  max_fails: int = 1,
                  fail_timeout: float = 10.0,
+                 reuse_port: bool = False,
                  on_open: Optional[Hook] = None,
                  on_close: Optional[Hook] = None) -> None:
         # Rule.build is the one place options are validated; the names above are only
@@ -230,7 +233,8 @@ class Forwarder:
             proxy_protocol=proxy_protocol, accept_proxy_from=accept_proxy_from,
             proxy_header_timeout=proxy_header_timeout, allow=allow, deny=deny,
             max_connections_per_client=max_connections_per_client,
-            name=name, balance=balance, max_fails=max_fails, fail_timeout=fail_timeout)
+            name=name, balance=balance, max_fails=max_fails, fail_timeout=fail_timeout,
+            reuse_port=reuse_port)
         on_open = check_hook(on_open, "on_open")
         on_close = check_hook(on_close, "on_close")
         self._counters = Counters()
@@ -743,6 +747,8 @@ def _listen(rule: Rule, bound: Optional[Tuple[str, int]] = None):
     _sockets.tune(sock)  # accepted sockets inherit TCP_NODELAY and keepalive from it
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if rule.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
         sock.listen(rule.backlog)
     except OSError as exc:
