@@ -146,7 +146,9 @@ def make_toxic(type: Union[str, Callable], *, name: Optional[str] = None, stream
         default_name = type
     else:
         raise ConfigError("type", f"a toxic type name or a callable, not {type!r}")
-    if stream not in STREAMS:
+    if isinstance(stream, str) and stream.lower() in STREAMS:
+        stream = stream.lower()   # toxiproxy takes any case
+    else:
         raise ConfigError("stream", f"must be 'upstream' or 'downstream', not {stream!r}")
     if name is None or name == "":
         name = f"{default_name}_{stream}"

@@ -55,9 +55,9 @@ def test_toxic_record_defaults_and_listing(forwarder_factory):
         assert toxic.as_dict() == {"name": "latency_downstream", "type": "latency", "stream": "downstream",
                                    "toxicity": 1.0, "attributes": {"latency": 100, "jitter": 0}}
         fw.add_toxic("slicer", stream="upstream", average_size=10, toxicity=0.5)
-        fw.add_toxic("limit_data", name="cap")
+        fw.add_toxic("limit_data", name="cap", stream="DownStream")   # any case, as toxiproxy
         assert [t.name for t in fw.toxics()] == ["slicer_upstream", "latency_downstream", "cap"]
-        assert fw.toxics()[2].attributes == {"bytes": 0}
+        assert fw.toxics()[2].attributes == {"bytes": 0} and fw.toxics()[2].stream == "downstream"
         updated = fw.update_toxic("latency_downstream", jitter=5, toxicity=0.25)
         assert updated.attributes == {"latency": 100, "jitter": 5} and updated.toxicity == 0.25
         fw.remove_toxic("cap")
@@ -349,6 +349,44 @@ def test_live_changes_mid_stream_keep_every_byte(forwarders):
         assert fw.toxics() == []
         assert len(received[0]) == len(data)
         assert hashlib.sha256(received[0]).digest() == hashlib.sha256(data).digest()
+
+
+def test_many_connections_through_changing_toxics_keep_every_byte(forwarder_factory):
+    """Ten clients at once, parked and busy ones alike, while toxics come and go."""
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address)
+        results, sent = {}, {}
+
+        def client(i):
+            data = payload(400_000 + i * 7919, seed=100 + i)
+            with connect(fw.address) as sock:
+                reader = threading.Thread(target=lambda: results.__setitem__(i, recv_all(sock)))
+                reader.start()
+                for k in range(0, len(data), 50_000):  # in bursts, so pumps park in between
+                    sock.sendall(data[k:k + 50_000])
+                    time.sleep(0.01)  # sleep-ok: a client that pauses between bursts
+                sock.shutdown(socket.SHUT_WR)
+                reader.join(TIMEOUT * 2)
+            sent[i] = hashlib.sha256(data).digest()
+
+        clients = [threading.Thread(target=client, args=(i,)) for i in range(10)]
+        for thread in clients:
+            thread.start()
+        i = 0
+        while any(thread.is_alive() for thread in clients):
+            stream = ("upstream", "downstream")[i % 2]
+            fw.add_toxic("latency", name="l", stream=stream, latency=3)
+            fw.add_toxic("slicer", name="s", stream=stream, average_size=1000, size_variation=500)
+            fw.add_toxic("timeout", name="t", stream=stream, timeout=0)
+            fw.remove_toxic("l")
+            fw.remove_toxic("t")
+            fw.remove_toxic("s")
+            i += 1
+        for thread in clients:
+            thread.join(TIMEOUT)
+        assert len(results) == len(sent) == 10 and i > 0
+        for n in range(10):
+            assert hashlib.sha256(results[n]).digest() == sent[n], n
 
 
 def test_removing_a_latency_mid_stream_keeps_order(forwarder_factory):
