@@ -24,7 +24,7 @@ import json
 import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from gevent.pywsgi import LoggingLogAdapter, WSGIServer
+from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
 
 from gproxy import __version__
 from gproxy._sockets import describe_address, describe_error
@@ -45,6 +45,10 @@ _REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 40
 
 #: the largest request body read; toxiproxy's bodies are a few hundred bytes.
 _MAX_BODY = 1 << 20
+
+#: an API client silent this long (between requests, or inside one) is disconnected, so stalled
+#: clients cannot pile up; toxiproxy's server closes idle keep-alive connections after 60 s too.
+_CLIENT_TIMEOUT = 60.0
 
 #: where a proxy created without ``listen`` listens (toxiproxy: every interface, port 0).
 _DEFAULT_LISTEN = "127.0.0.1:0"
@@ -74,13 +78,15 @@ class Api:
     """The HTTP API of ``service`` on ``listen`` (default loopback, toxiproxy's port 8474).
 
     ``drop_timeout`` is how long a deleted, replaced or moved proxy's connections may
-    finish (default 0: cut at once, as toxiproxy does)."""
+    finish (default 0: cut at once, as toxiproxy does). ``client_timeout`` (default 60 s)
+    disconnects an API client that sends nothing for that long."""
 
     def __init__(self, service: Service, listen: AddressLike = "127.0.0.1:8474", *,
-                 drop_timeout: float = 0.0):
+                 drop_timeout: float = 0.0, client_timeout: float = _CLIENT_TIMEOUT):
         self.service = service
         self.listen = parse_address(listen, "api")
         self.drop_timeout = drop_timeout
+        self.client_timeout = client_timeout
         self._server: Optional[WSGIServer] = None
         self._mounted: Dict[Tuple[str, str], Handler] = {}
 
@@ -95,7 +101,8 @@ class Api:
         """Bind and serve on this thread's hub; ``OSError`` if the address cannot be bound."""
         server = WSGIServer((self.listen.host, self.listen.port), self,
                             log=LoggingLogAdapter(log, logging.DEBUG),
-                            error_log=LoggingLogAdapter(log, logging.ERROR))
+                            error_log=LoggingLogAdapter(log, logging.ERROR),
+                            handler_class=_handler(self.client_timeout))
         try:
             server.start()
         except OSError as exc:
@@ -314,6 +321,30 @@ class Api:
                 "enabled": is_enabled(fw), "toxics": [_toxic_json(t) for t in _toxics_of(fw)]}
 
 
+_BAD_HTTP = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+             b"Content-Length: 12\r\n\r\nbad request\n")
+
+
+def _handler(timeout: float):
+    """pywsgi's handler, with a deadline on every read and write of the client's socket."""
+
+    class Handler(WSGIHandler):
+        def __init__(self, sock, address, server, rfile=None):
+            sock.settimeout(timeout)
+            super().__init__(sock, address, server, rfile)
+
+        def _handle_client_error(self, ex):
+            """Malformed HTTP or a stalled client is bad input, not our error: one DEBUG line
+            (pywsgi logs an ERROR, with a traceback for some), then 400 or, if the client
+            stalled or went away, just the close."""
+            log.debug("API client %s: %s", describe_address(self.client_address), ex or type(ex).__name__)
+            if isinstance(ex, OSError):
+                return None
+            return "400", _BAD_HTTP
+
+    return Handler
+
+
 def _route(parts: List[str]):
     """(handler name, path arguments) for toxiproxy's paths, or None."""
     if parts == ["proxies"]:
@@ -357,7 +388,10 @@ def _read_json(environ: dict) -> Any:
         raise ApiError("bad Content-Length", 400) from None
     if length > _MAX_BODY:
         raise ApiError(f"request body over {_MAX_BODY} bytes", 413)
-    data = environ["wsgi.input"].read(length) if length else environ["wsgi.input"].read(_MAX_BODY + 1)
+    try:
+        data = environ["wsgi.input"].read(length) if length else environ["wsgi.input"].read(_MAX_BODY + 1)
+    except OSError as exc:  # the client stalled (client_timeout) or went away mid-body
+        raise _bad_body(f"cannot read it: {exc}") from None
     if len(data) > _MAX_BODY:
         raise ApiError(f"request body over {_MAX_BODY} bytes", 413)
     if not data.strip():

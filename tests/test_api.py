@@ -292,6 +292,37 @@ def test_browsers_are_refused(api):
     assert status == 403 and text.strip() == "User agent not allowed"
 
 
+
+def test_api_disconnects_a_silent_client():  # in this process: a short client_timeout
+    """An API client that sends nothing, or stops mid-request, is let go after client_timeout;
+    malformed HTTP gets a 400; neither is logged as an error."""
+    import gevent.socket
+    from gproxy.api import Api
+    from gproxy.service import Service
+
+    api = Api(Service(), "127.0.0.1:0", client_timeout=0.2).start()   # on this test's hub
+    try:
+        with gevent.Timeout(TIMEOUT):
+            with gevent.socket.create_connection(api.address) as silent:
+                started = time.monotonic()
+                assert silent.recv(1) == b""
+                assert time.monotonic() - started >= 0.15
+            with gevent.socket.create_connection(api.address) as half:  # stalls mid-request
+                half.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n")
+                assert half.recv(1) == b""
+            with gevent.socket.create_connection(api.address) as garbage:  # 400, no ERROR logged
+                garbage.sendall(b"NONSENSE\r\n\r\n")
+                assert garbage.recv(65536).startswith(b"HTTP/1.1 400 ")
+            with gevent.socket.create_connection(api.address) as fine:  # and still serves
+                fine.sendall(b"GET /version HTTP/1.0\r\nUser-Agent: t\r\n\r\n")
+                reply = b""
+                while chunk := fine.recv(65536):
+                    reply += chunk
+                assert reply.startswith(b"HTTP/1.1 200 ") and b'"version"' in reply
+    finally:
+        api.stop()
+
+
 # -- the command line ----------------------------------------------------------------------------
 
 def test_command_line_rule_is_a_named_proxy(upstream):

@@ -125,3 +125,4 @@ def test_stop_drains_all_in_parallel_with_one_deadline():
         for client in clients:
             client.close()
     assert 0.9 <= took < 2.5, took   # one deadline for all, not one after another
+
