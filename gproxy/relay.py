@@ -852,7 +852,7 @@ class Connection:
         # the fields a JSON log line carries, so no formatter has to parse the text
         extra = {"connection": {
             "rule": self.context.name, "id": record.id, "client": record.client,
-            "target": record.upstream, "outcome": outcome.value, "duration": round(record.duration, 6),
+            "target": record.upstream, "outcome": outcome.name.lower(), "duration": round(record.duration, 6),
             "bytes_upstream": record.bytes_upstream, "bytes_downstream": record.bytes_downstream,
             "error": record.error}}
         if outcome is Outcome.ERROR:

@@ -166,3 +166,44 @@ def test_several_targets_are_counted_one_by_one(forwarder_factory):
     assert value(found, "gproxy_target_up", rule=fw.name, target=dead_name) == 0   # max_fails 1
     assert value(found, "gproxy_target_up", rule=fw.name, target=live_name) == 1
     assert value(found, "gproxy_connections_total", rule=fw.name, outcome="eof") == 1
+
+
+def test_config_file_metrics_json_logs_and_rule_keys(tmp_path):
+    from test_configfile import RULE_LINE, addr, write
+
+    with Server(echo) as upstream:
+        path = write(tmp_path / "gproxy.toml", f"""
+            log_format = "json"
+            metrics = "127.0.0.1:0"
+
+            [[rule]]
+            name = "open"
+            listen = "127.0.0.1:0"
+            target = "127.0.0.1:{upstream.address[1]}"
+
+            [[rule]]
+            name = "picky"
+            listen = "127.0.0.1:0"
+            target = "127.0.0.1:{upstream.address[1]}"
+            deny = ["127.0.0.3"]
+            allow = ["127.0.0.0/8"]
+            max_connections_per_client = 10
+            """)
+        with Proxy(argv=["-c", path]) as proxy:
+            rules = dict(reversed(RULE_LINE.search(line).groups()) for line in
+                         [proxy.seen[-1], proxy.wait_for("listening on ")])
+            rules = {name: addr(where) for name, where in rules.items()}
+            url = next(json.loads(line)["message"].split()[-1] for line in proxy.seen if "metrics on" in line)
+            echo_through(rules["open"], 7)
+            echo_through(rules["picky"], 9)
+            assert refused("127.0.0.3", rules["picky"])
+            proxy.count_lines('"logger": "gproxy.relay"', 3)   # each logged after it was counted
+            found = samples(get(url)[2])
+            assert value(found, "gproxy_connections_total", rule="open", outcome="eof") == 1
+            assert value(found, "gproxy_connections_total", rule="picky", outcome="eof") == 1
+            assert value(found, "gproxy_connections_total", rule="picky", outcome="denied") == 1
+            assert value(found, "gproxy_bytes_total", rule="open", direction="upstream") == 7
+            assert value(found, "gproxy_bytes_total", rule="picky", direction="downstream") == 9
+            code, output = proxy.stop()
+    assert code == 0
+    assert all(isinstance(json.loads(line), dict) for line in output.splitlines())
