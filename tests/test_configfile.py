@@ -195,6 +195,14 @@ def test_check_accepts_a_complete_file_and_says_what_it_holds(tmp_path):
     assert "unix:/run/gproxy/redis.sock" in result.stdout
 
 
+def test_the_readme_example_file_is_valid(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = re.search(r"```toml\n(# gproxy.toml.*?)```", readme, re.S).group(1)
+    result = run_cli("--check", "-c", write(tmp_path / "gproxy.toml", example))
+    assert result.returncode == 0, result
+    assert "3 rule(s)" in result.stdout and "(round-robin)" in result.stdout, result.stdout
+
+
 @pytest.mark.parametrize("args, culprit", [
     (["--check"], "-c FILE"),
     (["-c", "x.toml", "127.0.0.1:1", "127.0.0.1:2"], "not both"),
