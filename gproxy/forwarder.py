@@ -252,6 +252,7 @@ class Forwarder:
         self._socket_file = None                   # our Unix socket file, removed on stop
         self._keep_listener = False                # another forwarder took it over: leave it
         self._hub = None                           # the hub that serves, once started
+        self._hub_thread: Optional[int] = None     # and the OS thread it runs in
         self._enabled = True
 
     # -- public surface -------------------------------------------------------------
@@ -453,8 +454,7 @@ class Forwarder:
         """Run ``func(*args)`` on the hub that serves and return its result (or raise its
         exception). From another thread (the unpatched mode) the call runs in a greenlet of
         the forwarder's hub, and this thread waits until it has finished."""
-        thread = self._thread
-        if thread is None or threading.current_thread() is thread or self._state != "running":
+        if self._state != "running" or self._hub is None or _thread_id() == self._hub_thread:
             return func(*args)
         done = threading.Event()
         box: List[tuple] = []
@@ -469,7 +469,7 @@ class Forwarder:
 
         self._hub.loop.run_callback_threadsafe(self._context.workers.run, job)
         while not done.wait(0.5):
-            if not thread.is_alive():  # stopped meanwhile: nothing runs there any more
+            if self._stopped.is_set() and not box:  # stopped meanwhile: nothing runs there any more
                 return func(*args)
         ok, value = box[0]
         if ok:
@@ -573,6 +573,7 @@ class Forwarder:
         if self._context.targets is not None:
             self._context.targets.label = self.name
         self._hub = gevent.get_hub()
+        self._hub_thread = _thread_id()
         self._stopped = Event()
         self._context.workers = Workers(gevent.get_hub())
         self._server = _Server(listener, self._handle, self.rule.max_connections, self._context.workers,
@@ -699,6 +700,10 @@ class Forwarder:
             self._thread.join()
             self._thread = None
             raise failure[0]
+
+
+#: the OS thread's id, even where gevent patched threading to give greenlets' ids
+_thread_id = monkey.get_original("_thread", "get_ident")
 
 
 def _destroy_hub(hub) -> None:

@@ -671,3 +671,25 @@ def test_the_pytest_plugin_resets_shared_forwarders_between_tests(tmp_path):
                             capture_output=True, text=True, timeout=TIMEOUT * 3, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 passed" in result.stdout
+
+
+def test_toxic_changes_from_a_thread_other_than_the_serving_one():
+    """serve_forever() in a thread of the program's own: changes from the main thread still
+    run on the forwarder's hub and have taken effect when they return."""
+    with Server(echo) as upstream:
+        fw = gproxy.Forwarder("127.0.0.1:0", upstream.address,
+                              on_close=lambda record: fw.stop(timeout=0))  # the hook runs on the hub
+        serving = threading.Thread(target=fw.serve_forever)
+        serving.start()
+        deadline = time.monotonic() + TIMEOUT
+        while fw._address is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # sleep-ok: serve_forever() has no readiness signal to wait on
+        sock = connect(fw.address)
+        assert round_trip(sock) < 1
+        fw.add_toxic("latency", latency=200)
+        assert round_trip(sock) >= 0.2
+        fw.remove_toxic("latency_downstream")
+        assert round_trip(sock) < 1 and fw.toxics() == []
+        sock.close()
+        serving.join(TIMEOUT)
+        assert not serving.is_alive()
