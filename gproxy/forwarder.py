@@ -308,6 +308,9 @@ class Forwarder:
         if self._state in ("new", "stopped"):
             self._state = "stopped"
             return
+        if self._thread is not None and not self._thread.is_alive():  # its hub died: a bug
+            self._state = "stopped"
+            return
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._stop_timeout = timeout
             self._wakeup.send()
@@ -690,9 +693,11 @@ class Forwarder:
             try:
                 self._stopped.wait()
             finally:
+                _in_threads.discard(self)
                 self._wakeup.close()
                 _destroy_hub(hub)
 
+        _stop_at_exit.register()
         self._thread = threading.Thread(target=main, name=f"gproxy {self.rule.listen}", daemon=True)
         self._thread.start()
         started.wait()
@@ -700,6 +705,44 @@ class Forwarder:
             self._thread.join()
             self._thread = None
             raise failure[0]
+        _in_threads.add(self)
+
+
+#: forwarders running in a thread of their own, stopped before the interpreter exits
+_in_threads: "set[Forwarder]" = set()
+
+
+class _StopAtExit:
+    """Stops the forwarders still running in their threads when the program exits without
+    stop(): at once, aborting their connections (there is no one left to drain them for).
+
+    The hub of a daemon thread must not be running when the interpreter finalises: greenlet
+    switches there touch objects finalisation frees, and the process died with SIGSEGV
+    (issue 11). ``threading._register_atexit`` runs before threads are joined or frozen;
+    plain ``atexit`` (later, still before finalisation) is the fallback without it."""
+
+    def __init__(self) -> None:
+        self._registered = False
+
+    def register(self) -> None:
+        if self._registered:
+            return
+        try:
+            threading._register_atexit(self)  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # not CPython 3.9+, or exiting already
+            import atexit
+            atexit.register(self)
+        self._registered = True
+
+    def __call__(self) -> None:
+        for forwarder in list(_in_threads):
+            try:
+                forwarder.stop(timeout=0)
+            except Exception:  # exiting: one forwarder's trouble must not keep the others running
+                log.exception("stopping %r at exit", forwarder)
+
+
+_stop_at_exit = _StopAtExit()
 
 
 #: the OS thread's id, even where gevent patched threading to give greenlets' ids
