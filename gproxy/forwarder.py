@@ -32,6 +32,7 @@ import socket
 import stat
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import gevent
@@ -585,6 +586,8 @@ class Forwarder:
         self._context.on_fd_exhausted = self._server.pause_accepting
         self._context.on_closed = self._server.connection_closed
         self._server.start()
+        self._hub_thread = _get_ident()
+        _started.add(self)
         timeouts = [t for t in (self.rule.idle_timeout, self.rule.half_close_timeout) if t is not None]
         interval = min([max(t / 8, 0.01) for t in timeouts] + [_PARK_EVERY])
         self._sweeper = self._server.loop.timer(interval, interval)
@@ -669,6 +672,42 @@ class Forwarder:
             self._state = "stopped"
             self._stopped.set()
 
+    def _inert_after_fork(self) -> None:
+        """In a forked child: close this forwarder's copies of its sockets; it is stopped."""
+        if self._state not in ("running", "stopping"):
+            return
+        self._state = "stopped"
+        context, server = self._context, self._server
+        context.on_open = context.on_close = None  # the parent's hooks, for the parent's connections
+        # The hub of a thread-mode forwarder did not survive the fork (only the forking thread
+        # does), so its watchers are left alone. A hub running on this very thread goes on in
+        # the child: its watchers are closed before their fds, which libev requires.
+        own_hub = self._thread is None and self._hub_thread == _get_ident()
+        if own_hub:
+            if self._sweeper is not None:
+                self._sweeper.close()
+            server.stop_accepting()
+        listener = server.socket
+        getattr(listener, "_sock", listener).close()  # the real socket, not gevent's wrapper
+        if server._spare is not None:
+            server._spare.close()
+            server._spare = None
+        for conn in list(context.active.values()):
+            if own_hub:
+                for watcher in conn._watchers:
+                    watcher.close()
+                for _src, _dst, readable, writable in conn._ends:
+                    readable.close()
+                    writable.close()
+            for sock in (conn.client, conn.upstream):
+                if sock is not None:
+                    sock.close()
+        context.active.clear()
+        if context.splicer is not None:
+            context.splicer.close()
+        if own_hub:
+            self._stopped.set()  # serve_forever() returns
+
     def _abort_all(self) -> None:
         for conn in list(self._context.active.values()):
             conn.abort(Outcome.SHUTDOWN)
@@ -710,6 +749,31 @@ class Forwarder:
 
 #: forwarders running in a thread of their own, stopped before the interpreter exits
 _in_threads: "set[Forwarder]" = set()
+
+#: every forwarder started in this process, made inert in a child after fork()
+_started: "weakref.WeakSet[Forwarder]" = weakref.WeakSet()
+
+_get_ident = monkey.get_original("_thread", "get_ident")  # the OS thread, patched or not
+
+
+def _after_fork_in_child() -> None:
+    """A forked child gets copies of every listening and connected socket. Serving them there
+    would steal clients and bytes from the parent, and merely keeping them open would keep
+    them alive after the parent closes them (clients connect to a stopped forwarder and hang;
+    an aborted connection is never reset). So the child closes its copies, which leaves the
+    parent's sockets as they are (no shutdown, no SO_LINGER: those would act on the shared
+    socket), and its forwarders are stopped: they belong to the parent."""
+    _in_threads.clear()
+    for forwarder in list(_started):
+        try:
+            forwarder._inert_after_fork()
+        except Exception:  # a child must get on with its own work
+            log.debug("making %r inert after fork", forwarder, exc_info=True)
+    _started.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _StopAtExit:

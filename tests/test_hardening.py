@@ -320,3 +320,62 @@ def test_a_program_that_forgets_stop_exits_cleanly():
                                 timeout=TIMEOUT, cwd=ROOT, stdin=subprocess.DEVNULL)
         assert (run, result.returncode, result.stderr) == (run, 0, ""), result.stdout
         assert result.stdout == "OK\n"
+
+
+# -- defect 12: fork() after start() ------------------------------------------------------------------
+
+FORK_AFTER_START = '''
+import os, socket, threading, time
+import gproxy
+
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(64)
+
+def echo():
+    while True:
+        sock, _ = listener.accept()
+        with sock:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                sock.sendall(data)
+
+threading.Thread(target=echo, daemon=True).start()
+fw = gproxy.Forwarder("127.0.0.1:0", listener.getsockname()).start()
+assert not os.get_inheritable(fw._server.socket.fileno()), "exec'd children must not get it"
+client = socket.create_connection(fw.address, timeout=5)
+client.sendall(b"before fork")
+assert client.recv(100) == b"before fork"
+
+pid = os.fork()
+if pid == 0:  # a child that lives on, as a worker process of the host program would
+    import gevent
+    gevent.sleep(4) if PATCHED else time.sleep(4)
+    os._exit(0)
+
+fw.stop(timeout=0)  # the parent stops: the open connection is aborted, the port is closed
+started = time.monotonic()
+try:
+    assert client.recv(100) == b""
+except ConnectionResetError:
+    pass
+assert time.monotonic() - started < 1, "the child kept the connection open"
+try:
+    socket.create_connection(fw.address, timeout=2)
+    raise AssertionError("the child still listens")
+except ConnectionRefusedError:
+    pass
+os.kill(pid, 9)
+os.waitpid(pid, 0)
+print("OK")
+'''
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
+def test_a_forked_child_does_not_keep_the_forwarder_alive(patched):
+    prelude = "from gevent import monkey; monkey.patch_all()\nPATCHED = True\n" if patched else "PATCHED = False\n"
+    result = run_python(prelude + FORK_AFTER_START)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "OK\n", result.stdout + result.stderr
