@@ -58,6 +58,9 @@ Hook = Callable[[ConnectionRecord], None]
 #: connection stuck in the resolver, which nothing can interrupt, takes longer).
 _ABORT_GRACE = 5.0
 
+#: while draining, how often connections that became idle at stop are looked for.
+_DRAIN_CHECK = 0.05
+
 #: a pump quiet for this long (at most twice this) gives up its greenlet until data comes.
 _PARK_EVERY = 1.0
 
@@ -427,6 +430,25 @@ class Forwarder:
         """Close (FIN) the open connection with this id; False if there is none."""
         return self._on_hub(self._cut, id, Outcome.CLOSED, "closed by close_connection()")
 
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Wait until no connection is open and every ``on_close`` hook has returned: True,
+        or False once ``timeout`` seconds (None: no limit) passed first. Closing is
+        asynchronous, so right after a client closes, ``statistics()`` may still count it:
+        this is what a test waits on. Safe from any thread, and from a hook."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # on the forwarder's own hub (a hook, a patched program) waiting must yield to it
+        sleep = gevent.sleep if getattr(self, "_hub_thread", None) == _get_ident() else _sleep
+        delay = 0.001
+        while self._context.active or (self._server is not None and self._server.running):
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                delay = min(delay, remaining)
+            sleep(delay)
+            delay = min(delay * 2, 0.02)
+        return True
+
     def statistics(self) -> Statistics:
         """A snapshot: open connections, accepted, failed connects, bytes each way so far."""
         counters, context = self._counters, self._context
@@ -658,7 +680,7 @@ class Forwarder:
                          _sockets.describe_address(self._address), others, timeout)
             else:
                 log.info("stopping %s", _sockets.describe_address(self._address))
-            if not server.idle.wait(timeout=timeout):
+            if not self._drain(timeout):
                 log.warning("drain deadline hit: aborting %d connection(s)",
                             server.running - server.allowance)
                 self._abort_all()
@@ -671,6 +693,22 @@ class Forwarder:
             self._context.close()
             self._state = "stopped"
             self._stopped.set()
+
+    def _drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the connections to end; True if they did. Meanwhile,
+        every ``_DRAIN_CHECK`` seconds, close those idle at stop (Connection.idle_at_stop):
+        a pooled connection at rest would otherwise hold the drain to its deadline."""
+        idle = self._server.idle
+        deadline = time.monotonic() + timeout
+        while True:
+            for conn in list(self._context.active.values()):
+                if conn.idle_at_stop():
+                    conn.close_idle()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return idle.is_set()
+            if idle.wait(timeout=min(remaining, _DRAIN_CHECK)):
+                return True
 
     def _inert_after_fork(self) -> None:
         """In a forked child: close this forwarder's copies of its sockets; it is stopped."""
@@ -754,6 +792,7 @@ _in_threads: "set[Forwarder]" = set()
 _started: "weakref.WeakSet[Forwarder]" = weakref.WeakSet()
 
 _get_ident = monkey.get_original("_thread", "get_ident")  # the OS thread, patched or not
+_sleep = monkey.get_original("time", "sleep")
 
 
 def _after_fork_in_child() -> None:

@@ -280,7 +280,7 @@ class Connection:
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
         "_pumps", "_closed", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target", "links",
-        "own_key", "_resolving",
+        "own_key", "_resolving", "spoke",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -309,6 +309,7 @@ class Connection:
         self._pumps = 0               # pumps started and not ended (a parked pump has not ended)
         self._closed = False
         self._resolving = None        # the greenlet waiting for the resolver, while it does
+        self.spoke: Optional[int] = None  # the direction that read bytes last (see idle_at_stop)
         # for the sweep: bytes per direction at its last pass (parking), and the
         # byte total it saw last with when that changed (idle timeout)
         self.seen = [0, 0]
@@ -608,6 +609,7 @@ class Connection:
                         if result is not _ENDED and self.context.toxic_version != version:
                             continue  # changed while it waited to write (a kick found it busy)
                         if result is not _ENDED:
+                            self.spoke = direction
                             if self.outcome is None:  # drained: no greenlet until data comes
                                 readable.start(self._unpark, direction, result is _DRAINED_SPLICING)
                             return
@@ -700,6 +702,7 @@ class Connection:
                 n = src.recv_into(scratch)
                 if n > 0:
                     self.counts[direction] += n  # counted when read, as in pump
+                    self.spoke = direction
                     try:
                         sent = dst.send(context.scratch_view[:n])
                     except BlockingIOError:
@@ -814,6 +817,24 @@ class Connection:
                 self._pump_ended()
         for watcher in self._watchers:
             self._hub.cancel_wait(watcher, _Aborted())
+
+    def idle_at_stop(self) -> bool:
+        """Whether stopping may close this connection now, without waiting for it to end:
+        both pumps are parked (each waits for its source and holds no bytes), neither side
+        has closed, and the upstream spoke last, so the client has its answer and it is the
+        client's turn: a pooled connection at rest. A quiet connection whose client spoke last
+        may be waiting for a slow answer, and is left to finish."""
+        if self.outcome is not None or self._pumps != 2 or self._eof_count or self.spoke != DOWNSTREAM:
+            return False
+        if self.links is not None and any(link is not None and link.busy() for link in self.links):
+            return False
+        return all(self._parked(readable) for _src, _dst, readable, _writable in self._ends)
+
+    def close_idle(self) -> None:
+        """End a connection that is idle at stop with FIN, not RST (outcome ``closed``): the
+        peers see a clean close, as from a server closing a keep-alive connection between
+        requests."""
+        self.abort(Outcome.CLOSED, "idle at stop")
 
     def park(self) -> None:
         """Release the greenlet of each pump that moved nothing since the last call and is

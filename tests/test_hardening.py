@@ -379,3 +379,60 @@ def test_a_forked_child_does_not_keep_the_forwarder_alive(patched):
     result = run_python(prelude + FORK_AFTER_START)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "OK\n", result.stdout + result.stderr
+
+
+# -- embedding friction: idle connections at stop, wait_idle -----------------------------------------
+
+def test_stop_closes_a_pooled_idle_connection_at_once(forwarder_factory, caplog):
+    """A client library's pooled connection at rest (the upstream answered last) holds no
+    request: stop() closes it with FIN at once instead of waiting out the drain."""
+    with forwarder_factory.gated(drain_timeout=10) as (fw, client, server):
+        client.sendall(b"GET")
+        assert recv_exactly(server, 3) == b"GET"
+        server.sendall(b"ANSWER")
+        assert recv_exactly(client, 6) == b"ANSWER"
+        started = time.monotonic()
+        fw.stop()
+        assert time.monotonic() - started < 1
+        assert client.recv(10) == b""  # FIN, not RST
+        assert server.recv(10) == b""
+    record, = forwarder_factory.records
+    assert (record.outcome, record.error) == (Outcome.CLOSED, "idle at stop"), record
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_stop_lets_a_request_in_flight_finish_then_closes(forwarder_factory, caplog):
+    """Both directions quiet, but the client spoke last: its answer is coming. The drain
+    waits for it, and closes the connection as soon as it is at rest."""
+    with forwarder_factory.gated(drain_timeout=10) as (fw, client, server):
+        client.sendall(b"GET")
+        assert recv_exactly(server, 3) == b"GET"
+        stopper = threading.Thread(target=fw.stop)
+        started = time.monotonic()
+        stopper.start()
+        time.sleep(0.3)  # sleep-ok: an upstream slow to answer
+        assert stopper.is_alive(), "the request in flight was cut"
+        server.sendall(b"ANSWER")
+        assert recv_exactly(client, 6) == b"ANSWER"
+        stopper.join(TIMEOUT)
+        assert time.monotonic() - started < 2
+        assert client.recv(10) == b""
+    record, = forwarder_factory.records
+    assert (record.outcome, record.bytes_downstream) == (Outcome.CLOSED, 6), record
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_wait_idle(forwarder_factory):
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address)
+        assert fw.wait_idle(0) is True
+        first, second = connect(fw.address), connect(fw.address)
+        for client in (first, second):
+            client.sendall(b"hi")
+            assert recv_exactly(client, 2) == b"hi"
+        first.close()
+        assert fw.wait_idle(0.2) is False  # the second is still open
+        second.close()
+        assert fw.wait_idle(TIMEOUT) is True
+        assert fw.statistics().active == 0
+        assert len(forwarder_factory.records) == 2  # and both on_close hooks have run
