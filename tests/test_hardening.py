@@ -93,8 +93,8 @@ def test_a_hook_raising_anything_breaks_nothing(forwarder_factory, no_errors_log
         assert stats.active == 0
         assert "running" in repr(fw)
         started = time.monotonic()
-        fw.stop(timeout=1)
-        assert time.monotonic() - started < 1, "a leaked slot made stop() wait"
+        fw.stop(timeout=3)
+        assert time.monotonic() - started < 2, "a leaked slot made stop() wait"
         assert "stopped" in repr(fw)
     failures = [r for r in no_errors_logged.records if "hook" in r.getMessage()]
     assert len(failures) == 5 and all(r.exc_info for r in failures), [r.getMessage() for r in failures]
@@ -158,7 +158,7 @@ def test_stop_from_inside_a_hook_returns_without_waiting_for_itself(forwarder_fa
         started = time.monotonic()
         while calls == [] and time.monotonic() - started < TIMEOUT:
             time.sleep(0.01)  # sleep-ok: polling for the hook's own report
-    assert calls and calls[0] < 1, calls
+    assert calls and calls[0] < 2, calls  # it waited for the drain (3 s) and 5 s more
     assert "stopped" in repr(fw)
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not lines, lines
@@ -239,7 +239,7 @@ def test_resolution_is_bounded_by_connect_timeout(forwarder_factory, silent_reso
         client.close()
     elapsed = time.monotonic() - started
     forwarder_factory.wait_closed(fw, accepted=12)
-    assert 0.9 < elapsed < 3, elapsed
+    assert 0.9 < elapsed < 5, elapsed  # unbounded, it took 10 s, then 20 s past 10 clients
     records = forwarder_factory.records
     assert {r.outcome for r in records} == {Outcome.CONNECT_TIMEOUT}, records
     assert "cannot resolve never-answers.test" in records[0].error, records[0]
@@ -252,7 +252,7 @@ def test_stop_does_not_wait_for_a_silent_resolver(forwarder_factory, silent_reso
         time.sleep(0.01)  # sleep-ok: polling until the forwarder accepted the client
     started = time.monotonic()
     fw.stop(timeout=0)
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 3  # it waited for the resolver: 5 s and more
     with pytest.raises(ConnectionResetError):  # aborted: stop(timeout=0) drains nothing
         client.recv(1)
     client.close()
@@ -361,7 +361,7 @@ try:
     assert client.recv(100) == b""
 except ConnectionResetError:
     pass
-assert time.monotonic() - started < 1, "the child kept the connection open"
+assert time.monotonic() - started < 3, "the child kept the connection open"
 try:
     socket.create_connection(fw.address, timeout=2)
     raise AssertionError("the child still listens")
@@ -393,7 +393,7 @@ def test_stop_closes_a_pooled_idle_connection_at_once(forwarder_factory, caplog)
         assert recv_exactly(client, 6) == b"ANSWER"
         started = time.monotonic()
         fw.stop()
-        assert time.monotonic() - started < 1
+        assert time.monotonic() - started < 3  # not the drain's 10 s
         assert client.recv(10) == b""  # FIN, not RST
         assert server.recv(10) == b""
     record, = forwarder_factory.records
@@ -415,7 +415,7 @@ def test_stop_lets_a_request_in_flight_finish_then_closes(forwarder_factory, cap
         server.sendall(b"ANSWER")
         assert recv_exactly(client, 6) == b"ANSWER"
         stopper.join(TIMEOUT)
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 4  # not the drain's 10 s
         assert client.recv(10) == b""
     record, = forwarder_factory.records
     assert (record.outcome, record.bytes_downstream) == (Outcome.CLOSED, 6), record
