@@ -58,8 +58,10 @@ Hook = Callable[[ConnectionRecord], None]
 #: connection stuck in the resolver, which nothing can interrupt, takes longer).
 _ABORT_GRACE = 5.0
 
-#: while draining, how often connections that became idle at stop are looked for.
+#: while draining, how often connections at rest are looked for, and how long one must
+#: stay at rest (no byte either way, the upstream spoke last) before it is closed.
 _DRAIN_CHECK = 0.05
+_AT_REST = 1.0
 
 #: a pump quiet for this long (at most twice this) gives up its greenlet until data comes.
 _PARK_EVERY = 1.0
@@ -121,7 +123,9 @@ class _Server(StreamServer):
         """Accept one client, with its upstream socket already open: a client is accepted
         only when it can be served, so running out of fds leaves clients queued in the
         kernel instead of accepted and dropped."""
-        listener = self.socket
+        listener = getattr(self, "socket", None)
+        if listener is None:  # closed by stop() from the on_open hook of the client just accepted
+            return None
         try:
             if self._spare is None:
                 self._spare = _sockets.raw_socket(self.upstream_family)
@@ -696,13 +700,26 @@ class Forwarder:
 
     def _drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the connections to end; True if they did. Meanwhile,
-        every ``_DRAIN_CHECK`` seconds, close those idle at stop (Connection.idle_at_stop):
-        a pooled connection at rest would otherwise hold the drain to its deadline."""
+        every ``_DRAIN_CHECK`` seconds, close those that stayed at rest (Connection.idle_at_stop,
+        no byte moved) for ``_AT_REST`` seconds: a pooled connection would otherwise hold the
+        drain to its deadline. The wait tells a client's turn from a pause in a server's
+        stream: a download that pauses briefly is not cut short."""
         idle = self._server.idle
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        resting = {}  # connection -> (its byte total, since when) while at rest
         while True:
+            now = time.monotonic()
             for conn in list(self._context.active.values()):
-                if conn.idle_at_stop():
+                if not conn.idle_at_stop():
+                    resting.pop(conn, None)
+                    continue
+                total = conn.counts[0] + conn.counts[1]
+                seen = resting.get(conn)
+                if seen is None or seen[0] != total:
+                    resting[conn] = (total, now)
+                elif now - seen[1] >= _AT_REST:
+                    del resting[conn]
                     conn.close_idle()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -725,8 +742,9 @@ class Forwarder:
             if self._sweeper is not None:
                 self._sweeper.close()
             server.stop_accepting()
-        listener = server.socket
-        getattr(listener, "_sock", listener).close()  # the real socket, not gevent's wrapper
+        listener = getattr(server, "socket", None)
+        if listener is not None:
+            getattr(listener, "_sock", listener).close()  # the real socket, not gevent's wrapper
         if server._spare is not None:
             server._spare.close()
             server._spare = None

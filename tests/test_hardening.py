@@ -144,16 +144,16 @@ def test_stop_from_inside_a_hook_returns_without_waiting_for_itself(forwarder_fa
     caplog.set_level(logging.INFO, logger="gproxy")
     with Server(echo) as upstream:
         fw = forwarder_factory(upstream.address, drain_timeout=3, **{which: hook})
-        client = connect(fw.address)
-        if which == "on_close":
-            client.sendall(b"bye")
-            assert recv_exactly(client, 3) == b"bye"
-            client.shutdown(1)
         try:
+            client = connect(fw.address)
+            if which == "on_close":
+                client.sendall(b"bye")
+                assert recv_exactly(client, 3) == b"bye"
+                client.shutdown(1)
             assert recv_all(client) == b""
+            client.close()
         except ConnectionResetError:
             assert which == "on_open"  # stopped before it was connected: aborted with the forwarder
-        client.close()
         forwarder_factory.wait_closed(fw, accepted=1)
         started = time.monotonic()
         while calls == [] and time.monotonic() - started < TIMEOUT:
@@ -383,9 +383,9 @@ def test_a_forked_child_does_not_keep_the_forwarder_alive(patched):
 
 # -- embedding friction: idle connections at stop, wait_idle -----------------------------------------
 
-def test_stop_closes_a_pooled_idle_connection_at_once(forwarder_factory, caplog):
+def test_stop_closes_a_pooled_idle_connection_without_the_whole_drain(forwarder_factory, caplog):
     """A client library's pooled connection at rest (the upstream answered last) holds no
-    request: stop() closes it with FIN at once instead of waiting out the drain."""
+    request: stop() closes it with FIN after a second at rest instead of waiting out the drain."""
     with forwarder_factory.gated(drain_timeout=10) as (fw, client, server):
         client.sendall(b"GET")
         assert recv_exactly(server, 3) == b"GET"
@@ -419,6 +419,25 @@ def test_stop_lets_a_request_in_flight_finish_then_closes(forwarder_factory, cap
         assert client.recv(10) == b""
     record, = forwarder_factory.records
     assert (record.outcome, record.bytes_downstream) == (Outcome.CLOSED, 6), record
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_stop_does_not_cut_a_server_stream_that_pauses(forwarder_factory, caplog):
+    """The upstream spoke last and all is quiet, as for a pooled connection, but it is a
+    download pausing: it goes on within the second, so it is drained, not closed."""
+    with forwarder_factory.gated(drain_timeout=10) as (fw, client, server):
+        server.sendall(b"part one ")
+        assert recv_exactly(client, 9) == b"part one "
+        stopper = threading.Thread(target=fw.stop)
+        stopper.start()
+        time.sleep(0.2)  # sleep-ok: the server pauses mid-answer
+        server.sendall(b"part two")
+        server.shutdown(1)
+        assert recv_all(client) == b"part two"
+        client.close()
+        stopper.join(TIMEOUT)
+    record, = forwarder_factory.records
+    assert (record.outcome, record.bytes_downstream) == (Outcome.EOF, 17), record
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
