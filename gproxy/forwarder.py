@@ -7,6 +7,7 @@ Typical use::
     with Forwarder("127.0.0.1:0", "db.internal:5432", idle_timeout=300) as fw:
         host, port = fw.address        # the real bound port
         ...                            # connect to (host, port) from any code
+        assert fw.wait_idle(5)         # every connection closed (closing is asynchronous)
     # leaving the block stops accepting, drains, and closes everything
 
 Where it runs:
@@ -19,7 +20,9 @@ Where it runs:
 - ``serve_forever()`` without ``start()``: on the calling thread's hub, until
   ``stop()`` (from a greenlet, a gevent signal handler, or another thread).
 
-Nothing here touches signals, logging configuration or global state.
+Nothing here touches signals or logging configuration. Two process-wide hooks keep
+forwarders from outliving their owner: at interpreter exit, forwarders still running in
+their threads are stopped; in a child after ``fork()``, every forwarder is made inert.
 """
 
 from __future__ import annotations
