@@ -746,8 +746,11 @@ class Forwarder:
                 self._sweeper.close()
             server.stop_accepting()
         listener = getattr(server, "socket", None)
-        if listener is not None:
-            getattr(listener, "_sock", listener).close()  # the real socket, not gevent's wrapper
+        try:
+            if listener is not None:
+                getattr(listener, "_sock", listener).close()  # the real socket, not gevent's wrapper
+        except (OSError, AttributeError):  # closed already: disable()d
+            pass
         if server._spare is not None:
             server._spare.close()
             server._spare = None
