@@ -99,7 +99,7 @@ class FileService:
             log.error("reload failed, the running configuration stays: %s", exc)
             return False
         try:
-            changes = self._call(self.service.reload, config.options)
+            changes = self._call(self._reload_here, config)
         except (OSError, ConfigError) as exc:
             log.error("reload of %s failed, the running configuration stays: %s", self.path,
                       getattr(exc, "strerror", None) or exc)
@@ -141,6 +141,10 @@ class FileService:
         except BaseException:
             self._done.set()
             raise
+
+    def _reload_here(self, config: ConfigFile) -> Dict[str, str]:
+        # only the file's own rules: proxies the HTTP API made (gproxy -c FILE --api) stay
+        return self.service.reload(config.options, owned=self.config.rules)
 
     def _stop_here(self, timeout: Optional[float]) -> None:
         try:

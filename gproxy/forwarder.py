@@ -578,8 +578,8 @@ class Forwarder:
     def _start_on_hub(self) -> None:
         try:
             if self._inherit_fd is not None:
-                listener = _adopt(self._inherit_fd, self.rule)
-                self._inherit_fd = None
+                fd, self._inherit_fd = self._inherit_fd, None
+                listener = _adopt(fd, self.rule)  # closes fd if it fails
                 old, self._inherit_from = self._inherit_from, None
                 self._socket_file, old._keep_listener = old._socket_file, True
             else:
@@ -1002,9 +1002,17 @@ def _unlink(socket_file) -> None:
 def _adopt(fd: int, rule: Rule):
     """A listening socket from a duplicate of another forwarder's: the same socket in the
     kernel, so its queue of clients carries over; the backlog takes the new rule's value."""
-    sock = gevent.socket.socket(fileno=fd)
-    sock.listen(rule.backlog)
-    sock.setblocking(False)
+    try:
+        sock = gevent.socket.socket(fileno=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        sock.listen(rule.backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 

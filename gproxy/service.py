@@ -236,8 +236,8 @@ class Service:
         gevent.joinall([g for g in self._retired if not g.dead])  # reloads' drains end too
         self._stopped.set()
 
-    def reload(self, specs: Mapping[str, Mapping[str, Any]],
-               timeout: Optional[float] = None) -> Dict[str, str]:
+    def reload(self, specs: Mapping[str, Mapping[str, Any]], timeout: Optional[float] = None, *,
+               owned: Optional[Iterable[str]] = None) -> Dict[str, str]:
         """Make the collection exactly ``specs``: ``{name: {"listen", "target", option...}}``
         in order, as a config file's reload does; returns ``{name: what happened}`` with
         ``added``, ``changed``, ``unchanged`` or ``removed``.
@@ -250,6 +250,8 @@ class Service:
           never closed and bound again, so no client is refused. Toxics carry over.
         - Old forwarders, changed or removed, stop accepting at once and drain their
           connections in the background with their own ``drain_timeout`` (or ``timeout``).
+        - ``owned``: the names this reload may remove (a config file's previous rules), so
+          proxies made some other way (the HTTP API) stay; default: every name.
 
         Every forwarder is built, and every new address bound, before anything else
         changes: a bad spec (``ConfigError``) or a failed bind (``OSError``) leaves the
@@ -270,7 +272,9 @@ class Service:
                 else:
                     built[name] = Forwarder(spec["listen"], spec["target"], **options)
                     result[name] = "changed" if current is not None else "added"
-            leaving = [fw for name, fw in old.items() if name not in result or name in built]
+            owned = set(old) if owned is None else set(owned)
+            leaving = [fw for name, fw in old.items()
+                       if name in built or (name not in result and name in owned)]
             # Which old listening socket each new forwarder keeps: its own name's first, then
             # any other leaving forwarder's on the same address (a rule renamed).
             sources: Dict[str, Forwarder] = {}
@@ -309,9 +313,10 @@ class Service:
                                   toxicity=toxic.toxicity, **toxic.attributes)
                 if previous._state == "running" and not previous.enabled:
                     new.disable()  # and so does a rule the API disabled
-            self._forwarders = {name: built.get(name) or old[name] for name in result}
+            kept = {name: fw for name, fw in old.items() if name not in result and name not in owned}
+            self._forwarders = {**{name: built.get(name) or old[name] for name in result}, **kept}
             for name in old:
-                if name not in result:
+                if name not in result and name in owned:
                     result[name] = "removed"
             self._retired = [g for g in self._retired if not g.dead]
             for fw in leaving:

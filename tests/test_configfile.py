@@ -481,3 +481,27 @@ def test_load_config_in_a_program(tmp_path):
         result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                                 timeout=TIMEOUT, cwd=str(Path(__file__).resolve().parent.parent))
     assert result.returncode == 0 and result.stdout == "ok\n", result.stderr
+
+
+def test_reload_removes_only_the_files_own_rules(tmp_path):
+    import gproxy
+    with Server(tagged(b"A")) as a:
+        path = tmp_path / "gproxy.toml"
+        rule = """
+            [[rule]]
+            name = "{name}"
+            listen = "127.0.0.1:0"
+            target = "127.0.0.1:{port}"
+            """
+        write(path, rule.format(name="kept", port=a.address[1]) + rule.format(name="gone", port=a.address[1]))
+        files = gproxy.load_config(str(path)).start()  # unpatched: a hub in a thread of its own
+        try:
+            # a proxy made another way (as the HTTP API would) on the same service
+            files._call(files.service.create, "extra", "127.0.0.1:0", f"127.0.0.1:{a.address[1]}")
+            kept = files["kept"]
+            write(path, rule.format(name="kept", port=a.address[1]))
+            assert files.reload() is True
+            assert sorted(files) == ["extra", "kept"] and files["kept"] is kept
+            assert first_byte(files["extra"].address) == b"A"
+        finally:
+            files.stop()
