@@ -73,7 +73,7 @@ def is_enabled(fw: Forwarder) -> bool:
 
 def listen_address(fw: Forwarder) -> Address:
     """Where ``fw`` listens: the real bound address once started, else what was asked for."""
-    if fw._address is not None:
+    if isinstance(fw._address, tuple):  # a Unix socket's address is its path: the rule says it
         host, port = fw._address[:2]
         return Address(host, port)
     return fw.rule.listen

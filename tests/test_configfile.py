@@ -44,10 +44,11 @@ def addr(text: str):
 class ConfigProxy(Proxy):
     """``gproxy -c FILE`` in a subprocess; ``rules`` maps each rule's name to its bound address."""
 
-    def __init__(self, path: str, count: int, env=None):
-        super().__init__(argv=["-q", "-c", path], env=env)
+    def __init__(self, path: str, count: int, env=None, extra=()):
+        super().__init__(argv=["-q", *extra, "-c", path], env=env)
         self.rules = {}
-        self._record(self.seen[-1])
+        if RULE_LINE.search(self.seen[-1]):
+            self._record(self.seen[-1])
         while len(self.rules) < count:
             self._record(self.wait_for("listening on "))
 
@@ -505,3 +506,33 @@ def test_reload_removes_only_the_files_own_rules(tmp_path):
             assert first_byte(files["extra"].address) == b"A"
         finally:
             files.stop()
+
+
+def test_the_http_api_sees_the_files_rules_and_keeps_its_own_over_a_reload(tmp_path):
+    import json
+    import urllib.request
+
+    def call(method, url, body=None):
+        request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None)
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return json.loads(response.read())
+
+    with Server(tagged(b"A")) as a:
+        path = write(tmp_path / "gproxy.toml", f"""
+            [[rule]]
+            name = "web"
+            listen = "unix:{tmp_path / 'web.sock'}"
+            targets = ["127.0.0.1:{free_port()}", "127.0.0.1:{a.address[1]}"]
+            """)
+        with ConfigProxy(path, 1, extra=["--api", "127.0.0.1:0"]) as proxy:
+            api = re.search(r"HTTP API .*listening on (\S+)", proxy.wait_for("HTTP API")).group(1)
+            web = call("GET", f"http://{api}/proxies")["web"]
+            assert web["listen"] == f"unix:{tmp_path / 'web.sock'}"
+            assert web["upstream"].endswith(f",127.0.0.1:{a.address[1]}")
+            call("POST", f"http://{api}/proxies",
+                 {"name": "extra", "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{a.address[1]}"})
+            assert "1 unchanged" in proxy.reload()
+            assert sorted(call("GET", f"http://{api}/proxies")) == ["extra", "web"]
+            assert first_byte(proxy.rules["web"]) == b"A"
+            code, output = proxy.stop()
+    assert code == 0 and "Traceback" not in output
