@@ -6,6 +6,7 @@ import contextlib
 import logging
 import threading
 
+import gevent.hub
 import pytest
 
 import gproxy
@@ -31,6 +32,26 @@ def no_errors_logged():
     yield handler
     logger.removeHandler(handler)
     assert not handler.records, [handler.format(r) for r in handler.records]
+
+
+@pytest.fixture(autouse=True)
+def no_greenlet_died():
+    """Fails the test if any hub reported an error: a greenlet or a loop callback died with an
+    exception, which gevent prints on stderr and otherwise ignores (gevent's own test harness
+    makes that fatal). Forwarders run their hubs in threads; every hub reports here."""
+    errors = []
+    original = gevent.hub.Hub.print_exception
+
+    def print_exception(hub, context, kind, value, tb):
+        errors.append(f"{context!r}: {getattr(kind, '__name__', kind)}: {value}")
+        return original(hub, context, kind, value, tb)
+
+    gevent.hub.Hub.print_exception = print_exception
+    try:
+        yield errors
+    finally:
+        gevent.hub.Hub.print_exception = original
+    assert not errors, errors
 
 
 class Forwarders:
