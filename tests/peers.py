@@ -6,11 +6,13 @@ Every blocking call has a timeout, so a broken forwarder fails a test instead of
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
 import random
 import re
+import select
 import signal
 import socket
 import struct
@@ -28,6 +30,34 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def unanswered_listener():
+    """Yields the (host, port) of a listener whose accept queue is full, so the kernel drops
+    every SYN sent to it: a connect there is never answered. listen(0) holds one connection
+    (with SYN cookies, Linux's default; without them a zero backlog drops every SYN already);
+    the filler is waited for until the kernel has queued it, not guessed from a connect that
+    took too long, which a loaded machine can make of a connect that did complete."""
+    listener = socket.socket()
+    fillers = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        with open("/proc/sys/net/ipv4/tcp_syncookies") as setting:
+            cookies = setting.read().strip() != "0"
+        if cookies:
+            fillers.append(socket.create_connection(listener.getsockname(), timeout=TIMEOUT))
+            assert select.select([listener], [], [], TIMEOUT)[0], "the filler was never queued"
+            # a listener's tcp_info: tcpi_unacked is its accept queue, tcpi_sacked the backlog
+            queued, backlog = struct.unpack_from(
+                "II", listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 24)
+            assert queued > backlog, f"accept queue not full: {queued} queued, backlog {backlog}"
+        yield listener.getsockname()
+    finally:
+        for sock in fillers:
+            sock.close()
+        listener.close()
 
 
 def connect(address, timeout: float = TIMEOUT) -> socket.socket:

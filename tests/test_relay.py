@@ -12,7 +12,7 @@ import pytest
 
 from gproxy import Outcome
 from peers import (TIMEOUT, Exchange, Gate, Server, connect, echo, free_port, payload, recv_all,
-                   recv_exactly, reset, send_in_odd_chunks)
+                   recv_exactly, reset, send_in_odd_chunks, unanswered_listener)
 
 
 def test_both_directions_at_once_many_connections_byte_exact(forwarders):
@@ -116,22 +116,8 @@ def test_failed_upstream_closes_client_at_once(forwarders, target, why):
 
 def test_unanswered_connect_hits_connect_timeout(forwarders):
     """A target whose accept queue is full drops our SYN: the connect must time out."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers = []
-    try:
-        while True:  # fill the accept queue until a connect no longer completes
-            sock = socket.socket()
-            sock.settimeout(0.2)
-            try:
-                sock.connect(listener.getsockname())
-            except socket.timeout:
-                sock.close()
-                break
-            fillers.append(sock)
-            assert len(fillers) < 64
-        fw = forwarders(listener.getsockname(), connect_timeout=0.3)
+    with unanswered_listener() as target:
+        fw = forwarders(target, connect_timeout=0.3)
         client = connect(fw.address)
         started = time.monotonic()
         assert recv_all(client) == b""
@@ -139,10 +125,6 @@ def test_unanswered_connect_hits_connect_timeout(forwarders):
         client.close()
         forwarders.wait_closed(fw, accepted=1)
         assert forwarders.records[-1].outcome is Outcome.CONNECT_TIMEOUT
-    finally:
-        for sock in fillers:
-            sock.close()
-        listener.close()
 
 
 def test_idle_timeout_closes_a_silent_connection(forwarders):
