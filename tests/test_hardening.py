@@ -246,10 +246,11 @@ def test_resolution_is_bounded_by_connect_timeout(forwarder_factory, silent_reso
 
 
 def test_stop_does_not_wait_for_a_silent_resolver(forwarder_factory, silent_resolver, caplog):
-    fw = forwarder_factory(f"{SILENT_NAME}:80", connect_timeout=30)
+    opened = threading.Event()  # on_open runs just before the resolver is asked
+    fw = forwarder_factory(f"{SILENT_NAME}:80", connect_timeout=30,
+                           on_open=lambda record: opened.set())
     client = connect(fw.address)
-    while fw.statistics().active == 0:
-        time.sleep(0.01)  # sleep-ok: polling until the forwarder accepted the client
+    assert opened.wait(TIMEOUT)
     started = time.monotonic()
     fw.stop(timeout=0)
     assert time.monotonic() - started < 3  # it waited for the resolver: 5 s and more

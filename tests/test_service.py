@@ -114,7 +114,7 @@ def test_stop_drains_all_in_parallel_with_one_deadline():
     gate = Gate()
     service = Service(drain_timeout=1.0)
     with Server(gate) as held:
-        fws = [service.create(f"p{i}", "127.0.0.1:0", held.address) for i in range(3)]
+        fws = [service.create(f"p{i}", "127.0.0.1:0", held.address) for i in range(8)]
         clients = [gevent.socket.create_connection(fw.address) for fw in fws]
         for _ in fws:  # waited for in a thread, so this hub keeps accepting
             gevent.get_hub().threadpool.apply(gate.get)
@@ -124,5 +124,5 @@ def test_stop_drains_all_in_parallel_with_one_deadline():
         gate.release()
         for client in clients:
             client.close()
-    assert 0.9 <= took < 2.5, took   # one deadline for all, not one after another
+    assert 0.9 <= took < 5, took   # one deadline for all 8, not one after another (8 s)
 
