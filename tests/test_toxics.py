@@ -584,8 +584,8 @@ ids = [c.id for c in fw.connections()]
 assert len(ids) == 2
 assert fw.close_connection(ids[1])
 assert other.recv(1) == b""
+start = time.monotonic()  # before: the 200 ms may run out before add_toxic has returned
 timeout_toxic = fw.add_toxic("timeout", timeout=200)    # closes the idle open connection
-start = time.monotonic()
 assert sock.recv(1) == b"" and time.monotonic() - start >= 0.2
 fw.remove_toxic(timeout_toxic.name)
 port = fw.address[1]
