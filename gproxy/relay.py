@@ -521,7 +521,9 @@ class Connection:
                         ready = self._wait_for(writable, rule.connect_timeout)
                     finally:
                         writable.close()
-                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if ready else errno.ETIMEDOUT
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if not ready and not code and not _connected(sock):
+                        code = errno.ETIMEDOUT  # (after a stalled loop the timer may run first: asked)
             except _Aborted:
                 sock.close()
                 return None
@@ -912,6 +914,17 @@ class Connection:
                     sys.exc_info())
         finally:
             in_hook.pop(current, None)
+
+
+def _connected(sock: socket.socket) -> bool:
+    """Whether a non-blocking connect has completed, whatever the watchers said: after a
+    stall of the loop, the connect timer and the socket's readiness fire in the same pass,
+    and the timer's callback may run first."""
+    try:
+        sock.getpeername()
+        return True
+    except OSError:  # ENOTCONN: still connecting, or failed
+        return False
 
 
 def _report(message: str, exc_info) -> None:

@@ -456,3 +456,30 @@ def test_wait_idle(forwarder_factory):
         assert fw.wait_idle(TIMEOUT) is True
         assert fw.statistics().active == 0
         assert len(forwarder_factory.records) == 2  # and both on_close hooks have run
+
+
+def test_a_stalled_loop_does_not_time_out_a_connect_that_succeeded(forwarder_factory):
+    """connect_timeout=1; a connect is under way when a hook stalls the loop for 2 s. The
+    connect succeeded meanwhile: its timer and its socket's readiness fire in the same loop
+    pass, and the timer must not win."""
+    accepted = threading.Event()
+
+    def on_open(record):
+        if record.id == 1:  # clients 2 and 3 queue up meanwhile and are accepted in one pass
+            accepted.set()
+            time.sleep(0.5)  # sleep-ok: a blocking hook
+        elif record.id == 3:
+            time.sleep(2)  # sleep-ok: a blocking hook, while client 2's connect is under way
+
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address, connect_timeout=1, on_open=on_open)
+        clients = [connect(fw.address)]
+        assert accepted.wait(TIMEOUT)
+        clients += [connect(fw.address), connect(fw.address)]
+        for client in clients:
+            client.sendall(b"hi")
+            assert recv_exactly(client, 2) == b"hi"
+            client.close()
+        forwarder_factory.wait_closed(fw, accepted=3)
+    outcomes = sorted((r.id, str(r.outcome)) for r in forwarder_factory.records)
+    assert outcomes == [(1, "eof"), (2, "eof"), (3, "eof")], outcomes
