@@ -43,7 +43,12 @@ REPO = os.path.dirname(HERE)
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-ALL_FORWARDERS = ["direct", "gproxy", "haproxy", "socat", "naive", "uvloop"]
+ALL_FORWARDERS = ["direct", "gproxy", "haproxy", "socat", "naive", "uvloop",
+                  "gproxy-workers", "haproxy-threads"]
+# gproxy --workers N and haproxy nbthread N (N = --parallel): run only where parallel clients
+# can spread over them
+PARALLEL_FORWARDERS = {"gproxy-workers", "haproxy-threads"}
+PARALLEL_WORKLOADS = {"bulk_p4", "redis_ka", "redis_conn"}
 # not in the default set; select with --only
 EXTRA_FORWARDERS = ["gproxy-nosplice"]  # gproxy --no-splice
 BULK_WORKLOADS = ["bulk_up", "bulk_down", "bulk_p4"]
@@ -350,6 +355,8 @@ class Forwarder:
                 repo, extra = REPO, []
                 if self.name == "gproxy-nosplice":
                     extra = ["--no-splice"]
+                elif self.name == "gproxy-workers":
+                    extra = ["--workers", str(self.args.parallel)]
                 elif self.name in self.args.variants:
                     repo, extra = self.args.variants[self.name]
                 cmd = shlex.split(self.args.gproxy_cmd) + shlex.split(self.args.gproxy_args) + extra
@@ -364,11 +371,12 @@ class Forwarder:
             self.proc = spawn(cmd, stdout=logf, stderr=logf, cwd=cwd, env=env)
             logf.close()
             self.port = self._wait_banner(timeout=30)
-        elif self.name == "haproxy":
+        elif self.name in ("haproxy", "haproxy-threads"):
             self.port = free_port()
             cfg = os.path.join(self.workdir, "haproxy.cfg")
             with open(cfg, "w") as f:
-                f.write(haproxy_config(self.port, target_port, self.args))
+                f.write(haproxy_config(self.port, target_port, self.args,
+                                       self.args.parallel if self.name == "haproxy-threads" else 1))
             self.proc = spawn(["haproxy", "-db", "-f", cfg], stdout=logf, stderr=logf)
             logf.close()
             self._wait_port(timeout=15)
@@ -397,8 +405,10 @@ class Forwarder:
             if m:
                 port = int(m.group(2))
                 # the banner may precede listen() by a hair: wait for the socket
-                end2 = time.monotonic() + 5
-                while port not in listening_ports(self.pid) and time.monotonic() < end2:
+                # (--workers: every worker's own socket)
+                want = self.args.parallel if self.name == "gproxy-workers" else 1
+                end2 = time.monotonic() + 15
+                while self._listeners(port) < want and time.monotonic() < end2:
                     time.sleep(0.01)
                 return port
             if self.proc.poll() is not None:
@@ -412,6 +422,9 @@ class Forwarder:
             return ports.pop()
         raise BenchError("%s printed no 'listening on' line in %ss: %s"
                          % (self.name, timeout, tail(self.logpath)))
+
+    def _listeners(self, port):
+        return sum(1 for pid in process_tree(self.pid) if port in listening_ports(pid))
 
     def _wait_port(self, timeout):
         try:
@@ -440,7 +453,7 @@ class Forwarder:
         return self.stop_info
 
 
-def haproxy_config(port, target_port, args):
+def haproxy_config(port, target_port, args, nbthread=1):
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     # haproxy wants ~2 fds per connection plus 2 per splice pipe.
     maxconn = max(2000, max(args.idle_conns or [0]) + 500)
@@ -451,7 +464,7 @@ def haproxy_config(port, target_port, args):
 global
     maxconn {maxconn}
     maxpipes {maxpipes}
-    nbthread 1
+    nbthread {nbthread}
 defaults
     mode tcp
 {splice}
@@ -465,6 +478,7 @@ frontend fwd
 backend up
     server s1 {host}:{target}
 """.format(maxconn=maxconn, maxpipes=maxpipes, host=HOST, port=port, target=target_port,
+           nbthread=nbthread,
            splice={"auto": "    option splice-auto",
                    "always": "    option splice-request\n    option splice-response",
                    "off": "    # no splicing"}[args.haproxy_splice])
@@ -1175,6 +1189,9 @@ def parse_args(argv):
                          "default: %(default)s)")
     ap.add_argument("--gproxy-args", default="-q",
                     help="extra gproxy options before LISTEN TARGET (default %(default)s)")
+    ap.add_argument("--parallel", type=int, default=2,
+                    help="N for gproxy-workers (--workers N) and haproxy-threads (nbthread N); "
+                         "default %(default)s")
     ap.add_argument("--haproxy-splice", choices=("auto", "always", "off"), default="auto",
                     help="haproxy: option splice-auto (default), splice-request + "
                          "splice-response, or no splicing")
@@ -1242,7 +1259,7 @@ def check_tools(args):
     if any(w.startswith("redis") for w in wl):
         need.update(["redis-server", "redis-benchmark"])
     for f in ("haproxy", "socat"):
-        if f in args.forwarders:
+        if f in args.forwarders or f + "-threads" in args.forwarders:
             need.add(f)
     missing = sorted(t for t in need if shutil.which(t) is None)
     if missing:
@@ -1278,6 +1295,8 @@ def main(argv=None):
                     order = order[r:] + order[:r]
                 for f in order:
                     if wl.startswith(("idle_", "spoken_")) and f == "direct":
+                        continue
+                    if f in PARALLEL_FORWARDERS and wl not in PARALLEL_WORKLOADS:
                         continue
                     rec = run_one(wl, f, args, workdir)
                     rec["rep"] = rep
@@ -1317,6 +1336,9 @@ def main(argv=None):
         print("- gproxy %s (commit %s): `%s`" % (env.get("gproxy_version"),
                                                  env.get("gproxy_commit"), env.get("gproxy_cmd")))
     print("- %s (nbthread 1, splice: %s); %s" % (env["haproxy"], args.haproxy_splice, env["socat"]))
+    if PARALLEL_FORWARDERS & set(args.forwarders):
+        print("- gproxy-workers = gproxy --workers %d, haproxy-threads = haproxy nbthread %d; run on %s only"
+              % (args.parallel, args.parallel, ", ".join(sorted(PARALLEL_WORKLOADS))))
     print("- %s; %s; %s" % (env["iperf3"], env["sockperf"], env["redis"]))
     print("- %d repetitions, interleaved%s; %s s per iperf3/sockperf run; redis -n %d "
           "(keep-alive), %d (-k 0); idle K = %s; all traffic on 127.0.0.1; run took %.0f s"
