@@ -19,8 +19,9 @@ The parent waits on signals and child exits only (a self-pipe, no polling):
   sent on too: the workers then abort what is left.
 - A worker that dies otherwise is logged and started again; one that dies
   within a second of starting is restarted after a delay that doubles up to
-  30 s. If a worker fails at the very first start (the address taken by another
-  program, for one), everything stops with exit status 1.
+  30 s. If a worker exits with gproxy's own failure status (1 or 2) within a
+  second of its first start (the address taken by another program, for one),
+  everything stops with exit status 1.
 - SIGHUP and SIGUSR1 are passed to the workers (each logs its own statistics).
 """
 
@@ -168,8 +169,9 @@ class Supervisor:
                     log.warning("worker %d (pid %d) exited with status %s", index, proc.pid, code)
                 continue
             lived = time.monotonic() - self.started[index]
-            if index not in self.delay and lived < _QUICK_DEATH:
-                # the first start failed (the port is taken, say): do not loop on it
+            if index not in self.delay and lived < _QUICK_DEATH and code in (1, 2):
+                # it failed at its first start by itself (gproxy's exit statuses: the port is
+                # taken, say): do not loop on it. One killed by a signal is started again.
                 log.error("worker %d (pid %d) failed at start with status %s; stopping", index, proc.pid, code)
                 self.failed = True
                 self.stopping = 1

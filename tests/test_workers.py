@@ -96,3 +96,18 @@ def test_a_taken_port_stops_the_workers_with_exit_1():
                                 stdin=subprocess.DEVNULL)
     assert result.returncode == 1, result
     assert "address already in use" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_worker_killed_right_after_it_starts_is_started_again():
+    """Only a worker's own failure at its first start (exit status 1 or 2) stops everything;
+    one killed by a signal, however young, is started again."""
+    with Server(echo) as upstream, Proxy("--workers", "2", f"127.0.0.1:{upstream.address[1]}") as proxy:
+        pids = worker_pids(proxy)
+        os.kill(pids[1], signal.SIGKILL)
+        line = proxy.wait_for("started again")
+        new_pid = int(line.rsplit("pid ", 1)[1])
+        assert new_pid not in pids
+        proxy.wait_for(f"[{new_pid}] listening on")
+        round_trip(proxy.address)
+        code, output = proxy.stop()
+    assert code == 0, output
