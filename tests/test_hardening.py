@@ -353,7 +353,7 @@ assert client.recv(100) == b"before fork"
 pid = os.fork()
 if pid == 0:  # a child that lives on, as a worker process of the host program would
     import gevent
-    gevent.sleep(4) if PATCHED else time.sleep(4)
+    gevent.sleep(4) if PATCHED else time.sleep(4)  # sleep-ok: the child lives on, as a worker would
     os._exit(0)
 
 fw.stop(timeout=0)  # the parent stops: the open connection is aborted, the port is closed
