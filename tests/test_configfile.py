@@ -34,7 +34,7 @@ def write(path: Path, text: str) -> str:
 
 
 def addr(text: str):
-    """'127.0.0.1:4000' -> ('127.0.0.1', 4000); 'unix:/p' -> '/p'."""
+    """'HOST:PORT' -> (HOST, PORT); 'unix:/p' -> '/p'."""
     if text.startswith("unix:"):
         return text[5:]
     host, _, port = text.rpartition(":")
