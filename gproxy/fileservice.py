@@ -27,7 +27,8 @@ from gevent.event import Event
 
 from gproxy.config import ConfigError
 from gproxy.configfile import ConfigFile, load
-from gproxy.forwarder import Forwarder, _destroy_hub
+from gproxy._lifecycle import destroy_hub
+from gproxy.forwarder import Forwarder
 from gproxy.service import Service
 from gproxy.stats import Statistics
 
@@ -185,7 +186,7 @@ class FileService:
                 self._start_here()
             except BaseException as exc:
                 failure.append(exc)
-                _destroy_hub(hub)
+                destroy_hub(hub)
                 return
             finally:
                 started.set()
@@ -197,7 +198,7 @@ class FileService:
                 self._done.wait()
             finally:
                 keepalive.close()
-                _destroy_hub(hub)
+                destroy_hub(hub)
 
         self._thread = threading.Thread(target=main, name=f"gproxy {self.path}", daemon=True)
         self._thread.start()

@@ -21,8 +21,9 @@ Where it runs:
   ``stop()`` (from a greenlet, a gevent signal handler, or another thread).
 
 Nothing here touches signals or logging configuration. Two process-wide hooks keep
-forwarders from outliving their owner: at interpreter exit, forwarders still running in
-their threads are stopped; in a child after ``fork()``, every forwarder is made inert.
+forwarders from outliving their owner (:mod:`gproxy._lifecycle`): at interpreter exit,
+forwarders still running in their threads are stopped; in a child after ``fork()``, every
+forwarder is made inert. Listening sockets are made in :mod:`gproxy.listeners`.
 """
 
 from __future__ import annotations
@@ -32,10 +33,8 @@ import errno
 import logging
 import os
 import socket
-import stat
 import threading
 import time
-import weakref
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import gevent
@@ -44,9 +43,9 @@ from gevent import getcurrent, monkey
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from gproxy import _sockets, loops
+from gproxy import _lifecycle, _sockets, listeners, loops
 from gproxy._workers import Workers
-from gproxy.config import AddressLike, Rule, TargetLike, UnixAddress, check_hook
+from gproxy.config import AddressLike, Rule, TargetLike, check_hook
 from gproxy.relay import Connection, Context, sweep, toxics_changed
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
 from gproxy.toxics import Toxic, ToxicNotFound, make_toxic
@@ -444,7 +443,7 @@ class Forwarder:
         this is what a test waits on. Safe from any thread, and from a hook."""
         deadline = None if timeout is None else time.monotonic() + timeout
         # on the forwarder's own hub (a hook, a patched program) waiting must yield to it
-        sleep = gevent.sleep if getattr(self, "_hub_thread", None) == _get_ident() else _sleep
+        sleep = gevent.sleep if getattr(self, "_hub_thread", None) == _thread_id() else _sleep
         delay = 0.001
         while self._context.active or (self._server is not None and self._server.running):
             if deadline is not None:
@@ -550,7 +549,7 @@ class Forwarder:
         if self._enabled:
             return
         server = self._server
-        server.socket = _listen(self.rule, self._address)
+        server.socket = listeners.listen(self.rule, self._address)
         server.disabled = False
         self._enabled = True
         server.start_accepting()
@@ -579,17 +578,17 @@ class Forwarder:
         try:
             if self._inherit_fd is not None:
                 fd, self._inherit_fd = self._inherit_fd, None
-                listener = _adopt(fd, self.rule)  # closes fd if it fails
+                listener = listeners.adopt(fd, self.rule)  # closes fd if it fails
                 old, self._inherit_from = self._inherit_from, None
                 self._socket_file, old._keep_listener = old._socket_file, True
             else:
-                listener = _listen(self.rule)
+                listener = listeners.listen(self.rule)
                 try:
                     loops.refuse_at_start(self.rule, listener)
                 except BaseException:
                     listener.close()
                     raise
-                self._socket_file = _socket_file(self.rule)
+                self._socket_file = listeners.socket_file(self.rule)
         except BaseException:
             self._state = "stopped"
             if self._inherit_fd is not None:
@@ -615,8 +614,8 @@ class Forwarder:
         self._context.on_fd_exhausted = self._server.pause_accepting
         self._context.on_closed = self._server.connection_closed
         self._server.start()
-        self._hub_thread = _get_ident()
-        _started.add(self)
+        self._hub_thread = _thread_id()
+        _lifecycle.started.add(self)
         timeouts = [t for t in (self.rule.idle_timeout, self.rule.half_close_timeout) if t is not None]
         interval = min([max(t / 8, 0.01) for t in timeouts] + [_PARK_EVERY])
         self._sweeper = self._server.loop.timer(interval, interval)
@@ -677,7 +676,7 @@ class Forwarder:
         try:
             server.close()
             if not self._keep_listener:
-                _unlink(self._socket_file)
+                listeners.remove_socket_file(self._socket_file)
             server.allowance = 1 if own is not None else 0
             if server.running <= server.allowance:
                 server.idle.set()
@@ -740,7 +739,7 @@ class Forwarder:
         # The hub of a thread-mode forwarder did not survive the fork (only the forking thread
         # does), so its watchers are left alone. A hub running on this very thread goes on in
         # the child: its watchers are closed before their fds, which libev requires.
-        own_hub = self._thread is None and self._hub_thread == _get_ident()
+        own_hub = self._thread is None and self._hub_thread == _thread_id()
         if own_hub:
             if self._sweeper is not None:
                 self._sweeper.close()
@@ -794,11 +793,11 @@ class Forwarder:
             try:
                 self._stopped.wait()
             finally:
-                _in_threads.discard(self)
+                _lifecycle.in_threads.discard(self)
                 self._wakeup.close()
-                _destroy_hub(hub)
+                _lifecycle.destroy_hub(hub)
 
-        _stop_at_exit.register()
+        _lifecycle.stop_at_exit.register()
         self._thread = threading.Thread(target=main, name=f"gproxy {self.rule.listen}", daemon=True)
         self._thread.start()
         started.wait()
@@ -806,214 +805,13 @@ class Forwarder:
             self._thread.join()
             self._thread = None
             raise failure[0]
-        _in_threads.add(self)
+        _lifecycle.in_threads.add(self)
 
-
-#: forwarders running in a thread of their own, stopped before the interpreter exits
-_in_threads: "set[Forwarder]" = set()
-
-#: every forwarder started in this process, made inert in a child after fork()
-_started: "weakref.WeakSet[Forwarder]" = weakref.WeakSet()
-
-_get_ident = monkey.get_original("_thread", "get_ident")  # the OS thread, patched or not
-_sleep = monkey.get_original("time", "sleep")
-
-
-def _after_fork_in_child() -> None:
-    """A forked child gets copies of every listening and connected socket. Serving them there
-    would steal clients and bytes from the parent, and merely keeping them open would keep
-    them alive after the parent closes them (clients connect to a stopped forwarder and hang;
-    an aborted connection is never reset). So the child closes its copies, which leaves the
-    parent's sockets as they are (no shutdown, no SO_LINGER: those would act on the shared
-    socket), and its forwarders are stopped: they belong to the parent."""
-    _in_threads.clear()
-    for forwarder in list(_started):
-        try:
-            forwarder._inert_after_fork()
-        except Exception:  # a child must get on with its own work
-            log.debug("making %r inert after fork", forwarder, exc_info=True)
-    _started.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _StopAtExit:
-    """Stops the forwarders still running in their threads when the program exits without
-    stop(): at once, aborting their connections (there is no one left to drain them for).
-
-    The hub of a daemon thread must not be running when the interpreter finalises: greenlet
-    switches there touch objects finalisation frees, and the process died with SIGSEGV
-    (issue 11). ``threading._register_atexit`` runs before threads are joined or frozen;
-    plain ``atexit`` (later, still before finalisation) is the fallback without it."""
-
-    def __init__(self) -> None:
-        self._registered = False
-
-    def register(self) -> None:
-        if self._registered:
-            return
-        try:
-            threading._register_atexit(self)  # type: ignore[attr-defined]
-        except (AttributeError, RuntimeError):  # not CPython 3.9+, or exiting already
-            import atexit
-            atexit.register(self)
-        self._registered = True
-
-    def __call__(self) -> None:
-        for forwarder in list(_in_threads):
-            try:
-                forwarder.stop(timeout=0)
-            except Exception:  # exiting: one forwarder's trouble must not keep the others running
-                log.exception("stopping %r at exit", forwarder)
-
-
-_stop_at_exit = _StopAtExit()
 
 
 #: the OS thread's id, even where gevent patched threading to give greenlets' ids
 _thread_id = monkey.get_original("_thread", "get_ident")
-
-
-def _destroy_hub(hub) -> None:
-    """Destroy this thread's hub and its loop without leaking them.
-
-    ``Hub.destroy`` leaves the hub greenlet parked mid-throw of a LoopExit whose
-    traceback pins this thread's frames in a cycle the GC cannot see (gevent
-    #1601; the fix in #1604 needs the hub switched to once more). Throwing
-    GreenletExit into it lets it finish, and everything it held is freed.
-    """
-    # A resolver call stuck in the hub's thread pool (relay gave up waiting for it) would make
-    # destroy() wait for that thread for ever (ThreadPool.kill joins its workers). Leave such
-    # a pool and its loop to the garbage collector instead: the worker reports to the loop
-    # when its call returns, so the loop must outlive it; idle workers are told to exit.
-    pool = getattr(hub, "_threadpool", None)
-    stuck = pool is not None and pool.task_queue.unfinished_tasks > 0
-    if stuck:
-        hub._threadpool = None
-        for _ in range(pool.size):
-            pool.task_queue.put(None)
-    hub.destroy(destroy_loop=not stuck)
-    try:
-        hub.throw(gevent.GreenletExit)
-    except BaseException:  # it ends one way or another; nothing is left to run
-        pass
-
-
-def _listen(rule: Rule, bound: Optional[Tuple[str, int]] = None):
-    """A bound, listening gevent socket (on ``bound``, the address it had, when listening
-    again); OSError names the address on failure."""
-    listen = rule.listen
-    if isinstance(listen, UnixAddress):
-        return _listen_unix(rule)
-    family = listen.family
-    if bound is not None:
-        family, sockaddr = (socket.AF_INET6 if ":" in bound[0] else socket.AF_INET), bound
-    elif family is None:
-        try:
-            infos = socket.getaddrinfo(listen.host, listen.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {listen}: {_sockets.describe_error(exc)}") from None
-        family, sockaddr = infos[0][0], infos[0][4]
-    else:
-        sockaddr = (listen.host, listen.port)
-    sock = gevent.socket.socket(family, socket.SOCK_STREAM)
-    _sockets.tune(sock)  # accepted sockets inherit TCP_NODELAY and keepalive from it
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if rule.reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(sockaddr)
-        sock.listen(rule.backlog)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"cannot listen on {listen}: {_sockets.describe_error(exc)}") from None
-    sock.setblocking(False)
-    return sock
-
-
-def _listen_unix(rule: Rule):
-    """Like _listen, for a Unix socket. A socket file left by a process that died is replaced;
-    one that a live process listens on is an error, as a TCP port in use would be."""
-    listen = rule.listen
-    path = listen.sockaddr
-
-    def failure(code: int, why: str) -> OSError:
-        return OSError(code, f"cannot listen on {listen}: {why}")
-
-    if not listen.abstract:
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise failure(exc.errno, _sockets.describe_error(exc)) from None
-        else:
-            if not stat.S_ISSOCK(mode):
-                raise failure(errno.EEXIST, "the path exists and is not a socket")
-            probe = _sockets.raw_socket(socket.AF_UNIX)
-            try:
-                code = probe.connect_ex(path)
-            finally:
-                probe.close()
-            if code != errno.ECONNREFUSED:  # 0 or EAGAIN: someone accepts there
-                raise failure(errno.EADDRINUSE, "another process listens on it")
-            try:
-                os.unlink(path)  # stale: nobody listens
-            except FileNotFoundError:
-                pass
-    sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(rule.backlog)
-    except OSError as exc:
-        sock.close()
-        raise failure(exc.errno, _sockets.describe_error(exc)) from None
-    sock.setblocking(False)
-    return sock
-
-
-def _socket_file(rule: Rule):
-    """(path, device, inode) of the socket file just bound, so that stop removes ours only."""
-    listen = rule.listen
-    if not isinstance(listen, UnixAddress) or listen.abstract:
-        return None
-    try:
-        info = os.stat(listen.path)
-    except OSError:
-        return None
-    return listen.path, info.st_dev, info.st_ino
-
-
-def _unlink(socket_file) -> None:
-    """Remove our socket file, unless another process has bound its own there since."""
-    if socket_file is None:
-        return
-    path, device, inode = socket_file
-    try:
-        info = os.stat(path)
-        if (info.st_dev, info.st_ino) == (device, inode):
-            os.unlink(path)
-    except OSError:
-        pass
-
-
-def _adopt(fd: int, rule: Rule):
-    """A listening socket from a duplicate of another forwarder's: the same socket in the
-    kernel, so its queue of clients carries over; the backlog takes the new rule's value."""
-    try:
-        sock = gevent.socket.socket(fileno=fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
-        sock.listen(rule.backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+_sleep = monkey.get_original("time", "sleep")
 
 
 def _splicer(rule: Rule):

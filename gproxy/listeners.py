@@ -1,0 +1,142 @@
+"""Listening sockets: bind one for a rule, adopt another forwarder's, own a Unix socket file.
+
+Typical use (by ``gproxy.forwarder``)::
+
+    from gproxy import listeners
+
+    sock = listeners.listen(rule)               # OSError names the address on failure
+    owned = listeners.socket_file(rule)         # (path, dev, inode) of a Unix socket file, or None
+    ...
+    listeners.remove_socket_file(owned)         # at stop: ours only, not a successor's
+    sock = listeners.adopt(os.dup(fd), rule)    # a reload's takeover: the same kernel socket
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from typing import Optional, Tuple
+
+import gevent.socket
+
+from gproxy import _sockets
+from gproxy.config import Rule, UnixAddress
+
+__all__ = ["listen", "socket_file", "remove_socket_file", "adopt"]
+
+
+def listen(rule: Rule, bound: Optional[Tuple[str, int]] = None):
+    """A bound, listening gevent socket (on ``bound``, the address it had, when listening
+    again); OSError names the address on failure."""
+    listen = rule.listen
+    if isinstance(listen, UnixAddress):
+        return _listen_unix(rule)
+    family = listen.family
+    if bound is not None:
+        family, sockaddr = (socket.AF_INET6 if ":" in bound[0] else socket.AF_INET), bound
+    elif family is None:
+        try:
+            infos = socket.getaddrinfo(listen.host, listen.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {listen}: {_sockets.describe_error(exc)}") from None
+        family, sockaddr = infos[0][0], infos[0][4]
+    else:
+        sockaddr = (listen.host, listen.port)
+    sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+    _sockets.tune(sock)  # accepted sockets inherit TCP_NODELAY and keepalive from it
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if rule.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(sockaddr)
+        sock.listen(rule.backlog)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {listen}: {_sockets.describe_error(exc)}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _listen_unix(rule: Rule):
+    """Like listen, for a Unix socket. A socket file left by a process that died is replaced;
+    one that a live process listens on is an error, as a TCP port in use would be."""
+    listen = rule.listen
+    path = listen.sockaddr
+
+    def failure(code: int, why: str) -> OSError:
+        return OSError(code, f"cannot listen on {listen}: {why}")
+
+    if not listen.abstract:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise failure(exc.errno, _sockets.describe_error(exc)) from None
+        else:
+            if not stat.S_ISSOCK(mode):
+                raise failure(errno.EEXIST, "the path exists and is not a socket")
+            probe = _sockets.raw_socket(socket.AF_UNIX)
+            try:
+                code = probe.connect_ex(path)
+            finally:
+                probe.close()
+            if code != errno.ECONNREFUSED:  # 0 or EAGAIN: someone accepts there
+                raise failure(errno.EADDRINUSE, "another process listens on it")
+            try:
+                os.unlink(path)  # stale: nobody listens
+            except FileNotFoundError:
+                pass
+    sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(rule.backlog)
+    except OSError as exc:
+        sock.close()
+        raise failure(exc.errno, _sockets.describe_error(exc)) from None
+    sock.setblocking(False)
+    return sock
+
+
+def socket_file(rule: Rule):
+    """(path, device, inode) of the socket file just bound, so that stop removes ours only."""
+    listen = rule.listen
+    if not isinstance(listen, UnixAddress) or listen.abstract:
+        return None
+    try:
+        info = os.stat(listen.path)
+    except OSError:
+        return None
+    return listen.path, info.st_dev, info.st_ino
+
+
+def remove_socket_file(socket_file) -> None:
+    """Remove our socket file, unless another process has bound its own there since."""
+    if socket_file is None:
+        return
+    path, device, inode = socket_file
+    try:
+        info = os.stat(path)
+        if (info.st_dev, info.st_ino) == (device, inode):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def adopt(fd: int, rule: Rule):
+    """A listening socket from a duplicate of another forwarder's: the same socket in the
+    kernel, so its queue of clients carries over; the backlog takes the new rule's value."""
+    try:
+        sock = gevent.socket.socket(fileno=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        sock.listen(rule.backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
