@@ -20,6 +20,9 @@ Where it runs:
 - ``serve_forever()`` without ``start()``: on the calling thread's hub, until
   ``stop()`` (from a greenlet, a gevent signal handler, or another thread).
 
+Every public method may be called from any OS thread: what touches the hub's objects is
+handed to the hub that serves, and has taken effect when the call returns.
+
 Nothing here touches signals or logging configuration. Two process-wide hooks keep
 forwarders from outliving their owner (:mod:`gproxy._lifecycle`): at interpreter exit,
 forwarders still running in their threads are stopped; in a child after ``fork()``, every
@@ -326,6 +329,11 @@ class Forwarder:
             self._wakeup.send()
             self._thread.join()
             return
+        if self._hub_thread is not None and self._hub_thread != _thread_id():
+            # The hub serving is another thread's (the program's own, patched or in
+            # serve_forever()): its objects may only be used there.
+            self._run_on_hub(self._stop_if_running, timeout)
+            return
         self._stop_on_hub(timeout)
 
     def take_over(self, old: "Forwarder") -> "Forwarder":
@@ -484,29 +492,44 @@ class Forwarder:
 
     def _on_hub(self, func: Callable, *args: Any) -> Any:
         """Run ``func(*args)`` on the hub that serves and return its result (or raise its
-        exception). From another thread (the unpatched mode) the call runs in a greenlet of
-        the forwarder's hub, and this thread waits until it has finished."""
+        exception). From another thread the call runs in a greenlet of the forwarder's hub,
+        and this thread waits until it has finished."""
         if self._state != "running" or self._hub is None or _thread_id() == self._hub_thread:
             return func(*args)
-        done = threading.Event()
+        return self._run_on_hub(func, *args)
+
+    def _run_on_hub(self, func: Callable, *args: Any) -> Any:
+        """``_on_hub``'s crossing from another OS thread. Only real locks are used: in a
+        patched program ``threading``'s would be gevent's, bound to one thread's hub."""
+        done, claim = _allocate_lock(), _allocate_lock()
+        done.acquire()
         box: List[tuple] = []
 
         def job() -> None:
+            if not claim.acquire(False):  # the calling thread gave up waiting and ran it
+                return
             try:
                 box.append((True, func(*args)))
             except BaseException as exc:  # handed to the calling thread
                 box.append((False, exc))
             finally:
-                done.set()
+                done.release()
 
         self._hub.loop.run_callback_threadsafe(self._context.workers.run, job)
-        while not done.wait(0.5):
-            if self._stopped.is_set() and not box:  # stopped meanwhile: nothing runs there any more
+        while not done.acquire(timeout=0.5):
+            # stopped meanwhile: that hub may never run again, so run it here unless it began
+            if self._state == "stopped" and claim.acquire(False):
                 return func(*args)
+            if self._thread is not None and not self._thread.is_alive() and not done.acquire(False):
+                raise RuntimeError("the forwarder stopped while the call was running on its hub")
         ok, value = box[0]
         if ok:
             return value
         raise value
+
+    def _stop_if_running(self, timeout: float) -> None:
+        if self._state != "stopped":  # stopped by someone else since stop() was called
+            self._stop_on_hub(timeout)
 
     def _change_toxics(self, change: Callable, *args: Any) -> Any:
         result = change(*args)
@@ -812,6 +835,7 @@ class Forwarder:
 #: the OS thread's id, even where gevent patched threading to give greenlets' ids
 _thread_id = monkey.get_original("_thread", "get_ident")
 _sleep = monkey.get_original("time", "sleep")
+_allocate_lock = monkey.get_original("_thread", "allocate_lock")  # a real lock, patched or not
 
 
 def _splicer(rule: Rule):

@@ -291,3 +291,79 @@ def test_readme_has_examples():
     names = [e.splitlines()[0] for e in readme_examples()]
     assert any("patched" in n and "unpatched" not in n for n in names), names
     assert any("unpatched" in n for n in names), names
+
+
+# The program's thread serves (or waits in serve_forever), a real OS thread of its own
+# controls: every public call that touches the forwarder's hub must work from there.
+CONTROL_FROM_ANOTHER_THREAD = '''
+    import faulthandler, logging, socket
+    import gevent.monkey
+    import gproxy
+    faulthandler.dump_traceback_later(30, exit=True)  # a hang shows where, then exits
+    start_new_thread = gevent.monkey.get_original("_thread", "start_new_thread")
+    allocate_lock = gevent.monkey.get_original("_thread", "allocate_lock")
+
+    def released_later():
+        lock = allocate_lock()
+        lock.acquire()
+        return lock
+
+    listening = released_later()
+    class Listening(logging.Handler):  # the readiness signal: the "listening on" line
+        def emit(self, record):
+            if record.getMessage().startswith("listening on"):
+                listening.release()
+    logging.getLogger("gproxy").addHandler(Listening())
+    logging.getLogger("gproxy").setLevel(logging.INFO)
+
+    target = echo_server()
+    fw = gproxy.Forwarder("127.0.0.1:0", target)
+    results, finished = [], released_later()
+
+    def control():
+        try:
+            assert listening.acquire(timeout=10), "never listened"
+            sock = socket.create_connection(fw.address, timeout=10)
+            sock.sendall(b"ping")
+            assert sock.recv(4) == b"ping"
+            assert [r.outcome for r in fw.connections()] == [None]
+            assert fw.statistics().active == 1
+            fw.add_toxic("latency", latency=1)
+            assert [t.name for t in fw.toxics()] == ["latency_downstream"]
+            fw.remove_toxic("latency_downstream")
+            fw.disable()
+            assert not fw.enabled and sock.recv(4) == b""
+            sock.close()
+            try:
+                socket.create_connection(fw.address, timeout=10).close()
+                raise AssertionError("a disabled forwarder accepted")
+            except ConnectionRefusedError:
+                pass
+            fw.enable()
+            assert round_trip(fw.address, b"abc" * 10000) == b"abc" * 10000
+            assert fw.wait_idle(10)
+            assert fw.statistics().accepted == 2
+            fw.stop()
+            fw.stop()  # again: nothing to do
+            results.append("stopped")
+        except BaseException as exc:
+            results.append(repr(exc))
+            raise
+        finally:
+            finished.release()
+
+    if MODE.startswith("start"):
+        fw.start()
+    start_new_thread(control, ())
+    fw.serve_forever()  # returns once the other thread's stop() stopped it
+    assert finished.acquire(timeout=10), "stop() did not return"
+    assert results == ["stopped"], results
+    print("OK")
+'''
+
+
+@pytest.mark.parametrize("mode,prelude", [
+    ("serve_forever", ""), ("serve_forever", PATCHED), ("start", ""), ("start", PATCHED),
+], ids=["serve_forever-unpatched", "serve_forever-patched", "start-thread", "start-patched"])
+def test_a_forwarder_is_controlled_and_stopped_from_another_os_thread(mode, prelude):
+    run_script(CONTROL_FROM_ANOTHER_THREAD, prelude=prelude + f"MODE = {mode!r}\n")
