@@ -275,35 +275,7 @@ class Service:
             owned = set(old) if owned is None else set(owned)
             leaving = [fw for name, fw in old.items()
                        if name in built or (name not in result and name in owned)]
-            # Which old listening socket each new forwarder keeps: its own name's first, then
-            # any other leaving forwarder's on the same address (a rule renamed).
-            sources: Dict[str, Forwarder] = {}
-            claimed = set()
-            for name, new in built.items():
-                candidates = [old[name]] if name in old else []
-                if getattr(new.rule.listen, "port", None) != 0:  # port 0 asks for a port of its own
-                    candidates += [fw for fw in leaving if fw is not old.get(name)]
-                for fw in candidates:
-                    if (id(fw) not in claimed and fw.listens_on(new.rule.listen)
-                            and is_enabled(fw) and fw._server is not None):
-                        sources[name] = fw
-                        claimed.add(id(fw))
-                        break
-            started: List[Forwarder] = []
-            try:
-                for name, new in built.items():
-                    source = sources.get(name)
-                    if source is not None:
-                        new.inherit_listener(source)
-                    _start_here(new)
-                    started.append(new)
-            except BaseException:
-                for name, new in built.items():  # inherited sockets go back to their owners
-                    source = sources.get(name)
-                    if source is not None and new in started:
-                        new._keep_listener, source._keep_listener = True, False
-                _stop_all(started, 0)
-                raise
+            _start_all(built, old, leaving)
             for name, new in built.items():
                 previous = old.get(name)
                 if previous is None:
@@ -343,8 +315,11 @@ class Service:
         alone (not restarted, toxics and connections kept, ``enabled`` not applied); one
         that differs is stopped (draining for ``timeout``) and replaced by a new one. Every
         entry is validated before anything changes: a bad one raises ``ConfigError``
-        naming it (``proxies[2].listen: ...``) and changes nothing. A bind failure stops
-        there with the earlier entries applied (``OSError``). Returns the forwarders in order."""
+        naming it (``proxies[2].listen: ...``) and changes nothing. Every new address is
+        bound before anything else changes (a replaced proxy on the same address hands its
+        listening socket over, as a reload does), so a bind failure changes nothing either:
+        what this call started is stopped again and the ``OSError`` names the proxy and the
+        address (``proxy "d": cannot listen on ...``). Returns the forwarders in order."""
         plans = []
         seen = set()
         for index, spec in enumerate(proxies):
@@ -369,22 +344,65 @@ class Service:
                 raise ConfigError(f"{where}.{exc.field}", str(exc).split(": ", 1)[-1]) from None
             plans.append((name, rule, enabled, {**self.options, **spec}))
 
-        result = []
         with self._lock:
+            current = dict(self._forwarders)
+            result: List[Forwarder] = []
+            built: Dict[str, Forwarder] = {}
+            enabled_ones: Dict[str, Forwarder] = {}
             for name, rule, enabled, options in plans:
-                old = self._forwarders.get(name)
+                old = current.get(name)
                 if old is not None and _same_rule(old, rule):
                     result.append(old)
                     continue
-                if old is not None:
-                    del self._forwarders[name]
-                    old.stop(timeout)
-                fw = Forwarder(rule.listen, rule.target, **options)
+                fw = built[name] = Forwarder(rule.listen, rule.target, **options)
                 if enabled:
-                    _start_here(fw)
-                self._forwarders[name] = fw
+                    enabled_ones[name] = fw
                 result.append(fw)
+            leaving = [current[name] for name in built if name in current]
+            _start_all(enabled_ones, current, leaving, label="proxy")  # OSError: nothing changed
+            for name, fw in built.items():
+                self._forwarders.pop(name, None)  # a replaced proxy goes to the end, as before
+                self._forwarders[name] = fw
+            _stop_all(leaving, timeout)
         return result
+
+def _start_all(built: Dict[str, Forwarder], old: Dict[str, Forwarder], leaving: List[Forwarder],
+               label: Optional[str] = None) -> None:
+    """Start every forwarder of ``built`` here, each on the listening socket of a ``leaving``
+    one with the same address if there is one (its own name's first, then any other's: a
+    rule renamed), so no client is refused in between. All or nothing: on a failure, those
+    started are stopped, inherited sockets go back to their owners, and the ``OSError`` is
+    raised (its message prefixed with ``label "name": `` when ``label`` is given)."""
+    sources: Dict[str, Forwarder] = {}
+    claimed = set()
+    for name, new in built.items():
+        candidates = [old[name]] if name in old and old[name] in leaving else []
+        if getattr(new.rule.listen, "port", None) != 0:  # port 0 asks for a port of its own
+            candidates += [fw for fw in leaving if fw is not old.get(name)]
+        for fw in candidates:
+            if (id(fw) not in claimed and fw.listens_on(new.rule.listen)
+                    and is_enabled(fw) and fw._server is not None):
+                sources[name] = fw
+                claimed.add(id(fw))
+                break
+    started: List[Forwarder] = []
+    name = None
+    try:
+        for name, new in built.items():
+            source = sources.get(name)
+            if source is not None:
+                new.inherit_listener(source)
+            _start_here(new)
+            started.append(new)
+    except BaseException as exc:
+        for done, new in built.items():  # inherited sockets go back to their owners
+            source = sources.get(done)
+            if source is not None and new in started:
+                new._keep_listener, source._keep_listener = True, False
+        _stop_all(started, 0)
+        if label is not None and isinstance(exc, OSError):
+            raise OSError(exc.errno, f'{label} "{name}": {exc.strerror or exc}') from None
+        raise
 
 
 def _check_name(name) -> None:

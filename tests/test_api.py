@@ -204,6 +204,31 @@ def test_populate_creates_keeps_and_replaces(api, upstream):
         assert api.call("GET", "/proxies")[1] == second
 
 
+def test_populate_is_all_or_nothing_when_a_port_is_in_use(api, upstream):
+    """toxiproxy keeps the entries before a failing bind; gproxy undoes them and answers
+    with the error naming the proxy and the address, and ``"proxies": []``."""
+    with Server(echo) as other:
+        status, body = api.call("POST", "/populate", [
+            {"name": "a", "listen": "127.0.0.1:0", "upstream": "%s:%d" % upstream.address}])
+        assert status == 201
+        before = api.call("GET", "/proxies")
+        a_listen = body["proxies"][0]["listen"]
+        fresh = free_port()
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = "127.0.0.1:%d" % taken.getsockname()[1]
+            status, body = api.call("POST", "/populate", [
+                {"name": "a", "listen": a_listen, "upstream": "%s:%d" % other.address},
+                {"name": "c", "listen": "127.0.0.1:%d" % fresh, "upstream": "%s:%d" % upstream.address},
+                {"name": "d", "listen": busy, "upstream": "%s:%d" % upstream.address}])
+        assert status == 500 and body["proxies"] == [], body
+        assert body["error"].startswith(f'proxy "d": cannot listen on {busy}: '), body
+        assert api.call("GET", "/proxies") == before
+        assert exchange(address_of(a_listen)) == b"ping" and other.accepted == 0
+        assert refused(("127.0.0.1", fresh))
+
+
 def test_reset_enables_every_proxy(api, upstream):
     port = free_port()
     create(api, "off", upstream.address, listen=f"127.0.0.1:{port}", enabled=False)

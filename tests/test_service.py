@@ -96,6 +96,34 @@ def test_populate_is_idempotent_and_replaces_what_differs(service, upstream):
 
 
 @pytest.mark.timeout(30)
+def test_populate_is_all_or_nothing_when_a_bind_fails(service, upstream):
+    """A port in use midway undoes what the call did before it: the proxy it replaced
+    serves again as before (same object, same port, same target), the one it created is
+    gone, and the error names the proxy and the address."""
+    with Server(echo) as other:
+        a, b = service.populate([
+            {"name": "a", "listen": "127.0.0.1:0", "target": upstream.address},
+            {"name": "b", "listen": "127.0.0.1:0", "target": upstream.address},
+        ])
+        with gevent.socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = "127.0.0.1:%d" % taken.getsockname()[1]
+            fresh = free_port()
+            with pytest.raises(OSError) as info:
+                service.populate([
+                    {"name": "a", "listen": "%s:%d" % a.address, "target": other.address},  # replaced
+                    {"name": "c", "listen": "127.0.0.1:%d" % fresh, "target": upstream.address},  # new
+                    {"name": "d", "listen": busy, "target": upstream.address},  # fails
+                ])
+        assert info.value.strerror.startswith(f'proxy "d": cannot listen on {busy}: '), info.value
+        assert service.items() == [("a", a), ("b", b)]
+        assert roundtrip(a.address) == b"ping" and upstream.accepted >= 1 and other.accepted == 0
+        assert roundtrip(b.address) == b"ping"
+        assert refused(("127.0.0.1", fresh))
+
+
+@pytest.mark.timeout(30)
 def test_update_moves_listener_and_keeps_the_old_one_on_failure(service, upstream):
     fw = service.create("p", "127.0.0.1:0", upstream.address)
     with gevent.socket.socket() as taken:
