@@ -267,6 +267,7 @@ class Forwarder:
         self._hub = None                           # the hub that serves, once started
         self._hub_thread: Optional[int] = None     # and the OS thread it runs in
         self._enabled = True
+        self._own_targets = None                   # _count_on(): target gauges to show later
 
     # -- public surface -------------------------------------------------------------
 
@@ -289,7 +290,9 @@ class Forwarder:
 
     @property
     def counters(self) -> Counters:
-        """The live counters (read-only): what ``statistics()`` and ``gproxy.metrics`` read."""
+        """The live counters (read-only): what ``statistics()`` and ``gproxy.metrics`` read.
+        A forwarder that replaced another under the same name in a ``Service`` counts on
+        from that one's totals."""
         return self._counters
 
     def start(self) -> "Forwarder":
@@ -577,6 +580,27 @@ class Forwarder:
         self._enabled = True
         server.start_accepting()
         log.info("enabled %s: listening again", _sockets.describe_address(self._address))
+
+    def _count_on(self, old: "Forwarder") -> None:
+        """Before start: count into ``old``'s counters, so that a rule replaced under the same
+        name (a reload's changed rule, an API update) keeps its totals, the old forwarder's
+        draining connections included, and Prometheus sees no counter reset. The target
+        gauges stay ``old``'s until ``_show_own_targets()``, once this one has replaced it."""
+        mine = self._counters
+        self._own_targets = (mine.target_up, mine.health)
+        self._counters = self._context.counters = old._counters
+
+    def _show_own_targets(self) -> None:
+        """The shared counters' target gauges become this rule's (targets it no longer has
+        drop out; one it kept keeps its state)."""
+        own = self._own_targets
+        if own is None:
+            return
+        target_up, health = own
+        counters = self._counters
+        counters.target_up = {name: counters.target_up.get(name, up) for name, up in target_up.items()}
+        counters.health = health
+        self._own_targets = None
 
     def _require_running(self) -> None:
         if self._state != "running":

@@ -172,6 +172,7 @@ class Service:
             # A listen address that did not change is the one it really has (port 0 or not).
             bind = listen_address(fw) if _same_listen(fw, new_listen) else new_listen
             new = Forwarder(bind, new_target, **_options_of(fw.rule))
+            new._count_on(fw)
             for toxic in fw.toxics():
                 new.add_toxic(toxic.function or toxic.type, name=toxic.name, stream=toxic.stream,
                               toxicity=toxic.toxicity, **toxic.attributes)
@@ -182,6 +183,7 @@ class Service:
             if want_enabled and not moved:
                 _start_here(new)           # only now is the old address free
             self._forwarders[name] = new
+            new._show_own_targets()
             return new
 
     def enable(self, name: str) -> Forwarder:
@@ -271,6 +273,8 @@ class Service:
                     result[name] = "unchanged"
                 else:
                     built[name] = Forwarder(spec["listen"], spec["target"], **options)
+                    if current is not None:
+                        built[name]._count_on(current)  # its metrics go on, no counter reset
                     result[name] = "changed" if current is not None else "added"
             owned = set(old) if owned is None else set(owned)
             leaving = [fw for name, fw in old.items()
@@ -287,6 +291,8 @@ class Service:
                     new.disable()  # and so does a rule the API disabled
             kept = {name: fw for name, fw in old.items() if name not in result and name not in owned}
             self._forwarders = {**{name: built.get(name) or old[name] for name in result}, **kept}
+            for new in built.values():
+                new._show_own_targets()
             for name in old:
                 if name not in result and name in owned:
                     result[name] = "removed"
@@ -355,6 +361,8 @@ class Service:
                     result.append(old)
                     continue
                 fw = built[name] = Forwarder(rule.listen, rule.target, **options)
+                if old is not None:
+                    fw._count_on(old)
                 if enabled:
                     enabled_ones[name] = fw
                 result.append(fw)
@@ -363,6 +371,7 @@ class Service:
             for name, fw in built.items():
                 self._forwarders.pop(name, None)  # a replaced proxy goes to the end, as before
                 self._forwarders[name] = fw
+                fw._show_own_targets()
             _stop_all(leaving, timeout)
         return result
 

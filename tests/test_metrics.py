@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import urllib.request
 
@@ -207,3 +208,73 @@ def test_config_file_metrics_json_logs_and_rule_keys(tmp_path):
             code, output = proxy.stop()
     assert code == 0
     assert all(isinstance(json.loads(line), dict) for line in output.splitlines())
+
+
+def test_a_rule_changed_by_reload_keeps_counting_on(tmp_path):
+    """SIGHUP with a changed rule gives it a new forwarder; /metrics must not read that as a
+    counter reset: the totals carry on, including the old forwarder's draining connection,
+    and the target gauge shows the new target only."""
+    from test_configfile import RULE_LINE, addr, write
+    from peers import Gate
+
+    gate = Gate()
+    with Server(gate) as old_target, Server(echo) as new_target:
+        path = tmp_path / "gproxy.toml"
+
+        def rule(target, extra=""):
+            return f"""
+                log_format = "json"
+                metrics = "127.0.0.1:0"
+
+                [[rule]]
+                name = "r"
+                listen = "127.0.0.1:{listen_port}"
+                target = "127.0.0.1:{target.address[1]}"
+                {extra}
+                """
+        listen_port = 0
+        write(path, rule(old_target))
+        with Proxy(argv=["-c", str(path)]) as proxy:
+            where = addr(RULE_LINE.search(proxy.seen[-1]).group(1))
+            listen_port = where[1]
+            url = next(json.loads(line)["message"].split()[-1] for line in proxy.seen if "metrics on" in line)
+            relayed = '"logger": "gproxy.relay"'
+            for size in (3, 5):  # two ended connections through the old forwarder
+                with connect(where) as client:
+                    server = gate.get()
+                    client.sendall(b"x" * size)
+                    assert recv_exactly(server, size) == b"x" * size
+                    client.shutdown(socket.SHUT_WR)
+                    assert server.recv(1) == b""
+                    server.close()
+                    assert client.recv(1) == b""
+            held = connect(where)  # one open across the reload, drained by the old forwarder
+            held_server = gate.get()
+            proxy.count_lines(relayed, 2)
+            before = samples(get(url)[2])
+            assert value(before, "gproxy_connections_total", rule="r", outcome="eof") == 2
+            assert value(before, "gproxy_bytes_total", rule="r", direction="upstream") == 8
+
+            write(path, rule(new_target, "idle_timeout = 300"))
+            proxy.signal(signal.SIGHUP)
+            assert "1 changed" in proxy.wait_for("reloaded "), proxy.seen
+            echo_through(where, 7)  # the new forwarder
+            held.sendall(b"y" * 11)
+            assert recv_exactly(held_server, 11) == b"y" * 11
+            held.shutdown(socket.SHUT_WR)
+            assert held_server.recv(1) == b""
+            held_server.close()
+            assert held.recv(1) == b""
+            held.close()
+            proxy.count_lines(relayed, 2)  # two more: the new one, the drained one
+            after = samples(get(url)[2])
+            gate.release()
+            code, _ = proxy.stop()
+    assert code == 0
+    assert value(after, "gproxy_connections_total", rule="r", outcome="eof") == 4
+    assert value(after, "gproxy_bytes_total", rule="r", direction="upstream") == 8 + 7 + 11
+    assert value(after, "gproxy_bytes_total", rule="r", direction="downstream") == 7
+    assert value(after, "gproxy_connection_duration_seconds_count", rule="r") == 4
+    assert value(after, "gproxy_connections_active", rule="r") == 0
+    targets = {dict(labels)["target"] for name, labels in after if name == "gproxy_target_up"}
+    assert targets == {f"127.0.0.1:{new_target.address[1]}"}
