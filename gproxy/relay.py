@@ -161,6 +161,9 @@ class Context:
             ",".join(map(str, rule.targets)) or getattr(rule.target, "__name__", "function")
         #: the rule's name in logs and metrics; the forwarder sets it to the bound address
         self.name = str(rule.listen)
+        #: what a text connection line starts with: a named rule's name (several rules share
+        #: one log, as HAProxy's frontends do), nothing for an unnamed one (one CLI rule)
+        self.log_prefix = f"{rule.name} " if getattr(rule, "name", None) else ""
         #: allow/deny and per-client limits, or None: the rule restricts nobody (no check at all)
         self.access = Access.from_rule(rule)
         #: networks whose clients must send a PROXY header first, or None
@@ -879,24 +882,24 @@ class Connection:
             "bytes_upstream": record.bytes_upstream, "bytes_downstream": record.bytes_downstream,
             "error": record.error}}
         if outcome is Outcome.ERROR:
-            log.error("conn#%d %s -> %s failed after %.3fs, up %d B, down %d B:\n%s",
-                      record.id, record.client, record.upstream, record.duration,
+            log.error("%sconn#%d %s -> %s failed after %.3fs, up %d B, down %d B:\n%s",
+                      self.context.log_prefix, record.id, record.client, record.upstream, record.duration,
                       record.bytes_upstream, record.bytes_downstream, record.error, extra=extra)
             return
         if outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT):
-            log.warning("conn#%d %s -> %s %s after %.3fs: %s", record.id, record.client,
-                        record.upstream, outcome, record.duration, record.error, extra=extra)
+            log.warning("%sconn#%d %s -> %s %s after %.3fs: %s", self.context.log_prefix, record.id,
+                        record.client, record.upstream, outcome, record.duration, record.error, extra=extra)
             return
         if outcome is Outcome.DENIED:  # one line per client address per minute at most
             key = client_key(self.client_address)
             self.context.denied_log.note(describe_key(key) if key is not None else record.client,
-                                         "conn#%d %s denied: %s", record.id, record.client, record.error,
-                                         extra=extra)
+                                         "%sconn#%d %s denied: %s", self.context.log_prefix, record.id,
+                                         record.client, record.error, extra=extra)
             return
         if log.isEnabledFor(logging.INFO):
             why = f" ({record.error})" if record.error else ""
-            log.info("conn#%d %s -> %s %s%s, %.3fs, up %d B, down %d B", record.id, record.client,
-                     record.upstream, outcome, why, record.duration,
+            log.info("%sconn#%d %s -> %s %s%s, %.3fs, up %d B, down %d B", self.context.log_prefix,
+                     record.id, record.client, record.upstream, outcome, why, record.duration,
                      record.bytes_upstream, record.bytes_downstream, extra=extra)
 
     def _call_hook(self, hook, record: Optional[ConnectionRecord], name: str) -> None:

@@ -76,6 +76,7 @@ def test_listening_line_reports_the_real_port_and_connections_are_logged():
         client.close()
         line = proxy.wait_for("conn#1 ")
         assert " eof" in line and "up 4 B, down 4 B" in line, line
+        assert " INFO conn#1 127.0.0.1:" in line, line  # one unnamed rule: no rule name in the line
         code, output = proxy.stop()
     assert code == 0
     assert "Traceback" not in output

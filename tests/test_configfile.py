@@ -111,6 +111,38 @@ def test_two_rules_from_one_file(tmp_path):
     assert not (tmp_path / "beta.sock").exists()
 
 
+def test_text_connection_lines_name_their_rule(tmp_path):
+    """Several rules log into one stream: each connection line starts with its rule's name
+    (HAProxy's tcplog names the frontend), as JSON lines carry it in ``rule``."""
+    with Server(echo) as upstream:
+        path = write(tmp_path / "gproxy.toml", f"""
+            [[rule]]
+            name = "alpha"
+            listen = "127.0.0.1:0"
+            target = "127.0.0.1:{upstream.address[1]}"
+
+            [[rule]]
+            name = "beta"
+            listen = "127.0.0.1:0"
+            target = "127.0.0.1:{free_port()}"
+            """)
+        with Proxy(argv=["-c", path]) as proxy:
+            rules = {}
+            for line in [proxy.seen[-1], proxy.wait_for("listening on ")]:
+                where, name = RULE_LINE.search(line).groups()
+                rules[name] = addr(where)
+            assert echo_through(rules["alpha"]) == b"ping"
+            assert recv_all(connect(rules["beta"])) == b""  # its target refuses
+            alpha = proxy.wait_for("conn#1 ")
+            beta = proxy.wait_for("conn#1 ")
+            if " beta " in alpha:
+                alpha, beta = beta, alpha
+            code, _ = proxy.stop()
+    assert code == 0
+    assert re.search(r" INFO alpha conn#1 127\.0\.0\.1:\d+ -> \S+ eof, ", alpha), alpha
+    assert re.search(r" WARNING beta conn#1 127\.0\.0\.1:\d+ -> \S+ connect failed ", beta), beta
+
+
 def test_several_targets_on_the_command_line(tmp_path):
     with Server(tagged(b"A")) as a, Server(tagged(b"B")) as b:
         with Proxy(argv=["--balance", "round-robin", "-q", "127.0.0.1:0", f"127.0.0.1:{a.address[1]}",
