@@ -215,6 +215,10 @@ def _parser() -> argparse.ArgumentParser:
                              "then abort them (default 10)")
     parser.add_argument("--no-splice", dest="splice", action="store_false",
                         help="always copy through user space instead of using splice(2)")
+    parser.add_argument("--bulk-threads", metavar="N", default=None,
+                        help="threads that splice bulk transfers off the event loop, so small "
+                             "messages are not kept waiting (default: one per CPU, at most 8; "
+                             "0: none)")
     parser.add_argument("--proxy-protocol", metavar="off|v1|v2", default="off",
                         help="send HAProxy's PROXY header (the real client and listen addresses) to the "
                              "target before any payload (default off)")
@@ -255,7 +259,7 @@ def _option_name(field: str) -> str:
 #: the options that make a rule: with -c they belong in the file
 _RULE_OPTIONS = (
     "connect_timeout", "idle_timeout", "half_close_timeout", "backlog", "buffer_size",
-    "drain_timeout", "splice", "proxy_protocol", "accept_proxy_from", "proxy_header_timeout",
+    "drain_timeout", "splice", "bulk_threads", "proxy_protocol", "accept_proxy_from", "proxy_header_timeout",
     "allow", "deny", "max_connections_per_client", "balance", "max_fails", "fail_timeout",
     "max_connections")
 

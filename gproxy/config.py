@@ -397,6 +397,9 @@ class Rule:
       finish before they are aborted; 0 aborts at once, ``None`` waits for ever.
     - ``splice`` (default ``True``): move bytes with ``os.splice`` (zero copy)
       where the platform has it; ``False`` always copies through user space.
+    - ``bulk_threads`` (default ``None``: one per CPU, at most 8): threads that splice a
+      connection's bulk off the event loop, so small messages elsewhere are not kept
+      waiting (gproxy/offload.py); ``0`` splices on the event loop. Only with ``splice``.
     - ``proxy_protocol`` (default ``"off"``): ``"v1"`` or ``"v2"`` sends HAProxy's PROXY
       header (the real client and listen addresses) to the target before any payload.
     - ``accept_proxy_from`` (default ``None``: nobody): networks (CIDRs or addresses) whose
@@ -427,6 +430,7 @@ class Rule:
     buffer_size: int = 262144
     drain_timeout: Optional[float] = 10.0
     splice: bool = True
+    bulk_threads: Optional[int] = None
     proxy_protocol: str = "off"
     accept_proxy_from: Optional[Tuple[Network, ...]] = None
     proxy_header_timeout: float = 5.0
@@ -492,6 +496,8 @@ class Rule:
             buffer_size=buffer_size,
             drain_timeout=_seconds(opt["drain_timeout"], "drain_timeout", zero_is_off=False),
             splice=_flag(opt["splice"], "splice"),
+            bulk_threads=None if opt["bulk_threads"] is None else
+            _count(opt["bulk_threads"], "bulk_threads", minimum=0, maximum=64),
             proxy_protocol=_proxy_version(opt["proxy_protocol"]),
             accept_proxy_from=networks(opt["accept_proxy_from"], "accept_proxy_from"),
             proxy_header_timeout=_positive_seconds(opt["proxy_header_timeout"], "proxy_header_timeout"),

@@ -49,6 +49,7 @@ from gevent.server import StreamServer
 from gproxy import _lifecycle, _sockets, listeners, loops
 from gproxy._workers import Workers
 from gproxy.config import AddressLike, Rule, TargetLike, check_hook
+from gproxy.offload import Offload
 from gproxy.relay import Connection, Context, sweep, toxics_changed
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
 from gproxy.toxics import Toxic, ToxicNotFound, make_toxic
@@ -197,7 +198,8 @@ class Forwarder:
       ``drain_timeout`` (10 s): seconds; ``None`` (or 0, except for drain) is off;
     - ``max_connections`` (half the fd limit less a reserve), ``backlog`` (1024),
       ``buffer_size`` (262144 bytes);
-    - ``splice`` (``True``): zero-copy where the platform has ``splice(2)``;
+    - ``splice`` (``True``): zero-copy where the platform has ``splice(2)``; ``bulk_threads``
+      (``None``: one per CPU, at most 8; 0: none) splice bulk in threads off the event loop;
     - ``proxy_protocol`` (``"off"``, ``"v1"``, ``"v2"``): send HAProxy's PROXY header upstream;
       ``accept_proxy_from`` (networks, default nobody) must send one, within
       ``proxy_header_timeout`` (5 s);
@@ -224,6 +226,7 @@ class Forwarder:
                  buffer_size: int = 262144,
                  drain_timeout: Optional[float] = 10.0,
                  splice: bool = True,
+                 bulk_threads: Optional[int] = None,
                  proxy_protocol: str = "off",
                  accept_proxy_from: Optional[Sequence[str]] = None,
                  proxy_header_timeout: float = 5.0,
@@ -243,6 +246,7 @@ class Forwarder:
             listen, target, connect_timeout=connect_timeout, idle_timeout=idle_timeout,
             half_close_timeout=half_close_timeout, max_connections=max_connections, backlog=backlog,
             buffer_size=buffer_size, drain_timeout=drain_timeout, splice=splice,
+            bulk_threads=bulk_threads,
             proxy_protocol=proxy_protocol, accept_proxy_from=accept_proxy_from,
             proxy_header_timeout=proxy_header_timeout, allow=allow, deny=deny,
             max_connections_per_client=max_connections_per_client,
@@ -655,6 +659,9 @@ class Forwarder:
         self._hub_thread = _thread_id()
         self._stopped = Event()
         self._context.workers = Workers(gevent.get_hub())
+        threads = _bulk_threads() if self.rule.bulk_threads is None else self.rule.bulk_threads
+        if self._context.splicer is not None and threads:
+            self._context.offload = Offload(gevent.get_hub(), self._context.splicer, threads)
         self._server = _Server(listener, self._handle, self.rule.max_connections, self._context.workers,
                                (self.rule.targets[0].family if self.rule.targets else None)
                                or socket.AF_INET)
@@ -811,6 +818,9 @@ class Forwarder:
                 if sock is not None:
                     sock.close()
         context.active.clear()
+        if context.offload is not None:
+            context.offload.forget()  # its threads stayed in the parent
+            context.offload = None
         if context.splicer is not None:
             context.splicer.close()
         if own_hub:
@@ -860,6 +870,11 @@ class Forwarder:
 _thread_id = monkey.get_original("_thread", "get_ident")
 _sleep = monkey.get_original("time", "sleep")
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")  # a real lock, patched or not
+
+
+def _bulk_threads() -> int:
+    """Threads that may splice bulk off the hub: one per CPU, at most 8."""
+    return max(1, min(os.cpu_count() or 1, 8))
 
 
 def _splicer(rule: Rule):

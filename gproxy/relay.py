@@ -85,6 +85,7 @@ from gproxy import _sockets, proxyproto
 from gproxy._workers import Workers
 from gproxy.access import Access, DeniedLog, client_key, compile_networks, describe_key, in_networks
 from gproxy.config import Rule
+from gproxy.offload import STOPPED
 from gproxy.stats import ConnectionRecord, Counters, Outcome
 from gproxy.targets import Targets, TargetError
 from gproxy.toxics import Link, Toxics
@@ -154,6 +155,8 @@ class Context:
         self.scratch_view = memoryview(self.scratch)
         #: moves bulk chunks with splice(2) (splice.Splicer), or None: always copy
         self.splicer = splicer
+        #: threads that splice bulk off the hub (offload.Offload), or None; set on the hub
+        self.offload = None
         #: several targets or a function: their order and health (targets.py); None for one
         #: fixed target, whose clients need none of it
         self.targets: Optional[Targets] = Targets(rule) if len(rule.targets) != 1 else None
@@ -198,6 +201,8 @@ class Context:
         """Release what is kept between connections: idle workers, splice's pipes."""
         if self.workers is not None:
             self.workers.close()
+        if self.offload is not None:
+            self.offload.close()
         if self.splicer is not None:
             self.splicer.close()
 
@@ -223,7 +228,7 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
     recv_into, send = src.recv_into, dst.send
     scratch, view = context.scratch, context.scratch_view
     size = len(scratch)
-    splicer = context.splicer
+    splicer, offload = context.splicer, context.offload
     src_fd, dst_fd = src.fileno(), dst.fileno()
     # A turn goes on only after full reads, so its bytes are reads * size: one count bounds both.
     budget = max(1, min(FAIR_SHARE // size, FAIR_READS))
@@ -232,7 +237,13 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
         if context.toxic_version != version:
             return _SWITCHED  # at this chunk boundary the caller picks the path again
         if spliced:
-            n = splicer.chunk(conn, src_fd, dst_fd, writable, direction, wait)
+            n = None
+            if offload is not None:  # bulk goes to a thread when one is free (offload.py)
+                n = offload.run(conn, src_fd, dst_fd, direction, version)
+                if n == STOPPED:
+                    raise _Aborted
+            if n is None:
+                n = splicer.chunk(conn, src_fd, dst_fd, writable, direction, wait)
             if n is None:  # no fd for a pipe: copy
                 spliced = False
                 continue
@@ -822,6 +833,8 @@ class Connection:
                 self._pump_ended()
         for watcher in self._watchers:
             self._hub.cancel_wait(watcher, _Aborted())
+        if self.context.offload is not None:
+            self.context.offload.wake(self)  # a pump whose bulk a thread splices
 
     def idle_at_stop(self) -> bool:
         """Whether stopping may close this connection now, without waiting for it to end:

@@ -46,7 +46,7 @@ class Splicer:
         """Splice once from src into a pipe and all of it on to dst: the bytes moved, 0 at EOF,
         -1 if src had nothing, None if no pipe could be had. Waits (with the pump's ``wait``)
         only while dst is not taking what was read."""
-        pipe = self._take()
+        pipe = self.take()
         if pipe is None:
             return None
         pipe_out, pipe_in = pipe
@@ -65,12 +65,15 @@ class Splicer:
         except BaseException:  # an error or abort mid-chunk: the pipe may hold stale bytes
             _close(pipe)
             raise
-        self._give(pipe)  # empty: everything read was written
+        self.give(pipe)  # empty: everything read was written
         return n
 
-    def _take(self) -> Optional[Pipe]:
-        if self._idle:
+    def take(self) -> Optional[Pipe]:
+        """An empty pipe (pooled or new), or None when no fd is left. Safe from any thread."""
+        try:
             return self._idle.pop()
+        except IndexError:
+            pass
         try:
             pipe_out, pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -81,11 +84,17 @@ class Splicer:
             pass  # over /proc/sys/fs/pipe-max-size: the default pipe still works
         return pipe_out, pipe_in
 
-    def _give(self, pipe: Pipe) -> None:
+    def give(self, pipe: Pipe) -> None:
+        """Return an empty pipe to the pool. Safe from any thread."""
         if len(self._idle) < _KEEP_IDLE:
             self._idle.append(pipe)
         else:
             _close(pipe)
+
+    @staticmethod
+    def discard(pipe: Pipe) -> None:
+        """Close a pipe that may hold bytes nobody will take."""
+        _close(pipe)
 
     def close(self) -> None:
         while self._idle:

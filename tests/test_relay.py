@@ -232,7 +232,7 @@ def test_splice_pump_copies_when_no_pipe_can_be_had(forwarder_factory):
         fw = forwarder_factory(upstream.address, splice=True)
         splicer = fw._context.splicer   # white box: the forwarder's Splicer
         takes = []
-        splicer._take = lambda: takes.append(1)  # None, as if pipe2() failed with EMFILE
+        splicer.take = lambda: takes.append(1)  # None, as if pipe2() failed with EMFILE
         client = connect(fw.address)
         data = payload(5_000_011, seed=31)   # bulk: reads fill the buffer, so it would splice
         sender = threading.Thread(target=client.sendall, args=(data,))

@@ -83,6 +83,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["127.0.0.1:0", "127.0.0.1:٨٠"], "TARGET"),
     (["127.0.0.1:0", "redis://127.0.0.1:6379"], "TARGET"),
     (["--backlog", "2147483648", "127.0.0.1:0", "127.0.0.1:80"], "--backlog"),
+    (["--bulk-threads", "-1", "127.0.0.1:0", "127.0.0.1:80"], "--bulk-threads"),
+    (["--bulk-threads", "lots", "127.0.0.1:0", "127.0.0.1:80"], "--bulk-threads"),
     (["127.0.0.1:4001", "127.0.0.1:4001"], "TARGET"),
 ])
 def test_cli_refuses_them_in_one_line_with_exit_2(args, culprit):

@@ -1,0 +1,262 @@
+"""Bulk off the hub: a direction that moves full buffers is spliced by a real thread.
+
+Typical use (``relay.pump`` does this once a direction turns out to be bulk)::
+
+    offload = Offload(hub, splicer, threads=2)       # one per forwarder, made on its hub
+    n = offload.run(conn, src_fd, dst_fd, direction, version)   # None: no thread free
+    offload.wake(conn)                              # conn was aborted: let go at once
+    offload.close()                                 # when the forwarder stops
+
+Why: one event loop shares one CPU between every connection. While a bulk stream
+is spliced on the hub, a small message on another connection waits for the
+chunk in progress and, when the machine is busy, for the whole time slice the
+kernel gives the busy process. Splicing runs in the kernel with the GIL released,
+so a thread can do it as well as the hub can, on another core, and the hub
+stays a mostly sleeping thread that the kernel wakes at once for a small message.
+
+A job splices until the source is drained (``-1``), a short read (its size: small
+messages are back, and the hub copies them), the source's EOF (``0``), or its
+quantum of chunks is spent or the forwarder's toxics changed (the buffer size: the
+pump parks and is started again through the event loop, so threads take turns
+between bulk connections and a toxic gets its say). ``run`` waits for the job in
+the calling greenlet; whatever is thrown into that greenlet meanwhile waits until
+the thread has let go of the file descriptors, so a socket is never closed under
+a thread that splices into it. At most ``threads`` jobs run at once; when all are
+busy ``run`` returns None and the pump splices on the hub as before.
+
+Exceptions the splice raises (a reset, a broken pipe) are handed to the pump,
+which applies the closing rules: a thread never prints a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from typing import List, Optional
+
+from gevent import monkey
+from greenlet import getcurrent
+
+__all__ = ["Offload", "STOPPED"]
+
+#: what ``run`` returns when the connection was aborted while the thread held it
+STOPPED = -2
+
+#: chunks one job may move before it gives its thread back (the pump then runs again
+#: through the event loop): 16 buffers, 4 MiB by default, a few ms of bulk.
+QUANTUM = 16
+
+# Offload is made only where splice.Splicer is (Linux); these lookups keep the import safe
+# everywhere, since relay.py imports STOPPED.
+#: how much lower than the process a bulk thread's priority is (nice levels; Linux sets
+#: it per thread). Measured on 2 cores with an unpaced stream beside 64-byte round trips
+#: (benchmarks/README.md): at +0 the round trips' p99 was 1.3-1.8 ms, at +5 to +15
+#: 0.3-0.6 ms, with the stream's rate unchanged within noise: the stream's peers block
+#: when it waits, so it is paced, not starved. A CPU hog elsewhere on the machine takes
+#: more from a bulk thread than from the hub.
+BULK_NICE = 5
+
+_splice = getattr(os, "splice", None)
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_allocate_lock = monkey.get_original("_thread", "allocate_lock")
+_start_new_thread = monkey.get_original("_thread", "start_new_thread")
+_PENDING = object()
+
+
+class _Lane:
+    """One thread, its go signal, its way back to the hub, and its wake-up fd."""
+
+    __slots__ = ("go", "done", "wake", "poll", "job", "result", "waiter")
+
+    def __init__(self, loop):
+        self.go = _allocate_lock()
+        self.go.acquire()  # the thread waits on it; run() releases it to hand over a job
+        self.done = loop.async_(ref=False)
+        self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.poll = monkey.get_original("select", "poll")()
+        self.poll.register(self.wake, select.POLLIN)
+        self.job = None
+        self.result = _PENDING
+        self.waiter = None
+
+
+class Offload:
+    """Threads that splice bulk directions; one per forwarder, used on its hub only."""
+
+    def __init__(self, hub, splicer, threads: int, quantum: int = QUANTUM):
+        self._hub = hub
+        self._splicer = splicer
+        self._threads = threads
+        self._quantum = quantum
+        self._lanes: List[_Lane] = []   # every lane made, each with its thread
+        self._free: List[_Lane] = []
+        self._busy: List[_Lane] = []
+        self._closed = False
+
+    def run(self, conn, src_fd: int, dst_fd: int, direction: int, version: int) -> Optional[int]:
+        """Splice src -> dst in a thread until drained (-1), a short read (its size), EOF (0),
+        the quantum or a toxic change (the buffer size), or an abort (STOPPED); None when no
+        thread or pipe is free. Errors are raised here, in the calling greenlet."""
+        if self._free:
+            lane = self._free.pop()
+        elif len(self._lanes) < self._threads and not self._closed:
+            lane = self._new_lane()
+            if lane is None:
+                return None
+        else:
+            return None
+        lane.job = (conn, src_fd, dst_fd, direction, version)
+        lane.result = _PENDING
+        lane.waiter = getcurrent()
+        self._busy.append(lane)
+        thrown = None
+        lane.go.release()
+        try:
+            while lane.result is _PENDING:
+                try:
+                    self._hub.switch()
+                except BaseException as exc:  # not before the thread has let go of the fds
+                    if thrown is None:
+                        thrown = exc
+                    os.eventfd_write(lane.wake, 1)
+        finally:
+            self._busy.remove(lane)
+            lane.job = lane.waiter = None
+            try:
+                os.eventfd_read(lane.wake)  # a wake-up that came too late for the job
+            except BlockingIOError:
+                pass
+            if self._closed:
+                self._end(lane)
+            else:
+                self._free.append(lane)
+        if thrown is not None:
+            raise thrown
+        result, lane.result = lane.result, _PENDING
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def wake(self, conn) -> None:
+        """conn was aborted: a thread splicing for it stops now, even mid-chunk."""
+        for lane in self._busy:
+            if lane.job is not None and lane.job[0] is conn:
+                os.eventfd_write(lane.wake, 1)
+
+    def close(self) -> None:
+        """End the idle threads; a busy one ends when its job returns."""
+        self._closed = True
+        while self._free:
+            self._end(self._free.pop())
+
+    def forget(self) -> None:
+        """In a child after fork(): the threads are gone; only the fds are left to close."""
+        self._closed = True
+        for lane in self._lanes:  # their watchers belong to a hub that may not have survived
+            os.close(lane.wake)
+        self._lanes, self._free, self._busy = [], [], []
+
+    # -- the hub's side ------------------------------------------------------------
+
+    def _new_lane(self) -> Optional[_Lane]:
+        """A lane and its thread, or None when the system has no fd or thread to spare (the
+        caller then splices on the hub, as with every thread busy)."""
+        try:
+            lane = _Lane(self._hub.loop)
+        except OSError:
+            return None
+        lane.done.start(self._returned, lane)
+        try:
+            _start_new_thread(self._serve, (lane,))
+        except RuntimeError:  # can't start new thread
+            lane.done.stop()
+            lane.done.close()
+            os.close(lane.wake)
+            self._threads = len(self._lanes)  # do not try again for every chunk
+            return None
+        self._lanes.append(lane)
+        return lane
+
+    def _returned(self, lane: _Lane) -> None:
+        """Async watcher callback, on the hub: the lane's job is done."""
+        if lane.waiter is not None and lane.result is not _PENDING:
+            lane.waiter.switch()
+
+    def _end(self, lane: _Lane) -> None:
+        lane.job = None
+        lane.go.release()  # a go with no job: the thread returns
+        lane.done.stop()
+        lane.done.close()
+        self._lanes.remove(lane)
+
+    # -- the thread's side ---------------------------------------------------------
+
+    def _serve(self, lane: _Lane) -> None:
+        go = lane.go
+        try:  # bulk yields to the hub and to small messages when the CPU is contended
+            os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + BULK_NICE))
+        except (OSError, AttributeError):
+            pass
+        while True:
+            go.acquire()
+            job = lane.job
+            if job is None:
+                os.close(lane.wake)
+                return
+            try:
+                lane.result = self._splice(lane, *job)
+            except BaseException as exc:  # the pump applies the closing rules to it
+                lane.result = exc
+            lane.done.send()
+
+    def _splice(self, lane: _Lane, conn, src_fd: int, dst_fd: int, direction: int, version: int) -> int:
+        splicer = self._splicer
+        pipe = splicer.take()
+        if pipe is None:
+            return None  # no fd for a pipe: the pump copies
+        pipe_out, pipe_in = pipe
+        size = splicer.size
+        counts, context = conn.counts, conn.context
+        chunks = self._quantum
+        try:
+            while True:
+                if conn.outcome is not None:
+                    splicer.give(pipe)
+                    return STOPPED
+                try:
+                    n = _splice(src_fd, pipe_in, size, flags=_FLAGS)
+                except BlockingIOError:
+                    n = -1
+                    break
+                if not n:
+                    break
+                counts[direction] += n  # counted when read, as in relay.pump
+                left = n
+                while left:
+                    try:
+                        left -= _splice(pipe_out, dst_fd, left, flags=_FLAGS)
+                    except BlockingIOError:
+                        if not self._writable(lane, dst_fd):
+                            splicer.discard(pipe)  # it holds bytes nobody will take
+                            return STOPPED
+                chunks -= 1
+                if n < size or not chunks or context.toxic_version != version:
+                    break
+        except BaseException:
+            splicer.discard(pipe)
+            raise
+        splicer.give(pipe)
+        return n
+
+    @staticmethod
+    def _writable(lane: _Lane, dst_fd: int) -> bool:
+        """Block this thread until dst takes bytes (True) or the lane is woken (False)."""
+        poll = lane.poll
+        poll.register(dst_fd, select.POLLOUT)
+        try:
+            for fd, _events in poll.poll():
+                if fd == lane.wake:
+                    return False
+        finally:
+            poll.unregister(dst_fd)
+        return True

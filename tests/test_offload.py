@@ -1,0 +1,281 @@
+"""Bulk spliced in threads off the event loop (gproxy/offload.py): the bytes, aborts while a
+thread holds a connection, toxics, and the threads' own lifetime."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+import gproxy
+from gproxy import Outcome
+from peers import TIMEOUT, Exchange, Server, connect, payload, recv_all, send_in_odd_chunks
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux's")
+
+
+def _tasks() -> int:
+    """This process's OS threads, as the kernel counts them."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def _lanes(fw) -> int:
+    offload = fw._context.offload  # white box: the forwarder's Offload
+    return 0 if offload is None else len(offload._lanes)
+
+
+def _exchange(fw, size: int, stream: int, exchange: Exchange):
+    """One client sends ``size + 5`` bytes and receives ``size`` at once; checks both."""
+    sock = connect(fw.address)
+    sock.sendall(struct.pack("!I", stream))
+    data = payload(size + 5, seed=stream)
+    sender = threading.Thread(target=send_in_odd_chunks, args=(sock, data, stream))
+    sender.start()
+    received = recv_all(sock, 1 << 20)
+    sender.join(TIMEOUT)
+    sock.shutdown(socket.SHUT_WR)
+    sock.close()
+    assert received == payload(size, seed=10_000 + stream), "downstream bytes differ"
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _check_upstream(exchange: Exchange, sent: dict) -> None:
+    """What the upstream received, stream by stream, is what each client sent."""
+    for _ in sent:
+        stream, digest, count = exchange.results.get(timeout=TIMEOUT)
+        assert (digest, count) == sent[stream], f"stream {stream} upstream"
+
+
+def test_bulk_both_ways_goes_through_threads_byte_exact(forwarder_factory):
+    """Several bulk connections at once, both directions: more than the threads can take, so
+    some directions are spliced in threads and some on the event loop; every byte arrives."""
+    size = 12_000_017
+    exchange = Exchange(lambda stream: size)
+    with Server(exchange) as upstream:
+        fw = forwarder_factory(upstream.address, bulk_threads=2)
+        failures = []
+
+        sent = {}
+
+        def client(stream):
+            try:
+                sent[stream] = _exchange(fw, size, stream, exchange)
+            except BaseException as exc:
+                failures.append(exc)
+
+        clients = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(TIMEOUT * 3)
+        assert not failures, failures
+        _check_upstream(exchange, sent)
+        stats = forwarder_factory.wait_closed(fw, accepted=4)
+        assert 1 <= _lanes(fw) <= 2, "bulk never went to a thread, or more threads than allowed"
+    assert stats.bytes_downstream == 4 * size
+    assert all(r.outcome is Outcome.EOF for r in forwarder_factory.records)
+
+
+def test_bulk_threads_zero_splices_on_the_event_loop(forwarder_factory):
+    size = 6_000_001
+    exchange = Exchange(lambda stream: size)
+    with Server(exchange) as upstream:
+        fw = forwarder_factory(upstream.address, bulk_threads=0)
+        _check_upstream(exchange, {1: _exchange(fw, size, 1, exchange)})
+        forwarder_factory.wait_closed(fw, accepted=1)
+        assert fw._context.offload is None and fw._context.splicer is not None
+
+
+def _stalled_bulk(forwarder_factory, upstream_socks, **options):
+    """A client pushing bulk to an upstream that never reads: the direction's thread ends up
+    waiting for the upstream to take bytes. Returns (fw, client, pusher); the pusher thread
+    ends with the error its sendall() met (in ``pusher.error``)."""
+    fw = forwarder_factory(upstream_socks.address, bulk_threads=1, **options)
+    client = connect(fw.address)
+    client.settimeout(None)  # the pusher blocks until gproxy cuts the connection
+    pushed = threading.Event()
+
+    def push():
+        block = b"x" * (1 << 20)
+        try:
+            while True:
+                client.sendall(block)
+                pushed.set()
+        except OSError as exc:
+            pusher.error = exc
+            pushed.set()
+
+    pusher = threading.Thread(target=push, daemon=True)
+    pusher.error = None
+    pusher.start()
+    assert pushed.wait(TIMEOUT)
+    return fw, client, pusher
+
+
+class _Holder:
+    """Upstream that accepts and never reads, holding each socket until released."""
+
+    def __init__(self):
+        self.socks = []
+        self.release = threading.Event()
+
+    def __call__(self, sock):
+        self.socks.append(sock)
+        self.release.wait(TIMEOUT * 3)
+
+
+def _wait_for_thread_stall(fw):
+    """Until the connection's upstream direction is held by a thread (its job is running)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not fw._context.offload._busy:
+        assert time.monotonic() < deadline, "bulk never reached a thread"
+        time.sleep(0.01)  # sleep-ok: polling a white-box state with a deadline
+
+
+def test_abort_reaches_a_thread_waiting_for_a_stalled_destination(forwarder_factory):
+    """abort_connection() while the bulk thread waits for an upstream that does not read: the
+    thread lets go at once, both sides get RST, and the fds are not closed under it."""
+    holder = _Holder()
+    with Server(holder) as upstream:
+        fw, client, pusher = _stalled_bulk(forwarder_factory, upstream)
+        _wait_for_thread_stall(fw)
+        (conn_id,) = [c.id for c in fw.connections()]
+        started = time.monotonic()
+        fw.abort_connection(conn_id)
+        stats = forwarder_factory.wait_closed(fw, accepted=1, timeout=5)
+        assert time.monotonic() - started < 5
+        assert stats.active == 0
+        assert forwarder_factory.records[-1].outcome is Outcome.RESET
+        pusher.join(TIMEOUT)
+        assert isinstance(pusher.error, (ConnectionResetError, BrokenPipeError)), pusher.error
+        client.close()
+        holder.release.set()
+        assert not fw._context.offload._busy
+
+
+def test_stop_now_with_a_thread_waiting_for_a_stalled_destination():
+    """stop(timeout=0) must not hang on a bulk thread blocked in poll(), and must end it."""
+    holder = _Holder()
+    before = _tasks()
+    with Server(holder) as upstream:
+        fw = gproxy.Forwarder("127.0.0.1:0", upstream.address, bulk_threads=1)
+        fw.start()
+        client = connect(fw.address)
+        pushed = threading.Event()
+
+        def push():
+            try:
+                while True:
+                    client.sendall(b"y" * (1 << 20))
+                    pushed.set()
+            except OSError:
+                pushed.set()
+
+        threading.Thread(target=push, daemon=True).start()
+        assert pushed.wait(TIMEOUT)
+        _wait_for_thread_stall(fw)
+        started = time.monotonic()
+        fw.stop(timeout=0)
+        assert time.monotonic() - started < 5
+        assert fw.statistics().active == 0
+        client.close()
+        holder.release.set()
+    deadline = time.monotonic() + TIMEOUT
+    while _tasks() > before + 1:  # the Server's threads end with it; the lane must too
+        assert time.monotonic() < deadline, f"threads left: {_tasks()} (before: {before})"
+        time.sleep(0.01)  # sleep-ok: waiting for OS threads to exit, with a deadline
+
+
+def test_threads_do_not_pile_up_across_forwarders():
+    """Start, move bulk, stop, many times: the process's thread count comes back."""
+    before = _tasks()
+    size = 3_000_000
+    for round_ in range(6):
+        exchange = Exchange(lambda stream: size)
+        with Server(exchange) as upstream:
+            with gproxy.Forwarder("127.0.0.1:0", upstream.address, bulk_threads=2) as fw:
+                _check_upstream(exchange, {round_: _exchange(fw, size, round_, exchange)})
+    deadline = time.monotonic() + TIMEOUT
+    while _tasks() > before:
+        assert time.monotonic() < deadline, f"threads left: {_tasks()} (before: {before})"
+        time.sleep(0.01)  # sleep-ok: waiting for OS threads to exit, with a deadline
+
+
+def test_peer_reset_during_threaded_bulk_is_one_clean_reset(forwarder_factory, capfd):
+    """The upstream resets while a thread splices its bulk: the error travels to the pump,
+    which aborts both sides with RST; no traceback is printed by the thread."""
+    class Blaster:
+        def __init__(self):
+            self.sent = threading.Event()
+
+        def __call__(self, sock):
+            block = b"z" * (1 << 20)
+            for _ in range(8):
+                sock.sendall(block)
+            self.sent.set()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    blaster = Blaster()
+    with Server(blaster) as upstream:
+        fw = forwarder_factory(upstream.address, bulk_threads=1)
+        client = connect(fw.address)
+        got = 0
+        with pytest.raises(ConnectionResetError):
+            while True:
+                chunk = client.recv(1 << 16)
+                if not chunk:
+                    break
+                got += len(chunk)
+        client.close()
+        forwarder_factory.wait_closed(fw, accepted=1)
+    assert forwarder_factory.records[-1].outcome is Outcome.RESET
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_toxic_added_during_threaded_bulk_takes_effect(forwarder_factory):
+    """A toxic added while a thread splices a direction: the thread gives the direction back
+    at its next chunk and the toxic acts (limit_data closes after its byte count)."""
+    class Endless:
+        def __init__(self):
+            self.stop = threading.Event()
+
+        def __call__(self, sock):
+            block = b"w" * (1 << 20)
+            try:
+                while not self.stop.is_set():
+                    sock.sendall(block)
+            except OSError:
+                pass
+
+    endless = Endless()
+    with Server(endless) as upstream:
+        fw = forwarder_factory(upstream.address, bulk_threads=1)
+        client = connect(fw.address)
+        got = len(client.recv(1 << 16))
+        while got < 8 << 20:  # bulk is flowing, through the thread
+            got += len(client.recv(1 << 20))
+        assert fw._context.offload._lanes, "bulk never reached a thread"
+        fw.add_toxic("limit_data", stream="downstream", bytes=1)
+        total = got
+        while True:
+            chunk = client.recv(1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+        client.close()
+        endless.stop.set()
+        forwarder_factory.wait_closed(fw, accepted=1)
+    # the thread stops at the chunk in progress: at most its quantum more, not the endless stream
+    assert total < got + (64 << 20)
+
+
+def test_bulk_threads_is_validated():
+    for bad in (-1, "many", 65, True):
+        with pytest.raises(gproxy.ConfigError) as info:
+            gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:9", bulk_threads=bad)
+        assert info.value.field == "bulk_threads"
