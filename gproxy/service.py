@@ -142,7 +142,9 @@ class Service:
         """A new forwarder from ``listen`` to ``target`` with the service's options (overridden
         by ``options``), started unless ``enabled`` is false. Nothing changes on error."""
         _check_name(name)
-        fw = Forwarder(listen, target, **{**self.options, **options})
+        options = {**self.options, **options}
+        options.setdefault("name", name)  # logs and metrics call it what the service does
+        fw = Forwarder(listen, target, **options)
         return self.add(name, fw, start=enabled)
 
     def remove(self, name: str, timeout: Optional[float] = None) -> None:
@@ -345,10 +347,13 @@ class Service:
                 enabled = spec.pop("enabled", True)
                 if not isinstance(enabled, bool):
                     raise ConfigError("enabled", f"expected true or false, got {enabled!r}")
-                rule = Rule.build(spec.pop("listen"), spec.pop("target"), **{**self.options, **spec})
+                listen, target = spec.pop("listen"), spec.pop("target")
+                options = {**self.options, **spec}
+                options.setdefault("name", name)  # as create() names it
+                rule = Rule.build(listen, target, **options)
             except ConfigError as exc:
                 raise ConfigError(f"{where}.{exc.field}", str(exc).split(": ", 1)[-1]) from None
-            plans.append((name, rule, enabled, {**self.options, **spec}))
+            plans.append((name, rule, enabled, options))
 
         with self._lock:
             current = dict(self._forwarders)

@@ -229,6 +229,13 @@ def test_populate_is_all_or_nothing_when_a_port_is_in_use(api, upstream):
         assert refused(("127.0.0.1", fresh))
 
 
+def test_a_proxys_connection_lines_carry_its_name(api, upstream):
+    proxy = create(api, "named", upstream.address)
+    assert exchange(address_of(proxy["listen"])) == b"ping"
+    line = api.wait_for("named conn#1 ")
+    assert re.search(r" INFO named conn#1 127\.0\.0\.1:\d+ -> \S+ eof, ", line), line
+
+
 def test_reset_enables_every_proxy(api, upstream):
     port = free_port()
     create(api, "off", upstream.address, listen=f"127.0.0.1:{port}", enabled=False)
