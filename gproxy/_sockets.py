@@ -15,19 +15,24 @@ class is taken from gevent.monkey so this works after ``patch_all()`` too.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
 import struct
-
-from gevent import monkey
 
 __all__ = [
     "RawSocket", "raw_socket", "tune", "half_close", "abort", "describe_error", "describe_address",
     "FD_EXHAUSTED", "PEER_GONE",
 ]
 
-RawSocket = monkey.get_original("socket", "socket")
+#: the interpreter's C socket type itself. gevent patches ``socket``, never ``_socket``; and
+#: ``socket.socket``'s Python layers (``__init__``, ``close`` -> ``_real_close``, the
+#: ``family`` property building an enum) cost a few microseconds per connection for nothing.
+RawSocket = _socket.socket
+
+#: a stream socket created non-blocking: one syscall instead of socket() then ioctl()
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 #: accept() failures that mean "no fds or memory left now": pause, do not die.
 FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -49,9 +54,14 @@ _KEEPALIVE = (60, 10, 9)
 
 
 def raw_socket(family: int, fileno: int | None = None) -> socket.socket:
-    """A non-blocking stream socket of the interpreter's own class."""
+    """A non-blocking stream socket of the interpreter's own C class (``fileno``: wrap that fd)."""
+    if fileno is None:
+        sock = RawSocket(family, _STREAM_NONBLOCK)
+        if _STREAM_NONBLOCK == socket.SOCK_STREAM:  # no SOCK_NONBLOCK on this platform
+            sock.setblocking(False)
+        return sock
     sock = RawSocket(family, socket.SOCK_STREAM, 0, fileno)
-    sock.setblocking(False)
+    sock.setblocking(False)  # accept() gives a blocking fd whatever the listener is
     return sock
 
 

@@ -294,7 +294,7 @@ class Connection:
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
         "_pumps", "_closed", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target", "links",
-        "own_key", "_resolving", "spoke",
+        "own_key", "_resolving", "spoke", "_upstream_writable",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -331,6 +331,8 @@ class Connection:
         self.seen_at = self._t0 - context.stalled  # on the sweep's clock, which skips stalls
         #: per direction, the toxics.Link of a direction that met toxics, else None
         self.links: Optional[List[Optional[Link]]] = None
+        #: the watcher that waited for the upstream's connect, kept for its pumps
+        self._upstream_writable = None
 
     # -- the life, top to bottom ------------------------------------------------
 
@@ -511,7 +513,7 @@ class Connection:
             candidates = self._resolve(target.host, target.port, rule.connect_timeout)
             if type(candidates) is not list:
                 return candidates  # (outcome, error), or None if aborted meanwhile
-        outcome, error = Outcome.CONNECT_FAILED, f"{target}: no address"
+        outcome, error = Outcome.CONNECT_FAILED, None
         for family, sockaddr in candidates:
             if self.outcome is not None:  # aborted while resolving
                 return None
@@ -533,11 +535,16 @@ class Connection:
                     writable = self._hub.loop.io(sock.fileno(), _WRITE)
                     try:
                         ready = self._wait_for(writable, rule.connect_timeout)
-                    finally:
+                    except BaseException:
                         writable.close()
+                        raise
                     code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if not ready and not code and not _connected(sock):
                         code = errno.ETIMEDOUT  # (after a stalled loop the timer may run first: asked)
+                    if code == 0:  # the upstream's writable watcher for its pumps: one fewer to make
+                        self._upstream_writable = writable
+                    else:
+                        writable.close()
             except _Aborted:
                 sock.close()
                 return None
@@ -548,7 +555,7 @@ class Connection:
             outcome = Outcome.CONNECT_TIMEOUT if timed_out else Outcome.CONNECT_FAILED
             where = str(target) if family == _AF_UNIX else _sockets.describe_address(sockaddr)
             error = f"{where}: {os.strerror(code).lower()}"
-        return outcome, error
+        return outcome, error if error is not None else f"{target}: no address"
 
     def _resolve(self, host: str, port: int, timeout: Optional[float]):
         """A list of (family, sockaddr), one per address of ``host``; ``(outcome, error)`` if
@@ -589,7 +596,9 @@ class Connection:
         client_readable = loop.io(client.fileno(), _READ)
         client_writable = loop.io(client.fileno(), _WRITE)
         upstream_readable = loop.io(upstream.fileno(), _READ)
-        upstream_writable = loop.io(upstream.fileno(), _WRITE)
+        upstream_writable, self._upstream_writable = self._upstream_writable, None  # the connect's
+        if upstream_writable is None:
+            upstream_writable = loop.io(upstream.fileno(), _WRITE)
         self._watchers = [client_readable, client_writable, upstream_readable, upstream_writable]
         self._ends = [(client, upstream, client_readable, upstream_writable),    # UPSTREAM
                       (upstream, client, upstream_readable, client_writable)]    # DOWNSTREAM
@@ -750,6 +759,9 @@ class Connection:
         for watcher in self._watchers:
             watcher.close()
         self._watchers = []
+        if self._upstream_writable is not None:  # connected, never pumped (PROXY header failed)
+            self._upstream_writable.close()
+            self._upstream_writable = None
         context = self.context
         reset = self.outcome in (Outcome.RESET, Outcome.SHUTDOWN, Outcome.ERROR, Outcome.DENIED)
         for sock in (self.upstream, self.client):
