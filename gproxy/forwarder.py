@@ -79,14 +79,14 @@ _WARN_EVERY = 10.0
 
 
 class _Server(StreamServer):
-    """A StreamServer that hands raw sockets to the handler, runs each handler in a reused
-    bare greenlet (a gevent Greenlet and a Pool slot cost about 1 KiB per connection and a
-    new greenlet ~12 us), stops accepting at ``max_connections`` and survives fd exhaustion."""
+    """A StreamServer that hands raw sockets to the handler on the hub, which starts the
+    connection there or in a reused bare greenlet (a gevent Greenlet and a Pool slot cost
+    about 1 KiB per connection and a new greenlet ~12 us), stops accepting at
+    ``max_connections`` and survives fd exhaustion."""
 
-    def __init__(self, listener, handle, max_connections: int, workers: Workers, upstream_family: int):
+    def __init__(self, listener, handle, max_connections: int, upstream_family: int):
         super().__init__(listener, handle, spawn=self._spawn_handler)
         self.max_connections = max_connections
-        self.workers = workers
         self.upstream_family = upstream_family
         self._spare = None          # the next client's upstream socket
         self.running = 0            # connections accepted and not yet closed
@@ -112,7 +112,7 @@ class _Server(StreamServer):
     def _spawn_handler(self, run, handle, close, args) -> None:
         self.running += 1
         self.idle.clear()
-        self.workers.run(handle, *args)  # we are on the hub: the listener's watcher callback
+        handle(*args)  # on the hub: the listener's watcher callback
 
     def do_close(self, sock, *args) -> None:
         """The connection owns its sockets and closes them itself, after its last pump."""
@@ -662,7 +662,7 @@ class Forwarder:
         threads = _bulk_threads() if self.rule.bulk_threads is None else self.rule.bulk_threads
         if self._context.splicer is not None and threads:
             self._context.offload = Offload(gevent.get_hub(), self._context.splicer, threads)
-        self._server = _Server(listener, self._handle, self.rule.max_connections, self._context.workers,
+        self._server = _Server(listener, self._accepted, self.rule.max_connections,
                                (self.rule.targets[0].family if self.rule.targets else None)
                                or socket.AF_INET)
         self._context.on_fd_exhausted = self._server.pause_accepting
@@ -679,6 +679,18 @@ class Forwarder:
         self._next_park = self._swept_at + _PARK_EVERY
         log.info("listening on %s -> %s%s", _sockets.describe_address(self._address), self._context.target_name,
                  f" (rule {self.rule.name})" if self.rule.name else "")
+
+    def _accepted(self, client: socket.socket, address, upstream: socket.socket) -> None:
+        """On the hub (the listener's callback). A client of a plain rule (``Context.direct``:
+        one fixed address, nothing to read, check or send first, no hook) connects from
+        here, in callbacks: a greenlet per connection made, switched to and back costs
+        more than the rest of its connect. Any other client runs ``_handle`` in a worker."""
+        context = self._context
+        if context.direct is not None and context.on_open is None and context.own_upstreams is None \
+                and upstream.family == context.direct[0]:
+            Connection(context, client, address).start(upstream)
+        else:
+            context.workers.run(self._handle, client, address, upstream)
 
     def _handle(self, client: socket.socket, address, upstream: socket.socket) -> None:
         own = self._context.own_upstreams

@@ -9,7 +9,10 @@ Theory of operation
 ``run()`` is the StreamServer handler. It connects to the target (every
 address the name has, in turn, each attempt bounded by ``connect_timeout``),
 then hands the bytes to two *pumps*, one per direction: ``UPSTREAM`` (client ->
-upstream) and ``DOWNSTREAM`` (upstream -> client).
+upstream) and ``DOWNSTREAM`` (upstream -> client). A client of a plain rule (one
+fixed IP or Unix address; no hook, access rule or PROXY header before the connect)
+takes ``start()`` instead, which does the same in callbacks on the hub: a greenlet
+to wait for one connect would cost more than the rest of the connect.
 
 A pump (``pump()``) is a blocking-style loop: read what the source has, write all
 of it to the destination, repeat. Small reads are copied; once reads fill the
@@ -109,7 +112,6 @@ _READ, _WRITE = 1, 2
 # What pump() returns: the source is drained or the turn spent (park; the next turn copies,
 # or splices), the source's clean EOF, or a change of the toxics (pick the path again).
 _DRAINED, _DRAINED_SPLICING, _ENDED, _SWITCHED = range(4)
-_AF_UNIX = getattr(socket, "AF_UNIX", None)
 
 
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")  # a real lock, patched or not
@@ -195,6 +197,13 @@ class Context:
         #: them: a pump compares it once per chunk to know when to leave the fast path
         self.toxics = Toxics()
         self.toxic_version = 0
+        #: (family, sockaddr) of the one fixed target when nothing needs a greenlet before the
+        #: connect (no PROXY header either way, no access rules, no resolver): such a rule's
+        #: clients connect from the accept callback itself (Connection.start); else None
+        target = rule.target if self.targets is None else None
+        self.direct = (target.family, target.sockaddr) \
+            if target is not None and target.family is not None and not self.proxy_version \
+            and self.accept_proxy is None and self.access is None else None
         self._next_id = 0
 
     def close(self) -> None:
@@ -294,7 +303,7 @@ class Connection:
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
         "_pumps", "_closed", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target", "links",
-        "own_key", "_resolving", "spoke", "_upstream_writable",
+        "own_key", "_resolving", "spoke", "_upstream_writable", "_connecting",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -333,6 +342,8 @@ class Connection:
         self.links: Optional[List[Optional[Link]]] = None
         #: the watcher that waited for the upstream's connect, kept for its pumps
         self._upstream_writable = None
+        #: True while start() waits for the upstream's connect in callbacks, with no greenlet
+        self._connecting = False
 
     # -- the life, top to bottom ------------------------------------------------
 
@@ -367,6 +378,73 @@ class Connection:
                 spare.close()  # refused before connecting
             if not self._pumps:
                 self._teardown()
+
+    def start(self, spare: socket.socket) -> None:
+        """Begin the life of a client of a rule whose ``Context.direct`` is set and which has
+        no ``on_open`` hook, on the hub (the accept callback), with no greenlet: connect
+        ``spare`` (a socket of the target's family) and start the pumps from the connect
+        watcher's callback. What ``run()`` does for such a client, in callbacks."""
+        context = self.context
+        sockaddr = context.direct[1]
+        context.active[self.id] = self
+        counters = context.counters
+        counters.accepted += 1
+        counters.active += 1
+        self.upstream = spare
+        try:
+            code = spare.connect_ex(sockaddr)
+            if context.own_upstreams is not None:  # before the listener can accept it
+                self.own_key = context.own_upstreams.note(spare, self.own_key)
+            if code == errno.EINPROGRESS:
+                loop = self._hub.loop
+                writable = loop.io(spare.fileno(), _WRITE)
+                timeout = context.rule.connect_timeout
+                timer = loop.timer(timeout) if timeout else None
+                self._watchers = [writable] if timer is None else [writable, timer]
+                self._connecting = True
+                writable.start(self._connect_done, True)
+                if timer is not None:
+                    timer.start(self._connect_done, False)
+            else:  # a Unix socket answers at once
+                self._connect_ended(code)
+        except BaseException:  # a bug: logged once, with its traceback, by _teardown
+            self._connecting = False
+            self._finish(Outcome.ERROR, traceback.format_exc())
+            context.workers.run(self._teardown)
+
+    def _connect_done(self, ready: bool) -> None:
+        """Watcher or timer callback, on the hub: start()'s connect has an answer, or its time is up."""
+        self._connecting = False
+        watchers, self._watchers = self._watchers, []
+        writable = watchers[0]
+        writable.stop()
+        for timer in watchers[1:]:
+            timer.close()
+        try:
+            sock = self.upstream
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if not ready and not code and not _connected(sock):
+                code = errno.ETIMEDOUT  # (after a stalled loop the timer may run first: asked)
+            if code == 0:
+                self._upstream_writable = writable  # for the pumps
+            else:
+                writable.close()
+            self._connect_ended(code)
+        except BaseException:  # a bug: logged once, with its traceback, by _teardown
+            self._finish(Outcome.ERROR, traceback.format_exc())
+            self.context.workers.run(self._teardown)
+
+    def _connect_ended(self, code: int) -> None:
+        """The end of start()'s connect: the pumps, or the failure, torn down in a worker
+        (its log line and on_close hook must be free to use gevent)."""
+        context = self.context
+        if code == 0:
+            context.counters.connected(context.target_name, True)
+            self._start_pumps(self.upstream)
+            return
+        context.counters.connected(context.target_name, False)
+        self._finish(*_connect_failure(context.rule.target, context.direct[1], code))
+        context.workers.run(self._teardown)
 
     def _accept_proxy_header(self) -> bool:
         """A client from ``accept_proxy_from`` must start with a PROXY header: read exactly
@@ -551,10 +629,7 @@ class Connection:
             if code == 0:
                 return sock
             sock.close()
-            timed_out = code == errno.ETIMEDOUT
-            outcome = Outcome.CONNECT_TIMEOUT if timed_out else Outcome.CONNECT_FAILED
-            where = str(target) if family == _AF_UNIX else _sockets.describe_address(sockaddr)
-            error = f"{where}: {os.strerror(code).lower()}"
+            outcome, error = _connect_failure(target, sockaddr, code)
         return outcome, error if error is not None else f"{target}: no address"
 
     def _resolve(self, host: str, port: int, timeout: Optional[float]):
@@ -837,6 +912,10 @@ class Connection:
         if self.outcome is not None:
             return
         self._finish(outcome, error)
+        if self._connecting:  # start()'s connect: no greenlet waits; stop waiting, and end
+            self._connecting = False
+            self._teardown()  # closes the connect's watchers, then the sockets
+            return
         if self._resolving is not None:  # nothing to cancel: it waits on the resolver's pool
             self._hub.loop.run_callback(self._interrupt_resolving, self._resolving)
         for _src, _dst, readable, _writable in self._ends:
@@ -942,6 +1021,13 @@ class Connection:
                     sys.exc_info())
         finally:
             in_hook.pop(current, None)
+
+
+def _connect_failure(target, sockaddr, code: int):
+    """(outcome, error) of a connect to ``sockaddr``, an address of ``target``, that failed with ``code``."""
+    outcome = Outcome.CONNECT_TIMEOUT if code == errno.ETIMEDOUT else Outcome.CONNECT_FAILED
+    where = _sockets.describe_address(sockaddr) if isinstance(sockaddr, tuple) else str(target)
+    return outcome, f"{where}: {os.strerror(code).lower()}"
 
 
 def _connected(sock: socket.socket) -> bool:

@@ -127,6 +127,27 @@ def test_unanswered_connect_hits_connect_timeout(forwarders):
         assert forwarders.records[-1].outcome is Outcome.CONNECT_TIMEOUT
 
 
+def test_a_connect_under_way_ends_at_once_when_closed(forwarders):
+    """A plain rule's client connects in callbacks on the hub, with no greenlet waiting
+    (Connection.start): closing it while the target has not answered must end it at once,
+    not at the connect timeout."""
+    with unanswered_listener() as target:
+        fw = forwarders(target, connect_timeout=60)
+        client = connect(fw.address)
+        deadline = time.monotonic() + TIMEOUT
+        while not fw.connections():
+            assert time.monotonic() < deadline, "never accepted"
+            time.sleep(0.01)  # sleep-ok: polling the open connections another thread adds
+        (record,) = fw.connections()
+        started = time.monotonic()
+        assert fw.close_connection(record.id)
+        assert recv_all(client) == b""
+        client.close()
+        forwarders.wait_closed(fw, accepted=1)
+        assert time.monotonic() - started < TIMEOUT / 2
+        assert forwarders.records[-1].outcome is Outcome.CLOSED
+
+
 def test_idle_timeout_closes_a_silent_connection(forwarders):
     with forwarders.gated(idle_timeout=0.3) as (fw, client, server):
         client.sendall(b"hello")
