@@ -14,11 +14,12 @@ kernel gives the busy process. Splicing runs in the kernel with the GIL released
 so a thread can do it as well as the hub can, on another core, and the hub
 stays a mostly sleeping thread that the kernel wakes at once for a small message.
 
-A job splices until the source is drained (``-1``), a short read (its size: small
-messages are back, and the hub copies them), the source's EOF (``0``), or its
-quantum of chunks is spent or the forwarder's toxics changed (the buffer size: the
-pump parks and is started again through the event loop, so threads take turns
-between bulk connections and a toxic gets its say). ``run`` waits for the job in
+A job splices until the source stays drained for ``LINGER_MS`` (``-1``; or, if the
+whole job moved less than one buffer, that amount: small messages are back, and the
+hub copies them), the source's EOF (``0``), or its quantum of bytes is spent or the
+forwarder's toxics changed (the buffer size: the pump parks and is started again
+through the event loop, so threads take turns between bulk connections and a toxic
+gets its say). ``run`` waits for the job in
 the calling greenlet; whatever is thrown into that greenlet meanwhile waits until
 the thread has let go of the file descriptors, so a socket is never closed under
 a thread that splices into it. At most ``threads`` jobs run at once; when all are
@@ -42,8 +43,8 @@ __all__ = ["Offload", "STOPPED"]
 #: what ``run`` returns when the connection was aborted while the thread held it
 STOPPED = -2
 
-#: chunks one job may move before it gives its thread back (the pump then runs again
-#: through the event loop): 16 buffers, 4 MiB by default, a few ms of bulk.
+#: buffers' worth of bytes one job may move before it gives its thread back (the pump then
+#: runs again through the event loop): 16, 4 MiB by default, a few ms of bulk.
 QUANTUM = 16
 
 # Offload is made only where splice.Splicer is (Linux); these lookups keep the import safe
@@ -55,6 +56,10 @@ QUANTUM = 16
 #: when it waits, so it is paced, not starved. A CPU hog elsewhere on the machine takes
 #: more from a bulk thread than from the hub.
 BULK_NICE = 5
+
+#: how long a lane waits for more from a drained source before it hands the direction back
+#: to the event loop (a hand-over costs a few tens of us; waiting costs no CPU)
+LINGER_MS = 2
 
 _splice = getattr(os, "splice", None)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -94,9 +99,10 @@ class Offload:
         self._closed = False
 
     def run(self, conn, src_fd: int, dst_fd: int, direction: int, version: int) -> Optional[int]:
-        """Splice src -> dst in a thread until drained (-1), a short read (its size), EOF (0),
-        the quantum or a toxic change (the buffer size), or an abort (STOPPED); None when no
-        thread or pipe is free. Errors are raised here, in the calling greenlet."""
+        """Splice src -> dst in a thread until drained (-1, or the bytes moved if under one
+        buffer), EOF (0), the quantum or a toxic change (the buffer size), or an abort
+        (STOPPED); None when no thread or pipe is free. Errors are raised here, in the
+        calling greenlet."""
         if self._free:
             lane = self._free.pop()
         elif len(self._lanes) < self._threads and not self._closed:
@@ -217,7 +223,8 @@ class Offload:
         pipe_out, pipe_in = pipe
         size = splicer.size
         counts, context = conn.counts, conn.context
-        chunks = self._quantum
+        budget = self._quantum * size
+        moved = 0
         try:
             while True:
                 if conn.outcome is not None:
@@ -226,6 +233,10 @@ class Offload:
                 try:
                     n = _splice(src_fd, pipe_in, size, flags=_FLAGS)
                 except BlockingIOError:
+                    # Drained. A stream's sender is often just a little slower than this loop:
+                    # wait a moment for more rather than hand the direction back for a pause.
+                    if self._readable(lane, src_fd):
+                        continue
                     n = -1
                     break
                 if not n:
@@ -239,14 +250,32 @@ class Offload:
                         if not self._writable(lane, dst_fd):
                             splicer.discard(pipe)  # it holds bytes nobody will take
                             return STOPPED
-                chunks -= 1
-                if n < size or not chunks or context.toxic_version != version:
+                moved += n
+                if moved >= budget or context.toxic_version != version:
+                    n = size  # a full turn: the pump parks and comes back through the loop
                     break
         except BaseException:
             splicer.discard(pipe)
             raise
         splicer.give(pipe)
+        if n == -1 and 0 < moved < size:
+            return moved  # less than a buffer in all: small messages again, which the hub copies
         return n
+
+    @staticmethod
+    def _readable(lane: _Lane, src_fd: int) -> bool:
+        """Wait up to LINGER for src to have bytes (or an error or EOF for splice to report):
+        True; False on timeout or when the lane is woken."""
+        poll = lane.poll
+        poll.register(src_fd, select.POLLIN)
+        try:
+            for fd, _events in poll.poll(LINGER_MS):
+                if fd == lane.wake:
+                    return False
+                return True
+        finally:
+            poll.unregister(src_fd)
+        return False
 
     @staticmethod
     def _writable(lane: _Lane, dst_fd: int) -> bool:
