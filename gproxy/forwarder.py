@@ -147,7 +147,9 @@ class _Server(StreamServer):
             raise
         self._pause = _PAUSE_MIN
         upstream, self._spare = self._spare, None
-        return _sockets.raw_socket(listener.family, fd), address, upstream
+        # self.family: BaseServer's copy of the listener's (whose own property makes an enum
+        # at every read); enable() replaces the listener with one on the same address
+        return _sockets.raw_socket(self.family, fd), address, upstream
 
     def pause_accepting(self, exc: OSError) -> None:
         """Stop polling the listener (it stays readable: polling it would spin) and retry later."""

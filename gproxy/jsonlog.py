@@ -8,8 +8,8 @@ Typical use (the CLI does this for ``--log-format json``)::
     #  "target": "127.0.0.1:5432", "outcome": "eof", "duration": 3.574,
     #  "bytes_upstream": 1532, "bytes_downstream": 88211}
 
-The connection fields come from the ``connection`` dict relay passes as ``extra`` on its
-log call, never from parsing the message.
+The connection fields come from the ``connection`` mapping relay passes as ``extra`` on its
+log call (built only when a formatter reads it), never from parsing the message.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 
 __all__ = ["JsonFormatter"]
 
@@ -34,7 +35,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         connection = getattr(record, "connection", None)
-        if isinstance(connection, dict):
+        if isinstance(connection, Mapping):
             for key, value in connection.items():
                 if value is not None:
                     line[key] = value

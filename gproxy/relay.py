@@ -72,12 +72,14 @@ at once, so a toxic acts on an idle connection too (a ``timeout`` closes it in t
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import socket
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional
 
 import gevent
@@ -204,7 +206,7 @@ class Context:
         self.direct = (target.family, target.sockaddr) \
             if target is not None and target.family is not None and not self.proxy_version \
             and self.accept_proxy is None and self.access is None else None
-        self._next_id = 0
+        self._ids = itertools.count(1)
 
     def close(self) -> None:
         """Release what is kept between connections: idle workers, splice's pipes."""
@@ -214,10 +216,6 @@ class Context:
             self.offload.close()
         if self.splicer is not None:
             self.splicer.close()
-
-    def next_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
 
 
 def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
@@ -308,7 +306,7 @@ class Connection:
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
         self.context = context
-        self.id = context.next_id()
+        self.id = next(context._ids)
         self.client = client
         self.client_address = client_address
         #: the socket's real peer; client_address is the one a trusted PROXY header gave, if any
@@ -980,11 +978,7 @@ class Connection:
     def _log(self, record: ConnectionRecord) -> None:
         outcome = record.outcome
         # the fields a JSON log line carries, so no formatter has to parse the text
-        extra = {"connection": {
-            "rule": self.context.name, "id": record.id, "client": record.client,
-            "target": record.upstream, "outcome": outcome.name.lower(), "duration": round(record.duration, 6),
-            "bytes_upstream": record.bytes_upstream, "bytes_downstream": record.bytes_downstream,
-            "error": record.error}}
+        extra = {"connection": _LogFields(self.context.name, record)}
         if outcome is Outcome.ERROR:
             log.error("%sconn#%d %s -> %s failed after %.3fs, up %d B, down %d B:\n%s",
                       self.context.log_prefix, record.id, record.client, record.upstream, record.duration,
@@ -1021,6 +1015,42 @@ class Connection:
                     sys.exc_info())
         finally:
             in_hook.pop(current, None)
+
+
+class _LogFields(Mapping):
+    """A connection line's fields (rule, id, client, target, outcome, duration, bytes each
+    way, error), for a formatter that reads them (gproxy.jsonlog): a read-only mapping made
+    when first read, so a text line does not pay for building it."""
+
+    __slots__ = ("_rule", "_record", "_fields")
+
+    def __init__(self, rule: str, record: ConnectionRecord) -> None:
+        self._rule, self._record, self._fields = rule, record, None
+
+    def _get(self) -> dict:
+        if self._fields is None:
+            record = self._record
+            self._fields = {
+                "rule": self._rule, "id": record.id, "client": record.client, "target": record.upstream,
+                "outcome": record.outcome.name.lower(), "duration": round(record.duration, 6),
+                "bytes_upstream": record.bytes_upstream, "bytes_downstream": record.bytes_downstream,
+                "error": record.error}
+        return self._fields
+
+    def __getitem__(self, key: str):
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def items(self):
+        return self._get().items()
+
+    def __repr__(self) -> str:
+        return repr(self._get())
 
 
 def _connect_failure(target, sockaddr, code: int):

@@ -32,6 +32,10 @@ class Outcome(enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    # Enum hashes a member by its name, in Python, at every dict lookup (Counters.outcomes,
+    # once per connection); its members are singletons, compared by identity: hash them so.
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True)
 class ConnectionRecord:
