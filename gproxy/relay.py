@@ -722,7 +722,9 @@ class Connection:
                         continue  # it holds bytes or waits for a time: it must not park
                     raise
                 if done:
-                    _sockets.half_close(dst)
+                    if self._pumps > 1:  # the other way goes on: pass the half-close along
+                        _sockets.half_close(dst)
+                    # else the other way ended with its EOF: teardown's close() sends our FIN
                     self._eof_count += 1
                     break
         except _Park:
@@ -810,6 +812,17 @@ class Connection:
                     elif n < len(scratch):
                         return  # done; still parked
                     spliced = n == len(scratch) and context.splicer is not None  # bulk
+                elif self.outcome is None:
+                    # EOF, the usual end: this direction is done right here. Only the last
+                    # one's teardown (its log line and on_close hook may block) takes a worker.
+                    readable.stop()
+                    self._eof_count += 1
+                    if self._pumps > 1:
+                        _sockets.half_close(dst)  # the other way goes on
+                        self._pumps -= 1
+                    else:  # the other way ended with its EOF: teardown's close() sends our FIN
+                        context.workers.run(self._pump_ended)
+                    return
             except BlockingIOError:
                 return  # nothing after all; still parked
             except BaseException as exc:  # handled by the pump's rules, in a worker

@@ -18,6 +18,10 @@ from peers import TIMEOUT, Exchange, Server, connect, payload, recv_all, send_in
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux's")
 
+#: a buffer that a busy stream's reads fill even on a loaded machine, so the pump splices
+#: (and hands the direction to a thread) for sure; with 256 KiB a slow sender may never fill it
+SMALL = 16384
+
 
 def _tasks() -> int:
     """This process's OS threads, as the kernel counts them."""
@@ -57,7 +61,7 @@ def test_bulk_both_ways_goes_through_threads_byte_exact(forwarder_factory):
     size = 12_000_017
     exchange = Exchange(lambda stream: size)
     with Server(exchange) as upstream:
-        fw = forwarder_factory(upstream.address, bulk_threads=2)
+        fw = forwarder_factory(upstream.address, bulk_threads=2, buffer_size=SMALL)
         failures = []
 
         sent = {}
@@ -95,7 +99,7 @@ def _stalled_bulk(forwarder_factory, upstream_socks, **options):
     """A client pushing bulk to an upstream that never reads: the direction's thread ends up
     waiting for the upstream to take bytes. Returns (fw, client, pusher); the pusher thread
     ends with the error its sendall() met (in ``pusher.error``)."""
-    fw = forwarder_factory(upstream_socks.address, bulk_threads=1, **options)
+    fw = forwarder_factory(upstream_socks.address, bulk_threads=1, buffer_size=SMALL, **options)
     client = connect(fw.address)
     client.settimeout(None)  # the pusher blocks until gproxy cuts the connection
     pushed = threading.Event()
@@ -163,7 +167,7 @@ def test_stop_now_with_a_thread_waiting_for_a_stalled_destination():
     holder = _Holder()
     before = _tasks()
     with Server(holder) as upstream:
-        fw = gproxy.Forwarder("127.0.0.1:0", upstream.address, bulk_threads=1)
+        fw = gproxy.Forwarder("127.0.0.1:0", upstream.address, bulk_threads=1, buffer_size=SMALL)
         fw.start()
         client = connect(fw.address)
         pushed = threading.Event()
@@ -254,7 +258,7 @@ def test_toxic_added_during_threaded_bulk_takes_effect(forwarder_factory):
 
     endless = Endless()
     with Server(endless) as upstream:
-        fw = forwarder_factory(upstream.address, bulk_threads=1)
+        fw = forwarder_factory(upstream.address, bulk_threads=1, buffer_size=SMALL)
         client = connect(fw.address)
         got = len(client.recv(1 << 16))
         while got < 8 << 20:  # bulk is flowing, through the thread
