@@ -47,8 +47,6 @@ STOPPED = -2
 #: runs again through the event loop): 16, 4 MiB by default, a few ms of bulk.
 QUANTUM = 16
 
-# Offload is made only where splice.Splicer is (Linux); these lookups keep the import safe
-# everywhere, since relay.py imports STOPPED.
 #: how much lower than the process a bulk thread's priority is (nice levels; Linux sets
 #: it per thread). Measured on 2 cores with an unpaced stream beside 64-byte round trips
 #: (benchmarks/README.md): at +0 the round trips' p99 was 1.3-1.8 ms, at +5 to +15
@@ -61,11 +59,13 @@ BULK_NICE = 5
 #: to the event loop (a hand-over costs a few tens of us; waiting costs no CPU)
 LINGER_MS = 2
 
-_splice = getattr(os, "splice", None)
-_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
 _start_new_thread = monkey.get_original("_thread", "start_new_thread")
 _PENDING = object()
+
+
+class _Stopped(Exception):
+    """The lane was woken while it waited for a destination: its connection was aborted."""
 
 
 class _Lane:
@@ -216,76 +216,51 @@ class Offload:
             lane.done.send()
 
     def _splice(self, lane: _Lane, conn, src_fd: int, dst_fd: int, direction: int, version: int) -> int:
+        """The job: Splicer.chunk after chunk, waiting in this thread (poll) where the hub's
+        pump would wait in the event loop."""
         splicer = self._splicer
-        pipe = splicer.take()
-        if pipe is None:
-            return None  # no fd for a pipe: the pump copies
-        pipe_out, pipe_in = pipe
         size = splicer.size
-        counts, context = conn.counts, conn.context
+        context = conn.context
         budget = self._quantum * size
         moved = 0
+
+        def wait_writable(fd: int) -> None:
+            if not self._wait(lane, fd, select.POLLOUT, None):
+                raise _Stopped  # chunk() closes its pipe: the bytes in it are nobody's now
+
         try:
             while True:
                 if conn.outcome is not None:
-                    splicer.give(pipe)
                     return STOPPED
-                try:
-                    n = _splice(src_fd, pipe_in, size, flags=_FLAGS)
-                except BlockingIOError:
+                n = splicer.chunk(conn, src_fd, dst_fd, dst_fd, direction, wait_writable)
+                if n is None:
+                    return None  # no fd for a pipe: the pump copies
+                if n == -1:
                     # Drained. A stream's sender is often just a little slower than this loop:
                     # wait a moment for more rather than hand the direction back for a pause.
-                    if self._readable(lane, src_fd):
+                    if self._wait(lane, src_fd, select.POLLIN, LINGER_MS):
                         continue
-                    n = -1
                     break
                 if not n:
                     break
-                counts[direction] += n  # counted when read, as in relay.pump
-                left = n
-                while left:
-                    try:
-                        left -= _splice(pipe_out, dst_fd, left, flags=_FLAGS)
-                    except BlockingIOError:
-                        if not self._writable(lane, dst_fd):
-                            splicer.discard(pipe)  # it holds bytes nobody will take
-                            return STOPPED
                 moved += n
                 if moved >= budget or context.toxic_version != version:
                     n = size  # a full turn: the pump parks and comes back through the loop
                     break
-        except BaseException:
-            splicer.discard(pipe)
-            raise
-        splicer.give(pipe)
+        except _Stopped:
+            return STOPPED
         if n == -1 and 0 < moved < size:
             return moved  # less than a buffer in all: small messages again, which the hub copies
         return n
 
     @staticmethod
-    def _readable(lane: _Lane, src_fd: int) -> bool:
-        """Wait up to LINGER for src to have bytes (or an error or EOF for splice to report):
-        True; False on timeout or when the lane is woken."""
+    def _wait(lane: _Lane, fd: int, events: int, timeout_ms: Optional[int]) -> bool:
+        """Block this thread until fd is ready for ``events`` (True; an error or EOF counts,
+        for splice to report), or ``timeout_ms`` passed or the lane was woken (False)."""
         poll = lane.poll
-        poll.register(src_fd, select.POLLIN)
+        poll.register(fd, events)
         try:
-            for fd, _events in poll.poll(LINGER_MS):
-                if fd == lane.wake:
-                    return False
-                return True
+            ready = poll.poll(timeout_ms)
         finally:
-            poll.unregister(src_fd)
-        return False
-
-    @staticmethod
-    def _writable(lane: _Lane, dst_fd: int) -> bool:
-        """Block this thread until dst takes bytes (True) or the lane is woken (False)."""
-        poll = lane.poll
-        poll.register(dst_fd, select.POLLOUT)
-        try:
-            for fd, _events in poll.poll():
-                if fd == lane.wake:
-                    return False
-        finally:
-            poll.unregister(dst_fd)
-        return True
+            poll.unregister(fd)
+        return bool(ready) and all(ready_fd != lane.wake for ready_fd, _events in ready)

@@ -44,8 +44,9 @@ class Splicer:
 
     def chunk(self, conn, src_fd: int, dst_fd: int, writable, direction: int, wait) -> Optional[int]:
         """Splice once from src into a pipe and all of it on to dst: the bytes moved, 0 at EOF,
-        -1 if src had nothing, None if no pipe could be had. Waits (with the pump's ``wait``)
-        only while dst is not taking what was read."""
+        -1 if src had nothing, None if no pipe could be had. Waits with ``wait(writable)`` (the
+        pump's wait in the event loop, or a lane thread's poll in offload.py) only while dst
+        is not taking what was read; an exception from it closes the pipe and passes on."""
         pipe = self.take()
         if pipe is None:
             return None
@@ -90,11 +91,6 @@ class Splicer:
             self._idle.append(pipe)
         else:
             _close(pipe)
-
-    @staticmethod
-    def discard(pipe: Pipe) -> None:
-        """Close a pipe that may hold bytes nobody will take."""
-        _close(pipe)
 
     def close(self) -> None:
         while self._idle:
