@@ -419,14 +419,7 @@ class Connection:
         for timer in watchers[1:]:
             timer.close()
         try:
-            sock = self.upstream
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if not ready and not code and not _connected(sock):
-                code = errno.ETIMEDOUT  # (after a stalled loop the timer may run first: asked)
-            if code == 0:
-                self._upstream_writable = writable  # for the pumps
-            else:
-                writable.close()
+            code = self._connect_result(self.upstream, writable, ready)
             self._connect_ended(code)
         except BaseException:  # a bug: logged once, with its traceback, by _teardown
             self._finish(Outcome.ERROR, traceback.format_exc())
@@ -443,6 +436,19 @@ class Connection:
         context.counters.connected(context.target_name, False)
         self._finish(*_connect_failure(context.rule.target, context.direct[1], code))
         context.workers.run(self._teardown)
+
+    def _connect_result(self, sock: socket.socket, writable, ready: bool) -> int:
+        """A non-blocking connect's errno (0: connected) once its watcher fired (``ready``) or
+        its time ran out. A connected socket's writable watcher is kept for its pumps (one
+        fewer to make); a failed one's is closed."""
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not ready and not code and not _connected(sock):
+            code = errno.ETIMEDOUT  # (after a stalled loop the timer may run first: asked)
+        if code == 0:
+            self._upstream_writable = writable
+        else:
+            writable.close()
+        return code
 
     def _accept_proxy_header(self) -> bool:
         """A client from ``accept_proxy_from`` must start with a PROXY header: read exactly
@@ -614,13 +620,7 @@ class Connection:
                     except BaseException:
                         writable.close()
                         raise
-                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if not ready and not code and not _connected(sock):
-                        code = errno.ETIMEDOUT  # (after a stalled loop the timer may run first: asked)
-                    if code == 0:  # the upstream's writable watcher for its pumps: one fewer to make
-                        self._upstream_writable = writable
-                    else:
-                        writable.close()
+                    code = self._connect_result(sock, writable, ready)
             except _Aborted:
                 sock.close()
                 return None
@@ -722,10 +722,7 @@ class Connection:
                         continue  # it holds bytes or waits for a time: it must not park
                     raise
                 if done:
-                    if self._pumps > 1:  # the other way goes on: pass the half-close along
-                        _sockets.half_close(dst)
-                    # else the other way ended with its EOF: teardown's close() sends our FIN
-                    self._eof_count += 1
+                    self._source_ended(dst)
                     break
         except _Park:
             if self.outcome is None:
@@ -816,11 +813,10 @@ class Connection:
                     # EOF, the usual end: this direction is done right here. Only the last
                     # one's teardown (its log line and on_close hook may block) takes a worker.
                     readable.stop()
-                    self._eof_count += 1
+                    self._source_ended(dst)
                     if self._pumps > 1:
-                        _sockets.half_close(dst)  # the other way goes on
                         self._pumps -= 1
-                    else:  # the other way ended with its EOF: teardown's close() sends our FIN
+                    else:
                         context.workers.run(self._pump_ended)
                     return
             except BlockingIOError:
@@ -829,6 +825,14 @@ class Connection:
                 carry = exc
         readable.stop()
         context.workers.run(self._run_pump, direction, spliced, carry)
+
+    def _source_ended(self, dst: socket.socket) -> None:
+        """A direction's source sent its clean EOF. While the other direction goes on, pass
+        the half-close along; if that one ended already (with its own EOF), teardown's
+        close() sends our FIN, and a shutdown() first would only cost a syscall."""
+        self._eof_count += 1
+        if self._pumps > 1:
+            _sockets.half_close(dst)
 
     def _pump_ended(self) -> None:
         self._pumps -= 1
