@@ -16,7 +16,6 @@ thread; in a patched program they run on the calling thread's hub.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from typing import Any, Callable, Dict, Optional
@@ -62,9 +61,7 @@ class FileService:
 
     def statistics(self) -> Statistics:
         """Every rule's statistics, added up."""
-        each = [fw.statistics() for _name, fw in self.service.items()]
-        return Statistics(**{f.name: sum(getattr(s, f.name) for s in each)
-                             for f in dataclasses.fields(Statistics)})
+        return self.service.statistics()
 
     # -- life ---------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ its hub (``hub.loop.run_callback_threadsafe``) and wait for the answer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
 
@@ -34,6 +35,7 @@ from gevent.lock import RLock
 
 from gproxy.config import Address, ConfigError, Rule, parse_address
 from gproxy.forwarder import Forwarder
+from gproxy.stats import Statistics
 
 __all__ = ["Service", "DuplicateName", "UnknownName"]
 
@@ -124,6 +126,12 @@ class Service:
     def items(self) -> List[tuple]:
         """``[(name, forwarder), ...]`` in the order they were added."""
         return list(self._forwarders.items())
+
+    def statistics(self) -> Statistics:
+        """Every proxy's statistics, added up."""
+        each = [fw.statistics() for fw in self._forwarders.values()]
+        return Statistics(**{f.name: sum(getattr(s, f.name) for s in each)
+                             for f in dataclasses.fields(Statistics)})
 
     # -- adding and removing ------------------------------------------------------------
 
