@@ -183,9 +183,7 @@ class Service:
             bind = listen_address(fw) if _same_listen(fw, new_listen) else new_listen
             new = Forwarder(bind, new_target, **_options_of(fw.rule))
             new._count_on(fw)
-            for toxic in fw.toxics():
-                new.add_toxic(toxic.function or toxic.type, name=toxic.name, stream=toxic.stream,
-                              toxicity=toxic.toxicity, **toxic.attributes)
+            _copy_toxics(fw, new)
             moved = bind != listen_address(fw)
             if want_enabled and moved:
                 _start_here(new)           # OSError here: the old one still runs
@@ -294,9 +292,7 @@ class Service:
                 previous = old.get(name)
                 if previous is None:
                     continue
-                for toxic in previous.toxics():  # what the API added to the rule stays
-                    new.add_toxic(toxic.function or toxic.type, name=toxic.name, stream=toxic.stream,
-                                  toxicity=toxic.toxicity, **toxic.attributes)
+                _copy_toxics(previous, new)  # what the API added to the rule stays
                 if previous._state == "running" and not previous.enabled:
                     new.disable()  # and so does a rule the API disabled
             kept = {name: fw for name, fw in old.items() if name not in result and name not in owned}
@@ -387,6 +383,14 @@ class Service:
                 fw._show_own_targets()
             _stop_all(leaving, timeout)
         return result
+
+
+def _copy_toxics(old: Forwarder, new: Forwarder) -> None:
+    """Give ``new`` the toxics ``old`` has, same names, streams and attributes."""
+    for toxic in old.toxics():
+        new.add_toxic(toxic.function or toxic.type, name=toxic.name, stream=toxic.stream,
+                      toxicity=toxic.toxicity, **toxic.attributes)
+
 
 def _start_all(built: Dict[str, Forwarder], old: Dict[str, Forwarder], leaving: List[Forwarder],
                label: Optional[str] = None) -> None:
