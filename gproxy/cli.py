@@ -432,7 +432,7 @@ def _supervise(args: argparse.Namespace, options: dict, count: int, argv: List[s
     try:
         rule = Forwarder(args.listen, target, **options).rule
     except ConfigError as exc:
-        return _fail(2, f"{_option_name(exc.field)}: {str(exc).split(': ', 1)[-1]}")
+        return _bad_option(exc)
     try:
         reserved = workers.reserve(rule)
     except OSError as exc:
@@ -463,7 +463,7 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         if args.metrics is not None:
             parse_address(args.metrics, "metrics")
     except ConfigError as exc:
-        return _fail(2, f"{_option_name(exc.field)}: {str(exc).split(': ', 1)[-1]}")
+        return _bad_option(exc)
 
     signals = 0
 
@@ -524,7 +524,7 @@ def _run(args: argparse.Namespace, options: dict) -> int:
             metrics_server.stop(timeout=1)
         if files is not None:
             return _fail(2, str(exc))
-        return _fail(2, f"{_option_name(exc.field)}: {str(exc).split(': ', 1)[-1]}")
+        return _bad_option(exc)
     except OSError as exc:
         if metrics_server is not None:
             metrics_server.stop(timeout=1)
@@ -540,6 +540,11 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         if metrics_server is not None:
             metrics_server.stop(timeout=1)
     return 0
+
+
+def _bad_option(exc: ConfigError) -> int:
+    """Exit 2 with the ConfigError told the command line's way (``--idle-timeout: ...``)."""
+    return _fail(2, f"{_option_name(exc.field)}: {str(exc).split(': ', 1)[-1]}")
 
 
 def _fail(code: int, message: str) -> int:
