@@ -670,7 +670,6 @@ class Forwarder:
         self._context.on_fd_exhausted = self._server.pause_accepting
         self._context.on_closed = self._server.connection_closed
         self._server.start()
-        self._hub_thread = _thread_id()
         _lifecycle.started.add(self)
         timeouts = [t for t in (self.rule.idle_timeout, self.rule.half_close_timeout) if t is not None]
         interval = min([max(t / 8, 0.01) for t in timeouts] + [_PARK_EVERY])
