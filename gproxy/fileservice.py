@@ -91,6 +91,9 @@ class FileService:
         """Read the file again and apply it (``Service.reload``): True if it was applied. A file
         that does not load, or an address that cannot be bound, is logged as an ERROR and
         changes nothing: the configuration in force stays."""
+        if self._stopped():
+            log.error("reload of %s refused: the service is stopped", self.path)
+            return False
         try:
             config = load(self.path)
         except ConfigError as exc:
@@ -115,8 +118,9 @@ class FileService:
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting everywhere, drain (for ``timeout``, default each rule's
-        ``drain_timeout``), abort what is left. A second call while draining aborts."""
-        if self._done is None:
+        ``drain_timeout``), abort what is left. A second call while draining aborts; one
+        after the service has stopped does nothing."""
+        if self._done is None or self._stopped():
             return
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._hub.loop.run_callback_threadsafe(gevent.spawn, self._stop_here, timeout)
@@ -150,8 +154,15 @@ class FileService:
         finally:
             self._done.set()
 
+    def _stopped(self) -> bool:
+        """Whether stop() has finished: the service's hub (in thread mode) is gone."""
+        return self._done is not None and self._done.is_set()
+
     def _call(self, func: Callable, *args: Any):
-        """``func(*args)`` on the service's hub, from whichever thread calls."""
+        """``func(*args)`` on the service's hub, from whichever thread calls. A stopped
+        service has no hub to run it: RuntimeError."""
+        if self._stopped():
+            raise RuntimeError(f"{self.path}: the service is stopped")
         if self._thread is None or threading.current_thread() is self._thread:
             return func(*args)
         answer: list = []

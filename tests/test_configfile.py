@@ -568,3 +568,24 @@ def test_the_http_api_sees_the_files_rules_and_keeps_its_own_over_a_reload(tmp_p
             assert first_byte(proxy.rules["web"]) == b"A"
             code, output = proxy.stop()
     assert code == 0 and "Traceback" not in output
+
+
+def test_a_stopped_file_service_refuses_reload_and_stops_again_quietly(tmp_path, no_errors_logged):
+    """After stop() in thread mode the service's hub is gone: reload() must say so (False,
+    one ERROR line) instead of raising from a dead loop, and a second stop() is a no-op."""
+    import gproxy
+    with Server(tagged(b"A")) as a:
+        path = write(tmp_path / "gproxy.toml", f"""
+            [[rule]]
+            name = "web"
+            listen = "127.0.0.1:0"
+            target = "127.0.0.1:{a.address[1]}"
+            """)
+        files = gproxy.load_config(str(path)).start()  # unpatched: a hub in a thread of its own
+        files.stop()
+        assert files.reload() is False
+        refused = [r for r in no_errors_logged.records if "stopped" in r.getMessage()]
+        assert len(refused) == 1, [r.getMessage() for r in no_errors_logged.records]
+        no_errors_logged.records.clear()  # the error was expected
+        files.stop()
+        assert files.statistics().active == 0
