@@ -24,9 +24,10 @@ import json
 import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
+from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
 from gproxy import __version__
+from gproxy._gevent import WSGIHandler
 from gproxy._sockets import describe_address, describe_error
 from gproxy.config import AddressLike, ConfigError, parse_address
 from gproxy.forwarder import Forwarder
@@ -333,14 +334,14 @@ def _handler(timeout: float):
             sock.settimeout(timeout)
             super().__init__(sock, address, server, rfile)
 
-        def _handle_client_error(self, ex):
+        def client_error(self, ex):
             """Malformed HTTP or a stalled client is bad input, not our error: one DEBUG line
             (pywsgi logs an ERROR, with a traceback for some), then 400 or, if the client
             stalled or went away, just the close."""
             log.debug("API client %s: %s", describe_address(self.client_address), ex or type(ex).__name__)
             if isinstance(ex, OSError):
                 return None
-            return "400", _BAD_HTTP
+            return _BAD_HTTP
 
     return Handler
 
