@@ -51,4 +51,4 @@ class Workers:
             if len(idle) >= self.keep:
                 return
             idle.append(getcurrent())
-            func, args = hub.switch()
+            func, args = hub.switch()  # the next job (gevent behaviour used directly: see _gevent.py)

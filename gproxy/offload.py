@@ -35,8 +35,9 @@ import os
 import select
 from typing import List, Optional
 
-from gevent import monkey
 from greenlet import getcurrent
+
+from gproxy import _gevent
 
 __all__ = ["Offload", "STOPPED"]
 
@@ -59,8 +60,6 @@ BULK_NICE = 5
 #: to the event loop (a hand-over costs a few tens of us; waiting costs no CPU)
 LINGER_MS = 2
 
-_allocate_lock = monkey.get_original("_thread", "allocate_lock")
-_start_new_thread = monkey.get_original("_thread", "start_new_thread")
 _PENDING = object()
 
 
@@ -74,11 +73,11 @@ class _Lane:
     __slots__ = ("go", "done", "wake", "poll", "job", "result", "waiter")
 
     def __init__(self, loop):
-        self.go = _allocate_lock()
+        self.go = _gevent.real_lock()
         self.go.acquire()  # the thread waits on it; run() releases it to hand over a job
         self.done = loop.async_(ref=False)
         self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.poll = monkey.get_original("select", "poll")()
+        self.poll = _gevent.real_poll()
         self.poll.register(self.wake, select.POLLIN)
         self.job = None
         self.result = _PENDING
@@ -120,7 +119,7 @@ class Offload:
         try:
             while lane.result is _PENDING:
                 try:
-                    self._hub.switch()
+                    self._hub.switch()  # until _returned switches back (see _gevent.py)
                 except BaseException as exc:  # not before the thread has let go of the fds
                     if thrown is None:
                         thrown = exc
@@ -173,7 +172,7 @@ class Offload:
             return None
         lane.done.start(self._returned, lane)
         try:
-            _start_new_thread(self._serve, (lane,))
+            _gevent.start_real_thread(self._serve, (lane,))
         except RuntimeError:  # can't start new thread
             lane.done.stop()
             lane.done.close()
