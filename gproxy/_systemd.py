@@ -17,13 +17,11 @@ import os
 import socket
 import time
 
-from gevent import monkey
+from gproxy import _gevent
 
 __all__ = ["notify", "reloading"]
 
 log = logging.getLogger(__name__)
-
-_Socket = monkey.get_original("socket", "socket")
 
 
 def notify(state: str) -> bool:
@@ -34,7 +32,7 @@ def notify(state: str) -> bool:
     if address.startswith("@"):
         address = "\0" + address[1:]
     try:
-        with _Socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        with _gevent.RealSocket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.settimeout(1.0)  # a datagram to a local socket never waits unless its queue is full
             sock.connect(address)
             sock.sendall(state.encode())

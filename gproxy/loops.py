@@ -31,8 +31,8 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import gevent
 import gevent.socket
-from gevent import monkey
 
+from gproxy import _gevent
 from gproxy.config import Address, ConfigError, Rule
 
 __all__ = ["refuse_at_start", "may_loop", "OwnUpstreams", "address_key"]
@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 #: how long start may spend resolving a target name to compare it with the listener
 _RESOLVE_TIMEOUT = 2.0
-
-_RawSocket = monkey.get_original("socket", "socket")
 
 Key = Tuple[str, int]
 
@@ -117,7 +115,7 @@ def _v6only(listener: socket.socket) -> bool:
 def _is_local(ip) -> bool:
     """Is ``ip`` one of this host's addresses? Binding to it says so, with no port taken."""
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    with _RawSocket(family, socket.SOCK_STREAM) as probe:
+    with _gevent.RealSocket(family, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((str(ip), 0))
         except OSError as exc:
