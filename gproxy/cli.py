@@ -45,7 +45,7 @@ from gproxy.forwarder import Forwarder
 from gproxy.jsonlog import JsonFormatter
 from gproxy.stats import Statistics
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 log = logging.getLogger("gproxy")
 
@@ -250,6 +250,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker-port", type=int, default=None, help=argparse.SUPPRESS)  # set for workers
     parser.add_argument("--version", action="version", version=f"gproxy {__version__}")
     return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """gproxy's command line as argparse defines it: what ``main`` parses, ``--help`` prints and
+    ``tools/manpage.py`` turns into the man page (docs/gproxy.1), so none can miss an option."""
+    return _parser()
 
 
 def _option_name(field: str) -> str:

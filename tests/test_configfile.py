@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from doctext import DOCS_DIR, fences
 from peers import (TIMEOUT, Gate, Proxy, Server, connect, echo, free_port, payload, recv_all,
                    recv_exactly, send_in_odd_chunks)
 
@@ -228,10 +229,11 @@ def test_check_accepts_a_complete_file_and_says_what_it_holds(tmp_path):
     assert "unix:/run/gproxy/redis.sock" in result.stdout
 
 
-def test_the_readme_example_file_is_valid(tmp_path):
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    example = re.search(r"```toml\n(# gproxy.toml.*?)```", readme, re.S).group(1)
-    result = run_cli("--check", "-c", write(tmp_path / "gproxy.toml", example))
+def test_the_documented_example_file_is_valid(tmp_path):
+    examples = [b.text for b in fences(DOCS_DIR / "configuration.md")
+                if b.info == "toml" and b.text.startswith("# gproxy.toml")]
+    assert len(examples) == 1, examples
+    result = run_cli("--check", "-c", write(tmp_path / "gproxy.toml", examples[0]))
     assert result.returncode == 0, result
     assert "3 rule(s)" in result.stdout and "(round-robin)" in result.stdout, result.stdout
 

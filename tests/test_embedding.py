@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import pytest
 
 import gproxy
 from gproxy import ConfigError, Outcome
+from doctext import documents, fences
 from peers import TIMEOUT, Server, connect, echo, recv_all, recv_exactly
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -272,13 +272,21 @@ def test_pytest_plugin_fixture(tmp_path):
     assert "1 passed" in result.stdout
 
 
-def readme_examples():
-    text = (ROOT / "README.md").read_text()
-    return re.findall(r"```python\n(# example: [^\n]*\n.*?)```", text, re.S)
+def documented_examples():
+    """Every ``# example: NAME`` block of the README and docs/, by name."""
+    found = {}
+    for path in documents():
+        for block in fences(path):
+            if block.info == "python" and block.text.startswith("# example: "):
+                name = block.text.splitlines()[0][len("# example: "):]
+                assert name not in found, f"two examples named {name!r}"
+                found[name] = block.text
+    return found
 
 
-@pytest.mark.parametrize("example", readme_examples(), ids=lambda e: e.splitlines()[0][len("# example: "):])
-def test_readme_examples_run_as_written(example):
+@pytest.mark.parametrize("name", sorted(documented_examples()))
+def test_documented_examples_run_as_written(name):
+    example = documented_examples()[name]
     # Exactly as a reader would paste them: nothing substituted, nothing listening beforehand.
     result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True,
                             timeout=TIMEOUT * 3, cwd=ROOT, stdin=subprocess.DEVNULL)
@@ -287,10 +295,9 @@ def test_readme_examples_run_as_written(example):
     assert "b'ping'" in result.stdout, result.stdout
 
 
-def test_readme_has_examples():
-    names = [e.splitlines()[0] for e in readme_examples()]
-    assert any("patched" in n and "unpatched" not in n for n in names), names
-    assert any("unpatched" in n for n in names), names
+def test_the_docs_show_every_mode():
+    # patched, unpatched and asyncio programs (docs/embedding.md), and toxics (docs/toxics.md)
+    assert set(documented_examples()) == {"unpatched", "patched", "asyncio", "toxics"}
 
 
 # The program's thread serves (or waits in serve_forever), a real OS thread of its own

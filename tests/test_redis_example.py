@@ -1,61 +1,42 @@
-"""The README's worked example, run as written: an app on redis-py against a real redis-server,
-through a gproxy forwarder, surviving a latency spike, an outage, and resets.
+"""The worked example of docs/toxics.md, run as a reader runs it: saved as test_greeter.py and run by
+pytest in a fresh process (an app on redis-py against a real redis-server, through a gproxy
+forwarder, surviving a latency spike, an outage and resets).
 
-The README shows this file from ``import redis`` down; a test below keeps the two the same.
+The example is found by its marker (``<!-- example-file: test_greeter.py -->`` right before its
+fence), so the docs hold the only copy and nothing here can drift from it.
 """
 
-from pathlib import Path
+from __future__ import annotations
 
-from test_real_clients import redis_server  # noqa: F401  (fixture: a real redis-server's port)
+import os
+import subprocess
+import sys
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+import pytest
 
-from gproxy.testing import forwarding
+from doctext import DOCS_DIR, ROOT, marked_block
+from peers import TIMEOUT
+from test_real_clients import need
 
-
-class Greeter:
-    """The app: reads its greeting from redis; while redis misbehaves it serves the last one."""
-
-    def __init__(self, port):
-        self.db = redis.Redis(port=port, socket_timeout=0.25, socket_connect_timeout=0.25,
-                              retry=Retry(NoBackoff(), 1))   # one quick retry, on a new connection
-        self.last = None
-
-    def greeting(self):
-        try:
-            self.last = self.db.get("greeting")
-            return self.last, "live"
-        except redis.RedisError:
-            return self.last, "cached"
+EXAMPLE = DOCS_DIR / "toxics.md"
 
 
-def test_greeter_survives_latency_an_outage_and_resets(redis_server):
-    redis.Redis(port=redis_server).set("greeting", "hello")
-    with forwarding(("127.0.0.1", redis_server)) as proxy:
-        app = Greeter(port=proxy.address[1])
-        assert app.greeting() == (b"hello", "live")
-
-        with proxy.toxic("latency", latency=1000):       # replies a second late: timeouts
-            assert app.greeting() == (b"hello", "cached")
-        assert app.greeting() == (b"hello", "live")
-
-        with proxy.down():                               # connections cut, new ones refused
-            assert app.greeting() == (b"hello", "cached")
-        assert app.greeting() == (b"hello", "live")
-
-        for connection in proxy.connections():           # one reset: the retry hides it
-            proxy.abort_connection(connection.id)
-        assert app.greeting() == (b"hello", "live")
-
-        with proxy.toxic("reset_peer", timeout=0):       # every reply reset
-            assert app.greeting() == (b"hello", "cached")
-        assert app.greeting() == (b"hello", "live")
+def test_the_example_stands_alone():
+    # A reader has no tests/ directory: the example brings its own redis-server.
+    text = marked_block(EXAMPLE, "test_greeter.py").text
+    assert "test_real_clients" not in text and "from tests" not in text and "peers" not in text
+    assert "def redis_socket" in text
 
 
-def test_readme_shows_this_example():
-    here = Path(__file__).read_text()
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    example = here[here.index("import redis"):here.index("\n\ndef test_readme_shows_this_example")]
-    assert example + "\n" in readme
+@pytest.mark.timeout(TIMEOUT * 6)
+def test_the_worked_redis_example_passes_as_written(tmp_path):
+    need("redis-server")
+    block = marked_block(EXAMPLE, "test_greeter.py")
+    assert block.info == "python"
+    (tmp_path / "test_greeter.py").write_text(block.text)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_greeter.py"],
+                            capture_output=True, text=True, timeout=TIMEOUT * 5, cwd=tmp_path, env=env,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout, result.stdout
