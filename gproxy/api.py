@@ -13,6 +13,12 @@ The routes, fields, status codes and error bodies (``{"error": "...", "status": 
 those of Shopify's toxiproxy server, so its clients drive gproxy unchanged. A request that
 fails changes nothing. Nothing here forwards a byte: the service and its forwarders do.
 
+Every call is atomic against every other (and against a config file's reload): its whole
+body is read first, then the lookup by name, the change and the answer are made in one
+step under the service's lock (``Service.locked``). So a proxy deleted or replaced while a
+request was arriving is looked up as it is when the request is complete: 404 if it is
+gone, and a toxic acknowledged is on the proxy that serves, never on one that went away.
+
 Whoever can reach this port can make the host connect anywhere: it listens on loopback
 unless told otherwise. Requests from web browsers (a ``User-Agent`` starting ``Mozilla/``)
 are refused, as toxiproxy refuses them, so a web page cannot drive it either.
@@ -160,7 +166,11 @@ class Api:
             handler = getattr(self, f"_{name}_post", None)
         if handler is None:
             raise ApiError("method not allowed", 405)
-        result = handler(environ, *args)
+        # The body first: reading it waits on the client, and nothing looked up may be
+        # held across a wait. Then lookup, change and answer in one step.
+        body = _read_body(environ) if method in ("POST", "PATCH") else None
+        with self.service.locked():
+            result = handler(body, *args)
         if result is None:
             return 204, [], b""
         status, obj = result
@@ -168,11 +178,11 @@ class Api:
 
     # -- proxies ------------------------------------------------------------------------------
 
-    def _proxies_get(self, environ):
+    def _proxies_get(self, body):
         return 200, {name: self._proxy_json(name, fw) for name, fw in self.service.items()}
 
-    def _proxies_post(self, environ):
-        body = _object(_read_json(environ))
+    def _proxies_post(self, body):
+        body = _object(_json(body))
         name, upstream = body.get("name"), body.get("upstream")
         _fields(body, name=str, listen=str, upstream=str, enabled=bool)
         if not name:
@@ -193,9 +203,9 @@ class Api:
             raise ApiError(str(exc.strerror or exc), 500) from None
         return 201, self._proxy_json(name, fw)
 
-    def _populate_post(self, environ):
+    def _populate_post(self, body):
         try:
-            body = _read_json(environ)
+            body = _json(body)
             if not isinstance(body, list):
                 raise _bad_body(f"expected an array of proxies, got {_json_type(body)}")
             specs = []
@@ -220,12 +230,12 @@ class Api:
         names = [spec["name"] for spec in specs]
         return 201, {"proxies": [self._proxy_json(name, fw) for name, fw in zip(names, forwarders)]}
 
-    def _proxy_get(self, environ, name):
+    def _proxy_get(self, body, name):
         return 200, self._proxy_json(name, self._proxy(name))
 
-    def _proxy_post(self, environ, name):
+    def _proxy_post(self, body, name):
         self._proxy(name)
-        body = _object(_read_json(environ))
+        body = _object(_json(body))
         _fields(body, name=str, listen=str, upstream=str, enabled=bool)
         try:
             fw = self.service.update(name, listen=body.get("listen"), target=body.get("upstream"),
@@ -236,26 +246,26 @@ class Api:
             raise ApiError(str(exc.strerror or exc), 500) from None
         return 200, self._proxy_json(name, fw)
 
-    def _proxy_delete(self, environ, name):
+    def _proxy_delete(self, body, name):
         try:
             self.service.remove(name, timeout=self.drop_timeout)
         except UnknownName:
             raise ApiError(*_PROXY_NOT_FOUND) from None
 
-    def _reset_post(self, environ):
+    def _reset_post(self, body):
         self.service.reset()
 
-    def _version_get(self, environ):
+    def _version_get(self, body):
         return 200, {"version": __version__}
 
     # -- toxics -----------------------------------------------------------------------------
 
-    def _toxics_get(self, environ, name):
+    def _toxics_get(self, body, name):
         return 200, [_toxic_json(t) for t in _toxics_of(self._proxy(name))]
 
-    def _toxics_post(self, environ, name):
+    def _toxics_post(self, body, name):
         fw = self._proxy(name)
-        body = _object(_read_json(environ))
+        body = _object(_json(body))
         _fields(body, name=str, type=str, stream=str, toxicity=(int, float), attributes=dict)
         stream = (body.get("stream") or "downstream").lower()
         if stream not in ("upstream", "downstream"):
@@ -277,13 +287,13 @@ class Api:
             raise _bad_body(str(exc)) from None
         return 200, _toxic_json(toxic)
 
-    def _toxic_get(self, environ, name, toxic_name):
+    def _toxic_get(self, body, name, toxic_name):
         return 200, _toxic_json(self._toxic(self._proxy(name), toxic_name))
 
-    def _toxic_post(self, environ, name, toxic_name):
+    def _toxic_post(self, body, name, toxic_name):
         fw = self._proxy(name)
         self._toxic(fw, toxic_name)
-        body = _object(_read_json(environ))
+        body = _object(_json(body))
         _fields(body, toxicity=(int, float), attributes=dict)
         changes = dict(body.get("attributes") or {})
         if body.get("toxicity") is not None:
@@ -296,7 +306,7 @@ class Api:
             raise _bad_body(str(exc)) from None
         return 200, _toxic_json(toxic)
 
-    def _toxic_delete(self, environ, name, toxic_name):
+    def _toxic_delete(self, body, name, toxic_name):
         fw = self._proxy(name)
         self._toxic(fw, toxic_name)
         fw.remove_toxic(toxic_name)
@@ -382,7 +392,8 @@ def _error(message: str, status: int):
     return status, [("Content-Type", "application/json")], body
 
 
-def _read_json(environ: dict) -> Any:
+def _read_body(environ: dict) -> bytes:
+    """The whole request body (at most ``_MAX_BODY`` bytes)."""
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
@@ -395,7 +406,11 @@ def _read_json(environ: dict) -> Any:
         raise _bad_body(f"cannot read it: {exc}") from None
     if len(data) > _MAX_BODY:
         raise ApiError(f"request body over {_MAX_BODY} bytes", 413)
-    if not data.strip():
+    return data
+
+
+def _json(data: Optional[bytes]) -> Any:
+    if not data or not data.strip():
         raise _bad_body("EOF")  # what toxiproxy says of an empty body
     try:
         return json.loads(data)

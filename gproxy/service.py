@@ -21,10 +21,16 @@ greenlets of the one hub that runs the service (the one whose thread created it)
 only switches are the waits inside stop and drain, and a lock keeps changes from
 interleaving across those waits. To drive a service from another thread, hand the call to
 its hub (``hub.loop.run_callback_threadsafe``) and wait for the answer.
+
+Atomic steps: ``with service.locked():`` holds every other change off (another greenlet's
+call, a reload, a populate) until the block ends, whatever it waits for inside, so a name
+looked up there stays that forwarder and a change made there lands on it. The HTTP API
+runs each call so, after reading the request's body and before looking anything up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
@@ -63,9 +69,15 @@ class UnknownName(KeyError):
 
 def _start_here(fw: Forwarder) -> None:
     """Start ``fw`` on the calling thread's hub, the service's, even in an unpatched program
-    (where ``Forwarder.start()`` would give it a thread and a hub of its own)."""
+    (where ``Forwarder.start()`` would give it a thread and a hub of its own). If it cannot
+    listen it stays new, so a later enable or reset can try again."""
     fw._claim_start()
-    fw._start_on_hub()
+    try:
+        fw._start_on_hub()
+    except OSError:
+        if fw._state == "stopped":  # it could not listen and undid what it began
+            fw._state = "new"
+        raise
 
 
 def is_enabled(fw: Forwarder) -> bool:
@@ -105,6 +117,14 @@ class Service:
         self._retired: List[gevent.Greenlet] = []  # reload's old forwarders, draining
 
     # -- reading -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["Service"]:
+        """``with service.locked():`` no other change interleaves with the block, even where
+        it waits (a forwarder stopping, toxics settling): what it looks up stays what it
+        changes. Re-entrant, so the service's own methods may be called inside."""
+        with self._lock:
+            yield self
 
     def __getitem__(self, name: str) -> Forwarder:
         try:

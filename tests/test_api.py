@@ -3,8 +3,10 @@ real sockets by a plain HTTP client (urllib) and by a toxiproxy client library f
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import random
 import queue
 import re
 import socket
@@ -13,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Optional, Tuple
 
@@ -502,3 +505,169 @@ def test_toxiproxy_node_client(api, upstream):
     result = subprocess.run(["node", os.path.join(NODE_CLIENT, "toxiproxy_client.js"), api.url,
                              "%s:%d" % upstream.address], capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0 and "all passed" in result.stdout, result.stdout + result.stderr
+
+
+# -- atomicity: every call against every other ---------------------------------------------------
+
+class HeldRequest:
+    """A request whose body the test holds back. The headers go with ``Expect: 100-continue``;
+    once the API answers ``100 Continue`` (``continued``) its handler is waiting for the body,
+    so whatever the test does next happens while that call is under way. ``finish()`` sends
+    the body (unless the API answered without wanting it) and returns (status, decoded JSON
+    or None)."""
+
+    CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+    def __init__(self, api, method: str, path: str, body: Any):
+        self.body = json.dumps(body).encode()
+        self.sock = connect(api.api)
+        self.sock.sendall((f"{method} {urllib.parse.quote(path)} HTTP/1.1\r\nHost: gproxy\r\n"
+                           f"User-Agent: gproxy-tests\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(self.body)}\r\nExpect: 100-continue\r\n"
+                           f"Connection: close\r\n\r\n").encode())
+        # peeked, so a final answer stays in the socket for finish() to parse
+        start = self.sock.recv(len(self.CONTINUE), socket.MSG_PEEK | socket.MSG_WAITALL)
+        self.continued = start == self.CONTINUE
+        if self.continued:
+            recv_exactly(self.sock, len(self.CONTINUE))
+
+    def finish(self) -> Tuple[int, Any]:
+        try:
+            if self.continued:
+                self.sock.sendall(self.body)
+            response = http.client.HTTPResponse(self.sock)
+            response.begin()
+            text = response.read()
+            return response.status, json.loads(text) if text else None
+        finally:
+            self.sock.close()
+
+
+def hold(api, method: str, path: str, body: Any) -> HeldRequest:
+    request = HeldRequest(api, method, path, body)
+    assert request.continued, "the API answered before it read the body"
+    return request
+
+
+def populate_replacing(api, proxy: dict, upstream) -> None:
+    """/populate the same name and listen address with another upstream: a new forwarder."""
+    status, body = api.call("POST", "/populate", [{"name": proxy["name"], "listen": proxy["listen"],
+                                                   "upstream": "%s:%d" % tuple(upstream)}])
+    assert status == 201, body
+
+
+CHANGES = {  # a call held across the race: (method, path, body)
+    "update proxy": ("POST", "/proxies/p", {"enabled": False}),
+    "add toxic": ("POST", "/proxies/p/toxics", {"type": "limit_data", "name": "cap2", "attributes": {"bytes": 2}}),
+    "update toxic": ("POST", "/proxies/p/toxics/cap", {"attributes": {"bytes": 2}}),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_call_on_a_proxy_deleted_meanwhile_is_404(api, upstream, change):
+    create(api, "p", upstream.address)
+    assert api.call("POST", "/proxies/p/toxics", {"type": "limit_data", "name": "cap",
+                                                  "attributes": {"bytes": 5}})[0] == 200
+    held = hold(api, *CHANGES[change])
+    assert api.call("DELETE", "/proxies/p") == (204, None)
+    assert held.finish() == (404, {"error": "proxy not found", "status": 404})
+    assert api.call("GET", "/proxies") == (200, {})
+
+
+@pytest.mark.parametrize("change", ["add toxic", "update toxic"])
+@pytest.mark.parametrize("replace", ["upstream", "listen"])
+def test_a_toxic_change_acknowledged_while_the_proxy_is_replaced_is_applied(api, upstream, change, replace):
+    proxy = create(api, "p", upstream.address)
+    assert api.call("POST", "/proxies/p/toxics", {"type": "limit_data", "name": "cap",
+                                                  "attributes": {"bytes": 5}})[0] == 200
+    with Server(echo) as other:
+        held = hold(api, *CHANGES[change])
+        fields = ({"upstream": "%s:%d" % other.address} if replace == "upstream"
+                  else {"listen": f"127.0.0.1:{free_port()}"})
+        status, proxy = api.call("POST", "/proxies/p", fields)
+        assert status == 200, proxy
+        status, toxic = held.finish()
+        assert status == 200 and toxic["attributes"] == {"bytes": 2}, toxic
+        assert toxic in api.call("GET", "/proxies/p")[1]["toxics"]
+        assert exchange(address_of(proxy["listen"])) == b"pi"   # it acts on the proxy as it is now
+
+
+def test_a_call_racing_populate_applies_to_the_proxy_populate_left(api, upstream):
+    with Server(echo) as other:
+        proxy = create(api, "p", upstream.address)
+        assert api.call("POST", "/proxies/p/toxics", {"type": "limit_data", "name": "cap",
+                                                      "attributes": {"bytes": 5}})[0] == 200
+        held = hold(api, *CHANGES["update toxic"])
+        populate_replacing(api, proxy, other.address)   # a new proxy: toxiproxy's has no toxics
+        assert held.finish() == (404, {"error": "toxic not found", "status": 404})
+        held = hold(api, *CHANGES["update proxy"])
+        populate_replacing(api, proxy, upstream.address)
+        status, after = held.finish()
+        assert status == 200 and after["enabled"] is False and after["upstream"] == "%s:%d" % upstream.address
+        assert refused(address_of(proxy["listen"]))
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_calls_never_fail(upstream):
+    """Clients changing, replacing and deleting the same few proxies at once, each body held
+    back until the API asked for it: every answer is one of toxiproxy's, never a 500, and
+    nothing is logged as an error. A bounded count of calls, not a duration."""
+    names, clients, calls = ["a", "b", "c"], 8, 40
+    target = "%s:%d" % upstream.address
+    with ApiProcess() as process:
+        errors: "queue.Queue[BaseException]" = queue.Queue()
+
+        def client(seed: int, answers: list) -> None:
+            try:
+                calls_from(random.Random(seed), answers)
+            except BaseException as exc:  # handed to the test
+                errors.put(exc)
+
+        def calls_from(rng: random.Random, answers: list) -> None:
+            for _ in range(calls):
+                name = rng.choice(names)
+                method, path, body = rng.choice([
+                    ("POST", "/proxies", {"name": name, "upstream": target}),
+                    ("DELETE", f"/proxies/{name}", None),
+                    ("POST", f"/proxies/{name}", {"enabled": rng.random() < 0.5}),
+                    ("POST", f"/proxies/{name}", {"upstream": target if rng.random() < 0.5 else "127.0.0.1:1"}),
+                    ("POST", "/populate", [{"name": name, "listen": "127.0.0.1:0", "upstream": target}]),
+                    ("POST", f"/proxies/{name}/toxics", {"type": "latency", "name": "lag"}),
+                    ("POST", f"/proxies/{name}/toxics/lag", {"attributes": {"latency": rng.randrange(10)}}),
+                    ("DELETE", f"/proxies/{name}/toxics/lag", None),
+                    ("GET", f"/proxies/{name}", None),
+                    ("POST", "/reset", None),
+                ])
+                if body is None:
+                    answers.append((method, path, *process.call(method, path)))
+                else:
+                    answers.append((method, path, *HeldRequest(process, method, path, body).finish()))
+
+        answers = [[] for _ in range(clients)]
+        threads = [threading.Thread(target=client, args=(seed, answers[seed])) for seed in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT * 3)
+        assert not any(thread.is_alive() for thread in threads)
+        assert errors.empty(), errors.get()
+        every = [answer for each in answers for answer in each]
+        assert len(every) == clients * calls
+        failed = [answer for answer in every if answer[2] not in (200, 201, 204, 404, 409)]
+        assert not failed, failed
+        code, log = process.stop()
+    assert code == 0, log
+    assert "Traceback" not in log and " ERROR " not in log, log
+
+
+# -- a proxy that cannot listen again ----------------------------------------------------------------
+
+def test_enable_that_cannot_listen_is_500_and_can_be_tried_again(api, upstream):
+    with _taken_port() as taken:
+        port = taken.getsockname()[1]
+        create(api, "later", upstream.address, listen=f"127.0.0.1:{port}", enabled=False)
+        assert api.call("POST", "/proxies/later", {"enabled": True}) == \
+            (500, {"error": f"cannot listen on 127.0.0.1:{port}: address already in use", "status": 500})
+    status, proxy = api.call("POST", "/proxies/later", {"enabled": True})   # the port is free now
+    assert status == 200 and proxy["enabled"] is True, proxy
+    assert exchange(("127.0.0.1", port)) == b"ping"
