@@ -37,7 +37,7 @@ from gproxy._gevent import WSGIHandler
 from gproxy._sockets import describe_address, describe_error
 from gproxy.config import AddressLike, ConfigError, parse_address
 from gproxy.forwarder import Forwarder
-from gproxy.service import DuplicateName, Service, UnknownName, is_enabled, listen_address
+from gproxy.service import DuplicateName, ResetFailed, Service, UnknownName, is_enabled, listen_address
 
 __all__ = ["Api", "ApiError"]
 
@@ -253,7 +253,15 @@ class Api:
             raise ApiError(*_PROXY_NOT_FOUND) from None
 
     def _reset_post(self, body):
-        self.service.reset()
+        """toxiproxy stops at the first proxy that cannot listen again; here every other one
+        is reset all the same, then 500 lists each that could not (``failures``)."""
+        try:
+            self.service.reset()
+        except ResetFailed as exc:
+            failures = [{"name": name, "listen": str(address), "error": str(error.strerror or error)}
+                        for name, (address, error) in exc.failures.items()]
+            return 500, {"error": f"not every proxy could be reset: {exc}", "status": 500,
+                         "failures": failures}
 
     def _version_get(self, body):
         return 200, {"version": __version__}

@@ -54,7 +54,8 @@ def listen(rule: Rule, bound: Optional[Tuple[str, int]] = None):
         sock.listen(rule.backlog)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {listen}: {_sockets.describe_error(exc)}") from None
+        where = listen if bound is None else _sockets.describe_address(bound)  # not the rule's port 0
+        raise OSError(exc.errno, f"cannot listen on {where}: {_sockets.describe_error(exc)}") from None
     sock.setblocking(False)
     return sock
 

@@ -43,7 +43,7 @@ from gproxy.config import Address, ConfigError, Rule, parse_address
 from gproxy.forwarder import Forwarder
 from gproxy.stats import Statistics
 
-__all__ = ["Service", "DuplicateName", "UnknownName"]
+__all__ = ["Service", "DuplicateName", "UnknownName", "ResetFailed"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,17 @@ class UnknownName(KeyError):
 
     def __str__(self) -> str:
         return f"no proxy named {self.name!r}"
+
+
+class ResetFailed(OSError):
+    """``reset()`` reset every proxy it could; these could not listen again (their address
+    was taken meanwhile). ``failures``: ``{name: (address, OSError)}``, the address being the
+    one the proxy listens on. Those proxies lost their toxics too and stay disabled."""
+
+    def __init__(self, failures: Dict[str, tuple]):
+        self.failures = failures
+        super().__init__("; ".join(f'proxy "{name}": {exc.strerror or exc}'
+                                   for name, (_, exc) in failures.items()))
 
 
 def _start_here(fw: Forwarder) -> None:
@@ -333,12 +344,20 @@ class Service:
         self._stopped.wait()
 
     def reset(self) -> None:
-        """Every proxy enabled, every toxic removed (toxiproxy's ``POST /reset``)."""
+        """Every proxy enabled, every toxic removed (toxiproxy's ``POST /reset``). A proxy
+        that cannot listen again does not stop the others: each is reset, then
+        :class:`ResetFailed` (an ``OSError``) names every one that could not listen."""
+        failures: Dict[str, tuple] = {}
         with self._lock:
-            for fw in list(self._forwarders.values()):
-                if fw._state == "new":
-                    _start_here(fw)
-                fw.reset()
+            for name, fw in list(self._forwarders.items()):
+                try:
+                    fw.reset()  # toxics first: they go even if it cannot listen
+                    if fw._state == "new":
+                        _start_here(fw)
+                except OSError as exc:
+                    failures[name] = (listen_address(fw), exc)
+        if failures:
+            raise ResetFailed(failures)
 
     def populate(self, proxies: Iterable[Mapping[str, Any]], timeout: Optional[float] = None) -> List[Forwarder]:
         """Create or replace proxies from ``[{"name", "listen", "target", "enabled"?, option...}]``.

@@ -671,3 +671,26 @@ def test_enable_that_cannot_listen_is_500_and_can_be_tried_again(api, upstream):
     status, proxy = api.call("POST", "/proxies/later", {"enabled": True})   # the port is free now
     assert status == 200 and proxy["enabled"] is True, proxy
     assert exchange(("127.0.0.1", port)) == b"ping"
+
+
+def test_reset_resets_every_proxy_it_can_then_names_each_that_cannot_listen(api, upstream):
+    proxies = {name: create(api, name, upstream.address) for name in "abc"}   # port 0 each
+    for name in "abc":
+        assert api.call("POST", f"/proxies/{name}/toxics", {"type": "limit_data", "name": "cap",
+                                                            "attributes": {"bytes": 2}})[0] == 200
+        assert api.call("POST", f"/proxies/{name}", {"enabled": False})[0] == 200
+    listen = proxies["b"]["listen"]
+    with socket.socket() as taken:   # b's real port, taken while b is disabled
+        taken.bind(address_of(listen))
+        taken.listen()
+        status, body = api.call("POST", "/reset")
+        failure = f"cannot listen on {listen}: address already in use"
+        assert (status, body) == (500, {"error": f'not every proxy could be reset: proxy "b": {failure}',
+                                        "status": 500,
+                                        "failures": [{"name": "b", "listen": listen, "error": failure}]})
+        after = api.call("GET", "/proxies")[1]
+        assert [after[name]["enabled"] for name in "abc"] == [True, False, True]   # c too, after b
+        assert all(proxy["toxics"] == [] for proxy in after.values()), after
+        assert exchange(address_of(proxies["c"]["listen"])) == b"ping"
+    assert api.call("POST", "/reset") == (204, None)
+    assert exchange(address_of(listen)) == b"ping"
