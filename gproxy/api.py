@@ -422,6 +422,8 @@ def _json(data: Optional[bytes]) -> Any:
         raise _bad_body("EOF")  # what toxiproxy says of an empty body
     try:
         return json.loads(data)
+    except RecursionError:  # the C decoder recurses per level: '[' * 100000 gets here
+        raise _bad_body("nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise _bad_body(str(exc)) from None
 

@@ -70,6 +70,10 @@ TYPES: Dict[str, Dict[str, int]] = {
     "limit_data": {"bytes": 0},                           # bytes
 }
 
+#: the largest attribute value: toxiproxy's attributes are Go int64s, so its clients send no
+#: more; every stage runs with it, where ~400 digits overflowed the float of a time
+MAX_ATTRIBUTE = 2**63 - 1
+
 #: the type a toxic written in Python reports
 PYTHON = "python"
 
@@ -178,8 +182,8 @@ def _attributes(type: str, defaults: Dict[str, int], given: Dict[str, Any], labe
                               f"{type} has no such attribute (it has: {', '.join(defaults)})")
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{label}: {key}", f"must be a whole number >= 0, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ATTRIBUTE:
+            raise ConfigError(f"{label}: {key}", f"must be a whole number from 0 to {MAX_ATTRIBUTE}, not {value!r}")
         result[key] = value
     if type == "slicer":
         if result["average_size"] < 1:

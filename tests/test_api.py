@@ -22,6 +22,7 @@ from typing import Any, Optional, Tuple
 import pytest
 
 import gproxy
+import gproxy.toxics
 from peers import TIMEOUT, Gate, Proxy, Server, connect, echo, free_port, recv_all, recv_exactly
 
 pytestmark = pytest.mark.timeout(60)
@@ -288,6 +289,10 @@ BAD = [
     ("DELETE", "/proxies/live/toxics/missing", None, 404, "toxic not found"),
     ("GET", "/nowhere", None, 404, "not found"),
     ("PUT", "/proxies", {}, 405, "method not allowed"),
+    ("POST", "/proxies", b"[" * 100_000, 400, "bad request body: nested too deeply"),
+    ("POST", "/populate", b"[" * 100_000, 400, "bad request body: nested too deeply"),
+    ("POST", "/proxies/live", b'{"x": ' * 100_000, 400, "bad request body: nested too deeply"),
+    ("POST", "/proxies/live/toxics", b"[" * 100_000, 400, "bad request body: nested too deeply"),
 ]
 
 
@@ -694,3 +699,69 @@ def test_reset_resets_every_proxy_it_can_then_names_each_that_cannot_listen(api,
         assert exchange(address_of(proxies["c"]["listen"])) == b"ping"
     assert api.call("POST", "/reset") == (204, None)
     assert exchange(address_of(listen)) == b"ping"
+
+
+# -- numbers a toxic can run with ---------------------------------------------------------------------
+
+ATTRIBUTES = [(kind, key) for kind, defaults in gproxy.toxics.TYPES.items() for key in defaults]
+MAX_ATTRIBUTE = 2**63 - 1   # toxiproxy's: its attributes are Go int64s
+
+
+def at_most(kind: str, key: str, value) -> dict:
+    """The attributes of a valid ``kind`` toxic with ``key`` set to ``value``."""
+    if kind != "slicer":
+        return {key: value}
+    if key == "size_variation":   # must stay below average_size
+        return {"average_size": MAX_ATTRIBUTE, key: value}
+    return {"average_size": 10, key: value}
+
+
+@pytest.mark.parametrize("kind, key", ATTRIBUTES, ids=[f"{k}.{a}" for k, a in ATTRIBUTES])
+def test_toxic_numbers_over_the_bound_are_refused_naming_the_attribute(api, upstream, kind, key):
+    create(api, "t", upstream.address)
+    name = f"{kind}_upstream"
+    too_big = MAX_ATTRIBUTE + 1
+    for value in (too_big, 10**400, 1e300):
+        status, error = api.call("POST", "/proxies/t/toxics", {"type": kind, "stream": "upstream",
+                                                              "attributes": at_most(kind, key, value)})
+        assert status == 400 and error["error"].startswith(f"bad request body: toxic {name}: {key}: "), error
+    assert api.call("GET", "/proxies/t/toxics") == (200, [])
+    limit = MAX_ATTRIBUTE - 1 if key == "size_variation" else MAX_ATTRIBUTE
+    status, toxic = api.call("POST", "/proxies/t/toxics", {"type": kind, "stream": "upstream",
+                                                          "attributes": at_most(kind, key, limit)})
+    assert status == 200 and toxic["attributes"][key] == limit, toxic
+    status, error = api.call("POST", f"/proxies/t/toxics/{name}", {"attributes": {key: too_big}})
+    assert status == 400 and error["error"].startswith(f"bad request body: toxic {name}: {key}: "), error
+
+
+MOST = {  # every attribute of each type at its bound: what a connection must run through
+    "latency": {"latency": MAX_ATTRIBUTE, "jitter": MAX_ATTRIBUTE},
+    "bandwidth": {"rate": MAX_ATTRIBUTE},
+    "slow_close": {"delay": MAX_ATTRIBUTE},
+    "timeout": {"timeout": MAX_ATTRIBUTE},
+    "reset_peer": {"timeout": MAX_ATTRIBUTE},
+    "slicer": {"average_size": MAX_ATTRIBUTE, "size_variation": MAX_ATTRIBUTE - 1, "delay": MAX_ATTRIBUTE},
+    "limit_data": {"bytes": MAX_ATTRIBUTE},
+}
+PASSES = {"bandwidth", "slicer", "limit_data", "slow_close"}  # the others hold the chunk (for ever)
+
+
+@pytest.mark.parametrize("kind", list(MOST))
+def test_a_connection_runs_through_each_toxic_at_its_bound(forwarder_factory, kind):
+    """In this process, so that an exception in a stage (OverflowError from a time or a size
+    too large) fails the test: no ERROR logged, the chunk passes or is held, the connection
+    ends when closed."""
+    assert set(MOST) == set(gproxy.toxics.TYPES) and all(
+        set(MOST[k]) == set(gproxy.toxics.TYPES[k]) for k in MOST)
+    with forwarder_factory.gated() as (fw, client, server):
+        fw.add_toxic(kind, stream="upstream", **MOST[kind])
+        client.sendall(b"ping")
+        if kind in PASSES:
+            assert recv_exactly(server, 4) == b"ping"
+        deadline = time.monotonic() + TIMEOUT
+        while not fw.connections()[0].bytes_upstream:   # read, so it went into the stage
+            assert time.monotonic() < deadline
+            time.sleep(0.01)  # sleep-ok: polling another thread's counter
+        [record] = fw.connections()
+        assert fw.close_connection(record.id)
+        fw.remove_toxic(f"{kind}_upstream")
