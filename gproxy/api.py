@@ -18,6 +18,7 @@ body is read first, then the lookup by name, the change and the answer are made 
 step under the service's lock (``Service.locked``). So a proxy deleted or replaced while a
 request was arriving is looked up as it is when the request is complete: 404 if it is
 gone, and a toxic acknowledged is on the proxy that serves, never on one that went away.
+Paths are UTF-8, percent-encoded (``/proxies/caf%C3%A9``).
 
 Whoever can reach this port can make the host connect anywhere: it listens on loopback
 unless told otherwise. Requests from web browsers (a ``User-Agent`` starting ``Mozilla/``)
@@ -148,7 +149,10 @@ class Api:
             # toxiproxy's answer, verbatim: a web page must not drive the API (CSRF)
             return 403, [("Content-Type", "text/plain; charset=utf-8")], b"User agent not allowed\n"
         method = environ["REQUEST_METHOD"].upper()
-        path = environ.get("PATH_INFO") or "/"
+        try:  # WSGI hands the path over as Latin-1 text: its bytes are the client's UTF-8
+            path = (environ.get("PATH_INFO") or "/").encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            raise ApiError("bad request path: not UTF-8", 400) from None
         mounted = self._mounted.get((method, path))
         if mounted is not None:
             return mounted(environ)
@@ -280,6 +284,7 @@ class Api:
             raise ApiError(*_INVALID_STREAM)
         kind = body.get("type") or ""
         toxic_name = body.get("name") or f"{kind}_{stream}"
+        _check_path_name(toxic_name)
         if any(t.name == toxic_name for t in _toxics_of(fw)):
             raise ApiError(*_TOXIC_EXISTS)
         toxicity = body.get("toxicity")
@@ -426,6 +431,20 @@ def _json(data: Optional[bytes]) -> Any:
         raise _bad_body("nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise _bad_body(str(exc)) from None
+
+
+def _check_path_name(name: str) -> None:
+    """A toxic's name must be one its path can carry, as a proxy's must (``service._check_name``)."""
+    if "/" in name or name in (".", "..") or not _utf8(name):
+        raise _bad_body(f"name: a URL path cannot carry {name!r}")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which JSON's \ud800 can spell
+        return False
+    return True
 
 
 def _json_type(value: Any) -> str:

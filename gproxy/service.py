@@ -475,6 +475,14 @@ def _check_name(name) -> None:
         raise ConfigError("name", f"expected a non-empty string, got {name!r}")
     if "/" in name:
         raise ConfigError("name", f"may not contain '/', got {name!r}")
+    # The API's paths name it: /proxies/NAME, percent-encoded UTF-8, where clients drop
+    # "." and ".." segments (RFC 3986) and a lone surrogate has no UTF-8 at all.
+    if name in (".", ".."):
+        raise ConfigError("name", f"may not be {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("name", f"must be Unicode text (UTF-8), got {name!r}") from None
 
 
 def _options_of(rule: Rule) -> Dict[str, Any]:

@@ -293,6 +293,10 @@ BAD = [
     ("POST", "/populate", b"[" * 100_000, 400, "bad request body: nested too deeply"),
     ("POST", "/proxies/live", b'{"x": ' * 100_000, 400, "bad request body: nested too deeply"),
     ("POST", "/proxies/live/toxics", b"[" * 100_000, 400, "bad request body: nested too deeply"),
+    ("POST", "/proxies", {"name": "..", "upstream": "127.0.0.1:1"}, 400, "name: may not be '..'"),
+    ("POST", "/proxies", b'{"name": "\\ud800", "upstream": "127.0.0.1:1"}', 400, "name: must be Unicode text"),
+    ("POST", "/populate", [{"name": ".", "upstream": "127.0.0.1:1"}], 400, "proxies[0].name: may not be '.'"),
+    ("GET", "/proxies/%FF", None, 400, "bad request path: not UTF-8"),
 ]
 
 
@@ -765,3 +769,46 @@ def test_a_connection_runs_through_each_toxic_at_its_bound(forwarder_factory, ki
         [record] = fw.connections()
         assert fw.close_connection(record.id)
         fw.remove_toxic(f"{kind}_upstream")
+
+
+# -- names beyond ASCII ------------------------------------------------------------------------------
+
+def test_a_proxy_and_a_toxic_named_in_utf8(api, upstream):
+    proxy = create(api, "café", upstream.address)
+    path = "/proxies/" + urllib.parse.quote("café")
+    assert path == "/proxies/caf%C3%A9"
+    assert api.call("GET", path) == (200, proxy)
+    status, toxic = api.call("POST", path + "/toxics", {"type": "limit_data", "name": "límite",
+                                                        "attributes": {"bytes": 2}})
+    assert status == 200 and toxic["name"] == "límite"
+    toxic_path = path + "/toxics/" + urllib.parse.quote("límite")
+    assert api.call("GET", toxic_path) == (200, toxic)
+    assert api.call("POST", toxic_path, {"attributes": {"bytes": 3}})[1]["attributes"] == {"bytes": 3}
+    assert exchange(address_of(proxy["listen"])) == b"pin"
+    assert api.call("DELETE", toxic_path) == (204, None)
+    assert api.call("POST", path, {"enabled": False})[1]["enabled"] is False
+    assert api.call("DELETE", path) == (204, None)
+    assert api.call("GET", "/proxies") == (200, {})
+
+
+def test_toxiproxy_python_client_with_a_utf8_name(api, upstream):
+    from toxiproxy import Toxiproxy
+
+    client = Toxiproxy()
+    client.update_api_consumer(*api.api)
+    proxy = client.create(upstream="%s:%d" % upstream.address, name="café", listen="127.0.0.1:0")
+    assert client.get_proxy("café").listen == proxy.listen
+    proxy.add_toxic(type="limit_data", name="límite", attributes={"bytes": 2})
+    assert proxy.get_toxic("límite").attributes == {"bytes": 2}
+    assert exchange(address_of(proxy.listen)) == b"pi"
+    assert proxy.destroy_toxic("límite") is True
+    assert proxy.destroy() is True and client.proxies() == {}
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "\ud800"])
+def test_a_toxic_name_its_path_cannot_carry_is_refused(api, upstream, name):
+    create(api, "t", upstream.address)
+    raw = json.dumps({"type": "latency", "name": name}).encode()   # \ud800 stays escaped
+    status, error = api.call("POST", "/proxies/t/toxics", raw=raw)
+    assert status == 400 and error["error"].startswith("bad request body: name: "), error
+    assert api.call("GET", "/proxies/t/toxics") == (200, [])
