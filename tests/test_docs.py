@@ -11,6 +11,8 @@ import argparse
 import ast
 import inspect
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -123,3 +125,19 @@ def test_every_toxic_type_has_a_section():
     headings = re.findall(r"^### `(\w+)`$", section(DOCS_DIR / "toxics.md", "The toxics"), re.M)
     assert headings == list(TYPES)
 
+
+
+def test_the_man_page_is_generated_from_the_current_parser():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "manpage.py")], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    committed = (DOCS_DIR / "gproxy.1").read_text()
+    assert result.stdout == committed, "docs/gproxy.1 is stale: run python tools/manpage.py > docs/gproxy.1"
+
+
+def test_the_man_page_has_every_option():
+    page = (DOCS_DIR / "gproxy.1").read_text()
+    for action in build_parser()._actions:
+        if action.help != argparse.SUPPRESS:
+            for flag in action.option_strings:
+                assert flag.replace("-", r"\-") in page, flag
