@@ -141,3 +141,15 @@ def test_the_man_page_has_every_option():
         if action.help != argparse.SUPPRESS:
             for flag in action.option_strings:
                 assert flag.replace("-", r"\-") in page, flag
+
+
+def test_the_changelog_lists_versions_newest_first_including_this_one():
+    headings = re.findall(r"^## (.+)$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    versions = []
+    for heading in headings:
+        match = re.fullmatch(r"Unreleased \((\d+\.\d+\.\d+)\)|(\d+\.\d+\.\d+) \(\d{4}-\d\d-\d\d, commit [0-9a-f]{7,40}\)",
+                             heading)
+        assert match, f"CHANGELOG.md: {heading!r}: expected 'Unreleased (X.Y.Z)' or 'X.Y.Z (DATE, commit SHA)'"
+        versions.append(tuple(int(n) for n in (match.group(1) or match.group(2)).split(".")))
+    assert versions == sorted(versions, reverse=True) and len(set(versions)) == len(versions), versions
+    assert tuple(int(n) for n in gproxy.__version__.split(".")) in versions, gproxy.__version__
