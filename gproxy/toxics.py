@@ -313,7 +313,7 @@ class _Stage:
         """(Re)apply the toxic's settings: on creation and on every update (toxiproxy reruns
         the toxic on update, rolling its toxicity again and restarting its timers)."""
         self.toxic = toxic
-        self.active = toxic.toxicity >= 1.0 or random.random() < toxic.toxicity
+        self.active = toxic.toxicity >= 1.0 or self.link.random.random() < toxic.toxicity
         self.next = None
         self.setup(toxic.attributes, now)
 
@@ -393,7 +393,7 @@ class _Latency(_Stage):
             return max(arrival, self.last)
         delay = self.latency
         if self.jitter:
-            delay += random.uniform(-self.jitter, self.jitter)
+            delay += self.link.random.uniform(-self.jitter, self.jitter)
         return max(arrival + delay, self.last)
 
 
@@ -444,7 +444,7 @@ class _Slicer(_Stage):
         if item.__class__ is _Marker:
             return self.pop()
         if self.cuts is None:
-            self.cuts = _slices(len(item), self.average, self.variation)
+            self.cuts = _slices(len(item), self.average, self.variation, self.link.random)
         n = self.cuts.pop()
         self.last = t + self.delay   # the next slice (or chunk) waits delay after this one
         if not self.cuts:
@@ -459,7 +459,7 @@ class _Slicer(_Stage):
         return super().drain()
 
 
-def _slices(total: int, average: int, variation: int) -> List[int]:
+def _slices(total: int, average: int, variation: int, rng=random) -> List[int]:
     """Slice lengths adding up to ``total``, in reverse order (popped from the end): halve
     until a piece is within ``variation`` of ``average``, moving each cut by up to
     ``variation``, so pieces vary evenly along the chunk (toxiproxy's method)."""
@@ -472,7 +472,7 @@ def _slices(total: int, average: int, variation: int) -> List[int]:
             continue
         middle = start + (end - start) // 2
         if variation:
-            middle += random.randrange(-variation, variation)
+            middle += rng.randrange(-variation, variation)
         pending.append((middle, end))
         pending.append((start, middle))
     lengths.reverse()
@@ -610,8 +610,11 @@ _STAGES = {"latency": _Latency, "bandwidth": _Bandwidth, "slicer": _Slicer, "slo
 class Link:
     """The toxic chain of one direction of one connection, and the pump that runs it."""
 
-    def __init__(self, conn, direction: int, toxics: Toxics, bound: int):
+    def __init__(self, conn, direction: int, toxics: Toxics, bound: int, rng=random):
         self.conn = conn
+        #: where toxicity rolls, jitter and slice sizes come from (a seeded ``random.Random``
+        #: makes a test repeatable)
+        self.random = rng
         self.direction = direction
         self.toxics = toxics
         self.bound = max(bound, LINK_BYTES)  # bytes held at most: a full link stops reading
@@ -624,10 +627,12 @@ class Link:
 
     # -- following the collection ------------------------------------------------------
 
-    def sync(self, version: int) -> None:
-        """Bring the stages in line with the collection's chain for this direction."""
+    def sync(self, version: int, now: Optional[float] = None) -> None:
+        """Bring the stages in line with the collection's chain for this direction. ``now``
+        (``time.monotonic()`` if None) is when the change takes effect."""
         self.version = version
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         chain = self.toxics.chains[self.direction]
         stages: List[_Stage] = []
         carry: list = []
