@@ -33,8 +33,12 @@ collection, bumps ``Context.toxic_version`` and kicks each connection's pumps
 (``relay.toxics_changed``): it never waits for the data side. A pump re-reads
 the chain at its next chunk boundary (``Link.sync``): a new toxic becomes the
 last stage; an updated one keeps its queue and state (``limit_data``'s count);
-a removed one hands what it holds, in order, to the stage after it. So a change
-never loses, duplicates or reorders a byte that was read.
+a removed one hands what it holds, in order, to the stage after it, behind what
+that stage holds (bytes further down the chain are older; when several stages go
+at once, as on a reset, the later one's bytes go first). A toxic that ends the
+connection (``timeout``, ``reset_peer``, ``limit_data``) either fires or, removed or
+rolled inactive before it does, gives back what it caught. So a change never
+loses, duplicates or reorders a byte that was read.
 """
 
 from __future__ import annotations
@@ -516,24 +520,33 @@ class _Timeout(_Stage):
 
 class _ResetPeer(_Stage):
     """The first item to arrive starts the clock; ``timeout`` ms later the connection is
-    reset. What arrives meanwhile is dropped (it would die with the connection)."""
+    reset, and what the stage caught meanwhile dies with it. Until then it holds what it
+    caught: removed, or rolled inactive by an update, before it fires, it gives all of it
+    back (a change never loses a byte), and the connection goes on. (toxiproxy's fires
+    even then: its removal waits for the reset, and gproxy's changes never wait.) Once
+    caught, bytes count against the link's bound, so a long timeout stops the reading
+    instead of swallowing a stream."""
 
     def setup(self, attributes, now):
         self.timeout = attributes["timeout"] / 1000.0
-        if not hasattr(self, "deadline"):
-            self.deadline: Optional[float] = None
-        elif self.deadline is not None:
-            self.deadline = now + self.timeout   # an update restarts the clock
-        self.fired = False
+        if not hasattr(self, "fired"):
+            self.fired = False
+        # an update restarts the clock of what was caught (toxiproxy reruns an updated toxic);
+        # rolled inactive, what was caught passes on, and the next arrival starts it again
+        self.deadline: Optional[float] = now + self.timeout if self.queue and self.active else None
 
     def accept(self, item, t):
+        if self.fired:
+            return   # the reset is on its way: nothing passes it
         if self.deadline is None:
             self.deadline = t + self.timeout
+        self.push(item, t)
 
     def schedule(self):
         return None if self.fired else self.deadline
 
     def release(self, t):
+        self.drop_all()
         self.fired = True
         return _Marker("reset", f"reset_peer toxic {self.toxic.name}")
 
@@ -635,16 +648,20 @@ class Link:
             now = time.monotonic()
         chain = self.toxics.chains[self.direction]
         stages: List[_Stage] = []
+        # What removed stages held, oldest first. Bytes further down the chain are older (a
+        # stage holds what the stages before it let through earlier), so a removed stage's
+        # queue goes in front of what the removed stages before it held, and behind what the
+        # next kept stage (or the output) holds.
         carry: list = []
         for stage in self.stages:
             if stage.entry.removed:
-                carry.extend(stage.drain())   # handed on, in order, to the next stage
+                carry[:0] = stage.drain()
                 continue
+            if stage.toxic is not stage.entry.toxic:
+                stage.configure(stage.entry.toxic, now)   # first: what it is handed arrives after the change
             for item in carry:
                 stage.admit(item, now)
             carry = []
-            if stage.toxic is not stage.entry.toxic:
-                stage.configure(stage.entry.toxic, now)
             stages.append(stage)
         for item in carry:
             self.out.append(item)

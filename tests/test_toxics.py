@@ -7,6 +7,7 @@ are generous (a loaded 2-core machine may be slow, never fast).
 from __future__ import annotations
 
 import hashlib
+import random
 import socket
 import threading
 import time
@@ -397,6 +398,140 @@ def test_removing_a_latency_mid_stream_keeps_order(forwarder_factory):
         fw.remove_toxic("latency_downstream")
         server.sendall(b"second")
         assert recv_exactly(client, 12) == b"first second"
+
+
+def numbered_words(count: int) -> bytes:
+    return b"".join(b"%d," % i for i in range(count))
+
+
+def first_difference(sent: bytes, got: bytes) -> str:
+    """Where two streams of numbered words part: the words around it, each side."""
+    n = next((i for i, (a, b) in enumerate(zip(sent, got)) if a != b), min(len(sent), len(got)))
+    return (f"got {len(got)} of {len(sent)} bytes; first difference at byte {n}: "
+            f"sent ...{sent[max(0, n - 24):n + 24]!r}, got ...{got[max(0, n - 24):n + 24]!r}")
+
+
+def test_a_reset_while_two_latencies_hold_bytes_keeps_every_word_in_order(forwarder_factory):
+    """The issue's case: two 300 ms latencies on one direction, reset mid-stream. The first
+    half of 1 MB of numbered words has reached the second latency when the second half and the
+    EOF are read into the first: the reset empties both at once, the second's bytes first.
+    Taps around the first latency tell the test where the bytes are."""
+    data = numbered_words(150_000)
+    first, second = data[:len(data) // 2], data[len(data) // 2:]
+    read, in_second = threading.Event(), threading.Event()
+
+    def counter(total, event):
+        count = [0]
+
+        def tap(chunk, record):
+            count[0] += len(chunk)
+            if count[0] >= total:
+                event.set()
+        return tap
+
+    with forwarder_factory.gated() as (fw, client, server):
+        fw.add_toxic(counter(len(data), read), name="read")
+        fw.add_toxic("latency", name="first", latency=300)
+        fw.add_toxic(counter(len(first), in_second), name="between")
+        fw.add_toxic("latency", name="second", latency=300)
+        server.sendall(first)
+        assert in_second.wait(TIMEOUT)
+        server.sendall(second)
+        server.shutdown(socket.SHUT_WR)
+        assert read.wait(TIMEOUT)
+        fw.reset()
+        got = recv_all(client)
+        assert got == data, first_difference(data, got)
+
+
+@pytest.mark.parametrize("how", ["removed", "disarmed"])
+def test_reset_peer_gone_before_it_fires_gives_back_what_it_caught(forwarder_factory, how):
+    """It caught a request and is removed (or updated to toxicity 0) before its timeout: the
+    request goes on, is answered, and so is the next; nothing is lost, the connection lives."""
+    caught = threading.Event()
+    with forwarder_factory.gated() as (fw, client, server):
+        server.settimeout(5)
+        fw.add_toxic(lambda chunk, record: caught.set(), name="probe", stream="upstream")
+        fw.add_toxic("reset_peer", stream="upstream", timeout=60_000)
+        client.sendall(b"GET /1\n")
+        assert caught.wait(TIMEOUT)   # the reset_peer after the probe holds it now
+        if how == "removed":
+            fw.remove_toxic("reset_peer_upstream")
+        else:
+            fw.update_toxic("reset_peer_upstream", toxicity=0)
+        assert recv_exactly(server, 7) == b"GET /1\n"
+        server.sendall(b"200 /1\n")
+        assert recv_exactly(client, 7) == b"200 /1\n"
+        client.sendall(b"GET /2\n")
+        assert recv_exactly(server, 7) == b"GET /2\n"
+        server.sendall(b"200 /2\n")
+        assert recv_exactly(client, 7) == b"200 /2\n"
+        assert len(fw.connections()) == 1 and fw.connections()[0].outcome is None
+
+
+def churn_step(fw, rng: random.Random, made: int) -> None:
+    """One random change to fw's toxics: add (any toxic that passes data, or one that ends
+    connections but cannot fire within the test), update, remove, or reset them all."""
+    present = fw.toxics()
+    action = rng.random()
+    if action < 0.45 or not present:
+        stream = rng.choice(["upstream", "downstream"])
+        kind = rng.choice(["latency", "bandwidth", "slicer", "slow_close", "tap", "delay",
+                           "reset_peer", "limit_data", "timeout"])
+        toxicity = rng.choice([1.0, 1.0, 0.5, 0.0])
+        name = f"t{made}"
+        if kind == "tap":
+            fw.add_toxic(lambda chunk, record: bytearray(chunk), name=name, stream=stream, toxicity=toxicity)
+        elif kind == "delay":
+            seconds = rng.choice([0, 0.002, 0.01])
+            fw.add_toxic(lambda chunk, record: Delay(seconds), name=name, stream=stream, toxicity=toxicity)
+        else:
+            attributes = {
+                "latency": {"latency": rng.randint(0, 50), "jitter": rng.randint(0, 5)},
+                "bandwidth": {"rate": rng.choice([0, 5000, 50_000])},
+                "slicer": {"average_size": 2000, "size_variation": 1000, "delay": rng.choice([0, 100])},
+                "slow_close": {"delay": rng.randint(0, 20)},
+                "reset_peer": {"timeout": 600_000},          # never within the test
+                "limit_data": {"bytes": 10 ** 12},
+                "timeout": {"timeout": rng.choice([0, 600_000])},
+            }[kind]
+            fw.add_toxic(kind, name=name, stream=stream, toxicity=toxicity, **attributes)
+    elif action < 0.7:
+        fw.update_toxic(rng.choice(present).name, toxicity=rng.choice([0.0, 0.5, 1.0]))
+    elif action < 0.9:
+        fw.remove_toxic(rng.choice(present).name)
+    else:
+        fw.reset()
+
+
+@pytest.mark.timeout(60)
+def test_random_toxic_changes_keep_every_word_both_ways(forwarder_factory):
+    """The property through real sockets: numbered words go up to an echo and back down while
+    toxics of every kind come and go on both streams, a change after every piece sent, so
+    changes meet bytes that toxics hold. Each connection is one seed."""
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address)
+        for seed in range(8):
+            rng = random.Random(seed)
+            data = numbered_words(30_000)   # about 170 KB each way
+            with connect(fw.address) as sock:
+                received = []
+                reader = threading.Thread(target=lambda: received.append(recv_all(sock)))
+                reader.start()
+                sent = made = 0
+                while sent < len(data):
+                    n = rng.randint(1, 4000)
+                    sock.sendall(data[sent:sent + n])
+                    sent += n
+                    churn_step(fw, rng, made)
+                    made += 1
+                    if rng.random() < 0.3:
+                        time.sleep(0.002)  # sleep-ok: let the bytes in flight reach the toxics
+                fw.reset()   # what toxics still hold goes on
+                sock.shutdown(socket.SHUT_WR)
+                reader.join(TIMEOUT)
+                assert received, f"seed {seed}: the reader did not finish"
+                assert received[0] == data, f"seed {seed}: {first_difference(data, received[0])}"
 
 
 # -- toxics written in Python ------------------------------------------------------------------
