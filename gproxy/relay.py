@@ -87,6 +87,7 @@ from gevent import getcurrent, monkey
 from gevent.socket import getaddrinfo
 
 from gproxy import _sockets, proxyproto
+from gproxy._report import report
 from gproxy._workers import Workers
 from gproxy.access import Access, DeniedLog, client_key, compile_networks, describe_key, in_networks
 from gproxy.config import Rule
@@ -1028,8 +1029,8 @@ class Connection:
         try:
             hook(record if record is not None else self.record())
         except BaseException:
-            _report(f"conn#{self.id}: {name} hook {getattr(hook, '__qualname__', hook)!r} failed",
-                    sys.exc_info())
+            report(log, f"conn#{self.id}: {name} hook {getattr(hook, '__qualname__', hook)!r} failed",
+                   sys.exc_info())
         finally:
             in_hook.pop(current, None)
 
@@ -1086,32 +1087,6 @@ def _connected(sock: socket.socket) -> bool:
         return True
     except OSError:  # ENOTCONN: still connecting, or failed
         return False
-
-
-def _report(message: str, exc_info) -> None:
-    """Log an ERROR with its traceback. When the host configured no handler for it (gproxy's
-    loggers have only a NullHandler, which hides the record from logging's ``lastResort``),
-    print it on stderr as Python prints an uncaught exception: a bug in the host's code
-    must not vanish without a word. A host that set gproxy's level above ERROR chose silence."""
-    if not log.isEnabledFor(logging.ERROR):
-        return
-    if _has_handler(log) or logging.lastResort is None:
-        log.error("%s", message, exc_info=exc_info)
-    else:
-        logging.lastResort.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s",
-                                                 (message,), exc_info))
-
-
-def _has_handler(logger: logging.Logger) -> bool:
-    """Whether a record of this logger reaches a handler other than a NullHandler."""
-    current: Optional[logging.Logger] = logger
-    while current is not None:
-        if any(not isinstance(h, logging.NullHandler) for h in current.handlers):
-            return True
-        if not current.propagate:
-            return False
-        current = current.parent
-    return False
 
 
 def sweep(context: Context, now: float, park: bool) -> None:
