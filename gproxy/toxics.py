@@ -10,8 +10,10 @@ Typical use (through a started Forwarder, which owns a ``Toxics`` collection)::
 
 Toxics have toxiproxy's names, attributes, defaults and meanings (``TYPES``). A toxic
 in Python is any callable ``toxic(chunk, record)``: it returns ``None`` (pass the chunk),
-bytes (pass these instead; ``b""`` drops it), ``Delay(seconds)`` or ``Delay(seconds, data)``,
-``CLOSE`` or ``RESET`` (close or reset the connection, dropping the chunk).
+bytes, bytearray or memoryview (pass these instead; empty drops it), ``Delay(seconds)`` or
+``Delay(seconds, data)``, ``CLOSE`` or ``RESET`` (close or reset the connection, dropping the
+chunk). Anything else it returns, or raises, is a bug in the program: reported naming the
+toxic (on stderr if logging is not configured), and the connection ends with outcome ERROR.
 
 How a direction runs its toxics
 -------------------------------
@@ -44,14 +46,19 @@ loses, duplicates or reorders a byte that was read.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import random
+import reprlib
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
-from greenlet import getcurrent
+from greenlet import GreenletExit, getcurrent
 
+from gproxy._report import report
 from gproxy.config import ConfigError
 from gproxy.stats import Outcome
 
@@ -118,16 +125,34 @@ class Toxic:
 
 @dataclass(frozen=True)
 class Delay:
-    """What a Python toxic returns to hold a chunk back ``seconds`` (``data`` replaces it)."""
+    """What a Python toxic returns to hold a chunk back ``seconds`` (``data`` replaces it).
+    ``seconds`` is a finite number >= 0 and ``data`` bytes-like or None, else the
+    constructor raises (inside the toxic, so the report names it)."""
 
     seconds: float
     data: Optional[bytes] = None
+
+    def __post_init__(self) -> None:
+        seconds = self.seconds
+        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+            raise TypeError(f"Delay: seconds must be a number, not {seconds!r}")
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"Delay: seconds must be finite and >= 0, not {seconds!r}")
+        object.__setattr__(self, "seconds", float(seconds))
+        data = self.data
+        if data is not None:
+            if not isinstance(data, _BYTES_LIKE):
+                raise TypeError(f"Delay: data must be bytes, bytearray, memoryview or None, "
+                                f"not {type(data).__name__}")
+            object.__setattr__(self, "data", _copy(data))
 
 
 class Action:
     """``CLOSE`` or ``RESET``: what a Python toxic returns to end the connection."""
 
     def __init__(self, kind: str):
+        if kind not in ("close", "reset"):
+            raise ValueError(f"Action: 'close' or 'reset', not {kind!r}")
         self.kind = kind
 
     def __repr__(self) -> str:
@@ -136,6 +161,19 @@ class Action:
 
 CLOSE = Action("close")
 RESET = Action("reset")
+
+#: what a Python toxic may return as data (a str or an int is a bug, not data)
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+def _copy(data) -> bytes:
+    """``data`` as bytes, copied unless it is bytes already: a bytearray the toxic keeps may
+    change after it returned, and a memoryview's len() counts items, not bytes."""
+    return data if isinstance(data, bytes) else bytes(data)
+
+
+def _describe(value) -> str:
+    return f"{reprlib.repr(value)} ({type(value).__name__})"
 
 
 # -- building and validating -----------------------------------------------------------
@@ -589,7 +627,9 @@ class _LimitData(_Stage):
 
 
 class _Python(_Stage):
-    """A user's callable: called once per chunk as the chunk arrives."""
+    """A user's callable: called once per chunk as the chunk arrives. What it raises, or a
+    return it may not give, is a bug in the host's program: reported (on stderr if no logging
+    is configured), and the connection ends with outcome ERROR."""
 
     def setup(self, attributes, now):
         self.function = self.toxic.function
@@ -598,20 +638,28 @@ class _Python(_Stage):
         if item.__class__ is _Marker:
             self.push(item, t)
             return
-        result = self.function(item, self.link.conn.record())
+        try:
+            result = self.function(item, self.link.conn.record())
+        except GreenletExit:
+            raise   # the forwarder stops: not the toxic's failure
+        except BaseException as exc:
+            what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.link.fail(f"Python toxic {self.toxic.name!r} raised {what}", sys.exc_info())
+            return
         if result is None:
             self.push(item, t)
+        elif isinstance(result, _BYTES_LIKE):
+            if result:
+                self.push(_copy(result), t)
         elif isinstance(result, Delay):
-            data = item if result.data is None else bytes(result.data)
-            if data:
+            data = item if result.data is None else result.data
+            if data:   # queued behind what is held, so output stays in order whatever the delays
                 self.push(data, max(t + result.seconds, self.queue[-1][0] if self.queue else t))
         elif isinstance(result, Action):
-            reason = f"Python toxic {self.toxic.name}"
-            self.push(_Marker(result.kind, reason), t)
+            self.push(_Marker(result.kind, f"Python toxic {self.toxic.name}"), t)
         else:
-            data = bytes(result)
-            if data:
-                self.push(data, t)
+            self.link.fail(f"Python toxic {self.toxic.name!r} returned {_describe(result)}; it may "
+                           f"return None, bytes, bytearray, memoryview, Delay, CLOSE or RESET")
 
 
 _STAGES = {"latency": _Latency, "bandwidth": _Bandwidth, "slicer": _Slicer, "slow_close": _SlowClose,
@@ -671,6 +719,13 @@ class Link:
             if id(entry) not in present:
                 stages.append(_STAGES[entry.toxic.type](entry, self, now))
         self.stages = stages
+
+    def fail(self, message: str, exc_info=None) -> None:
+        """A toxic written in Python failed: report it and end the connection (outcome ERROR),
+        naming the toxic in both."""
+        conn = self.conn
+        report(log, f"conn#{conn.id}: {message}", exc_info)
+        conn.abort(Outcome.ERROR, message)
 
     def plain(self) -> bool:
         """Nothing to do: no toxic acts on this connection (none, or toxicity said no) and

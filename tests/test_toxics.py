@@ -6,7 +6,9 @@ are generous (a loaded 2-core machine may be slow, never fast).
 
 from __future__ import annotations
 
+import array
 import hashlib
+import logging
 import random
 import socket
 import threading
@@ -578,6 +580,138 @@ def test_python_toxic_delays_closes_and_resets(forwarder_factory):
         client.sendall(b"x")
         with pytest.raises(ConnectionResetError):
             recv_all(server)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """All a client gets until the connection ends, by FIN or by RST."""
+    got = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+    except ConnectionResetError:
+        return got
+
+
+def test_python_toxic_may_return_any_bytes_like(forwarder_factory):
+    """bytes, bytearray and memoryview pass as the bytes they hold (a memoryview of 16-bit
+    items included); a bytearray the toxic changes after returning it does not change them."""
+    kept = bytearray()
+
+    def reuses_its_buffer(chunk, record):
+        kept[:] = chunk.upper()
+        return kept
+
+    with forwarder_factory.gated() as (fw, client, server):
+        fw.add_toxic(reuses_its_buffer)
+        fw.add_toxic("latency", latency=100)   # holds the first while the second is made
+        server.sendall(b"abc")
+        time.sleep(0.02)  # sleep-ok: two chunks, so the toxic runs twice
+        server.sendall(b"def")
+        assert recv_exactly(client, 6) == b"ABCDEF"
+        fw.reset()
+        fw.add_toxic(lambda chunk, record: memoryview(array.array("H", [0x4241, 0x4443])))
+        server.sendall(b"x")
+        assert recv_exactly(client, 4) == array.array("H", [0x4241, 0x4443]).tobytes()
+
+
+@pytest.mark.parametrize("returned", [3, True, False, 0, "text", [b"x"], 0.5, Delay],
+                         ids=["int", "True", "False", "zero", "str", "list", "float", "Delay-class"])
+def test_a_python_toxic_returning_anything_else_ends_the_connection_naming_it(
+        forwarder_factory, no_errors_logged, returned):
+    """An int used to send that many NUL bytes, False or 0 dropped the chunk silently, a str
+    ended the connection with an unrelated TypeError: each is now an ERROR naming the toxic
+    and what it returned, and nothing of it reaches the peer."""
+    closed = []
+    with forwarder_factory.gated(on_close=closed.append) as (fw, client, server):
+        client.settimeout(5)
+        fw.add_toxic(lambda chunk, record: returned, name="sloppy")
+        server.sendall(b"abc")
+        assert read_until_closed(client) == b""
+    assert closed[0].outcome is Outcome.ERROR, closed[0]
+    assert "'sloppy' returned" in closed[0].error and repr(returned)[:20] in closed[0].error, closed[0].error
+    reports = [r for r in no_errors_logged.records if r.name == "gproxy.toxics"]
+    assert len(reports) == 1 and "'sloppy' returned" in reports[0].getMessage(), reports
+    no_errors_logged.records.clear()  # expected
+
+
+@pytest.mark.parametrize("seconds, data", [(-1, None), (float("nan"), None), (float("inf"), None),
+                                           ("1", None), (True, None), (None, None), (1, "text"), (1, 7)])
+def test_delay_refuses_what_is_not_a_delay(seconds, data):
+    with pytest.raises((TypeError, ValueError), match="Delay"):
+        Delay(seconds, data)
+
+
+def test_delay_takes_bytes_like_data_as_bytes():
+    assert Delay(0).seconds == 0.0 and Delay(0).data is None
+    delay = Delay(1, bytearray(b"abc"))
+    assert delay.seconds == 1.0 and delay.data == b"abc" and type(delay.data) is bytes
+    assert Delay(0.5, memoryview(b"xy")).data == b"xy"
+
+
+def test_an_exception_in_a_python_toxic_is_reported_naming_it(forwarder_factory, no_errors_logged):
+    """Not a silent RESET: an ERROR with the traceback, naming the toxic; the connection's
+    outcome is ERROR and its error says which toxic raised what."""
+    def typo(chunk, record):
+        return chunk.uper()
+
+    closed = []
+    with forwarder_factory.gated(on_close=closed.append) as (fw, client, server):
+        client.settimeout(5)
+        fw.add_toxic(typo)
+        server.sendall(b"abc")
+        assert read_until_closed(client) == b""
+    assert closed[0].outcome is Outcome.ERROR
+    assert closed[0].error.startswith("Python toxic 'typo_downstream' raised AttributeError"), closed[0].error
+    reports = [r for r in no_errors_logged.records if r.name == "gproxy.toxics"]
+    assert len(reports) == 1 and reports[0].exc_info, reports
+    assert "typo_downstream" in reports[0].getMessage()
+    assert "chunk.uper()" in logging.Formatter().format(reports[0])
+    no_errors_logged.records.clear()  # expected
+
+
+def test_a_failing_python_toxic_reaches_stderr_when_logging_is_not_configured():
+    """The program configured no logging: what a toxic raised, or a return it may not give,
+    is printed on stderr as an uncaught exception would be, naming the toxic."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+    script = textwrap.dedent("""
+        import socket, threading
+        import gproxy
+        listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen()
+        def serve():
+            while True:
+                sock, _ = listener.accept()   # the proxy resets it: nothing to read
+                sock.close()
+        threading.Thread(target=serve, daemon=True).start()
+        def typo(chunk, record):
+            return chunk.uper()
+        def counts(chunk, record):
+            return len(chunk)
+        with gproxy.Forwarder("127.0.0.1:0", listener.getsockname()) as fw:
+            for toxic in (typo, counts):
+                fw.reset()
+                fw.add_toxic(toxic, stream="upstream")
+                with socket.create_connection(fw.address, timeout=10) as sock:
+                    sock.sendall(b"hi")
+                    try:
+                        assert sock.recv(10) == b""
+                    except ConnectionResetError:
+                        pass
+        print("OK")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=TIMEOUT * 3, cwd=Path(__file__).resolve().parent.parent,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "OK"
+    assert "Python toxic 'typo_upstream' raised AttributeError" in result.stderr, result.stderr
+    assert "Traceback" in result.stderr and ", in typo" in result.stderr, result.stderr
+    assert "Python toxic 'counts_upstream' returned 2 (int)" in result.stderr, result.stderr
 
 
 def test_only_forwarders_with_toxics_leave_the_fast_path(echo_through):
