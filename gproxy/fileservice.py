@@ -26,7 +26,7 @@ from gevent.event import Event
 
 from gproxy.config import ConfigError
 from gproxy.configfile import ConfigFile, load
-from gproxy._lifecycle import destroy_hub
+from gproxy._hubthread import destroy_hub
 from gproxy.forwarder import Forwarder
 from gproxy.service import Service
 from gproxy.stats import Statistics

@@ -23,10 +23,10 @@ Where it runs:
 Every public method may be called from any OS thread: what touches the hub's objects is
 handed to the hub that serves, and has taken effect when the call returns.
 
-Nothing here touches signals or logging configuration. Two process-wide hooks keep
-forwarders from outliving their owner (:mod:`gproxy._lifecycle`): at interpreter exit,
-forwarders still running in their threads are stopped; in a child after ``fork()``, every
-forwarder is made inert. Listening sockets are made in :mod:`gproxy.listeners`.
+Nothing here touches signals or logging configuration. Where the forwarder's hub runs,
+calls into it from other threads, and stopping forwarders still running in their threads at
+interpreter exit are :mod:`gproxy._hubthread`'s; in a child after ``fork()`` every forwarder
+is made inert (:mod:`gproxy._lifecycle`). Listening sockets are made in :mod:`gproxy.listeners`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import errno
 import logging
 import os
 import socket
-import threading
 import time
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -47,6 +46,7 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from gproxy import _lifecycle, _sockets, listeners, loops
+from gproxy._hubthread import HubEnded, HubHost
 from gproxy._workers import Workers
 from gproxy.config import AddressLike, Rule, TargetLike, check_hook
 from gproxy.offload import Offload
@@ -262,16 +262,12 @@ class Forwarder:
         self._server: Optional[_Server] = None
         self._sweeper = None
         self._stopped: Optional[Event] = None     # set on the hub when fully stopped
-        self._thread: Optional[threading.Thread] = None
-        self._wakeup = None                        # async watcher: stop() from another thread
-        self._stop_timeout: Optional[float] = None
+        self._host = HubHost()                     # the hub that serves, and its thread
         self._address: Optional[Tuple[str, int]] = None
         self._inherit_fd: Optional[int] = None     # a listening socket to serve on (takeover)
         self._inherit_from: Optional["Forwarder"] = None
         self._socket_file = None                   # our Unix socket file, removed on stop
         self._keep_listener = False                # another forwarder took it over: leave it
-        self._hub = None                           # the hub that serves, once started
-        self._hub_thread: Optional[int] = None     # and the OS thread it runs in
         self._enabled = True
         self._own_targets = None                   # _count_on(): target gauges to show later
 
@@ -304,21 +300,15 @@ class Forwarder:
     def start(self) -> "Forwarder":
         """Bind and serve in the background; return at once. Errors binding raise ``OSError``."""
         self._claim_start()
-        if monkey.is_module_patched("socket"):
-            self._start_on_hub()
-        else:
-            self._start_in_thread()
+        self._host.start(self._start_on_hub, name=lambda: f"gproxy {self.rule.listen}",
+                         at_exit=lambda: self.stop(timeout=0))
         return self
 
     def serve_forever(self) -> None:
         """Serve until ``stop()``. Without a prior ``start()``, serves on this thread's hub."""
         if self._state == "new":
-            self._claim_start()
-            self._start_on_hub()
-        if self._thread is not None:
-            while self._thread.is_alive():
-                self._thread.join(0.5)  # a bounded join keeps Ctrl-C working in the host
-        elif self._stopped is not None:
+            self._start_here()
+        if not self._host.join() and self._stopped is not None:
             self._stopped.wait()
 
     def stop(self, timeout: Optional[float] = None) -> None:
@@ -330,20 +320,8 @@ class Forwarder:
         if self._state in ("new", "stopped"):
             self._state = "stopped"
             return
-        if self._thread is not None and not self._thread.is_alive():  # its hub died: a bug
+        if not self._host.stop(self._stop_if_running, timeout):  # its hub ended first: a bug
             self._state = "stopped"
-            return
-        if self._thread is not None and threading.current_thread() is not self._thread:
-            self._stop_timeout = timeout
-            self._wakeup.send()
-            self._thread.join()
-            return
-        if self._hub_thread is not None and self._hub_thread != _thread_id():
-            # The hub serving is another thread's (the program's own, patched or in
-            # serve_forever()): its objects may only be used there.
-            self._run_on_hub(self._stop_if_running, timeout)
-            return
-        self._stop_on_hub(timeout)
 
     def take_over(self, old: "Forwarder") -> "Forwarder":
         """Start on ``old``'s listening socket instead of binding one: a reload's changed rule.
@@ -460,7 +438,7 @@ class Forwarder:
         this is what a test waits on. Safe from any thread, and from a hook."""
         deadline = None if timeout is None else time.monotonic() + timeout
         # on the forwarder's own hub (a hook, a patched program) waiting must yield to it
-        sleep = gevent.sleep if getattr(self, "_hub_thread", None) == _thread_id() else _sleep
+        sleep = gevent.sleep if self._host.thread_id == _thread_id() else _sleep
         delay = 0.001
         while self._context.active or (self._server is not None and self._server.running):
             if deadline is not None:
@@ -503,38 +481,14 @@ class Forwarder:
         """Run ``func(*args)`` on the hub that serves and return its result (or raise its
         exception). From another thread the call runs in a greenlet of the forwarder's hub,
         and this thread waits until it has finished."""
-        if self._state != "running" or self._hub is None or _thread_id() == self._hub_thread:
+        if self._state != "running" or self._host.here():
             return func(*args)
-        return self._run_on_hub(func, *args)
-
-    def _run_on_hub(self, func: Callable, *args: Any) -> Any:
-        """``_on_hub``'s crossing from another OS thread. Only real locks are used: in a
-        patched program ``threading``'s would be gevent's, bound to one thread's hub."""
-        done, claim = _allocate_lock(), _allocate_lock()
-        done.acquire()
-        box: List[tuple] = []
-
-        def job() -> None:
-            if not claim.acquire(False):  # the calling thread gave up waiting and ran it
-                return
-            try:
-                box.append((True, func(*args)))
-            except BaseException as exc:  # handed to the calling thread
-                box.append((False, exc))
-            finally:
-                done.release()
-
-        self._hub.loop.run_callback_threadsafe(self._context.workers.run, job)
-        while not done.acquire(timeout=0.5):
-            # stopped meanwhile: that hub may never run again, so run it here unless it began
-            if self._state == "stopped" and claim.acquire(False):
-                return func(*args)
-            if self._thread is not None and not self._thread.is_alive() and not done.acquire(False):
-                raise RuntimeError("the forwarder stopped while the call was running on its hub")
-        ok, value = box[0]
-        if ok:
-            return value
-        raise value
+        try:
+            return self._host.call(func, *args)
+        except HubEnded as exc:
+            if exc.began:
+                raise
+            return func(*args)  # stopped before it could run there: nothing runs there any more
 
     def _stop_if_running(self, timeout: float) -> None:
         if self._state != "stopped":  # stopped by someone else since stop() was called
@@ -555,7 +509,7 @@ class Forwarder:
     def _settle(self) -> None:
         """Let the callbacks just scheduled (pumps kicked, waits cancelled) run before the
         change returns: they run in order, and this greenlet resumes after them."""
-        if getcurrent() is not self._hub and gevent.get_hub() is self._hub:
+        if getcurrent() is not self._host.hub and gevent.get_hub() is self._host.hub:
             gevent.sleep(0)
 
     def _disable(self) -> None:
@@ -573,7 +527,7 @@ class Forwarder:
                  _sockets.describe_address(self._address), len(active))
         for conn in active:
             conn.abort(Outcome.CLOSED, "the forwarder was disabled")
-        if active and getcurrent() is not self._hub:
+        if active and getcurrent() is not self._host.hub:
             server.idle.wait(timeout=_ABORT_GRACE)
 
     def _enable(self) -> None:
@@ -627,6 +581,11 @@ class Forwarder:
             raise RuntimeError(f"a forwarder starts once; this one is {self._state}")
         self._state = "running"
 
+    def _start_here(self) -> None:
+        """Start on the calling thread's hub, whether or not the program is patched."""
+        self._claim_start()
+        self._host.start_here(self._start_on_hub)
+
     def _start_on_hub(self) -> None:
         try:
             if self._inherit_fd is not None:
@@ -657,8 +616,6 @@ class Forwarder:
             self._context.own_upstreams = loops.OwnUpstreams()
         if self._context.targets is not None:
             self._context.targets.label = self.name
-        self._hub = gevent.get_hub()
-        self._hub_thread = _thread_id()
         self._stopped = Event()
         self._context.workers = Workers(gevent.get_hub())
         threads = _bulk_threads() if self.rule.bulk_threads is None else self.rule.bulk_threads
@@ -766,6 +723,7 @@ class Forwarder:
             self._context.close()
             self._state = "stopped"
             self._stopped.set()
+            self._host.end()
 
     def _drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the connections to end; True if they did. Meanwhile,
@@ -806,7 +764,7 @@ class Forwarder:
         # The hub of a thread-mode forwarder did not survive the fork (only the forking thread
         # does), so its watchers are left alone. A hub running on this very thread goes on in
         # the child: its watchers are closed before their fds, which libev requires.
-        own_hub = self._thread is None and self._hub_thread == _thread_id()
+        own_hub = self._host.thread is None and self._host.thread_id == _thread_id()
         if own_hub:
             if self._sweeper is not None:
                 self._sweeper.close()
@@ -843,46 +801,10 @@ class Forwarder:
         for conn in list(self._context.active.values()):
             conn.abort(Outcome.SHUTDOWN)
 
-    # -- running in a thread of its own ----------------------------------------------------
-
-    def _start_in_thread(self) -> None:
-        started = threading.Event()
-        failure = []
-
-        def main() -> None:
-            hub = gevent.get_hub()
-            try:
-                self._start_on_hub()
-                self._wakeup = hub.loop.async_()
-                self._wakeup.start(lambda: gevent.spawn(self._stop_on_hub, self._stop_timeout))
-            except BaseException as exc:  # handed to the starting thread
-                failure.append(exc)
-                return
-            finally:
-                started.set()
-            try:
-                self._stopped.wait()
-            finally:
-                _lifecycle.in_threads.discard(self)
-                self._wakeup.close()
-                _lifecycle.destroy_hub(hub)
-
-        _lifecycle.stop_at_exit.register()
-        self._thread = threading.Thread(target=main, name=f"gproxy {self.rule.listen}", daemon=True)
-        self._thread.start()
-        started.wait()
-        if failure:
-            self._thread.join()
-            self._thread = None
-            raise failure[0]
-        _lifecycle.in_threads.add(self)
-
-
 
 #: the OS thread's id, even where gevent patched threading to give greenlets' ids
 _thread_id = monkey.get_original("_thread", "get_ident")
 _sleep = monkey.get_original("time", "sleep")
-_allocate_lock = monkey.get_original("_thread", "allocate_lock")  # a real lock, patched or not
 
 
 def _bulk_threads() -> int:

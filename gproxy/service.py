@@ -82,9 +82,8 @@ def _start_here(fw: Forwarder) -> None:
     """Start ``fw`` on the calling thread's hub, the service's, even in an unpatched program
     (where ``Forwarder.start()`` would give it a thread and a hub of its own). If it cannot
     listen it stays new, so a later enable or reset can try again."""
-    fw._claim_start()
     try:
-        fw._start_on_hub()
+        fw._start_here()
     except OSError:
         if fw._state == "stopped":  # it could not listen and undid what it began
             fw._state = "new"
