@@ -10,23 +10,21 @@ Typical use, in a program (``gproxy.load_config`` is this class)::
 
 The command line runs one on its main hub (``gproxy -c FILE``, SIGHUP reloads). In a
 program that gevent has not patched, ``start()`` runs the rules on a hub in a thread of
-their own, as ``Forwarder.start()`` does, and the other methods may be called from any
-thread; in a patched program they run on the calling thread's hub.
+their own, as ``Forwarder.start()`` does (:mod:`gproxy._hubthread` hosts both), and a
+program that exits without ``stop()`` has them stopped at exit; in a patched program they
+run on the calling thread's hub. Either way the methods may be called from any thread.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any, Callable, Dict, Optional
 
-import gevent
-from gevent import monkey
 from gevent.event import Event
 
+from gproxy._hubthread import HubEnded, HubHost
 from gproxy.config import ConfigError
 from gproxy.configfile import ConfigFile, load
-from gproxy._hubthread import destroy_hub
 from gproxy.forwarder import Forwarder
 from gproxy.service import Service
 from gproxy.stats import Statistics
@@ -44,9 +42,8 @@ class FileService:
         #: the configuration in force: the file as last loaded successfully
         self.config = config if config is not None else load(self.path)
         self.service = Service()
-        self._thread: Optional[threading.Thread] = None
-        self._hub = None
-        self._done: Optional[Event] = None
+        self._host: Optional[HubHost] = None   # where the rules run, once started
+        self._done: Optional[Event] = None     # set on that hub once stopped
 
     # -- reading ----------------------------------------------------------------------
 
@@ -69,22 +66,16 @@ class FileService:
         """Bind every rule's address and serve; raise ``OSError`` (nothing left bound) if one
         fails. ``here``: on this thread's hub even when unpatched (a program that runs the hub
         itself, like the command line)."""
-        if self._done is not None:
+        if self._host is not None:
             raise RuntimeError("a FileService starts once")
-        if here or monkey.is_module_patched("socket"):
-            self._start_here()
-        else:
-            self._start_in_thread()
+        self._begin(here)
         return self
 
     def serve_forever(self) -> None:
         """Start if not started, then wait until ``stop()``."""
-        if self._done is None:
-            self._start_here()
-        if self._thread is not None:
-            while self._thread.is_alive():
-                self._thread.join(0.5)
-        else:
+        if self._host is None:
+            self._begin(here=True)
+        if not self._host.join():
             self._done.wait()
 
     def reload(self) -> bool:
@@ -101,6 +92,9 @@ class FileService:
             return False
         try:
             changes = self._call(self._reload_here, config)
+        except HubEnded:
+            log.error("reload of %s refused: the service is stopped", self.path)
+            return False
         except (OSError, ConfigError) as exc:
             log.error("reload of %s failed, the running configuration stays: %s", self.path,
                       getattr(exc, "strerror", None) or exc)
@@ -120,13 +114,9 @@ class FileService:
         """Stop accepting everywhere, drain (for ``timeout``, default each rule's
         ``drain_timeout``), abort what is left. A second call while draining aborts; one
         after the service has stopped does nothing."""
-        if self._done is None or self._stopped():
+        if self._host is None or self._stopped():
             return
-        if self._thread is not None and threading.current_thread() is not self._thread:
-            self._hub.loop.run_callback_threadsafe(gevent.spawn, self._stop_here, timeout)
-            self._thread.join()
-            return
-        self._stop_here(timeout)
+        self._host.stop(self._stop_here, timeout)
 
     def __enter__(self) -> "FileService":
         return self.start()
@@ -135,6 +125,15 @@ class FileService:
         self.stop()
 
     # -- on the hub -------------------------------------------------------------------------
+
+    def _begin(self, here: bool) -> None:
+        host = self._host = HubHost()
+        try:
+            host.start(self._start_here, here=here, name=lambda: f"gproxy {self.path}",
+                       at_exit=lambda: self.stop(timeout=0))
+        except BaseException:
+            self._host = self._done = None  # nothing runs: it may be started again
+            raise
 
     def _start_here(self) -> None:
         self._done = Event()
@@ -153,6 +152,7 @@ class FileService:
             self.service.stop(timeout)
         finally:
             self._done.set()
+            self._host.end()
 
     def _stopped(self) -> bool:
         """Whether stop() has finished: the service's hub (in thread mode) is gone."""
@@ -160,60 +160,9 @@ class FileService:
 
     def _call(self, func: Callable, *args: Any):
         """``func(*args)`` on the service's hub, from whichever thread calls. A stopped
-        service has no hub to run it: RuntimeError."""
-        if self._stopped():
-            raise RuntimeError(f"{self.path}: the service is stopped")
-        if self._thread is None or threading.current_thread() is self._thread:
+        service has no hub to run it: ``HubEnded`` (a RuntimeError)."""
+        if self._host is None:
             return func(*args)
-        answer: list = []
-        ready = threading.Event()
-
-        def run() -> None:
-            try:
-                answer.append((True, func(*args)))
-            except BaseException as exc:  # handed to the calling thread
-                answer.append((False, exc))
-            finally:
-                ready.set()
-
-        self._hub.loop.run_callback_threadsafe(gevent.spawn, run)
-        ready.wait()
-        ok, value = answer[0]
-        if not ok:
-            raise value
-        return value
-
-    def _start_in_thread(self) -> None:
-        started = threading.Event()
-        failure: list = []
-
-        def main() -> None:
-            hub = gevent.get_hub()
-            self._hub = hub
-            try:
-                self._start_here()
-            except BaseException as exc:
-                failure.append(exc)
-                destroy_hub(hub)
-                return
-            finally:
-                started.set()
-            # A callback handed over by another thread needs the loop alive to run it: keep
-            # one watcher open until stopped.
-            keepalive = hub.loop.async_()
-            keepalive.start(lambda: None)
-            try:
-                self._done.wait()
-            finally:
-                keepalive.close()
-                destroy_hub(hub)
-
-        self._thread = threading.Thread(target=main, name=f"gproxy {self.path}", daemon=True)
-        self._thread.start()
-        started.wait()
-        if failure:
-            self._thread.join()
-            self._thread = None
-            self._done = None
-            raise failure[0]
-
+        if self._stopped():
+            raise HubEnded(began=False)
+        return self._host.call(func, *args)

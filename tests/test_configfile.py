@@ -591,3 +591,37 @@ def test_a_stopped_file_service_refuses_reload_and_stops_again_quietly(tmp_path,
         no_errors_logged.records.clear()  # the error was expected
         files.stop()
         assert files.statistics().active == 0
+
+
+def test_a_call_running_on_the_services_hub_when_it_stops_does_not_wait_for_ever(tmp_path):
+    """Thread mode: a call handed to the service's hub from another thread that is still running
+    there when stop() ends the hub's thread. Its caller used to wait for ever."""
+    import gevent
+    import gproxy
+    with Server(tagged(b"A")) as a:
+        path = write(tmp_path / "gproxy.toml", f"""
+            [[rule]]
+            name = "web"
+            listen = "127.0.0.1:0"
+            target = "127.0.0.1:{a.address[1]}"
+            """)
+        files = gproxy.load_config(str(path)).start()  # unpatched: a hub in a thread of its own
+        entered, outcome = threading.Event(), []
+
+        def outlives_the_service():
+            entered.set()
+            gevent.sleep(3600)  # sleep-ok: a call on the service's hub that never finishes by itself
+
+        def caller():
+            try:
+                files._call(outlives_the_service)
+            except RuntimeError as exc:
+                outcome.append(exc)
+
+        waiting = threading.Thread(target=caller, daemon=True)
+        waiting.start()
+        assert entered.wait(TIMEOUT)
+        files.stop()
+        waiting.join(TIMEOUT)
+        assert not waiting.is_alive(), "the caller still waits for a hub that has ended"
+        assert len(outcome) == 1 and "while the call was running" in str(outcome[0]), outcome

@@ -374,3 +374,75 @@ CONTROL_FROM_ANOTHER_THREAD = '''
 ], ids=["serve_forever-unpatched", "serve_forever-patched", "start-thread", "start-patched"])
 def test_a_forwarder_is_controlled_and_stopped_from_another_os_thread(mode, prelude):
     run_script(CONTROL_FROM_ANOTHER_THREAD, prelude=prelude + f"MODE = {mode!r}\n")
+
+
+# The same for a config file's service (gproxy.load_config): its rules run on the program's hub
+# (patched, or serve_forever()) or on a hub in a thread of its own, and another OS thread drives it.
+FILE_SERVICE_FROM_ANOTHER_THREAD = '''
+    import faulthandler, logging, socket, tempfile
+    import gevent.monkey
+    import gproxy
+    faulthandler.dump_traceback_later(30, exit=True)  # a hang shows where, then exits
+    start_new_thread = gevent.monkey.get_original("_thread", "start_new_thread")
+    allocate_lock = gevent.monkey.get_original("_thread", "allocate_lock")
+
+    def released_later():
+        lock = allocate_lock()
+        lock.acquire()
+        return lock
+
+    listening = released_later()
+    class Listening(logging.Handler):  # the readiness signal: the first "listening on" line
+        def emit(self, record):
+            if record.getMessage().startswith("listening on") and listening.locked():
+                listening.release()
+    logging.getLogger("gproxy").addHandler(Listening())
+    logging.getLogger("gproxy").setLevel(logging.INFO)
+
+    target = "%s:%d" % echo_server()
+    path = os.path.join(tempfile.mkdtemp(), "gproxy.toml")
+    RULE = '[[rule]]\\nname = "%s"\\nlisten = "127.0.0.1:0"\\ntarget = "%s"\\n'
+    with open(path, "w") as f:
+        f.write(RULE % ("web", target))
+    files = gproxy.load_config(path)
+    results, finished = [], released_later()
+
+    def control():
+        try:
+            assert listening.acquire(timeout=10), "never listened"
+            web = files["web"]
+            assert round_trip(web.address, b"ping") == b"ping"
+            web.add_toxic("latency", latency=1)
+            assert [t.name for t in web.toxics()] == ["latency_downstream"]
+            with open(path, "a") as f:
+                f.write(RULE % ("api", target))
+            assert files.reload() is True
+            assert sorted(files) == ["api", "web"] and files["web"] is web
+            assert round_trip(files["api"].address, b"pong" * 10000) == b"pong" * 10000
+            assert web.wait_idle(10) and files["api"].wait_idle(10)
+            assert files.statistics().accepted == 2
+            files.stop()
+            files.stop()  # again: nothing to do
+            assert files.reload() is False  # refused: stopped
+            results.append("stopped")
+        except BaseException as exc:
+            results.append(repr(exc))
+            raise
+        finally:
+            finished.release()
+
+    if MODE.startswith("start"):
+        files.start()
+    start_new_thread(control, ())
+    files.serve_forever()  # returns once the other thread's stop() stopped it
+    assert finished.acquire(timeout=10), "stop() did not return"
+    assert results == ["stopped"], results
+    print("OK")
+'''
+
+
+@pytest.mark.parametrize("mode,prelude", [
+    ("serve_forever", ""), ("serve_forever", PATCHED), ("start", ""), ("start", PATCHED),
+], ids=["serve_forever-unpatched", "serve_forever-patched", "start-thread", "start-patched"])
+def test_a_file_service_is_controlled_and_stopped_from_another_os_thread(mode, prelude):
+    run_script(FILE_SERVICE_FROM_ANOTHER_THREAD, prelude=prelude + f"MODE = {mode!r}\n")
