@@ -300,7 +300,7 @@ class Forwarder:
     def start(self) -> "Forwarder":
         """Bind and serve in the background; return at once. Errors binding raise ``OSError``."""
         self._claim_start()
-        self._host.start(self._start_on_hub, name=lambda: f"gproxy {self.rule.listen}",
+        self._host.start(self._start_on_hub, name=lambda: f"gproxy {self.name}",
                          at_exit=lambda: self.stop(timeout=0))
         return self
 

@@ -121,6 +121,17 @@ def test_unpatched_program_plain_blocking_sockets():
     ''')
 
 
+def test_a_forwarders_thread_is_named_after_its_bound_address_or_its_name(forwarder_factory):
+    import threading
+    unnamed = forwarder_factory(("127.0.0.1", 1))
+    named = forwarder_factory(("127.0.0.1", 1), name="web")
+    names = [t.name for t in threading.enumerate() if t.name.startswith("gproxy ")]
+    assert f"gproxy 127.0.0.1:{unnamed.address[1]}" in names, names
+    assert "gproxy web" in names and "gproxy 127.0.0.1:0" not in names, names
+    named.stop()
+    assert "gproxy web" not in [t.name for t in threading.enumerate()]
+
+
 @pytest.mark.parametrize("prelude", ["", PATCHED], ids=["unpatched", "patched"])
 def test_many_forwarders_at_once_and_chained(prelude):
     run_script('''
