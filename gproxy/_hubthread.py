@@ -29,7 +29,7 @@ A hub in a thread of its own brings three duties, all kept here:
 - at interpreter exit, hosts still running in their threads are stopped (``at_exit``)
   before finalisation: a hub running in a daemon thread then crashed the process (SIGSEGV:
   greenlet's bootstrap decref'ing a tuple mid-finalisation, issue 11);
-- when the thread ends, its hub is destroyed without leaking it (:func:`destroy_hub`);
+- when the thread ends, its hub is destroyed without leaking it (``_gevent.destroy_hub``);
 - in a child after ``fork()`` those threads are gone: their hosts are ended there.
 """
 
@@ -44,13 +44,11 @@ import gevent
 from gevent import monkey
 from gevent.event import Event
 
-__all__ = ["HubEnded", "HubHost", "destroy_hub"]
+from gproxy import _gevent
+
+__all__ = ["HubEnded", "HubHost"]
 
 log = logging.getLogger(__name__)
-
-#: the OS thread's id, even where gevent patched threading to give greenlets' ids
-_thread_id = monkey.get_original("_thread", "get_ident")
-_allocate_lock = monkey.get_original("_thread", "allocate_lock")  # a real lock, patched or not
 
 #: once the owner ended a thread host, how long its thread lets calls still running on its
 #: hub finish (a second stop() racing the first one) before it ends and they are lost
@@ -81,7 +79,7 @@ class _Call:
         self.state = _QUEUED
         self.ok: bool = False
         self.value: Any = None
-        self._done = _allocate_lock()
+        self._done = _gevent.real_lock()
         self._done.acquire()
 
     def settle(self, ok: bool, value: Any) -> None:
@@ -107,7 +105,7 @@ class HubHost:
         self.hub = None
         self.thread_id: Optional[int] = None
         self.thread: Optional[threading.Thread] = None
-        self._lock = _allocate_lock()  # guards _ended and every call's state
+        self._lock = _gevent.real_lock()  # guards _ended and every call's state
         self._pending: Set[_Call] = set()
         self._ended = False
         self._finished: Optional[Event] = None      # thread mode: end() lets the thread end
@@ -119,7 +117,7 @@ class HubHost:
 
     def here(self) -> bool:
         """Whether the calling OS thread is the hub's, or the host has no hub yet."""
-        return self.hub is None or _thread_id() == self.thread_id
+        return self.hub is None or _gevent.thread_id() == self.thread_id
 
     def start(self, start: Callable[[], None], *, here: bool = False,
               name: Callable[[], str], at_exit: Callable[[], None]) -> None:
@@ -133,7 +131,7 @@ class HubHost:
     def start_here(self, start: Callable[[], None]) -> None:
         """Serve on the calling thread's hub: ``start()`` now. If it raises, the host is ended
         until started again (a service retries a forwarder that could not listen)."""
-        self.hub, self.thread_id = gevent.get_hub(), _thread_id()
+        self.hub, self.thread_id = gevent.get_hub(), _gevent.thread_id()
         self._ended = False
         try:
             start()
@@ -148,13 +146,13 @@ class HubHost:
         is destroyed). The thread is named ``name()``, asked again once ``start()`` has
         returned (a forwarder knows its real port then). It serves until the owner calls
         ``end()``; ``at_exit()`` stops the owner if the program exits first."""
-        started = _allocate_lock()
+        started = _gevent.real_lock()
         started.acquire()
         failure: List[BaseException] = []
 
         def main() -> None:
             hub = gevent.get_hub()
-            self.hub, self.thread_id = hub, _thread_id()
+            self.hub, self.thread_id = hub, _gevent.thread_id()
             self._finished, self._calls_done = Event(), Event()
             self._calls_done.set()
             try:
@@ -165,7 +163,7 @@ class HubHost:
                 failure.append(exc)
                 with self._lock:
                     self._ended = True
-                destroy_hub(hub)
+                _gevent.destroy_hub(hub)
                 self._abandon_calls()
                 return
             finally:
@@ -183,7 +181,7 @@ class HubHost:
                 with self._lock:
                     self._ended = True  # no call is handed to this hub from now on
                 keepalive.close()
-                destroy_hub(hub)
+                _gevent.destroy_hub(hub)
                 self._abandon_calls()
 
         _stop_at_exit.register()
@@ -273,7 +271,7 @@ class HubHost:
         """Wait until the host's own thread has ended: True. False at once when it has none
         (it serves on a thread the program runs), or when called from that very thread."""
         thread = self.thread
-        if thread is None or _thread_id() == self.thread_id:
+        if thread is None or _gevent.thread_id() == self.thread_id:
             return False
         while thread.is_alive():
             thread.join(0.5)  # a bounded join keeps Ctrl-C working in the host program
@@ -289,7 +287,7 @@ class HubHost:
 
     def _forget_after_fork(self) -> None:
         """In a forked child: the thread did not survive, nor did any caller but this one."""
-        self._lock = _allocate_lock()  # another thread may have held it at the fork
+        self._lock = _gevent.real_lock()  # another thread may have held it at the fork
         self._ended = True
         self._pending.clear()
 
@@ -342,27 +340,3 @@ def _after_fork_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
-
-def destroy_hub(hub) -> None:
-    """Destroy this thread's hub and its loop without leaking them.
-
-    ``Hub.destroy`` leaves the hub greenlet parked mid-throw of a LoopExit whose
-    traceback pins this thread's frames in a cycle the GC cannot see (gevent
-    #1601; the fix in #1604 needs the hub switched to once more). Throwing
-    GreenletExit into it lets it finish, and everything it held is freed.
-    """
-    # A resolver call stuck in the hub's thread pool (relay gave up waiting for it) would make
-    # destroy() wait for that thread for ever (ThreadPool.kill joins its workers). Leave such
-    # a pool and its loop to the garbage collector instead: the worker reports to the loop
-    # when its call returns, so the loop must outlive it; idle workers are told to exit.
-    pool = getattr(hub, "_threadpool", None)
-    stuck = pool is not None and pool.task_queue.unfinished_tasks > 0
-    if stuck:
-        hub._threadpool = None
-        for _ in range(pool.size):
-            pool.task_queue.put(None)
-    hub.destroy(destroy_loop=not stuck)
-    try:
-        hub.throw(gevent.GreenletExit)
-    except BaseException:  # it ends one way or another; nothing is left to run
-        pass
