@@ -116,3 +116,34 @@ def _raise(exc):
     def start():
         raise exc
     return start
+
+
+
+def test_a_host_whose_start_failed_here_serves_calls_once_started_again():
+    """A service retries a forwarder that could not listen (start_here again): calls from other
+    threads must then reach its hub, not run on the caller's thread."""
+    from gproxy import _gevent
+    host, ready, failed, finished = HubHost(), threading.Event(), [], gevent.event.Event()
+
+    def program_thread():  # a thread that runs its own hub, as the CLI's main thread does
+        hub = gevent.get_hub()
+        try:
+            host.start_here(_raise(OSError("address in use")))
+        except OSError as exc:
+            failed.append(exc)
+        host.start_here(lambda: None)
+        keepalive = hub.loop.async_()  # so the loop runs what other threads hand over
+        keepalive.start(lambda: None)
+        ready.set()
+        finished.wait()
+        keepalive.close()
+        _gevent.destroy_hub(hub)
+
+    thread = threading.Thread(target=program_thread, daemon=True)
+    thread.start()
+    assert ready.wait(TIMEOUT) and len(failed) == 1
+    assert host.call(threading.get_ident) == thread.ident
+    host.call(host.end)
+    host.hub.loop.run_callback_threadsafe(finished.set)
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
