@@ -147,9 +147,10 @@ def test_the_changelog_lists_versions_newest_first_including_this_one():
     headings = re.findall(r"^## (.+)$", (ROOT / "CHANGELOG.md").read_text(), re.M)
     versions = []
     for heading in headings:
-        match = re.fullmatch(r"Unreleased \((\d+\.\d+\.\d+)\)|(\d+\.\d+\.\d+) \(\d{4}-\d\d-\d\d, commit [0-9a-f]{7,40}\)",
-                             heading)
-        assert match, f"CHANGELOG.md: {heading!r}: expected 'Unreleased (X.Y.Z)' or 'X.Y.Z (DATE, commit SHA)'"
+        # a release commit cannot name itself: the commit is for versions given afterwards
+        match = re.fullmatch(r"Unreleased \((\d+\.\d+\.\d+)\)"
+                             r"|(\d+\.\d+\.\d+) \(\d{4}-\d\d-\d\d(?:, commit [0-9a-f]{7,40})?\)", heading)
+        assert match, f"CHANGELOG.md: {heading!r}: expected 'Unreleased (X.Y.Z)' or 'X.Y.Z (DATE[, commit SHA])'"
         versions.append(tuple(int(n) for n in (match.group(1) or match.group(2)).split(".")))
     assert versions == sorted(versions, reverse=True) and len(set(versions)) == len(versions), versions
     assert tuple(int(n) for n in gproxy.__version__.split(".")) in versions, gproxy.__version__
