@@ -10,6 +10,13 @@ Typical use (relay does this for every client when the rule has any of these opt
 
 Networks are parsed when the rule is built (``config.Rule``) and compiled to integers
 here; per client the cost is one ``inet_pton`` and an AND and compare per network.
+
+An IPv4 client is IPv4 on both sides of the comparison, whatever form it comes in: a
+dual-stack listener reports it as ``::ffff:a.b.c.d`` and ``client_key`` unmaps that, and a
+network written in the mapped form (``::ffff:10.0.0.0/104``) is read as the IPv4 network it
+stands for (``config.networks``). So either form matches on either listener, and a client is
+counted once for ``max_connections_per_client``. Other IPv6 networks (``::/0`` among them)
+match IPv6 clients only.
 """
 
 from __future__ import annotations

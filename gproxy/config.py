@@ -284,9 +284,20 @@ def _flag(value, field: str) -> bool:
     return value
 
 
+def _unmapped(network: Network) -> Network:
+    """An IPv4-mapped network (``::ffff:10.0.0.0/104``) as the IPv4 network it stands for
+    (``10.0.0.0/8``); any other network as it is. Clients are matched the same way (IPv4,
+    whether they reached an IPv4 or a dual-stack listener, which reports ``::ffff:a.b.c.d``):
+    a mapped network kept as IPv6 would never match anyone."""
+    if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped is not None:
+        return ipaddress.IPv4Network((network.network_address.ipv4_mapped, network.prefixlen - 96))
+    return network
+
+
 def networks(value, field: str) -> Optional[Tuple[Network, ...]]:
     """``"10.0.0.0/8"``, ``"127.0.0.1"``, ``"::1"`` or a list of them -> a tuple of networks.
-    ``None`` stays ``None`` (no list), which is not the same as an empty list."""
+    ``None`` stays ``None`` (no list), which is not the same as an empty list. IPv4-mapped
+    networks (``::ffff:127.0.0.1``) are read as the IPv4 networks they stand for."""
     if value is None:
         return None
     items = [value] if isinstance(value, str) else value
@@ -297,13 +308,13 @@ def networks(value, field: str) -> Optional[Tuple[Network, ...]]:
     parsed = []
     for item in items:
         if isinstance(item, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-            parsed.append(item)
+            parsed.append(_unmapped(item))
             continue
         if not isinstance(item, str):
             raise ConfigError(field, f"expected an address or CIDR, got {item!r}")
         try:
             # strict: "10.1.2.3/8" is refused rather than silently read as 10.0.0.0/8
-            parsed.append(ipaddress.ip_network(item.strip().strip("[]"), strict=True))
+            parsed.append(_unmapped(ipaddress.ip_network(item.strip().strip("[]"), strict=True)))
         except ValueError as exc:
             raise ConfigError(field, f"not an address or CIDR: {item!r} ({exc})") from None
     return tuple(parsed)

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from gproxy import ConfigError, Forwarder, Outcome
-from peers import TIMEOUT, Gate, Server, echo
+from peers import TIMEOUT, Gate, Server, echo, recv_exactly
 
 
 def connect_from(source_ip: str, address) -> socket.socket:
@@ -168,3 +168,113 @@ def test_cli_allow_deny_and_proxy_protocol_as_users_run_them():
             code, output = proxy.stop()
     assert code == 0, output
     assert all(json.loads(line) for line in output.splitlines())
+
+
+# -- IPv4-mapped addresses (::ffff:a.b.c.d): the form a dual-stack listener reports -------------
+
+
+def _ipv6_usable() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+LISTENERS = [
+    pytest.param("0.0.0.0:0", id="ipv4-listener"),
+    pytest.param("[::]:0", id="dual-stack-listener",
+                 marks=pytest.mark.skipif(not _ipv6_usable(), reason="no IPv6")),
+]
+
+
+@pytest.mark.parametrize("listen", LISTENERS)
+@pytest.mark.parametrize("options", [
+    pytest.param({"allow": ["127.0.0.1"]}, id="allow-ipv4"),
+    pytest.param({"allow": ["::ffff:127.0.0.1"]}, id="allow-mapped"),
+    pytest.param({"allow": ["::ffff:127.0.0.0/127"]}, id="allow-mapped-cidr"),
+    pytest.param({"deny": ["127.0.0.3"]}, id="deny-ipv4"),
+    pytest.param({"deny": ["::ffff:127.0.0.3"]}, id="deny-mapped"),
+    pytest.param({"deny": ["::ffff:127.0.0.2/127"]}, id="deny-mapped-cidr"),
+    pytest.param({"allow": ["::ffff:127.0.0.0/104"], "deny": ["::ffff:7f00:3"]}, id="both-mapped"),
+])
+def test_allow_and_deny_in_either_form_on_either_listener(forwarder_factory, listen, options):
+    """127.0.0.1 is served and 127.0.0.3 refused whether the rule names them as IPv4 or in the
+    IPv4-mapped form, on an IPv4 listener and on a dual-stack one (which sees ::ffff:127.0.0.x)."""
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address, listen=listen, **options)
+        address = ("127.0.0.1", fw.address[1])
+        assert refused("127.0.0.3", address)
+        assert served(connect_from("127.0.0.1", address))
+        forwarder_factory.wait_closed(fw, accepted=2)
+        assert upstream.accepted == 1
+        assert sorted(str(r.outcome) for r in forwarder_factory.records) == ["denied", "eof"]
+
+
+@pytest.mark.parametrize("listen", LISTENERS)
+def test_one_client_is_counted_once_whatever_form_it_connects_in(forwarder_factory, listen):
+    """max_connections_per_client counts 127.0.0.1 once, whether it reached the listener as
+    IPv4 or (on a dual-stack listener) through an IPv6 socket as ::ffff:127.0.0.1."""
+    gate = Gate()
+    with Server(gate) as upstream:
+        fw = forwarder_factory(upstream.address, listen=listen, max_connections_per_client=1)
+        first = connect_from("127.0.0.1", ("127.0.0.1", fw.address[1]))
+        held = gate.get()
+        if listen.startswith("["):
+            second = socket.socket(socket.AF_INET6)
+            second.settimeout(TIMEOUT)
+            try:
+                second.connect(("::ffff:127.0.0.1", fw.address[1]))
+                assert second.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            finally:
+                second.close()
+        else:
+            assert refused("127.0.0.1", ("127.0.0.1", fw.address[1]))
+        for sock in (first, held):
+            sock.close()
+        gate.release()
+        forwarder_factory.wait_closed(fw, accepted=2)
+        assert upstream.accepted == 1
+        assert fw._context.access.open_per_client == {}
+
+
+def test_mapped_networks_are_read_as_ipv4():
+    from ipaddress import ip_network
+
+    rule = Forwarder("127.0.0.1:0", "127.0.0.1:1", allow=["::ffff:10.0.0.0/104", "::ffff:127.0.0.2", "::1"],
+                     deny=["::ffff:0:0/96"], accept_proxy_from=["::ffff:10.1.2.3"]).rule
+    assert rule.allow == (ip_network("10.0.0.0/8"), ip_network("127.0.0.2/32"), ip_network("::1/128"))
+    assert rule.deny == (ip_network("0.0.0.0/0"),)
+    assert rule.accept_proxy_from == (ip_network("10.1.2.3/32"),)
+
+
+@pytest.mark.parametrize("listen", LISTENERS)
+@pytest.mark.parametrize("trusted", ["127.0.0.3", "::ffff:127.0.0.3"])
+def test_accept_proxy_from_in_either_form_on_either_listener(forwarder_factory, listen, trusted):
+    """A trusted proxy named in either form must send a PROXY header, whose address then
+    stands for the client; another client's first bytes are payload."""
+    from gproxy import proxyproto
+
+    gate = Gate()
+    with Server(gate) as upstream:
+        fw = forwarder_factory(upstream.address, listen=listen, accept_proxy_from=[trusted])
+        address = ("127.0.0.1", fw.address[1])
+        trusted_client = connect_from("127.0.0.3", address)
+        trusted_client.sendall(proxyproto.encode_v1(("10.9.8.7", 4242), ("10.0.0.1", 80)) + b"hi")
+        server = gate.get()
+        assert server.recv(16) == b"hi"   # the header was taken, not passed on as payload
+        other = connect_from("127.0.0.1", address)
+        other.sendall(b"PROXY TCP4 is payload here")
+        other_server = gate.get()
+        assert recv_exactly(other_server, 26) == b"PROXY TCP4 is payload here"
+        for sock in (trusted_client, server, other, other_server):
+            sock.close()
+        gate.release()
+        forwarder_factory.wait_closed(fw, accepted=2)
+    clients = sorted(r.client for r in forwarder_factory.records)
+    assert clients[0] == "10.9.8.7:4242" and "127.0.0.1" in clients[1], clients
