@@ -248,6 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", metavar="N|auto", default="1",
                         help="run N worker processes on the port (SO_REUSEPORT, Linux); auto: one per CPU")
     parser.add_argument("--worker-port", type=int, default=None, help=argparse.SUPPRESS)  # set for workers
+    parser.add_argument("--worker-lifeline", type=int, default=None, help=argparse.SUPPRESS)  # ditto
     parser.add_argument("--version", action="version", version=f"gproxy {__version__}")
     return parser
 
@@ -447,7 +448,8 @@ def _supervise(args: argparse.Namespace, options: dict, count: int, argv: List[s
         address = reserved.getsockname()[:2]
         log.info("listening on %s -> %s with %d workers", _sockets.describe_address(address),
                  ",".join(args.target), count)
-        return workers.Supervisor(lambda _index: workers.worker_argv(argv, address[1]), count).run()
+        return workers.Supervisor(lambda _index, lifeline: workers.worker_argv(argv, address[1], lifeline),
+                                  count).run()
 
 
 def _run(args: argparse.Namespace, options: dict) -> int:
@@ -539,6 +541,15 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         if metrics_server is not None:
             metrics_server.stop(timeout=1)
         raise
+    if args.worker_lifeline is not None:
+        from gproxy.workers import watch_lifeline
+
+        def on_supervisor_gone() -> None:
+            if not signals:  # already stopping: the drain goes on
+                log.warning("the --workers supervisor has exited: stopping, as on SIGTERM")
+                on_stop()
+
+        watch_lifeline(args.worker_lifeline, on_supervisor_gone)
     try:
         _systemd.notify("READY=1")  # every listener is bound
         forwarder.serve_forever()

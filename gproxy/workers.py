@@ -23,6 +23,17 @@ The parent waits on signals and child exits only (a self-pipe, no polling):
   second of its first start (the address taken by another program, for one),
   everything stops with exit status 1.
 - SIGHUP and SIGUSR1 are passed to the workers (each logs its own statistics).
+
+Workers die with their supervisor. Each holds the read end of a pipe (the lifeline) whose
+only write end the parent holds, however it ends (``kill -9`` included): when the parent is
+gone the worker reads EOF and stops as on SIGTERM: it closes its listener at once, so no
+orphan keeps taking clients on the port with the old settings, lets its open connections
+finish (``--drain-timeout``), and exits. HAProxy's workers and PostgreSQL's backends watch
+their master the same way. A pipe rather than Linux's ``PR_SET_PDEATHSIG``: it needs no
+ctypes and no ``getppid()`` check for a parent that died before the child could ask, it
+does not fire when the parent *thread* that forked ends, and the worker drains instead of
+dying mid-transfer. (A worker whose event loop is stuck notices nothing; neither would a
+SIGTERM handler.)
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from typing import Callable, Dict, List, Optional
 from gproxy import _sockets
 from gproxy.config import Rule
 
-__all__ = ["Supervisor", "auto_count", "reserve", "worker_argv"]
+__all__ = ["Supervisor", "auto_count", "reserve", "watch_lifeline", "worker_argv"]
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +89,10 @@ def reserve(rule: Rule) -> socket.socket:
 
 
 class Supervisor:
-    """Runs ``command(index)`` as N worker processes until a signal stops them all."""
+    """Runs ``command(index, lifeline)`` as N worker processes until a signal stops them all;
+    ``lifeline`` is the fd each worker watches for its supervisor's death (``watch_lifeline``)."""
 
-    def __init__(self, command: Callable[[int], List[str]], count: int):
+    def __init__(self, command: Callable[[int, int], List[str]], count: int):
         self.command = command
         self.count = count
         self.procs: Dict[int, subprocess.Popen] = {}
@@ -89,6 +101,7 @@ class Supervisor:
         self.due: Dict[int, float] = {}      # index -> when a dead worker starts again
         self.stopping = 0                    # signals received
         self.failed = False
+        self.lifeline: Optional[int] = None  # the read end each worker inherits
 
     def run(self) -> int:
         wake_r, wake_w = os.pipe()
@@ -103,6 +116,10 @@ class Supervisor:
         signums = [getattr(signal, n) for n in names if hasattr(signal, n)]
         old = {s: signal.signal(s, on_signal) for s in signums}
         old_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        # Nothing is ever written: the write end closes when this process ends, however it
+        # ends, and every worker then reads EOF. Both ends are non-inheritable (os.pipe), so
+        # workers get only the read end (pass_fds), never a write end that would keep it open.
+        self.lifeline, lifeline_w = os.pipe()
         try:
             for index in range(self.count):
                 self._start(index)
@@ -131,10 +148,13 @@ class Supervisor:
                 signal.signal(s, handler)
             os.close(wake_r)
             os.close(wake_w)
+            os.close(self.lifeline)
+            os.close(lifeline_w)
         return 1 if self.failed else 0
 
     def _start(self, index: int) -> None:
-        proc = subprocess.Popen(self.command(index), stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(self.command(index, self.lifeline), stdin=subprocess.DEVNULL,
+                                pass_fds=(self.lifeline,))
         self.procs[index] = proc
         self.started[index] = time.monotonic()
 
@@ -195,9 +215,33 @@ class Supervisor:
                 log.info("worker %d started again, pid %d", index, self.procs[index].pid)
 
 
-def worker_argv(argv: List[str], port: int) -> List[str]:
+def watch_lifeline(fd: int, on_gone: Callable[[], None]):
+    """In a worker, on the current hub: call ``on_gone()`` once the supervisor has exited (EOF
+    on the lifeline ``fd``). Returns the watcher; ``close()`` it to stop watching."""
+    import gevent
+
+    os.set_blocking(fd, False)
+    watcher = gevent.get_hub().loop.io(fd, 1)
+
+    def readable() -> None:
+        try:
+            if os.read(fd, 64):
+                return  # nobody writes, but a byte is no death
+        except BlockingIOError:
+            return
+        except OSError:
+            pass  # an error reading it means it is gone as surely as EOF does
+        watcher.close()
+        os.close(fd)
+        on_gone()
+
+    watcher.start(readable)
+    return watcher
+
+
+def worker_argv(argv: List[str], port: int, lifeline: int) -> List[str]:
     """A worker's command line: the parent's arguments without ``--workers``, plus the port
-    the parent reserved and SO_REUSEPORT (hidden options of the command line)."""
+    the parent reserved and the lifeline's fd (hidden options of the command line)."""
     out: List[str] = []
     skip = False
     for arg in argv:
@@ -207,4 +251,4 @@ def worker_argv(argv: List[str], port: int) -> List[str]:
             skip = True
         elif not arg.startswith("--workers="):
             out.append(arg)
-    return [sys.executable, "-m", "gproxy", "--worker-port", str(port), *out]
+    return [sys.executable, "-m", "gproxy", "--worker-port", str(port), "--worker-lifeline", str(lifeline), *out]
