@@ -357,10 +357,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     config = None
     if args.config is not None or args.check:
+        if args.config is None:
+            parser.error("--check validates a config file: give -c FILE")
         if args.listen is not None:
             parser.error("give LISTEN TARGET or -c FILE, not both")
-        if args.config is None:
-            parser.error("--check needs -c FILE")
         in_file = sorted(_given(argv) & set(_RULE_OPTIONS))
         if in_file:
             parser.error(f"{_option_name(in_file[0])}: with -c, rule options go in the file "

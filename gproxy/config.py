@@ -13,14 +13,17 @@ so the CLI can print one line and exit 2, and embedders get a normal exception.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import ipaddress
 import logging
 import math
+import re
 import socket
 from dataclasses import dataclass, fields
 import sys
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 try:
     import resource
@@ -50,6 +53,34 @@ _FEW_CONNECTIONS = 100
 _NO_FD_LIMIT = 10000
 
 log = logging.getLogger(__name__)
+
+
+#: how a message spells the value it quotes: Python's repr, unless whoever reads the input
+#: says otherwise (``spelled``: a config file's errors quote values as TOML writes them)
+_spelling: "contextvars.ContextVar[Callable[[object], str]]" = contextvars.ContextVar(
+    "gproxy_value_spelling", default=repr)
+
+
+def show(value) -> str:
+    """``value`` as an error message quotes it: in the spelling of the input being read."""
+    return _spelling.get()(value)
+
+
+@contextlib.contextmanager
+def spelled(spell: Callable[[object], str]) -> Iterator[None]:
+    """Within this block, messages quote values with ``spell`` (``gproxy.configfile``: TOML)."""
+    token = _spelling.set(spell)
+    try:
+        yield
+    finally:
+        _spelling.reset(token)
+
+
+#: what a string given for a number may hold (the command line gives every option as one):
+#: ASCII digits only, and a sign so that "-1" is told it is out of range. int() and float()
+#: would also take "1_0", " 5", "+5", "1e3", "inf" and other scripts' digits.
+_WHOLE = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 
 class ConfigError(ValueError):
@@ -113,13 +144,13 @@ Endpoint = Union[Address, UnixAddress]
 def _unix(text: str, field: str) -> UnixAddress:
     path = text[len("unix:"):]
     if UnixAddress.family is None:
-        raise ConfigError(field, f"Unix sockets are not available on this platform: {text!r}")
+        raise ConfigError(field, f"Unix sockets are not available on this platform: {show(text)}")
     if not path or path == "@":
-        raise ConfigError(field, f"missing path in {text!r} (unix:/PATH or unix:@NAME)")
+        raise ConfigError(field, f"missing path in {show(text)} (unix:/PATH or unix:@NAME)")
     if path.startswith("@") and not sys.platform.startswith("linux"):
-        raise ConfigError(field, f"the abstract namespace (unix:@NAME) is Linux only: {text!r}")
+        raise ConfigError(field, f"the abstract namespace (unix:@NAME) is Linux only: {show(text)}")
     if "\0" in path:
-        raise ConfigError(field, f"a NUL byte in {text!r}")
+        raise ConfigError(field, f"a NUL byte in {show(text)}")
     limit = 107  # sun_path is 108 bytes with its terminating NUL
     if len(path.encode()) > limit:
         raise ConfigError(field, f"a Unix socket path is at most {limit} bytes, got {len(path.encode())}")
@@ -128,13 +159,13 @@ def _unix(text: str, field: str) -> UnixAddress:
 
 def _port(text: Union[str, int], field: str) -> int:
     if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise ConfigError(field, f"port must be a whole number from 0 to 65535, got {text!r}")
+        raise ConfigError(field, f"port must be a whole number from 0 to 65535, got {show(text)}")
     if isinstance(text, int):
         port = text
     else:
         # ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and '٨٠'.
         if not (text.isascii() and text.isdigit()):
-            raise ConfigError(field, f"port must be a number from 0 to 65535, got {text!r}")
+            raise ConfigError(field, f"port must be a number from 0 to 65535, got {show(text)}")
         port = int(text)
     if not 0 <= port <= 65535:
         raise ConfigError(field, f"port must be from 0 to 65535, got {port}")
@@ -158,19 +189,19 @@ def _check_host_name(host: str, field: str) -> None:
         encoded = None
     labels = host.rstrip(".").split(".")
     if any(not label for label in labels):
-        raise ConfigError(field, f"empty label in host name {host!r}")
+        raise ConfigError(field, f"empty label in host name {show(host)}")
     for label in (encoded or host).rstrip(".").split("."):
         if len(label) > 63:
-            raise ConfigError(field, f"host name label longer than 63 characters: {label[:20]!r}...")
+            raise ConfigError(field, f"host name label longer than 63 characters: {show(label[:20])}...")
     if encoded is None:
-        raise ConfigError(field, f"not a valid host name: {host!r}")
+        raise ConfigError(field, f"not a valid host name: {show(host)}")
     if len(encoded.rstrip(".")) > 253:
-        raise ConfigError(field, f"host name longer than 253 characters: {host[:20]!r}...")
+        raise ConfigError(field, f"host name longer than 253 characters: {show(host[:20])}...")
     bad = set(encoded) - _NAME_CHARS
     if bad:
-        raise ConfigError(field, f"character {sorted(bad)[0]!r} cannot be in a host name: {host!r}")
+        raise ConfigError(field, f"character {show(sorted(bad)[0])} cannot be in a host name: {show(host)}")
     if labels[-1].isdigit():  # DNS names never end in a numeric label: a typo'd IPv4 address
-        raise ConfigError(field, f"not a valid IPv4 address: {host!r}")
+        raise ConfigError(field, f"not a valid IPv4 address: {show(host)}")
 
 
 def parse_address(value: AddressLike, field: str) -> Endpoint:
@@ -182,20 +213,20 @@ def parse_address(value: AddressLike, field: str) -> Endpoint:
         return _unix(value.strip(), field)
     if isinstance(value, tuple):
         if len(value) != 2 or not isinstance(value[0], str):
-            raise ConfigError(field, f"expected (host, port), got {value!r}")
+            raise ConfigError(field, f"expected (host, port), got {show(value)}")
         host, port = value[0].strip("[]"), _port(value[1], field)
     elif isinstance(value, int) and not isinstance(value, bool):
         host, port = "127.0.0.1", _port(value, field)
     elif isinstance(value, str):
         text = value.strip()
         if "://" in text:
-            raise ConfigError(field, f"expected HOST:PORT, got a URL: {value!r}")
+            raise ConfigError(field, f"expected HOST:PORT, got a URL: {show(value)}")
         if text.isascii() and text.isdigit():
             host, port = "127.0.0.1", _port(text, field)
         elif text.startswith("["):
             close = text.find("]")
             if close < 0 or text[close + 1:close + 2] != ":":
-                raise ConfigError(field, f"expected [IPV6]:PORT, got {value!r}")
+                raise ConfigError(field, f"expected [IPV6]:PORT, got {show(value)}")
             host, port = text[1:close], _port(text[close + 2:], field)
         elif ":" in text:
             host, _, port_text = text.rpartition(":")
@@ -203,16 +234,16 @@ def parse_address(value: AddressLike, field: str) -> Endpoint:
                 raise ConfigError(field, f"write an IPv6 address in brackets, [{host}]:{port_text}")
             port = _port(port_text, field)
         else:
-            raise ConfigError(field, f"expected HOST:PORT, [IPV6]:PORT or PORT, got {value!r}")
+            raise ConfigError(field, f"expected HOST:PORT, [IPV6]:PORT or PORT, got {show(value)}")
     else:
-        raise ConfigError(field, f"expected an address string or (host, port), got {value!r}")
+        raise ConfigError(field, f"expected an address string or (host, port), got {show(value)}")
     if not host:
-        raise ConfigError(field, f"missing host in {value!r}")
+        raise ConfigError(field, f"missing host in {show(value)}")
     if ":" in host:
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ConfigError(field, f"not an IPv6 address: {host!r}") from None
+            raise ConfigError(field, f"not an IPv6 address: {show(host)}") from None
     else:
         try:
             ipaddress.IPv4Address(host)
@@ -250,14 +281,14 @@ def parse_targets(value, field: str = "target") -> Tuple[Endpoint, ...]:
 def _seconds(value, field: str, *, zero_is_off: bool) -> Optional[float]:
     if value is None:
         return None
-    if isinstance(value, bool) or (isinstance(value, str) and not value.isascii()):
-        raise ConfigError(field, f"expected a number of seconds, got {value!r}")
+    if isinstance(value, bool) or (isinstance(value, str) and not _DECIMAL.fullmatch(value)):
+        raise ConfigError(field, f"expected a number of seconds, got {show(value)}")
     try:
         seconds = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(field, f"expected a number of seconds, got {value!r}") from None
+        raise ConfigError(field, f"expected a number of seconds, got {show(value)}") from None
     if math.isnan(seconds) or seconds < 0 or math.isinf(seconds):
-        raise ConfigError(field, f"expected a finite number of seconds >= 0, got {value!r}")
+        raise ConfigError(field, f"expected a finite number of seconds >= 0, got {show(value)}")
     if seconds == 0 and zero_is_off:
         return None
     return seconds
@@ -265,12 +296,12 @@ def _seconds(value, field: str, *, zero_is_off: bool) -> Optional[float]:
 
 def _count(value, field: str, *, minimum: int, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)) \
-            or (isinstance(value, str) and not value.isascii()):
-        raise ConfigError(field, f"expected a whole number, got {value!r}")
+            or (isinstance(value, str) and not _WHOLE.fullmatch(value)):
+        raise ConfigError(field, f"expected a whole number, got {show(value)}")
     try:
         number = int(value)
     except ValueError:
-        raise ConfigError(field, f"expected a whole number, got {value!r}") from None
+        raise ConfigError(field, f"expected a whole number, got {show(value)}") from None
     if number < minimum:
         raise ConfigError(field, f"must be at least {minimum}, got {number}")
     if maximum is not None and number > maximum:
@@ -280,7 +311,7 @@ def _count(value, field: str, *, minimum: int, maximum: Optional[int] = None) ->
 
 def _flag(value, field: str) -> bool:
     if not isinstance(value, bool):  # "no" is truthy: guessing would be wrong half the time
-        raise ConfigError(field, f"expected True or False, got {value!r}")
+        raise ConfigError(field, f"expected {show(True)} or {show(False)}, got {show(value)}")
     return value
 
 
@@ -304,19 +335,21 @@ def networks(value, field: str) -> Optional[Tuple[Network, ...]]:
     try:
         items = list(items)
     except TypeError:
-        raise ConfigError(field, f"expected a list of addresses or CIDRs, got {value!r}") from None
+        raise ConfigError(field, f"expected a list of addresses or CIDRs, got {show(value)}") from None
     parsed = []
     for item in items:
         if isinstance(item, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
             parsed.append(_unmapped(item))
             continue
         if not isinstance(item, str):
-            raise ConfigError(field, f"expected an address or CIDR, got {item!r}")
+            raise ConfigError(field, f"expected an address or CIDR, got {show(item)}")
         try:
             # strict: "10.1.2.3/8" is refused rather than silently read as 10.0.0.0/8
             parsed.append(_unmapped(ipaddress.ip_network(item.strip().strip("[]"), strict=True)))
         except ValueError as exc:
-            raise ConfigError(field, f"not an address or CIDR: {item!r} ({exc})") from None
+            # ipaddress's own words add something only when they say which part is wrong
+            why = "" if "does not appear to be" in str(exc) else f" ({exc})"
+            raise ConfigError(field, f"not an address or CIDR: {show(item)}{why}") from None
     return tuple(parsed)
 
 
@@ -324,21 +357,21 @@ def _proxy_version(value) -> str:
     text = "off" if value is None or value is False else str(value).strip().lower()
     aliases = {"off": "off", "none": "off", "v1": "v1", "1": "v1", "v2": "v2", "2": "v2"}
     if text not in aliases or isinstance(value, bool) and value:
-        raise ConfigError("proxy_protocol", f"expected off, v1 or v2, got {value!r}")
+        raise ConfigError("proxy_protocol", f"expected off, v1 or v2, got {show(value)}")
     return aliases[text]
 
 
 def _positive_seconds(value, field: str) -> float:
     seconds = _seconds(value, field, zero_is_off=False)
     if not seconds:
-        raise ConfigError(field, f"expected a number of seconds > 0, got {value!r}")
+        raise ConfigError(field, f"expected a number of seconds > 0, got {show(value)}")
     return seconds
 
 
 def check_hook(hook: Optional[Callable], field: str) -> Optional[Callable]:
     """A connection hook must be callable or ``None``: found now, not at the first client."""
     if hook is not None and not callable(hook):
-        raise ConfigError(field, f"expected a function or None, got {hook!r}")
+        raise ConfigError(field, f"expected a function or None, got {show(hook)}")
     return hook
 
 
@@ -478,10 +511,10 @@ class Rule:
         name = opt["name"]
         if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 200
                                  or not name.isprintable()):
-            raise ConfigError("name", f"expected a short printable string, got {name!r}")
+            raise ConfigError("name", f"expected a short printable string, got {show(name)}")
         balance = opt["balance"]
         if balance not in BALANCES:
-            raise ConfigError("balance", f"expected one of {', '.join(BALANCES)}, got {balance!r}")
+            raise ConfigError("balance", f"expected one of {', '.join(BALANCES)}, got {show(balance)}")
         fail_timeout = _seconds(opt["fail_timeout"], "fail_timeout", zero_is_off=False)
         if fail_timeout is None:
             raise ConfigError("fail_timeout", "expected a number of seconds")

@@ -19,17 +19,26 @@ The format (``gproxy --check -c FILE`` validates one)::
     balance = "failover"
 
 Every option of a rule is a :class:`gproxy.config.Rule` field, with the ``Forwarder``
-keyword's name: whatever a Forwarder accepts, the file accepts, and nothing else.
+keyword's name: whatever a Forwarder accepts, the file accepts, and nothing else. The file
+is stricter than Python about types: a number is a TOML number (``max_fails = "3"`` is an
+error, not 3), and a key gproxy does not know is named as unknown, with the closest known
+one, before anything is said about keys that are missing. Errors quote values the way TOML
+writes them (``true``, ``"text"``), not the way Python prints them.
 """
 
 from __future__ import annotations
 
+import datetime
+import difflib
+import json
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional
 
-from gproxy.config import ConfigError, Rule, UnixAddress, parse_address
+from gproxy.config import ConfigError, Rule, UnixAddress, parse_address, spelled
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -77,6 +86,11 @@ def parse(text: str, path: str = "<config>") -> ConfigFile:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, f"TOML syntax: {exc}") from None
+    with spelled(toml_value):  # every message quotes values as the file writes them
+        return _parse(document, path)
+
+
+def _parse(document: Dict[str, Any], path: str) -> ConfigFile:
     config = ConfigFile(path)
 
     def fail(where: str, message: str) -> ConfigError:
@@ -87,7 +101,8 @@ def parse(text: str, path: str = "<config>") -> ConfigFile:
             continue
         if key not in SETTINGS:
             known = ", ".join(SETTINGS + ("[defaults]", "[[rule]]"))
-            raise fail(key, f"unknown key (the top level has {known})")
+            raise fail(key, "unknown key" + (_close_match(key, SETTINGS + ("defaults", "rule"))
+                                             or f" (the top level has {known})"))
         config.settings[key] = _setting(key, value, fail)
 
     defaults = document.get("defaults", {})
@@ -96,6 +111,7 @@ def parse(text: str, path: str = "<config>") -> ConfigFile:
     for key in defaults:
         if key in _NOT_DEFAULTS:
             raise fail(f"[defaults] {key}", "belongs in each [[rule]], not in [defaults]")
+    _check_keys(defaults, _OPTIONS, lambda key, message: fail(f"[defaults] {key}", message))
     try:  # bad defaults are reported once, as the defaults' fault
         Rule.build("127.0.0.1:0", "127.0.0.1:1", **defaults)
     except ConfigError as exc:
@@ -110,6 +126,7 @@ def parse(text: str, path: str = "<config>") -> ConfigFile:
     for index, table in enumerate(rules, 1):
         name = table.get("name")
         label = f"rule {name!r}" if isinstance(name, str) else f"rule #{index}"
+        _check_keys(table, _RULE_KEYS, lambda key, message: fail(f"{label}: {key}", message))
         if "listen" not in table:
             raise fail(f"{label}: listen", "missing")
         if "target" in table and "targets" in table:
@@ -119,13 +136,13 @@ def parse(text: str, path: str = "<config>") -> ConfigFile:
         target_key = "targets" if "targets" in table else "target"
         target = table[target_key]
         if target_key == "targets" and not isinstance(target, list):
-            raise fail(f"{label}: targets", f"expected a list of addresses, got {target!r}")
+            raise fail(f"{label}: targets", f"expected a list of addresses, got {toml_value(target)}")
         if isinstance(target, list) and not all(isinstance(t, str) for t in target):
-            raise fail(f"{label}: {target_key}", f"expected addresses as strings, got {target!r}")
+            raise fail(f"{label}: {target_key}", f"expected addresses as strings, got {toml_value(target)}")
         if not isinstance(target, (str, list)):
-            raise fail(f"{label}: {target_key}", f"expected \"HOST:PORT\", got {target!r}")
+            raise fail(f"{label}: {target_key}", f"expected \"HOST:PORT\", got {toml_value(target)}")
         if not isinstance(table["listen"], str):
-            raise fail(f"{label}: listen", f"expected \"HOST:PORT\", got {table['listen']!r}")
+            raise fail(f"{label}: listen", f"expected \"HOST:PORT\", got {toml_value(table['listen'])}")
         options = {**defaults, **{k: v for k, v in table.items() if k not in ("listen", "target", "targets")}}
         try:
             rule = Rule.build(table["listen"], target, **options)
@@ -145,6 +162,72 @@ def parse(text: str, path: str = "<config>") -> ConfigFile:
     return config
 
 
+def _option_kinds() -> Dict[str, str]:
+    """Every Rule option whose value is a number or a flag: ``{name: "int" | "float" | "bool"}``,
+    read from the annotations, so a new option is checked without being listed here."""
+    kinds = {}
+    for option in fields(Rule):
+        spelled_type = option.type if isinstance(option.type, str) else getattr(option.type, "__name__", "")
+        kind = re.sub(r"^Optional\[(.*)\]$", r"\1", spelled_type)
+        if kind in ("int", "float", "bool"):
+            kinds[option.name] = kind
+    return kinds
+
+
+#: the keys a [[rule]] may have, and those [defaults] may have
+_OPTION_KINDS = _option_kinds()
+_OPTIONS = tuple(f.name for f in fields(Rule) if f.name not in _NOT_DEFAULTS)
+_RULE_KEYS = _NOT_DEFAULTS + _OPTIONS
+
+
+def _check_keys(table: Mapping[str, Any], known: Iterable[str], fail) -> None:
+    """Unknown keys first (a misspelt ``targtes`` is not a missing ``target``), then numbers
+    that are not TOML numbers: ``"3"`` is refused, not read as 3 (nor ``"1_0"`` as 10)."""
+    known = tuple(known)
+    for key in table:
+        if key not in known:
+            raise fail(key, f"unknown key{_close_match(key, known)}")
+    for key, value in table.items():
+        kind = _OPTION_KINDS.get(key)
+        if kind in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            what = "a whole number" if kind == "int" else "a number of seconds"
+            unquote = " (numbers go without quotes)" if isinstance(value, str) else ""
+            raise fail(key, f"expected {what}, got {toml_value(value)}{unquote}")
+
+
+def _close_match(key: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'X'?)`` for the known key closest to a misspelt one, or nothing."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as TOML writes it: ``true``, ``"text"``, ``[1, 2]``, ``{ a = 1 }``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, str):
+        # JSON's escapes are TOML's basic string's; anything unprintable is escaped, so a
+        # message stays on its one line
+        return json.dumps(value, ensure_ascii=not value.isprintable())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(toml_value, value)) + "]"
+    if isinstance(value, dict):
+        items = (f"{k if _BARE_KEY.fullmatch(k) else toml_value(k)} = {toml_value(v)}" for k, v in value.items())
+        return "{ " + ", ".join(items) + " }" if value else "{}"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    return repr(value)
+
+
 def _binds(address) -> bool:
     """Whether two rules with this listen address would collide (port 0 never does)."""
     return isinstance(address, UnixAddress) or address.port != 0
@@ -157,11 +240,11 @@ def _message(exc: ConfigError) -> str:
 def _setting(key: str, value: Any, fail) -> Any:
     if key == "log_format":
         if value not in ("text", "json"):
-            raise fail(key, f"expected \"text\" or \"json\", got {value!r}")
+            raise fail(key, f"expected \"text\" or \"json\", got {toml_value(value)}")
         return value
     # metrics: an address to serve HTTP on
     if not isinstance(value, str):
-        raise fail(key, f"expected \"HOST:PORT\", got {value!r}")
+        raise fail(key, f"expected \"HOST:PORT\", got {toml_value(value)}")
     try:
         parse_address(value, key)
     except ConfigError as exc:

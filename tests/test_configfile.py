@@ -199,6 +199,55 @@ def test_every_bad_file_is_one_line_naming_file_rule_and_key(tmp_path, text, cul
     assert "Traceback" not in result.stderr and not result.stdout
 
 
+@pytest.mark.parametrize("text, says", [
+    # a number key takes a TOML number: a string is refused, not coerced ("1_0" was 10)
+    (GOOD_RULE + 'max_fails = "3"\n', "rule 'web': max_fails: expected a whole number, got \"3\" (numbers go without quotes)"),
+    (GOOD_RULE + 'buffer_size = "1_0"\n', "rule 'web': buffer_size: expected a whole number, got \"1_0\""),
+    (GOOD_RULE + 'idle_timeout = "5"\n', "rule 'web': idle_timeout: expected a number of seconds, got \"5\""),
+    ("[defaults]\nconnect_timeout = '5'\n" + GOOD_RULE,
+     "[defaults] connect_timeout: expected a number of seconds, got \"5\""),
+    (GOOD_RULE + "max_fails = true\n", "rule 'web': max_fails: expected a whole number, got true"),
+    # an unknown key is named as such (with the close match), before any missing key
+    ("[[rule]]\nname = 'web'\nlisten = '127.0.0.1:1'\ntargtes = ['127.0.0.1:2']\n",
+     "rule 'web': targtes: unknown key (did you mean 'targets'?)"),
+    (GOOD_RULE + "idle_timout = 5\n", "rule 'web': idle_timout: unknown key (did you mean 'idle_timeout'?)"),
+    ("[[rule]]\nlisten = '127.0.0.1:1'\ncolour = 'blue'\n", "rule #1: colour: unknown key"),
+    ("[defaults]\nidle_timout = 5\n" + GOOD_RULE,
+     "[defaults] idle_timout: unknown key (did you mean 'idle_timeout'?)"),
+    ("log_fromat = 'json'\n" + GOOD_RULE, "log_fromat: unknown key (did you mean 'log_format'?"),
+    # values in TOML's spelling
+    (GOOD_RULE + "splice = 1\n", "rule 'web': splice: expected true or false, got 1"),
+    (GOOD_RULE + "reuse_port = 'no'\n", "rule 'web': reuse_port: expected true or false, got \"no\""),
+    (GOOD_RULE + "proxy_protocol = true\n", "rule 'web': proxy_protocol: expected off, v1 or v2, got true"),
+    (GOOD_RULE + "allow = [false]\n", "rule 'web': allow: expected an address or CIDR, got false"),
+    (GOOD_RULE + "balance = 'random'\n", "expected one of failover, round-robin, least-connections, "
+                                          "got \"random\""),
+    (GOOD_RULE + "allow = ['10.0.0.0/33']\n", "not an address or CIDR: \"10.0.0.0/33\""),
+    (GOOD_RULE + "name = 'api'\n", None),  # (a TOML error: a key given twice)
+    ("[[rule]]\nlisten = true\ntarget = '127.0.0.1:1'\n", "rule #1: listen: expected \"HOST:PORT\", got true"),
+    ("[[rule]]\nlisten = '127.0.0.1:1'\ntargets = [1, false]\n",
+     "rule #1: targets: expected addresses as strings, got [1, false]"),
+    ("log_format = false\n" + GOOD_RULE, "log_format: expected \"text\" or \"json\", got false"),
+    ("[defaults]\nproxy_header_timeout = 0\n" + GOOD_RULE, "expected a number of seconds > 0, got 0"),
+], ids=lambda value: None if value is None or "\n" in value else value[:60])
+def test_config_file_messages(text, says):
+    from gproxy.configfile import parse
+    from gproxy import ConfigError
+    with pytest.raises(ConfigError) as bad:
+        parse(text, "f.toml")
+    message = str(bad.value)
+    assert message.startswith("f.toml: ") and (says is None or says in message), message
+    assert "True" not in message and "False" not in message and "None" not in message, message
+
+
+def test_check_without_a_file_says_what_it_needs():
+    for args in (["--check", "127.0.0.1:1", "127.0.0.1:2"], ["--check"]):
+        result = run_cli(*args)
+        assert result.returncode == 2, result
+        assert result.stderr.strip().splitlines() == [
+            "gproxy: error: --check validates a config file: give -c FILE (see gproxy --help)"], result.stderr
+
+
 def test_check_accepts_a_complete_file_and_says_what_it_holds(tmp_path):
     path = write(tmp_path / "ok.toml", """
         log_format = "text"

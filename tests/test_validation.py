@@ -57,6 +57,10 @@ def test_valid_addresses_still_pass(address):
     ("buffer_size", "٨٠"), ("max_connections", "٨٠"), ("idle_timeout", "٨٠"),
     ("idle_timeout", True), ("splice", "no"), ("splice", 0), ("splice", None),
     ("on_open", "not callable"), ("on_close", 3),
+    # strings are read strictly: ASCII digits (and a decimal point for seconds), nothing else
+    ("max_fails", "1_0"), ("backlog", "1_0"), ("buffer_size", " 5"), ("max_connections", "+5"),
+    ("idle_timeout", "1_0"), ("connect_timeout", "1e3"), ("drain_timeout", " 5"),
+    ("fail_timeout", "infinity"), ("max_connections_per_client", "0x10"),
 ])
 def test_bad_options_are_config_errors_naming_the_field(field, value):
     with pytest.raises(ConfigError) as bad:
@@ -86,9 +90,24 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["--bulk-threads", "-1", "127.0.0.1:0", "127.0.0.1:80"], "--bulk-threads"),
     (["--bulk-threads", "lots", "127.0.0.1:0", "127.0.0.1:80"], "--bulk-threads"),
     (["127.0.0.1:4001", "127.0.0.1:4001"], "TARGET"),
+    (["--max-fails", "1_0", "127.0.0.1:0", "127.0.0.1:80"], "--max-fails"),
+    (["--idle-timeout", "1_0", "127.0.0.1:0", "127.0.0.1:80"], "--idle-timeout"),
 ])
 def test_cli_refuses_them_in_one_line_with_exit_2(args, culprit):
     result = run_cli(*args)
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"gproxy: error: {culprit}:"), result.stderr
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("max_fails", "3", 3), ("backlog", "-0", None), ("idle_timeout", "2.5", 2.5), ("idle_timeout", ".5", 0.5),
+    ("connect_timeout", "5.", 5.0), ("drain_timeout", "0", 0.0), ("max_fails", 3, 3), ("fail_timeout", 1.5, 1.5),
+])
+def test_numbers_as_strings_still_pass_when_plain(field, value, expected):
+    """The command line hands every option over as a string: plain ones stay accepted."""
+    if expected is None:
+        with pytest.raises(ConfigError):
+            Rule.build("127.0.0.1:0", "127.0.0.1:9", **{field: value})
+        return
+    assert getattr(Rule.build("127.0.0.1:0", "127.0.0.1:9", **{field: value}), field) == expected
