@@ -83,12 +83,14 @@ class FileService:
         that does not load, or an address that cannot be bound, is logged as an ERROR and
         changes nothing: the configuration in force stays."""
         if self._stopped():
-            log.error("reload of %s refused: the service is stopped", self.path)
+            log.error("reload of %s refused: the service is stopped", self.path,
+                      extra=self._fields("reload_failed", error="the service is stopped"))
             return False
         try:
             config = load(self.path)
         except ConfigError as exc:
-            log.error("reload failed, the running configuration stays: %s", exc)
+            log.error("reload failed, the running configuration stays: %s", exc,
+                      extra=self._fields("reload_failed", error=str(exc)))
             return False
         try:
             changes = self._call(self._reload_here, config)
@@ -96,19 +98,27 @@ class FileService:
             log.error("reload of %s refused: the service is stopped", self.path)
             return False
         except (OSError, ConfigError) as exc:
-            log.error("reload of %s failed, the running configuration stays: %s", self.path,
-                      getattr(exc, "strerror", None) or exc)
+            error = getattr(exc, "strerror", None) or str(exc)
+            log.error("reload of %s failed, the running configuration stays: %s", self.path, error,
+                      extra=self._fields("reload_failed", error=error))
             return False
         if config.settings != self.config.settings:
+            settings = sorted(set(config.settings) | set(self.config.settings))
             log.warning("reload of %s: process-wide settings (%s) take effect on restart only",
-                        self.path, ", ".join(sorted(set(config.settings) | set(self.config.settings))))
+                        self.path, ", ".join(settings), extra=self._fields("reload_settings", settings=settings))
         self.config = config
-        counts: Dict[str, int] = {}
-        for what in changes.values():
-            counts[what] = counts.get(what, 0) + 1
-        log.info("reloaded %s: %s", self.path, ", ".join(
-            f"{counts.get(what, 0)} {what}" for what in ("added", "changed", "removed", "unchanged")))
+        names: Dict[str, list] = {what: [] for what in ("added", "changed", "removed", "unchanged")}
+        for name, what in changes.items():
+            names[what].append(name)
+        # JSON: the names of the rules added, changed and removed; only how many were unchanged
+        log.info("reloaded %s: %s", self.path, ", ".join(f"{len(names[what])} {what}" for what in names),
+                 extra=self._fields("reload", added=names["added"], changed=names["changed"],
+                                    removed=names["removed"], unchanged=len(names["unchanged"])))
         return True
+
+    def _fields(self, event: str, **more) -> dict:
+        """A reload line's fields for a JSON log (gproxy.jsonlog)."""
+        return {"fields": {"event": event, "file": self.path, **more}}
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting everywhere, drain (for ``timeout``, default each rule's

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
 import time
@@ -524,7 +525,8 @@ class Forwarder:
         server.socket.close()
         active = list(self._context.active.values())
         log.info("disabled %s: not listening, closing %d connection(s)",
-                 _sockets.describe_address(self._address), len(active))
+                 _sockets.describe_address(self._address), len(active),
+                 extra=self._fields("disabled", connections=len(active)))
         for conn in active:
             conn.abort(Outcome.CLOSED, "the forwarder was disabled")
         if active and getcurrent() is not self._host.hub:
@@ -539,7 +541,8 @@ class Forwarder:
         server.disabled = False
         self._enabled = True
         server.start_accepting()
-        log.info("enabled %s: listening again", _sockets.describe_address(self._address))
+        log.info("enabled %s: listening again", _sockets.describe_address(self._address),
+                 extra=self._fields("enabled"))
 
     def _count_on(self, old: "Forwarder") -> None:
         """Before start: count into ``old``'s counters, so that a rule replaced under the same
@@ -636,7 +639,8 @@ class Forwarder:
         self._swept_at = time.monotonic()
         self._next_park = self._swept_at + _PARK_EVERY
         log.info("listening on %s -> %s%s", _sockets.describe_address(self._address), self._context.target_name,
-                 f" (rule {self.rule.name})" if self.rule.name else "")
+                 f" (rule {self.rule.name})" if self.rule.name else "",
+                 extra=self._fields("listening", target=self._context.target_name))
 
     def _accepted(self, client: socket.socket, address, upstream: socket.socket) -> None:
         """On the hub (the listener's callback). A client of a plain rule (``Context.direct``:
@@ -705,18 +709,22 @@ class Forwarder:
             if server.running <= server.allowance:
                 server.idle.set()
             others = server.running - server.allowance
+            where = self._where()
             if others:
-                log.info("stopping %s: draining %d connection(s) for up to %gs",
-                         _sockets.describe_address(self._address), others, timeout)
+                log.info("stopping %s: draining %d connection(s) %s", where, others,
+                         "until they end" if timeout is None else f"for up to {timeout:g}s",
+                         extra=self._fields("drain", connections=others, timeout=timeout))
             else:
-                log.info("stopping %s", _sockets.describe_address(self._address))
+                log.info("stopping %s", where, extra=self._fields("stop"))
             if not self._drain(timeout):
-                log.warning("drain deadline hit: aborting %d connection(s)",
-                            server.running - server.allowance)
+                left = server.running - server.allowance
+                log.warning("stopping %s: drain deadline (%gs) hit: aborting %d connection(s)", where, timeout,
+                            left, extra=self._fields("drain_deadline", connections=left, timeout=timeout))
                 self._abort_all()
                 if not server.idle.wait(timeout=_ABORT_GRACE):
-                    log.warning("%d connection(s) did not end when aborted; leaving them",
-                                server.running - server.allowance)
+                    left = server.running - server.allowance
+                    log.warning("stopping %s: %d connection(s) did not end when aborted; leaving them", where,
+                                left, extra=self._fields("abort_incomplete", connections=left))
             if self._sweeper is not None:
                 self._sweeper.close()
         finally:
@@ -725,7 +733,18 @@ class Forwarder:
             self._stopped.set()
             self._host.end()
 
-    def _drain(self, timeout: float) -> bool:
+    def _where(self) -> str:
+        """The rule in a line about the whole forwarder: its name and address, or the address."""
+        address = _sockets.describe_address(self._address)
+        name = getattr(self.rule, "name", None)
+        return f"{name} ({address})" if name else address
+
+    def _fields(self, event: str, **more) -> dict:
+        """Such a line's fields for a JSON log (gproxy.jsonlog)."""
+        return {"fields": {"event": event, "rule": self.name, "listen": _sockets.describe_address(self._address),
+                           **more}}
+
+    def _drain(self, timeout: Optional[float]) -> bool:
         """Wait up to ``timeout`` for the connections to end; True if they did. Meanwhile,
         every ``_DRAIN_CHECK`` seconds, close those that stayed at rest (Connection.idle_at_stop,
         no byte moved) for ``_AT_REST`` seconds: a pooled connection would otherwise hold the
@@ -733,7 +752,7 @@ class Forwarder:
         stream: a download that pauses briefly is not cut short."""
         idle = self._server.idle
         started = time.monotonic()
-        deadline = started + timeout
+        deadline = math.inf if timeout is None else started + timeout  # None: drain_timeout's "for ever"
         resting = {}  # connection -> (its byte total, since when) while at rest
         while True:
             now = time.monotonic()

@@ -9,7 +9,11 @@ Typical use (the CLI does this for ``--log-format json``)::
     #  "bytes_upstream": 1532, "bytes_downstream": 88211}
 
 The connection fields come from the ``connection`` mapping relay passes as ``extra`` on its
-log call (built only when a formatter reads it), never from parsing the message.
+log call (built only when a formatter reads it), never from parsing the message. Other
+events (a target down or up, a reload, a drain) pass theirs the same way as ``fields``::
+
+    log.warning("%s: target %s is down ...", ..., extra={"fields": {"event": "target_down",
+                "rule": "postgres", "target": "db1:5432", ...}})
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ __all__ = ["JsonFormatter"]
 
 class JsonFormatter(logging.Formatter):
     """``time`` (UTC, ISO 8601, milliseconds), ``level``, ``logger``, ``message``, then the
-    record's ``connection`` fields if it has them, and ``traceback`` when there is one."""
+    record's ``connection`` or ``fields`` mapping if it has one, and ``traceback`` when there
+    is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         seconds = int(record.created)
@@ -34,11 +39,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        connection = getattr(record, "connection", None)
-        if isinstance(connection, Mapping):
-            for key, value in connection.items():
-                if value is not None:
-                    line[key] = value
+        for name in ("connection", "fields"):
+            fields = getattr(record, name, None)
+            if isinstance(fields, Mapping):
+                for key, value in fields.items():
+                    if value is not None:
+                        line[key] = value
         if record.exc_info:
             line["traceback"] = self.formatException(record.exc_info)
         elif record.exc_text:

@@ -97,7 +97,7 @@ class Targets:
         if state is None:
             state = self._health[endpoint] = _Health()
         elif state.down:
-            log.info("%s: target %s is up again", self.label, endpoint)
+            log.info("%s: target %s is up again", self.label, endpoint, extra=self._fields("target_up", endpoint))
         state.fails = 0
         state.down = False
         state.active += 1
@@ -115,13 +115,17 @@ class Targets:
             state = self._health[endpoint] = _Health()
         state.fails += 1
         if not self.max_fails or state.fails < self.max_fails:
-            log.debug("%s: target %s failed (%s), %d in a row", self.label, endpoint, error, state.fails)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: target %s failed (%s), %d in a row", self.label, endpoint, error, state.fails,
+                          extra=self._fields("target_failed", endpoint, fails=state.fails, error=error))
             return
         state.down_until = time.monotonic() + self.fail_timeout
         if not state.down:
             state.down = True
             log.warning("%s: target %s is down after %d failed connect(s) in a row: %s; "
-                        "skipping it for %gs", self.label, endpoint, state.fails, error, self.fail_timeout)
+                        "skipping it for %gs", self.label, endpoint, state.fails, error, self.fail_timeout,
+                        extra=self._fields("target_down", endpoint, fails=state.fails, error=error,
+                                           skipped_for=self.fail_timeout))
 
     def is_up(self, endpoint: Endpoint) -> bool:
         """False while ``endpoint`` is marked down (for statistics and metrics)."""
@@ -133,6 +137,10 @@ class Targets:
         seen = list(self.static)
         seen.extend(endpoint for endpoint in self._health if endpoint not in self.static)
         return seen
+
+    def _fields(self, event: str, endpoint: Endpoint, **more) -> dict:
+        """A health change's fields for a JSON log line (gproxy.jsonlog)."""
+        return {"fields": {"event": event, "rule": self.label, "target": str(endpoint), **more}}
 
     def _active(self, endpoint: Endpoint) -> int:
         state = self._health.get(endpoint)
