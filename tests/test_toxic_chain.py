@@ -1,4 +1,4 @@
-"""The toxic chain (``toxics.Link``) driven directly on a fake clock: no sockets, no hub, no
+"""The toxic chain (``gproxy._chain.Link``) driven directly on a fake clock: no sockets, no hub, no
 wall-clock time, so thousands of changes run in a second and every run can be replayed.
 
 The property (DESIGN.md section 11): random add/update/remove/reset sequences over every kind of
@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 
 from gproxy import Outcome
-from gproxy.toxics import CLOSE, RESET, Delay, Link, Toxics, _EOF, _Marker, make_toxic
+from gproxy._chain import _EOF, _Marker
+from gproxy.toxics import CLOSE, RESET, Delay, Link, Toxics, make_toxic
 
 UPSTREAM, DOWNSTREAM = 0, 1
 STREAMS = ("upstream", "downstream")

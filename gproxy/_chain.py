@@ -1,0 +1,786 @@
+"""The toxic chain: the stages toxics run as, and ``Link``, the pump of a direction with toxics.
+
+Private: ``gproxy.toxics`` is the public face (toxic records, the per-forwarder collection,
+``Delay``/``CLOSE``/``RESET``, all re-exported from here); ``relay`` runs a ``Link`` per
+direction that meets toxics::
+
+    link = Link(conn, direction, toxics, bound)   # toxics: the forwarder's toxics.Toxics
+    link.sync(version)                            # follow the collection (at a chunk boundary)
+    done = link.pump(src, dst, readable, writable, fair_share)
+
+How a direction runs its toxics
+-------------------------------
+A direction with toxics leaves the fast path (``relay.pump``) for ``Link.pump``,
+one greenlet that both reads and writes. Each toxic is a *stage* with its own
+queue of ``[arrival, item]``; an item is a chunk or a marker (EOF, close, reset).
+A stage decides when its head leaves (``due``) and what leaves (``take``); what
+leaves stage *i* at time *t* enters stage *i+1* at *t*, and what leaves the last
+stage is written. Each stage computes its times from arrivals, never by sleeping,
+so a 100 ms latency delays a bulk stream by 100 ms instead of capping it at one
+chunk per 100 ms, and each stage keeps its output in order. The greenlet waits for
+whichever comes first: the source readable (if the link holds less than
+``LINK_BYTES``: a full link stops reading, so TCP flow control pushes back
+on the sender), the destination writable (if a write was short), or the next due
+time.
+
+Changes are made on the hub by the control side, which only edits the
+collection, bumps ``Context.toxic_version`` and kicks each connection's pumps
+(``relay.toxics_changed``): it never waits for the data side. A pump re-reads
+the chain at its next chunk boundary (``Link.sync``): a new toxic becomes the
+last stage; an updated one keeps its queue and state (``limit_data``'s count);
+a removed one hands what it holds, in order, to the stage after it, behind what
+that stage holds (bytes further down the chain are older; when several stages go
+at once, as on a reset, the later one's bytes go first). A toxic that ends the
+connection (``timeout``, ``reset_peer``, ``limit_data``) either fires or, removed or
+rolled inactive before it does, gives back what it caught. So a change never
+loses, duplicates or reorders a byte that was read.
+
+The stage protocol: a new toxic is one class
+--------------------------------------------
+A built-in toxic is a subclass of ``_Stage`` decorated ``@_builtin``, in this file;
+nothing else names it (``toxics.TYPES``, validation and the API follow from it)::
+
+    @_builtin
+    class _Lag(_Stage):                   # each chunk and the EOF leave ``lag`` ms late
+        type = "lag"                      # the type's name, as the API spells it
+        attributes = {"lag": 0}           # each attribute and its default: whole numbers >= 0
+
+        @classmethod
+        def check(cls, attributes):       # optional: (attribute, message) if they do not fit
+            return None
+
+        def setup(self, attributes, now):
+            self.lag = attributes["lag"] / 1000.0
+
+        def schedule(self):               # release() is the default: pop the head
+            if not self.queue:
+                return None
+            return max(self.queue[0][0] + self.lag, self.last)
+
+What a stage may implement (each has a default that passes everything on, in order):
+
+- ``setup(attributes, now)``: apply the toxic's settings. It runs when the stage is made and
+  again on every update, after ``active`` was rolled from the toxicity; state an update keeps
+  (``limit_data``'s count) is made only when absent.
+- ``accept(item, t)``: an item arrives at ``t`` while the toxic acts on this connection. The
+  default ``push``es it onto ``queue``; a stage may queue something else instead (a Python
+  toxic's result) or nothing (a toxic that fired and dies with the connection).
+- ``schedule()``: when the head leaves, once ``queue`` or state changed: a time, ``_INF``
+  (held until something changes) or None (nothing to do). Never earlier than ``self.last``.
+- ``release(t)``: what leaves at ``t``: ``pop()`` the head, split it (leave the rest at
+  the head and lower ``size``), or a ``_Marker("close"|"reset", reason)``; None when nothing
+  leaves after all.
+- ``drain()``: the stage is removed; everything it holds, in order (reset per-chunk state).
+
+The rules every stage keeps (``tests/test_toxic_chain.py`` checks them as a property):
+
+- Order: what leaves a stage leaves in the order it arrived, at nondecreasing times.
+- Everything held is in ``queue`` (and its bytes in ``size``): ``drain()`` gives it back on
+  removal, an inactive stage passes it on (``accept``/``schedule``/``release`` are then not
+  called), and the link's bound counts it. Nothing is hidden elsewhere.
+- Markers keep their place: an EOF is passed on like data, a close or reset from a stage
+  before is passed on or replaced by this stage's own end of the connection.
+- A stage that ends the connection either fires (a close or reset marker leaves; what it held
+  may then be dropped, it dies with the connection) or holds what it caught in ``queue``,
+  so that a removal or an update that rolls it inactive gives it back. It never drops bytes
+  and lets the connection live.
+- Times come from the caller (``now``, ``t``) and randomness from ``self.link.random``, never
+  from sleeping or the global clock, so a fake clock and a seeded random drive it in tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import random
+import reprlib
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple, Type
+
+from greenlet import GreenletExit, getcurrent
+
+from gproxy._report import report
+from gproxy.stats import Outcome
+
+if TYPE_CHECKING:
+    from gproxy.toxics import Toxic, Toxics, _Entry
+
+__all__ = ["Link", "Delay", "Action", "CLOSE", "RESET", "PYTHON", "LINK_BYTES", "BUILTIN"]
+
+log = logging.getLogger("gproxy.toxics")   # the logger name users configure stays the same
+
+#: the type a toxic written in Python reports
+PYTHON = "python"
+
+#: the most a direction with toxics holds (or its buffer_size, if larger): like a TCP
+#: window, it lets a 100 ms latency delay a bulk stream without capping it at a few
+#: chunks per 100 ms, and a full link stops reading, so the sender is pushed back.
+LINK_BYTES = 4 * 1024 * 1024
+#: a wait with nothing due still wakes this often (an abort never depends on it)
+_MAX_WAIT = 60.0
+#: the most one read takes (a read allocates what it asks for)
+_READ_MAX = 65536
+
+
+# -- what a Python toxic returns --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Delay:
+    """What a Python toxic returns to hold a chunk back ``seconds`` (``data`` replaces it).
+    ``seconds`` is a finite number >= 0 and ``data`` bytes-like or None, else the
+    constructor raises (inside the toxic, so the report names it)."""
+
+    seconds: float
+    data: Optional[bytes] = None
+
+    def __post_init__(self) -> None:
+        seconds = self.seconds
+        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+            raise TypeError(f"Delay: seconds must be a number, not {seconds!r}")
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"Delay: seconds must be finite and >= 0, not {seconds!r}")
+        object.__setattr__(self, "seconds", float(seconds))
+        data = self.data
+        if data is not None:
+            if not isinstance(data, _BYTES_LIKE):
+                raise TypeError(f"Delay: data must be bytes, bytearray, memoryview or None, "
+                                f"not {type(data).__name__}")
+            object.__setattr__(self, "data", _copy(data))
+
+
+class Action:
+    """``CLOSE`` or ``RESET``: what a Python toxic returns to end the connection."""
+
+    def __init__(self, kind: str):
+        if kind not in ("close", "reset"):
+            raise ValueError(f"Action: 'close' or 'reset', not {kind!r}")
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return self.kind.upper()
+
+
+CLOSE = Action("close")
+RESET = Action("reset")
+
+#: what a Python toxic may return as data (a str or an int is a bug, not data)
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+def _copy(data) -> bytes:
+    """``data`` as bytes, copied unless it is bytes already: a bytearray the toxic keeps may
+    change after it returned, and a memoryview's len() counts items, not bytes."""
+    return data if isinstance(data, bytes) else bytes(data)
+
+
+def _describe(value) -> str:
+    return f"{reprlib.repr(value)} ({type(value).__name__})"
+
+
+# -- what flows through a chain ------------------------------------------------------------
+
+class _Marker:
+    """Not data: the source's EOF, or a toxic's order to close or reset the connection."""
+
+    __slots__ = ("kind", "reason")
+
+    def __init__(self, kind: str, reason: str = ""):
+        self.kind = kind
+        self.reason = reason
+
+
+_EOF = _Marker("eof")
+_INF = float("inf")
+
+
+def _size(item) -> int:
+    return 0 if item.__class__ is _Marker else len(item)
+
+
+#: the built-in toxics' stages by type name, in toxiproxy's order (``toxics.TYPES`` follows)
+BUILTIN: Dict[str, Type["_Stage"]] = {}
+
+
+def _builtin(stage: Type["_Stage"]) -> Type["_Stage"]:
+    """Class decorator: ``stage`` is a built-in toxic, known by its ``type``."""
+    BUILTIN[stage.type] = stage
+    return stage
+
+
+class _Stage:
+    """One toxic on one direction of one connection. Subclasses say when the head leaves
+    (``schedule``) and what leaves (``release``); an unlucky toxicity roll makes it a no-op.
+    The protocol is in the module's docstring."""
+
+    #: toxiproxy's type name (the API's ``type``)
+    type = ""
+    #: each attribute and its default (toxiproxy's: Go's zero values)
+    attributes: Dict[str, int] = {}
+
+    @classmethod
+    def check(cls, attributes: Dict[str, int]) -> Optional[Tuple[str, str]]:
+        """(attribute, what is wrong) if valid whole numbers still do not make this toxic."""
+        return None
+
+    def __init__(self, entry: _Entry, link: "Link", now: float):
+        self.entry = entry
+        self.link = link
+        self.queue: Deque[list] = deque()   # [arrival, item]
+        self.size = 0                       # data bytes held
+        self.last = 0.0                     # when the previous output left: output stays in order
+        self.next: Optional[float] = None   # the head's due time, once computed
+        self.toxic = entry.toxic
+        self.configure(entry.toxic, now)
+
+    def configure(self, toxic: Toxic, now: float) -> None:
+        """(Re)apply the toxic's settings: on creation and on every update (toxiproxy reruns
+        the toxic on update, rolling its toxicity again and restarting its timers)."""
+        self.toxic = toxic
+        self.active = toxic.toxicity >= 1.0 or self.link.random.random() < toxic.toxicity
+        self.next = None
+        self.setup(toxic.attributes, now)
+
+    def setup(self, attributes: Dict[str, int], now: float) -> None:
+        pass
+
+    # -- the queue --------------------------------------------------------------------
+
+    def admit(self, item, t: float) -> None:
+        if self.active:
+            self.accept(item, t)
+        else:
+            self.push(item, t)
+
+    def accept(self, item, t: float) -> None:
+        self.push(item, t)
+
+    def push(self, item, t: float) -> None:
+        self.queue.append([t, item])
+        self.size += _size(item)
+
+    def pop(self):
+        t, item = self.queue.popleft()
+        self.size -= _size(item)
+        return item
+
+    def drop_all(self) -> None:
+        self.queue.clear()
+        self.size = 0
+        self.next = None
+
+    def drain(self) -> list:
+        """Everything held, in order: the stage is being removed."""
+        items = [item for _t, item in self.queue]
+        self.drop_all()
+        return items
+
+    # -- timing -------------------------------------------------------------------------
+
+    def due(self) -> Optional[float]:
+        """When the next output leaves (``inf``: held until something changes), or None."""
+        if self.next is None:
+            if not self.active:
+                if not self.queue:
+                    return None
+                self.next = max(self.queue[0][0], self.last)
+            else:
+                self.next = self.schedule()
+        return self.next
+
+    def take(self):
+        """The next output, at ``due()``; None if it was dropped."""
+        t = self.next
+        self.next = None
+        self.last = t
+        if not self.active:
+            return self.pop()
+        return self.release(t)
+
+    def schedule(self) -> Optional[float]:
+        return max(self.queue[0][0], self.last) if self.queue else None
+
+    def release(self, t: float):
+        return self.pop()
+
+
+@_builtin
+class _Latency(_Stage):
+    type = "latency"
+    attributes = {"latency": 0, "jitter": 0}   # ms, ms
+
+    def setup(self, attributes, now):
+        self.latency = attributes["latency"] / 1000.0
+        self.jitter = attributes["jitter"] / 1000.0
+
+    def schedule(self):
+        if not self.queue:
+            return None
+        arrival, item = self.queue[0]
+        if item.__class__ is _Marker and item is not _EOF:
+            return max(arrival, self.last)
+        delay = self.latency
+        if self.jitter:
+            delay += self.link.random.uniform(-self.jitter, self.jitter)
+        return max(arrival + delay, self.last)
+
+
+@_builtin
+class _Bandwidth(_Stage):
+    """A serial link of ``rate`` KB/s: a piece leaves when it has been sent, pieces of at
+    most 100 ms' worth (as toxiproxy splits them)."""
+
+    type = "bandwidth"
+    attributes = {"rate": 0}   # KB/s (1000 bytes); 0: no limit
+
+    def setup(self, attributes, now):
+        self.rate = attributes["rate"] * 1000.0   # bytes per second
+        self.piece = attributes["rate"] * 100      # bytes per 100 ms
+
+    def schedule(self):
+        if not self.queue:
+            return None
+        arrival, item = self.queue[0]
+        start = max(arrival, self.last)
+        if item.__class__ is _Marker or not self.rate:
+            return start
+        return start + min(len(item), self.piece) / self.rate
+
+    def release(self, t):
+        head = self.queue[0]
+        item = head[1]
+        if item.__class__ is _Marker or not self.rate or len(item) <= self.piece:
+            return self.pop()
+        head[1] = item[self.piece:]
+        self.size -= self.piece
+        return item[:self.piece]
+
+
+@_builtin
+class _SlowClose(_Stage):
+    type = "slow_close"
+    attributes = {"delay": 0}   # ms
+
+    def setup(self, attributes, now):
+        self.delay = attributes["delay"] / 1000.0
+
+    def schedule(self):
+        if not self.queue:
+            return None
+        arrival, item = self.queue[0]
+        if item is _EOF:
+            return max(arrival + self.delay, self.last)
+        return max(arrival, self.last)
+
+
+@_builtin
+class _Timeout(_Stage):
+    """Holds everything; with ``timeout`` > 0 closes the connection that long after it
+    started acting on it (added, or updated), dropping what it held."""
+
+    type = "timeout"
+    attributes = {"timeout": 0}   # ms; 0: never closes
+
+    def setup(self, attributes, now):
+        timeout = attributes["timeout"]
+        self.deadline = now + timeout / 1000.0 if timeout else _INF
+        self.closed = False
+
+    def accept(self, item, t):
+        if not self.closed:
+            self.push(item, t)
+
+    def schedule(self):
+        return None if self.closed else self.deadline
+
+    def release(self, t):
+        self.drop_all()
+        self.closed = True
+        return _Marker("close", f"timeout toxic {self.toxic.name}")
+
+
+@_builtin
+class _ResetPeer(_Stage):
+    """The first item to arrive starts the clock; ``timeout`` ms later the connection is
+    reset, and what the stage caught meanwhile dies with it. Until then it holds what it
+    caught: removed, or rolled inactive by an update, before it fires, it gives all of it
+    back (a change never loses a byte), and the connection goes on. (toxiproxy's fires
+    even then: its removal waits for the reset, and gproxy's changes never wait.) Once
+    caught, bytes count against the link's bound, so a long timeout stops the reading
+    instead of swallowing a stream."""
+
+    type = "reset_peer"
+    attributes = {"timeout": 0}   # ms
+
+    def setup(self, attributes, now):
+        self.timeout = attributes["timeout"] / 1000.0
+        if not hasattr(self, "fired"):
+            self.fired = False
+        # an update restarts the clock of what was caught (toxiproxy reruns an updated toxic);
+        # rolled inactive, what was caught passes on, and the next arrival starts it again
+        self.deadline: Optional[float] = now + self.timeout if self.queue and self.active else None
+
+    def accept(self, item, t):
+        if self.fired:
+            return   # the reset is on its way: nothing passes it
+        if self.deadline is None:
+            self.deadline = t + self.timeout
+        self.push(item, t)
+
+    def schedule(self):
+        return None if self.fired else self.deadline
+
+    def release(self, t):
+        self.drop_all()
+        self.fired = True
+        return _Marker("reset", f"reset_peer toxic {self.toxic.name}")
+
+
+@_builtin
+class _Slicer(_Stage):
+    """Cuts each chunk into slices of about ``average_size`` bytes, ``delay`` us apart."""
+
+    type = "slicer"
+    attributes = {"average_size": 0, "size_variation": 0, "delay": 0}   # bytes, bytes, us
+
+    @classmethod
+    def check(cls, attributes):
+        if attributes["average_size"] < 1:
+            return "average_size", "must be at least 1"
+        if attributes["size_variation"] >= attributes["average_size"]:
+            return "size_variation", f"must be smaller than average_size ({attributes['average_size']})"
+        return None
+
+    def setup(self, attributes, now):
+        self.average = attributes["average_size"]
+        self.variation = attributes["size_variation"]
+        self.delay = attributes["delay"] / 1e6
+        self.cuts: Optional[List[int]] = None   # slice lengths left of the head chunk
+
+    def schedule(self):
+        if not self.queue:
+            return None
+        return max(self.queue[0][0], self.last)
+
+    def release(self, t):
+        head = self.queue[0]
+        item = head[1]
+        if item.__class__ is _Marker:
+            return self.pop()
+        if self.cuts is None:
+            self.cuts = _slices(len(item), self.average, self.variation, self.link.random)
+        n = self.cuts.pop()
+        self.last = t + self.delay   # the next slice (or chunk) waits delay after this one
+        if not self.cuts:
+            self.cuts = None
+            return self.pop()
+        head[1] = item[n:]
+        self.size -= n
+        return item[:n]
+
+    def drain(self):
+        self.cuts = None
+        return super().drain()
+
+
+def _slices(total: int, average: int, variation: int, rng=random) -> List[int]:
+    """Slice lengths adding up to ``total``, in reverse order (popped from the end): halve
+    until a piece is within ``variation`` of ``average``, moving each cut by up to
+    ``variation``, so pieces vary evenly along the chunk (toxiproxy's method)."""
+    lengths: List[int] = []
+    pending = [(0, total)]
+    while pending:
+        start, end = pending.pop()
+        if end - start - average <= variation:
+            lengths.append(end - start)
+            continue
+        middle = start + (end - start) // 2
+        if variation:
+            middle += rng.randrange(-variation, variation)
+        pending.append((middle, end))
+        pending.append((start, middle))
+    lengths.reverse()
+    return lengths
+
+
+@_builtin
+class _LimitData(_Stage):
+    """Passes ``bytes`` bytes from when it started acting, then closes the connection."""
+
+    type = "limit_data"
+    attributes = {"bytes": 0}
+
+    def setup(self, attributes, now):
+        self.limit = attributes["bytes"]
+        if not hasattr(self, "passed"):
+            self.passed = 0         # kept across updates, as toxiproxy keeps its state
+            self.closing = False    # the limit was reached: the close goes next
+            self.done = False       # the close went: nothing more passes
+
+    def accept(self, item, t):
+        if not (self.closing or self.done):
+            self.push(item, t)
+
+    def schedule(self):
+        if self.done:
+            return None
+        if self.closing:
+            return self.last
+        return max(self.queue[0][0], self.last) if self.queue else None
+
+    def release(self, t):
+        if self.closing:
+            self.closing, self.done = False, True
+            return _Marker("close", f"limit_data toxic {self.toxic.name}: {self.limit} bytes passed")
+        item = self.pop()
+        if item.__class__ is _Marker:
+            return item
+        room = self.limit - self.passed
+        if len(item) >= room:
+            self.closing = True
+            self.drop_all()
+            item = item[:max(room, 0)]
+        self.passed += len(item)
+        return item if item else None
+
+
+class _Python(_Stage):
+    """A user's callable: called once per chunk as the chunk arrives. What it raises, or a
+    return it may not give, is a bug in the host's program: reported (on stderr if no logging
+    is configured), and the connection ends with outcome ERROR."""
+
+    type = PYTHON
+
+    def setup(self, attributes, now):
+        self.function = self.toxic.function
+
+    def accept(self, item, t):
+        if item.__class__ is _Marker:
+            self.push(item, t)
+            return
+        try:
+            result = self.function(item, self.link.conn.record())
+        except GreenletExit:
+            raise   # the forwarder stops: not the toxic's failure
+        except BaseException as exc:
+            what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.link.fail(f"Python toxic {self.toxic.name!r} raised {what}", sys.exc_info())
+            return
+        if result is None:
+            self.push(item, t)
+        elif isinstance(result, _BYTES_LIKE):
+            if result:
+                self.push(_copy(result), t)
+        elif isinstance(result, Delay):
+            data = item if result.data is None else result.data
+            if data:   # queued behind what is held, so output stays in order whatever the delays
+                self.push(data, max(t + result.seconds, self.queue[-1][0] if self.queue else t))
+        elif isinstance(result, Action):
+            self.push(_Marker(result.kind, f"Python toxic {self.toxic.name}"), t)
+        else:
+            self.link.fail(f"Python toxic {self.toxic.name!r} returned {_describe(result)}; it may "
+                           f"return None, bytes, bytearray, memoryview, Delay, CLOSE or RESET")
+
+
+# -- one direction of one connection -----------------------------------------------------------
+
+class Link:
+    """The toxic chain of one direction of one connection, and the pump that runs it."""
+
+    def __init__(self, conn, direction: int, toxics: Toxics, bound: int, rng=random):
+        self.conn = conn
+        #: where toxicity rolls, jitter and slice sizes come from (a seeded ``random.Random``
+        #: makes a test repeatable)
+        self.random = rng
+        self.direction = direction
+        self.toxics = toxics
+        self.bound = max(bound, LINK_BYTES)  # bytes held at most: a full link stops reading
+        self.stages: List[_Stage] = []
+        self.out: Deque = deque()           # released by the last stage, to write in order
+        self.out_size = 0
+        self.version = -1
+        self.waiting = None                 # the pump's greenlet while it waits
+        self.eof = False                    # the source's EOF was read
+
+    # -- following the collection ------------------------------------------------------
+
+    def sync(self, version: int, now: Optional[float] = None) -> None:
+        """Bring the stages in line with the collection's chain for this direction. ``now``
+        (``time.monotonic()`` if None) is when the change takes effect."""
+        self.version = version
+        if now is None:
+            now = time.monotonic()
+        chain = self.toxics.chains[self.direction]
+        stages: List[_Stage] = []
+        # What removed stages held, oldest first. Bytes further down the chain are older (a
+        # stage holds what the stages before it let through earlier), so a removed stage's
+        # queue goes in front of what the removed stages before it held, and behind what the
+        # next kept stage (or the output) holds.
+        carry: list = []
+        for stage in self.stages:
+            if stage.entry.removed:
+                carry[:0] = stage.drain()
+                continue
+            if stage.toxic is not stage.entry.toxic:
+                stage.configure(stage.entry.toxic, now)   # first: what it is handed arrives after the change
+            for item in carry:
+                stage.admit(item, now)
+            carry = []
+            stages.append(stage)
+        for item in carry:
+            self.out.append(item)
+            self.out_size += _size(item)
+        present = {id(stage.entry) for stage in stages}
+        for entry in chain:
+            if id(entry) not in present:
+                kind = _Python if entry.toxic.type == PYTHON else BUILTIN[entry.toxic.type]
+                stages.append(kind(entry, self, now))
+        self.stages = stages
+
+    def fail(self, message: str, exc_info=None) -> None:
+        """A toxic written in Python failed: report it and end the connection (outcome ERROR),
+        naming the toxic in both."""
+        conn = self.conn
+        report(log, f"conn#{conn.id}: {message}", exc_info)
+        conn.abort(Outcome.ERROR, message)
+
+    def plain(self) -> bool:
+        """Nothing to do: no toxic acts on this connection (none, or toxicity said no) and
+        nothing is held, so the fast path may take over."""
+        return not self.out and not any(stage.active or stage.queue for stage in self.stages)
+
+    def busy(self) -> bool:
+        """Holding bytes or waiting for a time: must not be parked."""
+        return bool(self.out) or any(stage.queue or stage.due() is not None for stage in self.stages)
+
+    def held(self) -> int:
+        return self.out_size + sum(stage.size for stage in self.stages)
+
+    def admit(self, item, now: float) -> None:
+        if self.stages:
+            self.stages[0].admit(item, now)
+        else:
+            self.out.append(item)
+            self.out_size += _size(item)
+
+    def advance(self, now: float) -> Optional[float]:
+        """Move everything due by ``now`` along the chain; return the next due time."""
+        stages = self.stages
+        last = len(stages) - 1
+        soonest = None
+        for i, stage in enumerate(stages):
+            while True:
+                t = stage.due()
+                if t is None or t > now:
+                    break
+                item = stage.take()
+                if item is None:
+                    continue
+                if i < last:
+                    stages[i + 1].admit(item, t)
+                else:
+                    self.out.append(item)
+                    self.out_size += _size(item)
+            if t is not None and t != _INF and (soonest is None or t < soonest):
+                soonest = t
+        return soonest
+
+    # -- the pump ----------------------------------------------------------------------------
+
+    def pump(self, src, dst, readable, writable, fair_share: int) -> Optional[bool]:
+        """Run the chain: True at the source's EOF (written out), False when the fast path
+        may take over or the chain changed, None once the connection was closed or reset.
+        All state lives in this object, so the pump may be thrown out of a wait and rerun."""
+        conn = self.conn
+        context = conn.context
+        counts, direction = conn.counts, self.direction
+        budget = fair_share
+        while True:
+            if conn.outcome is not None:
+                return None
+            if self.version != context.toxic_version:
+                return False   # the caller syncs and chooses the path again
+            now = time.monotonic()
+            soonest = self.advance(now)
+            blocked = False
+            out = self.out
+            while out:
+                item = out[0]
+                if item.__class__ is _Marker:
+                    out.popleft()
+                    if item is _EOF:
+                        return True
+                    if item.kind == "reset":
+                        conn.abort(Outcome.RESET, item.reason)
+                    else:
+                        conn.abort(Outcome.CLOSED, item.reason)
+                    return None
+                try:
+                    sent = dst.send(item)
+                except BlockingIOError:
+                    sent = 0
+                budget -= sent
+                self.out_size -= sent
+                if sent < len(item):
+                    out[0] = item[sent:]
+                    blocked = True
+                    break
+                out.popleft()
+            room = self.bound - self.held()
+            reading = room > 0 and not self.eof
+            if reading and budget > 0:
+                try:
+                    data = src.recv(min(room, _READ_MAX))
+                except BlockingIOError:
+                    data = None
+                if data is not None:
+                    if data:
+                        counts[direction] += len(data)
+                        budget -= len(data)
+                        self.admit(data, now)
+                    else:
+                        self.eof = True
+                        self.admit(_EOF, now)
+                    continue
+            if budget <= 0:
+                delay = 0.0   # a fair share moved: let the loop poll everyone else first
+            elif soonest is not None:
+                delay = max(0.0, soonest - time.monotonic())
+            else:
+                delay = _MAX_WAIT
+            self._wait(readable if reading else None, writable if blocked else None, delay)
+            budget = fair_share
+
+    def _wait(self, readable, writable, delay: float) -> None:
+        """Wait for whichever comes first. The timer joins the connection's watchers, so an
+        abort wakes this wait like any other."""
+        conn = self.conn
+        hub = conn._hub
+        hub.loop.update_now()
+        timer = hub.loop.timer(min(delay, _MAX_WAIT))
+        current = getcurrent()
+        switch = current.switch
+        watchers = conn._watchers
+        watchers.append(timer)
+        try:
+            timer.start(switch)
+            if readable is not None:
+                readable.start(switch)
+            if writable is not None:
+                writable.start(switch)
+            self.waiting = current
+            hub.switch()
+        finally:
+            self.waiting = None
+            if readable is not None:
+                readable.stop()
+            if writable is not None:
+                writable.stop()
+            timer.close()
+            try:
+                watchers.remove(timer)
+            except ValueError:
+                pass
