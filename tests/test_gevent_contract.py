@@ -65,6 +65,14 @@ def watchers(hub):
         watcher.close()
 
 
+def callbacks_run(hub):
+    """Return once every callback scheduled on ``hub`` before this call has run (they run in
+    order): a greenlet just spawned then waits where it first blocked."""
+    done = gevent.event.Event()
+    hub.loop.run_callback(done.set)
+    assert done.wait(TIMEOUT)
+
+
 class Owner:
     """Stands for a connection: its ``outcome`` tells ``waiter`` not to wait."""
     outcome = None
@@ -144,7 +152,7 @@ def test_cancel_wait_throws_into_the_greenlet_waiting_on_the_watcher(hub, pair, 
             _gevent.wait_any(hub, [readable], TIMEOUT, timers)
         return "stopped"
     waiting = gevent.spawn(pump)
-    gevent.sleep(0)  # it waits now
+    callbacks_run(hub)  # it waits now
     assert _gevent.waiting_greenlet(readable) is waiting and len(timers) == 1
     _gevent.cancel_wait(hub, timers[0], Stop())  # through its timer, as an abort finds a toxic's wait
     assert waiting.get(timeout=TIMEOUT) == "stopped"
@@ -165,7 +173,7 @@ def test_gevents_cancel_wait_throws_into_the_watchers_callback_owner(hub, pair, 
         finally:
             readable.stop()
     waiting = gevent.spawn(pump)
-    gevent.sleep(0)
+    callbacks_run(hub)
     hub.cancel_wait(readable, Stop())
     assert waiting.get(timeout=TIMEOUT) == "stopped"
 
@@ -179,7 +187,7 @@ def test_cancel_wait_spares_a_watcher_that_a_method_took_over(hub, pair, watcher
     _gevent.cancel_wait(hub, readable, Stop())  # scheduled while a greenlet's switch is there
     readable.stop()
     readable.start(owner.method)  # parked meanwhile: the callback is a method now
-    gevent.sleep(0)  # the cancel's callback runs; no_greenlet_died fails the test on a hub error
+    callbacks_run(hub)  # the cancel's among them; no_greenlet_died fails the test on a hub error
     assert _gevent.callback_owner(readable) is owner
     assert _gevent.throw_into_waiter(readable, Stop()) is False
 
@@ -347,7 +355,7 @@ def test_a_greenlet_waiting_on_the_pool_can_be_thrown_out():
             except Stop:
                 return "given up"
         waiting = gevent.spawn(resolve)
-        gevent.sleep(0)  # it runs until it waits for the pool
+        callbacks_run(hub)  # it runs until it waits for the pool
         hub.loop.run_callback(waiting.throw, Stop())
         result = waiting.get(timeout=TIMEOUT)
         release.release()  # the call returns in its thread, whenever
@@ -384,7 +392,7 @@ def test_destroy_hub_frees_the_threads_objects():
         marker = Marker()
         refs.append(weakref.ref(marker))
         refs.append(weakref.ref(hub))
-        gevent.sleep(0)  # the hub has run
+        callbacks_run(hub)  # the hub has run
         _gevent.destroy_hub(hub)
         return True
     assert _in_own_hub(check)
