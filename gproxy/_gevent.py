@@ -210,6 +210,10 @@ class InlineServer(StreamServer):
     def do_handle(self, *args) -> None:
         self.handle(*args)
 
+    def do_close(self, *args) -> None:
+        """StreamServer's would close the client's socket; the handler owns it (gevent calls
+        this only from the ``do_handle`` replaced above, so this is a guard)."""
+
     def resume_accepting(self) -> None:
         """Accept again after ``stop_accepting()``, unless the server was stopped meanwhile
         (gevent's own ``_start_accepting_if_started``, in public terms)."""
