@@ -42,11 +42,10 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Uni
 
 import gevent
 import gevent.socket
-from gevent import getcurrent, monkey
+from gevent import getcurrent
 from gevent.event import Event
-from gevent.server import StreamServer
 
-from gproxy import _lifecycle, _sockets, listeners, loops
+from gproxy import _gevent, _lifecycle, _sockets, listeners, loops
 from gproxy._hubthread import HubEnded, HubHost
 from gproxy._workers import Workers
 from gproxy.config import AddressLike, Rule, TargetLike, check_hook
@@ -79,14 +78,14 @@ _PAUSE_MIN, _PAUSE_MAX = 0.05, 1.0
 _WARN_EVERY = 10.0
 
 
-class _Server(StreamServer):
+class _Server(_gevent.InlineServer):
     """A StreamServer that hands raw sockets to the handler on the hub, which starts the
     connection there or in a reused bare greenlet (a gevent Greenlet and a Pool slot cost
     about 1 KiB per connection and a new greenlet ~12 us), stops accepting at
     ``max_connections`` and survives fd exhaustion."""
 
     def __init__(self, listener, handle, max_connections: int, upstream_family: int):
-        super().__init__(listener, handle, spawn=self._spawn_handler)
+        super().__init__(listener, handle)
         self.max_connections = max_connections
         self.upstream_family = upstream_family
         self._spare = None          # the next client's upstream socket
@@ -110,13 +109,12 @@ class _Server(StreamServer):
         self._full = self.running >= self.max_connections
         return self._full
 
-    def _spawn_handler(self, run, handle, close, args) -> None:
+    def do_handle(self, *args) -> None:
+        """On the hub, in the listener's watcher callback: the connection owns its sockets
+        from here and closes them itself, after its last pump."""
         self.running += 1
         self.idle.clear()
-        handle(*args)  # on the hub: the listener's watcher callback
-
-    def do_close(self, sock, *args) -> None:
-        """The connection owns its sockets and closes them itself, after its last pump."""
+        self.handle(*args)
 
     def connection_closed(self) -> None:
         self.running -= 1
@@ -124,7 +122,7 @@ class _Server(StreamServer):
             self.idle.set()
         if self._full:  # the slot just freed lets the next client in
             self._full = False
-            self._start_accepting_if_started()
+            self.resume_accepting()
 
     def do_read(self):
         """Accept one client, with its upstream socket already open: a client is accepted
@@ -136,7 +134,7 @@ class _Server(StreamServer):
         try:
             if self._spare is None:
                 self._spare = _sockets.raw_socket(self.upstream_family)
-            fd, address = listener._accept()
+            fd, address = _gevent.accept_raw(listener)
         except BlockingIOError:
             return None
         except OSError as exc:
@@ -171,7 +169,7 @@ class _Server(StreamServer):
 
     def _resume(self) -> None:
         self._cancel_resume()
-        self._start_accepting_if_started()
+        self.resume_accepting()
 
     def _cancel_resume(self) -> None:
         if self._resume_timer is not None:
@@ -791,7 +789,7 @@ class Forwarder:
         listener = getattr(server, "socket", None)
         try:
             if listener is not None:
-                getattr(listener, "_sock", listener).close()  # the real socket, not gevent's wrapper
+                _gevent.unwrap(listener).close()  # not gevent's wrapper: the hub may not run here
         except (OSError, AttributeError):  # closed already: disable()d
             pass
         if server._spare is not None:
@@ -821,9 +819,8 @@ class Forwarder:
             conn.abort(Outcome.SHUTDOWN)
 
 
-#: the OS thread's id, even where gevent patched threading to give greenlets' ids
-_thread_id = monkey.get_original("_thread", "get_ident")
-_sleep = monkey.get_original("time", "sleep")
+_thread_id = _gevent.thread_id  # the OS thread's, even where gevent patched threading
+_sleep = _gevent.real_sleep
 
 
 def _bulk_threads() -> int:
