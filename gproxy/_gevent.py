@@ -81,9 +81,9 @@ RealSocket = monkey.get_original("socket", "socket")
 #   ``greenlet.switch(value)`` hands ``value`` to the wait;
 # - a started watcher keeps its callback as given, readable as ``watcher.callback`` (a bound
 #   method: its ``__self__`` is the greenlet, or the object whose method it is), and ``stop()``
-#   sets it to None (gevent's libev and libuv watchers, since 1.3). A watcher whose callback is
-#   a greenlet's ``switch`` is therefore started exactly while that greenlet waits on it: every
-#   wait here stops its watchers before it returns or raises.
+#   sets it to None (since 1.0; libuv's watchers too, since they came in 1.3). A watcher whose
+#   callback is a greenlet's ``switch`` is therefore started exactly while that greenlet waits
+#   on it: every wait here stops its watchers before it returns or raises.
 #
 # ``Hub.cancel_wait`` (since 1.0; documented for waits made with ``Hub.wait``) throws into
 # ``watcher.callback.__self__`` whatever that is when its callback runs: a watcher restarted
@@ -182,10 +182,10 @@ def accept_raw(listener):
     """Accept one client without making a gevent socket of it: ``(fd, address)``, the fd
     blocking as accept(2) returns it; BlockingIOError when no client is queued. ``listener`` is
     a gevent socket, or the interpreter's C socket that ``StreamServer.start()`` keeps as
-    ``server.socket`` in its place (it unwraps it, since gevent 1.3). Relies on CPython's
+    ``server.socket`` in its place (it unwraps it, since gevent 1.5). Relies on CPython's
     ``_accept`` method of its C socket (``socket.accept`` is built on it) and on gevent's socket
-    passing ``_accept`` to the C socket it wraps (gevent's own StreamServer accepts so, since
-    1.0). A Python call around the accept syscall, once per client."""
+    passing ``_accept`` to the C socket it wraps (as gevent's own StreamServer accepts, since
+    1.1 on Python 3). A Python call around the accept syscall, once per client."""
     return listener._accept()
 
 
@@ -205,7 +205,7 @@ class InlineServer(StreamServer):
     by default calls ``self.handle(*that_tuple)``. This relies on ``BaseServer._do_read``, the
     listener's callback, calling ``self.do_handle(*self.do_read())`` for each client, asking
     ``full()`` before each and stopping at a falsy ``do_read()`` (gevent 1.0 to today; the
-    ``spawn`` argument's calling convention, which gproxy used before, changed in 1.1)."""
+    ``spawn`` argument's calling convention, which gproxy used before, changed in 1.1rc4)."""
 
     def do_handle(self, *args) -> None:
         self.handle(*args)
@@ -228,9 +228,9 @@ def destroy_hub(hub) -> None:
     """Destroy this thread's hub and its loop without leaking them.
 
     ``Hub.destroy`` left the hub greenlet parked mid-throw of a LoopExit whose traceback pins
-    this thread's frames in a cycle the GC cannot see (gevent #1601; the fix in #1604 needs the
-    hub switched to once more). Throwing GreenletExit into it lets it finish, and everything it
-    held is freed.
+    this thread's frames in a cycle the GC cannot see (gevent #1601; the fix in #1604, gevent
+    20.5.1, still needs the hub switched to once more, and 26.9 still leaks without it).
+    Throwing GreenletExit into it lets it finish, and everything it held is freed.
 
     A resolver call stuck in the hub's thread pool (relay gave up waiting for it) would make
     ``destroy()`` wait for that thread for ever (``ThreadPool.kill`` joins its workers). Such a
@@ -238,7 +238,7 @@ def destroy_hub(hub) -> None:
     when its call returns, so the loop must outlive it; idle workers are told to exit. This
     relies on the hub keeping its pool, made on first use, as ``_threadpool`` (None until then:
     the ``threadpool`` property would make one); on the pool's ``task_queue`` counting a running
-    task in ``unfinished_tasks``; and on a None task ending one idle worker (gevent 1.1 on).
+    task in ``unfinished_tasks``; and on a None task ending one idle worker (all since 1.0).
     """
     pool = getattr(hub, "_threadpool", None)
     stuck = pool is not None and pool.task_queue.unfinished_tasks > 0
