@@ -628,7 +628,7 @@ class Forwarder:
         self._context.on_fd_exhausted = self._server.pause_accepting
         self._context.on_closed = self._server.connection_closed
         self._server.start()
-        _lifecycle.started.add(self)
+        _lifecycle.inert_after_fork(self, Forwarder._inert_after_fork)
         timeouts = [t for t in (self.rule.idle_timeout, self.rule.half_close_timeout) if t is not None]
         interval = min([max(t / 8, 0.01) for t in timeouts] + [_PARK_EVERY])
         self._sweeper = self._server.loop.timer(interval, interval)
