@@ -298,8 +298,7 @@ class _Single:
         self.forwarder = forwarder
 
     def start(self) -> None:
-        from gproxy.service import _start_here
-        _start_here(self.forwarder)
+        self.forwarder.start_here()
 
     def serve_forever(self) -> None:
         self.forwarder.serve_forever()

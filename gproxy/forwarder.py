@@ -32,12 +32,14 @@ is made inert (:mod:`gproxy._lifecycle`). Listening sockets are made in :mod:`gp
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import logging
 import math
 import os
 import socket
 import time
+import weakref
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import gevent
@@ -54,7 +56,7 @@ from gproxy.relay import Connection, Context, sweep, toxics_changed
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
 from gproxy.toxics import Toxic, ToxicNotFound, make_toxic
 
-__all__ = ["Forwarder"]
+__all__ = ["Forwarder", "State"]
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +186,25 @@ class _Server(_gevent.InlineServer):
         super().close()
 
 
+class State(enum.Enum):
+    """Where a forwarder is in its life (``Forwarder.state``). It only moves forward:
+    ``NEW`` -> ``RUNNING`` -> ``STOPPING`` -> ``STOPPED``, or ``NEW`` -> ``STOPPED`` (stopped
+    before it started, or ``start()`` could not listen). ``str()`` gives the lower-case name."""
+
+    #: built, not started: nothing bound, no hub; ``start()``, ``start_here()`` or
+    #: ``serve_forever()`` may start it (``start_here()`` that cannot listen leaves it here)
+    NEW = "new"
+    #: serving: it listens unless disabled, and its toxics and connections may be changed
+    RUNNING = "running"
+    #: ``stop()`` is under way: the listener is closed and open connections drain
+    STOPPING = "stopping"
+    #: everything is closed; it never starts again
+    STOPPED = "stopped"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class Forwarder:
     """Forward every connection to ``listen`` to ``target``.
 
@@ -216,6 +237,13 @@ class Forwarder:
 
     ``on_open(record)`` and ``on_close(record)``, if given, are called on the
     forwarder's hub when a connection is accepted and when it has ended.
+
+    A collection of forwarders (:class:`gproxy.service.Service`, which config files, the
+    HTTP API and the command line drive) manages them through a few members of their own,
+    and through nothing else: ``state``, ``bound_address``, ``listening``, ``start_here()``
+    (all on one hub), ``inherit_listener()``/``return_listener()`` (a changed rule serves on
+    its predecessor's listening socket) and ``count_on()``/``show_own_targets()`` (its
+    metrics go on from its predecessor's).
     """
 
     def __init__(self, listen: AddressLike, target: TargetLike, *,
@@ -257,7 +285,7 @@ class Forwarder:
         on_close = check_hook(on_close, "on_close")
         self._counters = Counters()
         self._context = Context(self.rule, self._counters, on_open, on_close, _splicer(self.rule))
-        self._state = "new"          # new -> running -> stopping -> stopped
+        self._state = State.NEW
         self._server: Optional[_Server] = None
         self._sweeper = None
         self._stopped: Optional[Event] = None     # set on the hub when fully stopped
@@ -265,10 +293,11 @@ class Forwarder:
         self._address: Optional[Tuple[str, int]] = None
         self._inherit_fd: Optional[int] = None     # a listening socket to serve on (takeover)
         self._inherit_from: Optional["Forwarder"] = None
+        self._took_over = None                     # weakref to the one whose listener it serves on
         self._socket_file = None                   # our Unix socket file, removed on stop
         self._keep_listener = False                # another forwarder took it over: leave it
         self._enabled = True
-        self._own_targets = None                   # _count_on(): target gauges to show later
+        self._own_targets = None                   # count_on(): target gauges to show later
 
     # -- public surface -------------------------------------------------------------
 
@@ -305,8 +334,9 @@ class Forwarder:
 
     def serve_forever(self) -> None:
         """Serve until ``stop()``. Without a prior ``start()``, serves on this thread's hub."""
-        if self._state == "new":
-            self._start_here()
+        if self._state is State.NEW:
+            self._claim_start()
+            self._host.start_here(self._start_on_hub)
         if not self._host.join() and self._stopped is not None:
             self._stopped.wait()
 
@@ -316,11 +346,11 @@ class Forwarder:
         Calling it again while draining aborts what is left at once; after that it does nothing."""
         if timeout is None:
             timeout = self.rule.drain_timeout
-        if self._state in ("new", "stopped"):
-            self._state = "stopped"
+        if self._state in (State.NEW, State.STOPPED):
+            self._state = State.STOPPED
             return
         if not self._host.stop(self._stop_if_running, timeout):  # its hub ended first: a bug
-            self._state = "stopped"
+            self._state = State.STOPPED
 
     def take_over(self, old: "Forwarder") -> "Forwarder":
         """Start on ``old``'s listening socket instead of binding one: a reload's changed rule.
@@ -329,6 +359,41 @@ class Forwarder:
         it stops accepting and drains its own connections, with its own options."""
         self.inherit_listener(old)
         return self.start()
+
+    # -- being managed: what a Service (or FileService, or testing) uses -----------------------
+
+    @property
+    def state(self) -> State:
+        """Where it is in its life: ``State.NEW`` until started, ``RUNNING`` while it serves
+        (disabled or not), ``STOPPING`` while ``stop()`` drains, then ``STOPPED`` for good."""
+        return self._state
+
+    @property
+    def bound_address(self) -> Optional[Tuple[str, int]]:
+        """What ``address`` gives, or ``None`` until started (never raises). A stopped forwarder
+        keeps the address it had."""
+        return self._address
+
+    @property
+    def listening(self) -> bool:
+        """Whether it accepts clients now: ``RUNNING`` and not disabled (``disable()``).
+        False while ``NEW`` (even though ``enabled`` is True then), ``STOPPING`` or ``STOPPED``."""
+        return self._state is State.RUNNING and self._enabled and self._server is not None
+
+    def start_here(self) -> "Forwarder":
+        """Bind and serve on the calling thread's hub, whether or not gevent patched anything:
+        how forwarders sharing one hub start (a ``Service``'s; ``start()`` would give each one
+        of an unpatched program a thread and a hub of its own). They serve while that thread
+        runs gevent; calls from other threads are handed to that hub. ``OSError`` if it cannot
+        listen: then it stays ``NEW``, and may be started again once the address is free."""
+        self._claim_start()
+        try:
+            self._host.start_here(self._start_on_hub)
+        except OSError:
+            if self._state is State.STOPPED:  # it undid what it began; nothing is left open
+                self._state = State.NEW
+            raise
+        return self
 
     def listens_on(self, listen) -> bool:
         """Whether ``listen`` (an Address) is what this forwarder was asked to listen on, or
@@ -339,9 +404,11 @@ class Forwarder:
         return isinstance(bound, tuple) and getattr(listen, "sockaddr", None) == tuple(bound[:2])
 
     def inherit_listener(self, old: "Forwarder") -> None:
-        """Make the next start serve on ``old``'s listening socket (a duplicate of its fd)
-        instead of binding one; ``take_over`` is this and ``start()``."""
-        if old._state != "running" or old._server is None:
+        """Make the next start (``start()`` or ``start_here()``) serve on ``old``'s listening
+        socket (a duplicate of its fd) instead of binding one; ``take_over`` is this and
+        ``start()``. ``old`` must be running (``RuntimeError``) on this forwarder's listen
+        address (``ValueError``). Calling it again replaces what the last call took."""
+        if old._state is not State.RUNNING or old._server is None:
             raise RuntimeError(f"only a running forwarder can be taken over; this one is {old._state}")
         if not old.listens_on(self.rule.listen):
             raise ValueError(f"{self.rule.listen} is not {old.rule.listen}: take over the same address")
@@ -349,6 +416,42 @@ class Forwarder:
             os.close(self._inherit_fd)
         self._inherit_fd = os.dup(old._server.socket.fileno())
         self._inherit_from = old
+
+    def return_listener(self, old: "Forwarder") -> None:
+        """Undo ``inherit_listener(old)`` once this one has started on ``old``'s listening
+        socket and the change is rolled back: ``old`` owns that socket (and its Unix socket
+        file) again, and this one's ``stop()`` leaves them alone. Call it before stopping
+        this one. Before a start it only forgets ``old``'s socket. ``ValueError`` if this one
+        did not inherit ``old``'s listener."""
+        if self._inherit_fd is not None and self._inherit_from is old:  # nothing handed over yet
+            os.close(self._inherit_fd)
+            self._inherit_fd = self._inherit_from = None
+            return
+        if self._took_over is None or self._took_over() is not old:
+            raise ValueError(f"{self!r} does not serve on the listening socket of {old!r}")
+        self._keep_listener, old._keep_listener = True, False
+
+    def count_on(self, old: "Forwarder") -> None:
+        """Before start: count into ``old``'s counters, so that a rule replaced under the same
+        name (a reload's changed rule, an API update) keeps its totals, the old forwarder's
+        draining connections included, and Prometheus sees no counter reset. The target
+        gauges stay ``old``'s until ``show_own_targets()``, once this one has replaced it."""
+        mine = self._counters
+        self._own_targets = (mine.target_up, mine.health)
+        self._counters = self._context.counters = old._counters
+
+    def show_own_targets(self) -> None:
+        """After ``count_on(old)``, once this one has replaced ``old``: the shared counters'
+        target gauges become this rule's (targets it no longer has drop out; one it kept keeps
+        its state). Without ``count_on`` it does nothing."""
+        own = self._own_targets
+        if own is None:
+            return
+        target_up, health = own
+        counters = self._counters
+        counters.target_up = {name: counters.target_up.get(name, up) for name, up in target_up.items()}
+        counters.health = health
+        self._own_targets = None
 
     # -- fault injection ---------------------------------------------------------------
 
@@ -414,7 +517,7 @@ class Forwarder:
         def reset() -> None:
             self._context.toxics.clear()
             self._toxics_changed()
-            if self._state == "running":
+            if self._state is State.RUNNING:
                 self._enable()
         self._on_hub(reset)
 
@@ -480,7 +583,7 @@ class Forwarder:
         """Run ``func(*args)`` on the hub that serves and return its result (or raise its
         exception). From another thread the call runs in a greenlet of the forwarder's hub,
         and this thread waits until it has finished."""
-        if self._state != "running" or self._host.here():
+        if self._state is not State.RUNNING or self._host.here():
             return func(*args)
         try:
             return self._host.call(func, *args)
@@ -490,7 +593,7 @@ class Forwarder:
             return func(*args)  # stopped before it could run there: nothing runs there any more
 
     def _stop_if_running(self, timeout: float) -> None:
-        if self._state != "stopped":  # stopped by someone else since stop() was called
+        if self._state is not State.STOPPED:  # stopped by someone else since stop() was called
             self._stop_on_hub(timeout)
 
     def _change_toxics(self, change: Callable, *args: Any) -> Any:
@@ -499,7 +602,7 @@ class Forwarder:
         return result
 
     def _toxics_changed(self) -> None:
-        if self._state != "running" or not self._context.active:
+        if self._state is not State.RUNNING or not self._context.active:
             self._context.toxic_version += 1
             return
         toxics_changed(self._context)
@@ -542,29 +645,8 @@ class Forwarder:
         log.info("enabled %s: listening again", _sockets.describe_address(self._address),
                  extra=self._fields("enabled"))
 
-    def _count_on(self, old: "Forwarder") -> None:
-        """Before start: count into ``old``'s counters, so that a rule replaced under the same
-        name (a reload's changed rule, an API update) keeps its totals, the old forwarder's
-        draining connections included, and Prometheus sees no counter reset. The target
-        gauges stay ``old``'s until ``_show_own_targets()``, once this one has replaced it."""
-        mine = self._counters
-        self._own_targets = (mine.target_up, mine.health)
-        self._counters = self._context.counters = old._counters
-
-    def _show_own_targets(self) -> None:
-        """The shared counters' target gauges become this rule's (targets it no longer has
-        drop out; one it kept keeps its state)."""
-        own = self._own_targets
-        if own is None:
-            return
-        target_up, health = own
-        counters = self._counters
-        counters.target_up = {name: counters.target_up.get(name, up) for name, up in target_up.items()}
-        counters.health = health
-        self._own_targets = None
-
     def _require_running(self) -> None:
-        if self._state != "running":
+        if self._state is not State.RUNNING:
             raise RuntimeError(f"the forwarder is {self._state}, not running")
 
     def _cut(self, id: int, outcome: Outcome, why: str) -> bool:
@@ -578,14 +660,9 @@ class Forwarder:
     # -- running on a hub -----------------------------------------------------------------
 
     def _claim_start(self) -> None:
-        if self._state != "new":
+        if self._state is not State.NEW:
             raise RuntimeError(f"a forwarder starts once; this one is {self._state}")
-        self._state = "running"
-
-    def _start_here(self) -> None:
-        """Start on the calling thread's hub, whether or not the program is patched."""
-        self._claim_start()
-        self._host.start_here(self._start_on_hub)
+        self._state = State.RUNNING
 
     def _start_on_hub(self) -> None:
         try:
@@ -593,6 +670,7 @@ class Forwarder:
                 fd, self._inherit_fd = self._inherit_fd, None
                 listener = listeners.adopt(fd, self.rule)  # closes fd if it fails
                 old, self._inherit_from = self._inherit_from, None
+                self._took_over = weakref.ref(old)
                 self._socket_file, old._keep_listener = old._socket_file, True
             else:
                 listener = listeners.listen(self.rule)
@@ -603,7 +681,7 @@ class Forwarder:
                     raise
                 self._socket_file = listeners.socket_file(self.rule)
         except BaseException:
-            self._state = "stopped"
+            self._state = State.STOPPED
             if self._inherit_fd is not None:
                 os.close(self._inherit_fd)
                 self._inherit_fd = None
@@ -692,12 +770,12 @@ class Forwarder:
         own = self._context.in_hook.get(getcurrent())
         if own is not None and own.outcome is None:
             own.abort(Outcome.SHUTDOWN)
-        if self._state == "stopping":  # a second stop while draining: cut it short
+        if self._state is State.STOPPING:  # a second stop while draining: cut it short
             self._abort_all()
             if own is None:
                 self._stopped.wait()
             return
-        self._state = "stopping"
+        self._state = State.STOPPING
         server = self._server
         try:
             server.close()
@@ -727,7 +805,7 @@ class Forwarder:
                 self._sweeper.close()
         finally:
             self._context.close()
-            self._state = "stopped"
+            self._state = State.STOPPED
             self._stopped.set()
             self._host.end()
 
@@ -773,9 +851,9 @@ class Forwarder:
 
     def _inert_after_fork(self) -> None:
         """In a forked child: close this forwarder's copies of its sockets; it is stopped."""
-        if self._state not in ("running", "stopping"):
+        if self._state not in (State.RUNNING, State.STOPPING):
             return
-        self._state = "stopped"
+        self._state = State.STOPPED
         context, server = self._context, self._server
         context.on_open = context.on_close = None  # the parent's hooks, for the parent's connections
         # The hub of a thread-mode forwarder did not survive the fork (only the forking thread

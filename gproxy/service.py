@@ -40,7 +40,7 @@ from gevent.event import Event
 from gevent.lock import RLock
 
 from gproxy.config import Address, ConfigError, Rule, parse_address
-from gproxy.forwarder import Forwarder
+from gproxy.forwarder import Forwarder, State
 from gproxy.stats import Statistics
 
 __all__ = ["Service", "DuplicateName", "UnknownName", "ResetFailed"]
@@ -78,27 +78,16 @@ class ResetFailed(OSError):
                                    for name, (_, exc) in failures.items()))
 
 
-def _start_here(fw: Forwarder) -> None:
-    """Start ``fw`` on the calling thread's hub, the service's, even in an unpatched program
-    (where ``Forwarder.start()`` would give it a thread and a hub of its own). If it cannot
-    listen it stays new, so a later enable or reset can try again."""
-    try:
-        fw._start_here()
-    except OSError:
-        if fw._state == "stopped":  # it could not listen and undid what it began
-            fw._state = "new"
-        raise
-
-
 def is_enabled(fw: Forwarder) -> bool:
     """Listening now: started, not stopped, and not disabled (``fw.disable()``)."""
-    return fw._state == "running" and fw.enabled
+    return fw.listening
 
 
 def listen_address(fw: Forwarder) -> Address:
     """Where ``fw`` listens: the real bound address once started, else what was asked for."""
-    if isinstance(fw._address, tuple):  # a Unix socket's address is its path: the rule says it
-        host, port = fw._address[:2]
+    bound = fw.bound_address
+    if isinstance(bound, tuple):  # a Unix socket's address is its path: the rule says it
+        host, port = bound[:2]
         return Address(host, port)
     return fw.rule.listen
 
@@ -106,7 +95,7 @@ def listen_address(fw: Forwarder) -> Address:
 def _same_listen(fw: Forwarder, wanted: Address) -> bool:
     """``wanted`` is what ``fw`` was asked for, or where it really listens (so asking again
     for port 0 and asking for the port it got both mean "the same")."""
-    return wanted == fw.rule.listen or (fw._address is not None and wanted == listen_address(fw))
+    return wanted == fw.rule.listen or (fw.bound_address is not None and wanted == listen_address(fw))
 
 
 class Service:
@@ -171,8 +160,8 @@ class Service:
         with self._lock:
             if name in self._forwarders:
                 raise DuplicateName(name)
-            if start and forwarder._state == "new":
-                _start_here(forwarder)
+            if start and forwarder.state is State.NEW:
+                forwarder.start_here()
             self._forwarders[name] = forwarder
             return forwarder
 
@@ -212,16 +201,16 @@ class Service:
             # A listen address that did not change is the one it really has (port 0 or not).
             bind = listen_address(fw) if _same_listen(fw, new_listen) else new_listen
             new = Forwarder(bind, new_target, **_options_of(fw.rule))
-            new._count_on(fw)
+            new.count_on(fw)
             _copy_toxics(fw, new)
             moved = bind != listen_address(fw)
             if want_enabled and moved:
-                _start_here(new)           # OSError here: the old one still runs
+                new.start_here()           # OSError here: the old one still runs
             fw.stop(timeout)
             if want_enabled and not moved:
-                _start_here(new)           # only now is the old address free
+                new.start_here()           # only now is the old address free
             self._forwarders[name] = new
-            new._show_own_targets()
+            new.show_own_targets()
             return new
 
     def enable(self, name: str) -> Forwarder:
@@ -242,9 +231,9 @@ class Service:
     def _set_enabled(fw: Forwarder, enabled: bool) -> None:
         if enabled == is_enabled(fw):
             return
-        if fw._state == "new":
+        if fw.state is State.NEW:
             if enabled:
-                _start_here(fw)
+                fw.start_here()
             return  # a never-started forwarder is disabled already
         if enabled:
             fw.enable()
@@ -260,8 +249,8 @@ class Service:
         with self._lock:
             try:
                 for fw in self._forwarders.values():
-                    if fw._state == "new":
-                        _start_here(fw)
+                    if fw.state is State.NEW:
+                        fw.start_here()
                         started.append(fw)
             except BaseException:
                 _stop_all(started, 0)
@@ -307,12 +296,12 @@ class Service:
                 options.setdefault("name", name)
                 rule = Rule.build(spec["listen"], spec["target"], **options)
                 current = old.get(name)
-                if current is not None and current.rule == rule and current._state != "stopped":
+                if current is not None and current.rule == rule and current.state is not State.STOPPED:
                     result[name] = "unchanged"
                 else:
                     built[name] = Forwarder(spec["listen"], spec["target"], **options)
                     if current is not None:
-                        built[name]._count_on(current)  # its metrics go on, no counter reset
+                        built[name].count_on(current)  # its metrics go on, no counter reset
                     result[name] = "changed" if current is not None else "added"
             owned = set(old) if owned is None else set(owned)
             leaving = [fw for name, fw in old.items()
@@ -323,12 +312,12 @@ class Service:
                 if previous is None:
                     continue
                 _copy_toxics(previous, new)  # what the API added to the rule stays
-                if previous._state == "running" and not previous.enabled:
+                if previous.state is State.RUNNING and not previous.enabled:
                     new.disable()  # and so does a rule the API disabled
             kept = {name: fw for name, fw in old.items() if name not in result and name not in owned}
             self._forwarders = {**{name: built.get(name) or old[name] for name in result}, **kept}
             for new in built.values():
-                new._show_own_targets()
+                new.show_own_targets()
             for name in old:
                 if name not in result and name in owned:
                     result[name] = "removed"
@@ -351,8 +340,8 @@ class Service:
             for name, fw in list(self._forwarders.items()):
                 try:
                     fw.reset()  # toxics first: they go even if it cannot listen
-                    if fw._state == "new":
-                        _start_here(fw)
+                    if fw.state is State.NEW:
+                        fw.start_here()
                 except OSError as exc:
                     failures[name] = (listen_address(fw), exc)
         if failures:
@@ -409,7 +398,7 @@ class Service:
                     continue
                 fw = built[name] = Forwarder(rule.listen, rule.target, **options)
                 if old is not None:
-                    fw._count_on(old)
+                    fw.count_on(old)
                 if enabled:
                     enabled_ones[name] = fw
                 result.append(fw)
@@ -418,7 +407,7 @@ class Service:
             for name, fw in built.items():
                 self._forwarders.pop(name, None)  # a replaced proxy goes to the end, as before
                 self._forwarders[name] = fw
-                fw._show_own_targets()
+                fw.show_own_targets()
             _stop_all(leaving, timeout)
         return result
 
@@ -445,7 +434,7 @@ def _start_all(built: Dict[str, Forwarder], old: Dict[str, Forwarder], leaving: 
             candidates += [fw for fw in leaving if fw is not old.get(name)]
         for fw in candidates:
             if (id(fw) not in claimed and fw.listens_on(new.rule.listen)
-                    and is_enabled(fw) and fw._server is not None):
+                    and is_enabled(fw)):
                 sources[name] = fw
                 claimed.add(id(fw))
                 break
@@ -456,13 +445,13 @@ def _start_all(built: Dict[str, Forwarder], old: Dict[str, Forwarder], leaving: 
             source = sources.get(name)
             if source is not None:
                 new.inherit_listener(source)
-            _start_here(new)
+            new.start_here()
             started.append(new)
     except BaseException as exc:
         for done, new in built.items():  # inherited sockets go back to their owners
             source = sources.get(done)
             if source is not None and new in started:
-                new._keep_listener, source._keep_listener = True, False
+                new.return_listener(source)
         _stop_all(started, 0)
         if label is not None and isinstance(exc, OSError):
             raise OSError(exc.errno, f'{label} "{name}": {exc.strerror or exc}') from None

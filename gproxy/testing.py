@@ -43,7 +43,7 @@ import weakref
 from typing import Any, Callable, Iterator, List
 
 from gproxy.config import AddressLike, TargetLike
-from gproxy.forwarder import Forwarder
+from gproxy.forwarder import Forwarder, State
 
 __all__ = ["forwarding", "gproxy_forwarder", "gproxy_session_forwarder"]
 
@@ -106,5 +106,5 @@ if pytest is not None:
         """After each test: the fixtures' running forwarders lose their toxics and listen again."""
         yield
         for fw in list(_made):
-            if fw._state == "running":
+            if fw.state is State.RUNNING:
                 fw.reset()

@@ -951,7 +951,7 @@ def test_toxic_changes_from_a_thread_other_than_the_serving_one():
         serving = threading.Thread(target=fw.serve_forever)
         serving.start()
         deadline = time.monotonic() + TIMEOUT
-        while fw._address is None and time.monotonic() < deadline:
+        while fw.bound_address is None and time.monotonic() < deadline:
             time.sleep(0.01)  # sleep-ok: serve_forever() has no readiness signal to wait on
         sock = connect(fw.address)
         assert round_trip(sock) < 1
