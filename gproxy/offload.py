@@ -101,7 +101,9 @@ class Offload:
         """Splice src -> dst in a thread until drained (-1, or the bytes moved if under one
         buffer), EOF (0), the quantum or a toxic change (the buffer size), or an abort
         (STOPPED); None when no thread or pipe is free. Errors are raised here, in the
-        calling greenlet."""
+        calling greenlet. A job may also end as usual after an abort (a wake-up that ends the
+        lane's linger reads as a drained source; the job may finish just before it): the
+        caller checks the connection's outcome whatever comes back."""
         if self._free:
             lane = self._free.pop()
         elif len(self._lanes) < self._threads and not self._closed:

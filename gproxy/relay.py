@@ -29,16 +29,21 @@ Closing rules (the "half-close dance"):
   and both sockets close normally.
 - A reset or any socket error in either pump aborts the connection: the
   sibling pump is woken by throwing ``_Aborted`` into its wait
-  (``Hub.cancel_wait``), and both sockets close with RST (``SO_LINGER 0``),
-  so each peer learns the connection failed. A partial write is never retried.
+  (``Hub.cancel_wait``), or, held by a bulk lane, by waking the lane;
+  both sockets close with RST (``SO_LINGER 0``), so each peer learns the
+  connection failed. A partial write is never retried.
 - The idle sweep and the forwarder's shutdown abort the same way, with their
   own outcome.
 
 Who closes: the connection owns both sockets (the server's ``do_close`` does
-nothing) and the last pump to end tears everything down: watchers first, then
-sockets, because closing an fd under an active watcher is what breaks libev.
+nothing) and the last direction to end tears everything down: watchers first,
+then sockets, because closing an fd under an active watcher is what breaks libev.
 That is also why a sibling is woken by an exception and not by closing its
-socket under it.
+socket under it. Every way a direction ends (EOF, error, abort, a pump that
+comes back from a wait, a chain or a bulk lane to find the connection aborted)
+goes through ``_end_direction``, which counts each direction once; a pump that
+gives its greenlet back either parks or ends its direction (``_leave``), never
+neither.
 
 Greenlets are taken only while bytes flow. A pump is *parked* whenever its
 source has nothing: its source's readable watcher calls ``_unpark``. A message
@@ -302,7 +307,7 @@ class Connection:
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
         "_pumps", "_closed", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target", "links",
-        "own_key", "_resolving", "spoke", "_upstream_writable", "_connecting",
+        "own_key", "_resolving", "spoke", "_upstream_writable", "_connecting", "_ended",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -329,6 +334,7 @@ class Connection:
         self._ends: List[tuple] = []  # per direction: (src, dst, readable, writable)
         self._eof_count = 0
         self._pumps = 0               # pumps started and not ended (a parked pump has not ended)
+        self._ended = [False, False]  # per direction: ended (_end_direction ran for it)
         self._closed = False
         self._resolving = None        # the greenlet waiting for the resolver, while it does
         self.spoke: Optional[int] = None  # the direction that read bytes last (see idle_at_stop)
@@ -709,8 +715,7 @@ class Connection:
                             continue  # changed while it waited to write (a kick found it busy)
                         if result is not _ENDED:
                             self.spoke = direction
-                            if self.outcome is None:  # drained: no greenlet until data comes
-                                readable.start(self._unpark, direction, result is _DRAINED_SPLICING)
+                            self._leave(direction, result is _DRAINED_SPLICING)
                             return
                         done = True
                     else:
@@ -726,11 +731,10 @@ class Connection:
                     self._source_ended(dst)
                     break
         except _Park:
-            if self.outcome is None:
-                # Quiet for a while: end this greenlet and let the watcher start a new one when
-                # the source has data. The pump held no bytes: it was waiting for the source.
-                readable.start(self._unpark, direction)
-                return
+            # Quiet for a while: end this greenlet and let the watcher start a new one when
+            # the source has data. The pump held no bytes: it was waiting for the source.
+            self._leave(direction)
+            return
         except _Aborted:
             pass
         except OSError as exc:
@@ -742,7 +746,18 @@ class Connection:
             self.abort(Outcome.SHUTDOWN)
         except BaseException:  # a bug, or a stray gevent.Timeout: this connection ends, not the hub
             self.abort(Outcome.ERROR, traceback.format_exc())
-        self._pump_ended()
+        self._end_direction(direction)
+
+    def _leave(self, direction: int, spliced: bool = False) -> None:
+        """The pump gives its greenlet back holding no bytes: it parks (its source's watcher
+        runs it again), or, if the connection was aborted meanwhile, its direction ends here.
+        An abort that came while a bulk lane held the direction finds no pump to wake (the
+        lane may even finish its job normally), so a pump coming back from a lane, a wait or
+        a chain must not just park: its direction would never end, nor the connection."""
+        if self.outcome is None:
+            self._ends[direction][2].start(self._unpark, direction, spliced)
+        else:
+            self._end_direction(direction)
 
     def _link(self, direction: int) -> Optional[Link]:
         """The toxic chain this direction must run through now, or None for the fast path."""
@@ -815,10 +830,7 @@ class Connection:
                     # one's teardown (its log line and on_close hook may block) takes a worker.
                     readable.stop()
                     self._source_ended(dst)
-                    if self._pumps > 1:
-                        self._pumps -= 1
-                    else:
-                        context.workers.run(self._pump_ended)
+                    self._end_direction(direction, in_callback=True)
                     return
             except BlockingIOError:
                 return  # nothing after all; still parked
@@ -835,11 +847,24 @@ class Connection:
         if self._pumps > 1:
             _sockets.half_close(dst)
 
-    def _pump_ended(self) -> None:
+    def _end_direction(self, direction: int, in_callback: bool = False) -> None:
+        """The one way a direction ends, whatever ended it (its source's EOF, an error, an
+        abort that found it parked, a pump that found the connection aborted): counted once,
+        and the last direction to end tears the connection down. ``in_callback``: called in a
+        watcher callback on the hub, where the teardown (its log line and on_close hook may
+        block) must not run: a worker runs it."""
+        ended = self._ended
+        if ended[direction]:
+            return
+        ended[direction] = True
         self._pumps -= 1
-        if not self._pumps:
-            if self._eof_count == 2:
-                self._finish(Outcome.EOF)
+        if self._pumps:
+            return
+        if self._eof_count == 2:
+            self._finish(Outcome.EOF)
+        if in_callback:
+            self.context.workers.run(self._teardown)
+        else:
             self._teardown()
 
     def _teardown(self) -> None:
@@ -934,10 +959,10 @@ class Connection:
             return
         if self._resolving is not None:  # nothing to cancel: it waits on the resolver's pool
             self._hub.loop.run_callback(self._interrupt_resolving, self._resolving)
-        for _src, _dst, readable, _writable in self._ends:
+        for direction, (_src, _dst, readable, _writable) in enumerate(self._ends):
             if self._parked(readable):
                 readable.stop()      # no greenlet to wake: the pump just ends
-                self._pump_ended()
+                self._end_direction(direction)
         for watcher in self._watchers:
             self._hub.cancel_wait(watcher, _Aborted())
         if self.context.offload is not None:

@@ -14,7 +14,9 @@ import pytest
 
 import gproxy
 from gproxy import Outcome
-from peers import TIMEOUT, Exchange, Server, connect, payload, recv_all, send_in_odd_chunks
+from gproxy import offload as offload_module
+from peers import (TIMEOUT, Exchange, Gate, Server, connect, payload, recv_all, recv_exactly, reset,
+                   send_in_odd_chunks)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux's")
 
@@ -283,3 +285,56 @@ def test_bulk_threads_is_validated():
         with pytest.raises(gproxy.ConfigError) as info:
             gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:9", bulk_threads=bad)
         assert info.value.field == "bulk_threads"
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("side", ["client", "upstream"])
+def test_a_reset_while_a_thread_lingers_for_more_ends_the_connection(forwarder_factory, monkeypatch, side):
+    """A peer resets (RST, SO_LINGER 0) while a bulk thread holds the other direction and
+    waits for its source to send more (the lane's linger): the abort wakes the thread, which
+    hands the direction back as drained; the pump must end it, not park it. Issue 15 item 3:
+    such connections never ended, and their slots and fds leaked until max_connections was
+    spent. The linger is stretched and the quantum made unreachable, so every reset lands in
+    that wait."""
+    monkeypatch.setattr(offload_module, "LINGER_MS", 60_000)
+    size = 1_000_003
+    rounds = 6
+    gate = Gate()
+    with Server(gate) as upstream:
+        try:
+            fw = forwarder_factory(upstream.address, bulk_threads=1, buffer_size=SMALL, max_connections=2)
+            fw._context.offload._quantum = 1 << 30  # white box: one job takes the whole stream
+            baseline = None
+            for i in range(1, rounds + 1):
+                client = connect(fw.address)
+                server = gate.get()
+                # the direction that goes to the thread, and who resets at the end
+                source, sink = (server, client) if side == "client" else (client, server)
+                data = payload(size, seed=i)
+                source.sendall(data)
+                assert recv_exactly(sink, size) == data
+                _wait_for_thread_stall(fw)  # lingering for more from the source
+                reset(sink)
+                try:  # the source stays open and silent: only the abort can end the connection
+                    forwarder_factory.wait_closed(fw, accepted=i, timeout=10)
+                finally:
+                    source.close()
+                assert forwarder_factory.records[-1].outcome is Outcome.RESET
+                if baseline is None:  # the lane's own fds (its eventfd, splice's pipes) are made
+                    baseline = _fds()
+            stats = fw.statistics()
+            assert stats.active == 0 and stats.accepted == rounds
+            assert _fds() <= baseline, "fds leaked"
+            # with max_connections 2 the proxy still answers: no slot leaked
+            client = connect(fw.address)
+            server = gate.get()
+            client.sendall(b"still here")
+            assert recv_exactly(server, 10) == b"still here"
+            client.close()
+            server.close()
+        finally:
+            gate.release()
