@@ -29,7 +29,7 @@ Closing rules (the "half-close dance"):
   and both sockets close normally.
 - A reset or any socket error in either pump aborts the connection: the
   sibling pump is woken by throwing ``_Aborted`` into its wait
-  (``Hub.cancel_wait``), or, held by a bulk lane, by waking the lane;
+  (``Connection._interrupt``), or, held by a bulk lane, by waking the lane;
   both sockets close with RST (``SO_LINGER 0``), so each peer learns the
   connection failed. A partial write is never retried.
 - The idle sweep and the forwarder's shutdown abort the same way, with their
@@ -90,6 +90,7 @@ from typing import Callable, Dict, List, Optional
 import gevent
 from gevent import getcurrent, monkey
 from gevent.socket import getaddrinfo
+from greenlet import greenlet
 
 from gproxy import _sockets, proxyproto
 from gproxy._report import report
@@ -791,12 +792,10 @@ class Connection:
             self.context.workers.run(self._run_pump, direction)
             return
         link = self.links[direction] if self.links is not None else None
-        if link is not None and link.waiting is not None:
+        if link is not None and link.waiting is not None:  # it may wait for a time or its destination
             link.waiting.throw(_Switch())
-        elif readable.active:
-            waiter = getattr(readable.callback, "__self__", None)
-            if waiter is not None and hasattr(waiter, "throw"):
-                waiter.throw(_Switch())
+        else:
+            self._throw_waiter(readable, _Switch())
 
     def _unpark(self, direction: int, spliced: bool = False) -> None:
         """Watcher callback, on the hub: the parked source has data.
@@ -964,7 +963,7 @@ class Connection:
                 readable.stop()      # no greenlet to wake: the pump just ends
                 self._end_direction(direction)
         for watcher in self._watchers:
-            self._hub.cancel_wait(watcher, _Aborted())
+            self._interrupt(watcher, _Aborted())
         if self.context.offload is not None:
             self.context.offload.wake(self)  # a pump whose bulk a thread splices
 
@@ -992,8 +991,28 @@ class Connection:
         counts, seen = self.counts, self.seen
         for direction, (_src, _dst, readable, _writable) in enumerate(self._ends):
             if counts[direction] == seen[direction] and readable.active and not self._parked(readable):
-                self._hub.cancel_wait(readable, _Park())  # it waits for its source: park it
+                self._interrupt(readable, _Park())  # it waits for its source: park it
             seen[direction] = counts[direction]
+
+    def _interrupt(self, watcher, error: BaseException) -> None:
+        """Throw ``error`` into the pump that waits on ``watcher``, on the next pass of the
+        loop (a greenlet that throws into another is not switched back to; the hub is).
+        Whom to throw into is decided then (``_throw_waiter``), and only a greenlet that
+        still waits on the watcher is: gevent's ``Hub.cancel_wait`` throws into whatever
+        object the watcher's callback is bound to by then, which, once the pump has parked
+        meanwhile, is this Connection (its ``_unpark``)."""
+        if watcher.callback is not None:  # stopped: nobody waits on it, nobody can (see wait)
+            self._hub.loop.run_callback(self._throw_waiter, watcher, error)
+
+    @staticmethod
+    def _throw_waiter(watcher, error: BaseException) -> None:
+        """On the hub: throw ``error`` into the greenlet that waits on ``watcher`` now, if one
+        does. A parked pump's watcher calls ``_unpark`` (no greenlet waits: nothing to throw
+        into); a stopped or closed one calls nothing."""
+        if watcher.active:
+            waiter = getattr(watcher.callback, "__self__", None)
+            if isinstance(waiter, greenlet):
+                waiter.throw(error)
 
     def _parked(self, readable) -> bool:
         """Whether this source's pump is parked: its watcher calls _unpark, not a greenlet."""

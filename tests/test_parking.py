@@ -14,6 +14,7 @@ import pytest
 
 from gproxy import Outcome
 from gproxy import forwarder as forwarder_module
+from gproxy import relay
 from peers import TIMEOUT, Gate, Server, connect, echo, payload, recv_all, recv_exactly, reset
 
 PARK_EVERY = 0.02
@@ -136,3 +137,82 @@ def test_a_drained_pump_parks_at_once_so_a_connection_that_spoke_holds_no_greenl
                 assert time.monotonic() < deadline, f"a pump still holds a greenlet after {size} B"
                 time.sleep(0.01)  # sleep-ok: polling state another thread changes
         client.close()
+
+
+def _waiting_in_chain(fw) -> int:
+    """How many pumps wait for their source inside a toxic chain (a greenlet, not _unpark,
+    on the readable watcher): what a parking pass throws _Park into."""
+    count = 0
+    for conn in list(fw._context.active.values()):
+        for _src, _dst, readable, _writable in conn._ends:
+            count += readable.active and getattr(readable.callback, "__self__", None) is not conn
+    return count
+
+
+def _round_trips(clients, seed: int) -> None:
+    for i, client in enumerate(clients):
+        data = payload(100 + i, seed=seed + i)
+        client.sendall(data)
+        assert recv_exactly(client, len(data)) == data
+
+
+def test_a_toxic_change_racing_the_parking_pass_throws_into_no_connection(forwarders, monkeypatch):
+    """Issue 15 item 4. A parking pass finds pumps waiting in a toxic chain and has _Park
+    thrown into them on the next pass of the loop; a toxic change's kicks, queued before those
+    throws (gevent runs callbacks in slices of its switch interval, and the sweep's timer can
+    fire in between), run first: the toxic is gone, each pump takes the fast path and parks.
+    The throw must then go nowhere; gevent's cancel_wait threw into the watcher's callback's
+    ``__self__``, the Connection: "AttributeError: 'Connection' object has no attribute
+    'throw'" printed by the hub (no_greenlet_died catches it). The interleaving is forced on
+    the hub: the kicks, then two parking passes (the second sees the pumps quiet), in one go."""
+    monkeypatch.setattr(forwarder_module, "_PARK_EVERY", 3600.0)  # only the passes run here
+    with Server(echo) as upstream:
+        fw = forwarders(upstream.address)
+        clients = [connect(fw.address) for _ in range(20)]
+        try:
+            _round_trips(clients, seed=1)
+            fw.add_toxic("latency", name="lag", stream="downstream", latency=1)
+            _round_trips(clients, seed=2)
+            deadline = time.monotonic() + TIMEOUT
+            while _waiting_in_chain(fw) < len(clients):
+                assert time.monotonic() < deadline, "the downstream pumps never waited in the chain"
+                time.sleep(0.01)  # sleep-ok: polling state another thread changes
+
+            def race():
+                context = fw._context
+                context.toxics.remove("lag")
+                relay.toxics_changed(context)  # kicks queued: each leaves the chain and parks
+                now = time.monotonic() - context.stalled
+                relay.sweep(context, now, True)  # notes the byte counts
+                relay.sweep(context, now, True)  # quiet since: throws _Park, after the kicks
+            fw._on_hub(race)
+            _round_trips(clients, seed=3)  # bytes intact, the pumps (parked now) answer
+            assert _waiting_in_chain(fw) == 0
+        finally:
+            for client in clients:
+                client.close()
+        forwarders.wait_closed(fw, accepted=len(clients))
+    assert all(r.outcome is Outcome.EOF for r in forwarders.records)
+
+
+@pytest.mark.timeout(120)
+def test_toxic_churn_on_many_keep_alive_connections_under_parking(forwarder_factory):
+    """Issue 15 item 4 as the soak met it: many keep-alive connections, a toxic added and
+    removed over and over while parking passes run every 20 ms and some clients talk. No hub
+    error (no_greenlet_died), and every byte comes back in order."""
+    count, rounds = 300, 30
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address)
+        clients = [connect(fw.address) for _ in range(count)]
+        try:
+            _round_trips(clients, seed=0)
+            for k in range(rounds):
+                fw.add_toxic("latency", name="lag", stream="downstream", latency=0)
+                _round_trips(clients[k::rounds], seed=1000 * (k + 1))
+                fw.remove_toxic("lag")
+            _round_trips(clients, seed=99_000)
+        finally:
+            for client in clients:
+                client.close()
+        forwarder_factory.wait_closed(fw, accepted=count)
+    assert all(r.outcome is Outcome.EOF for r in forwarder_factory.records)
