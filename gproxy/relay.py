@@ -496,7 +496,7 @@ class Connection:
         except _Aborted:
             return False
         except OSError as exc:
-            self._finish(Outcome.RESET, _sockets.describe_error(exc))
+            self._finish(Outcome.RESET, _side_error("client", exc))
             return False
         finally:
             readable.close()
@@ -551,7 +551,7 @@ class Connection:
         except _Aborted:
             return False
         except OSError as exc:
-            self._finish(Outcome.RESET, f"sending the PROXY header: {_sockets.describe_error(exc)}")
+            self._finish(Outcome.RESET, _side_error("upstream", exc, " while we sent the PROXY header"))
             return False
         return True
 
@@ -740,7 +740,7 @@ class Connection:
             pass
         except OSError as exc:
             if isinstance(exc, ConnectionError) or exc.errno in _sockets.PEER_GONE:
-                self.abort(Outcome.RESET, _sockets.describe_error(exc))
+                self.abort(Outcome.RESET, _side_error(self._side_of(direction, exc), exc))
             else:
                 self.abort(Outcome.ERROR, traceback.format_exc())
         except gevent.GreenletExit:
@@ -759,6 +759,17 @@ class Connection:
             self._ends[direction][2].start(self._unpark, direction, spliced)
         else:
             self._end_direction(direction)
+
+    def _side_of(self, direction: int, exc: OSError) -> str:
+        """Which side ("client" or "upstream") a pump's socket error came from, judged after
+        the fact so the pump pays nothing for it: the side whose TCP connection the kernel
+        shows ended (a reset or a timeout leaves it CLOSE). When that does not tell (a Unix
+        socket, or both ended), by the errno: EPIPE is met writing, to the destination; the
+        others mostly reading, from the source."""
+        src, dst = self._ends[direction][:2]
+        ended = [sock for sock in (src, dst) if _tcp_closed(sock)]
+        sock = ended[0] if len(ended) == 1 else dst if exc.errno == errno.EPIPE else src
+        return "client" if sock is self.client else "upstream"
 
     def _link(self, direction: int) -> Optional[Link]:
         """The toxic chain this direction must run through now, or None for the fast path."""
@@ -1120,6 +1131,30 @@ def _connect_failure(target, sockaddr, code: int):
     outcome = Outcome.CONNECT_TIMEOUT if code == errno.ETIMEDOUT else Outcome.CONNECT_FAILED
     where = _sockets.describe_address(sockaddr) if isinstance(sockaddr, tuple) else str(target)
     return outcome, f"{where}: {os.strerror(code).lower()}"
+
+
+#: errors that mean the peer reset (or closed under our write); the other errors of a peer
+#: that is gone (a timeout, an unreachable host) say "failed"
+_RESETS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+
+#: tcpi_state of a TCP socket whose connection ended under it (linux/tcp_states.h TCP_CLOSE)
+_TCP_CLOSE = 7
+
+
+def _side_error(side: str, exc: OSError, doing: str = "") -> str:
+    """A RESET outcome's error, naming the side: 'client reset: connection reset by peer',
+    'upstream failed: connection timed out'."""
+    how = "reset" if exc.errno in _RESETS else "failed"
+    return f"{side} {how}{doing}: {_sockets.describe_error(exc)}"
+
+
+def _tcp_closed(sock: socket.socket) -> bool:
+    """Whether the kernel shows this TCP socket's connection ended (reset or timed out);
+    False when it cannot say (a Unix socket, a system without TCP_INFO)."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+    except (OSError, AttributeError):
+        return False
 
 
 def _connected(sock: socket.socket) -> bool:

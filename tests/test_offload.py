@@ -240,6 +240,7 @@ def test_peer_reset_during_threaded_bulk_is_one_clean_reset(forwarder_factory, c
         client.close()
         forwarder_factory.wait_closed(fw, accepted=1)
     assert forwarder_factory.records[-1].outcome is Outcome.RESET
+    assert forwarder_factory.records[-1].error.startswith("upstream reset: ")
     assert "Traceback" not in capfd.readouterr().err
 
 
@@ -324,6 +325,7 @@ def test_a_reset_while_a_thread_lingers_for_more_ends_the_connection(forwarder_f
                 finally:
                     source.close()
                 assert forwarder_factory.records[-1].outcome is Outcome.RESET
+                assert forwarder_factory.records[-1].error.startswith(f"{side} reset: ")
                 if baseline is None:  # the lane's own fds (its eventfd, splice's pipes) are made
                     baseline = _fds()
             stats = fw.statistics()

@@ -89,6 +89,7 @@ def test_reset_while_parked_aborts_both_sides(forwarders):
         client.close()
         forwarders.wait_closed(fw, accepted=1)
     assert forwarders.records[-1].outcome is Outcome.RESET
+    assert forwarders.records[-1].error == "upstream reset: connection reset by peer"
 
 
 def test_idle_timeout_applies_to_parked_connections(forwarders):

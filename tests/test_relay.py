@@ -96,7 +96,9 @@ def test_reset_aborts_both_sides(forwarders, side):
             other = client
         with pytest.raises(ConnectionResetError):
             recv_all(other)
-    assert forwarders.records[-1].outcome is Outcome.RESET
+    record = forwarders.records[-1]
+    assert record.outcome is Outcome.RESET
+    assert record.error == f"{side} reset: connection reset by peer", record.error
 
 
 @pytest.mark.parametrize("target, why", [
