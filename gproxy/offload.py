@@ -5,6 +5,7 @@ Typical use (``relay.pump`` does this once a direction turns out to be bulk)::
     offload = Offload(hub, splicer, threads=2)       # one per forwarder, made on its hub
     n = offload.run(conn, src_fd, dst_fd, direction, version)   # None: no thread free
     offload.wake(conn)                              # conn was aborted: let go at once
+    offload.holds(conn)                             # a thread splices for conn now
     offload.close()                                 # when the forwarder stops
 
 Why: one event loop shares one CPU between every connection. While a bulk stream
@@ -149,6 +150,11 @@ class Offload:
         for lane in self._busy:
             if lane.job is not None and lane.job[0] is conn:
                 os.eventfd_write(lane.wake, 1)
+
+    def holds(self, conn) -> bool:
+        """Whether a thread splices for conn now (or has, and its greenlet has not yet taken
+        the result): a socket error may have been reported to that thread, not to the hub."""
+        return any(lane.job is not None and lane.job[0] is conn for lane in self._busy)
 
     def close(self) -> None:
         """End the idle threads; a busy one ends when its job returns."""

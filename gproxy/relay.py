@@ -729,7 +729,7 @@ class Connection:
                         continue  # it holds bytes or waits for a time: it must not park
                     raise
                 if done:
-                    self._source_ended(dst)
+                    self._source_ended(direction)
                     break
         except _Park:
             # Quiet for a while: end this greenlet and let the watcher start a new one when
@@ -839,7 +839,7 @@ class Connection:
                     # EOF, the usual end: this direction is done right here. Only the last
                     # one's teardown (its log line and on_close hook may block) takes a worker.
                     readable.stop()
-                    self._source_ended(dst)
+                    self._source_ended(direction)
                     self._end_direction(direction, in_callback=True)
                     return
             except BlockingIOError:
@@ -849,10 +849,23 @@ class Connection:
         readable.stop()
         context.workers.run(self._run_pump, direction, spliced, carry)
 
-    def _source_ended(self, dst: socket.socket) -> None:
+    def _source_ended(self, direction: int) -> None:
         """A direction's source sent its clean EOF. While the other direction goes on, pass
         the half-close along; if that one ended already (with its own EOF), teardown's
-        close() sends our FIN, and a shutdown() first would only cost a syscall."""
+        close() sends our FIN, and a shutdown() first would only cost a syscall.
+
+        Not after an abort: a FIN ahead of the RST reads as a clean end. And not when the
+        end was a reset that a bulk lane took: a socket reports its error once, so while a
+        lane writes to this source's socket, the lane may take the reset and leave this read
+        only the end of the stream; the kernel still shows the connection reset (CLOSE)."""
+        if self.outcome is not None:
+            return
+        src, dst = self._ends[direction][:2]
+        offload = self.context.offload
+        if offload is not None and offload.holds(self) and _tcp_closed(src):
+            side = "client" if src is self.client else "upstream"
+            self.abort(Outcome.RESET, _side_error(side, ConnectionResetError(errno.ECONNRESET, "")))
+            return
         self._eof_count += 1
         if self._pumps > 1:
             _sockets.half_close(dst)

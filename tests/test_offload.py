@@ -340,3 +340,71 @@ def test_a_reset_while_a_thread_lingers_for_more_ends_the_connection(forwarder_f
             server.close()
         finally:
             gate.release()
+
+
+@pytest.mark.parametrize("side", ["client", "upstream"])
+def test_a_reset_a_thread_met_first_is_not_passed_on_as_eof(forwarder_factory, monkeypatch, side):
+    """The side resets while a thread splices bulk to it and the other direction is parked
+    on the same socket. A socket reports its error once: when the thread takes it, the hub's
+    read of that socket finds only the end of the stream, which must not pass on as a clean
+    EOF (a FIN to the other peer, which then reads a clean end instead of a reset). Forced:
+    the hub is held until the thread has met the reset, and the thread until the hub has
+    read the socket."""
+    met, go_on = threading.Event(), threading.Event()
+    splice = offload_module.Offload._splice
+
+    def splice_then_wait_on_error(self, lane, *job):
+        try:
+            return splice(self, lane, *job)
+        except BaseException:
+            met.set()
+            go_on.wait(TIMEOUT)
+            raise
+    monkeypatch.setattr(offload_module.Offload, "_splice", splice_then_wait_on_error)
+    gate = Gate()
+    with Server(gate) as upstream:
+        try:
+            fw = forwarder_factory(upstream.address, bulk_threads=1, buffer_size=SMALL)
+            client = connect(fw.address)
+            server = gate.get()
+            resetter, pusher = (client, server) if side == "client" else (server, client)
+            block = b"b" * 65536
+            pusher.settimeout(0.2)
+            try:
+                while True:  # until the thread waits for the resetter to take bytes
+                    pusher.sendall(block)
+            except socket.timeout:
+                pass
+            _wait_for_thread_stall(fw)
+            (conn,) = fw._context.active.values()
+            held, release = threading.Event(), threading.Event()
+
+            def hold():
+                held.set()
+                release.wait(TIMEOUT)  # blocks the hub's thread: nothing on the hub runs
+            holder = threading.Thread(target=fw._on_hub, args=(hold,))
+            holder.start()
+            try:
+                assert held.wait(TIMEOUT)
+                reset(resetter)
+                assert met.wait(TIMEOUT), "the thread never met the reset"
+            finally:
+                release.set()
+                holder.join(TIMEOUT)
+            try:  # the hub reads the socket the thread took the error from
+                deadline = time.monotonic() + TIMEOUT
+                while not (conn._eof_count or conn.outcome):  # white box, read across threads
+                    assert time.monotonic() < deadline, "the hub never read the reset socket"
+                    time.sleep(0.001)  # sleep-ok: polling another thread's state with a deadline
+            finally:
+                go_on.set()
+            pusher.settimeout(TIMEOUT)
+            with pytest.raises(ConnectionResetError):
+                recv_all(pusher)
+            pusher.close()
+            forwarder_factory.wait_closed(fw, accepted=1)
+            record = forwarder_factory.records[-1]
+            assert record.outcome is Outcome.RESET and record.error.startswith(f"{side} reset: "), record
+        finally:
+            go_on.set()
+            gate.release()

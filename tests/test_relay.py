@@ -101,6 +101,29 @@ def test_reset_aborts_both_sides(forwarders, side):
     assert record.error == f"{side} reset: connection reset by peer", record.error
 
 
+@pytest.mark.parametrize("side", ["client", "upstream"])
+def test_a_reset_names_its_side_while_bytes_were_going_to_it(forwarders, side):
+    """Issue 15 item 17: the error names the side that reset also when the pump that met the
+    reset was writing to that side (the error comes from its destination, not its source):
+    the side stops reading, the other fills every buffer on the way, then the side resets."""
+    with forwarders.gated() as (fw, client, server):
+        resetter, pusher = (client, server) if side == "client" else (server, client)
+        block = b"p" * 65536
+        pusher.settimeout(0.2)
+        try:
+            while True:  # until nothing moves: the proxy's pump waits to write to the resetter
+                pusher.sendall(block)
+        except socket.timeout:
+            pass
+        reset(resetter)
+        pusher.settimeout(TIMEOUT)
+        with pytest.raises(ConnectionResetError):
+            recv_all(pusher)
+    record = forwarders.records[-1]
+    assert record.outcome is Outcome.RESET
+    assert record.error.startswith(f"{side} reset: "), record.error
+
+
 @pytest.mark.parametrize("target, why", [
     (None, "refused"),                                          # a port nobody listens on
     ("no-such-host.invalid:80", "cannot resolve no-such-host.invalid"),
