@@ -152,6 +152,25 @@ def test_unanswered_connect_hits_connect_timeout(forwarders):
         assert forwarders.records[-1].outcome is Outcome.CONNECT_TIMEOUT
 
 
+@pytest.mark.parametrize("via", ["on_open", "allow", "proxy_protocol"])
+def test_unanswered_connect_on_the_greenlet_path_hits_connect_timeout(forwarders, via):
+    """As above, for a client whose connect waits in a greenlet (Connection.run): a rule with
+    an on_open hook, access rules, or a PROXY header to send (issue 16 item 3)."""
+    option = {"on_open": lambda record: None, "allow": ["127.0.0.1"], "proxy_protocol": "v1"}[via]
+    with unanswered_listener() as target:
+        fw = forwarders(target, connect_timeout=0.3, **{via: option})
+        context = fw._context  # white box: not the callback path (Connection.start)
+        assert context.direct is None or context.on_open is not None
+        client = connect(fw.address)
+        started = time.monotonic()
+        assert recv_all(client) == b""
+        assert time.monotonic() - started < TIMEOUT / 2
+        client.close()
+        forwarders.wait_closed(fw, accepted=1)
+        record = forwarders.records[-1]
+        assert record.outcome is Outcome.CONNECT_TIMEOUT, record
+
+
 def test_a_connect_under_way_ends_at_once_when_closed(forwarders):
     """A plain rule's client connects in callbacks on the hub, with no greenlet waiting
     (Connection.start): closing it while the target has not answered must end it at once,
