@@ -188,6 +188,31 @@ def _parser() -> argparse.ArgumentParser:
                              "(default 1; 0 never)")
     parser.add_argument("--fail-timeout", metavar="SECONDS", default="10",
                         help="skip a down target for this long, then try it again (default 10)")
+    parser.add_argument("--health-check", metavar="tcp|send-expect|http", default=None,
+                        help="check every target actively, like HAProxy's check: tcp (connect), "
+                             "send-expect (--check-send, --check-expect) or http (default: off)")
+    parser.add_argument("--check-send", metavar="BYTES", default=None,
+                        help="send-expect: what to send, with \\r \\n \\t \\0 \\xHH escapes "
+                             "(default: nothing, read a banner)")
+    parser.add_argument("--check-expect", metavar="REGEX", default=None,
+                        help="send-expect: a regular expression the target's answer must match, "
+                             "e.g. '^\\+PONG'")
+    parser.add_argument("--check-http-path", metavar="PATH", default="/",
+                        help="http: the path to request (default /)")
+    parser.add_argument("--check-http-method", metavar="METHOD", default="GET",
+                        help="http: the request's method (default GET)")
+    parser.add_argument("--check-http-status", metavar="CODES", default="200-399",
+                        help="http: the status codes that pass, e.g. 200,204 (default 200-399)")
+    parser.add_argument("--check-http-host", metavar="HOST", default=None,
+                        help="http: the Host header (default: the target's address)")
+    parser.add_argument("--check-interval", metavar="SECONDS", default="2",
+                        help="from one check of a target to the next (default 2)")
+    parser.add_argument("--check-timeout", metavar="SECONDS", default=None,
+                        help="the most one check may take (default: --check-interval)")
+    parser.add_argument("--rise", metavar="N", default="2",
+                        help="passing checks in a row that bring a down target up (default 2)")
+    parser.add_argument("--fall", metavar="N", default="3",
+                        help="failing checks in a row that take a target down (default 3)")
     parser.add_argument("--api", metavar="HOST:PORT", default=None,
                         help="serve toxiproxy's HTTP API here (e.g. 127.0.0.1:8474); LISTEN TARGET are then "
                              "optional. Whoever can reach it can make this host connect anywhere")
@@ -259,7 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     return _parser()
 
 
+#: rule options whose command-line name is not theirs (``--check`` validates a file)
+_FLAGS = {"check": "health_check"}
+
+
 def _option_name(field: str) -> str:
+    field = _FLAGS.get(field, field)
     return field.upper() if field in ("listen", "target") else "--" + field.replace("_", "-")
 
 
@@ -268,7 +298,10 @@ _RULE_OPTIONS = (
     "connect_timeout", "idle_timeout", "half_close_timeout", "backlog", "buffer_size",
     "drain_timeout", "splice", "bulk_threads", "proxy_protocol", "accept_proxy_from", "proxy_header_timeout",
     "allow", "deny", "max_connections_per_client", "balance", "max_fails", "fail_timeout",
-    "max_connections")
+    "max_connections", "health_check", "check_send", "check_expect", "check_http_path",
+    "check_http_method", "check_http_status", "check_http_host", "check_interval", "check_timeout",
+    "rise", "fall")
+_KEYS = {flag: key for key, flag in _FLAGS.items()}  # argparse's names -> Forwarder keywords
 
 
 def _given(argv: Optional[List[str]]) -> set:
@@ -378,7 +411,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
     elif not args.target and (args.listen is not None or args.api is None):
         parser.error("the following arguments are required: " + ("TARGET" if args.listen else "LISTEN, TARGET"))
-    options = {name: getattr(args, name) for name in _RULE_OPTIONS if name != "max_connections"}
+    options = {_KEYS.get(name, name): getattr(args, name) for name in _RULE_OPTIONS if name != "max_connections"}
     if args.max_connections is not None:
         options["max_connections"] = args.max_connections
     args.config_file = config

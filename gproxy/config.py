@@ -31,7 +31,7 @@ except ImportError:  # Windows: no rlimits to read
     resource = None  # type: ignore[assignment]
 
 __all__ = ["Address", "UnixAddress", "Endpoint", "ConfigError", "Rule", "parse_address",
-           "parse_targets", "check_hook", "AddressLike", "TargetLike", "BALANCES"]
+           "parse_targets", "check_hook", "AddressLike", "TargetLike", "BALANCES", "CHECKS"]
 
 AddressLike = Union[str, int, Tuple[str, int], "Address", "UnixAddress"]
 #: one address, several (tried in the order ``balance`` says), or a function of the client's
@@ -40,6 +40,8 @@ TargetLike = Union[AddressLike, Sequence[AddressLike], Callable[..., object]]
 
 #: how the targets of a rule are ordered for each client
 BALANCES = ("failover", "round-robin", "least-connections")
+#: what an active health check does (``Rule.check``); ``None`` is no check
+CHECKS = ("tcp", "send-expect", "http")
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 #: fds kept back for the listener, logging, pipes and the interpreter itself
@@ -368,6 +370,96 @@ def _positive_seconds(value, field: str) -> float:
     return seconds
 
 
+def _check_type(value) -> Optional[str]:
+    if value is None or value is False:
+        return None
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text == "off":
+        return None
+    if text not in CHECKS:
+        raise ConfigError("check", f"expected {', '.join(CHECKS)} or off, got {show(value)}")
+    return text
+
+
+#: what a backslash may escape in check_send: C's and TOML's spellings of the usual bytes
+_ESCAPES = {"r": b"\r", "n": b"\n", "t": b"\t", "0": b"\0", "\\": b"\\", '"': b'"', "'": b"'"}
+_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|.?)", re.S)
+
+#: the most a check sends, and the most of an answer it reads (HAProxy's tune.chksize)
+CHECK_BUFFER = 16384
+
+
+def _check_bytes(value, field: str) -> Optional[bytes]:
+    """``check_send``: bytes as they are; text with backslash escapes (``\\r``, ``\\n``,
+    ``\\t``, ``\\0``, ``\\xHH``, ``\\\\``) read, so that ``PING\\r\\n`` written where no
+    escape is read first (a TOML literal string, the command line) still means CR LF."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        parts, end = [], 0
+        for match in _ESCAPE.finditer(value):
+            parts.append(value[end:match.start()].encode("utf-8"))
+            code = match.group(1)
+            if code.startswith("x") and len(code) == 3:
+                parts.append(bytes((int(code[1:], 16),)))
+            elif code in _ESCAPES:
+                parts.append(_ESCAPES[code])
+            else:
+                raise ConfigError(field, f"unknown escape \\{code} in {show(value)} "
+                                         "(use \\r, \\n, \\t, \\0, \\xHH or \\\\)")
+            end = match.end()
+        parts.append(value[end:].encode("utf-8"))
+        data = b"".join(parts)
+    else:
+        raise ConfigError(field, f"expected text or bytes to send, got {show(value)}")
+    if len(data) > CHECK_BUFFER:
+        raise ConfigError(field, f"at most {CHECK_BUFFER} bytes, got {len(data)}")
+    return data or None
+
+
+def _check_regex(value, field: str) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(field, f"expected a regular expression, got {show(value)}")
+    try:
+        re.compile(value.encode("utf-8"))
+    except re.error as exc:
+        raise ConfigError(field, f"not a regular expression: {show(value)} ({exc})") from None
+    return value
+
+
+#: an HTTP method is a token (RFC 9110 5.6.2); a path and a Host are visible ASCII
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_VISIBLE = re.compile(r"[\x21-\x7e]+")
+
+
+def _http_word(value, field: str, pattern: "re.Pattern[str]", what: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ConfigError(field, f"expected {what}, got {show(value)}")
+    return value
+
+
+def http_status_ranges(value, field: str = "check_http_status") -> Tuple[Tuple[int, int], ...]:
+    """``"200-399"``, ``"200"``, ``"200,204,300-399"`` (or a number) -> ((low, high), ...)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(field, f"expected HTTP status codes such as \"200-399\", got {show(value)}")
+    ranges = []
+    for item in value.split(","):
+        low, dash, high = item.strip().partition("-")
+        if not (low.isascii() and low.isdigit() and (not dash or (high.isascii() and high.isdigit()))):
+            raise ConfigError(field, f"expected codes or ranges such as \"200-399\", got {show(value)}")
+        low_code, high_code = int(low), int(high or low)
+        if not 100 <= low_code <= high_code <= 599:
+            raise ConfigError(field, f"a range runs from 100 to 599, low to high: {show(item.strip())}")
+        ranges.append((low_code, high_code))
+    return tuple(ranges)
+
+
 def check_hook(hook: Optional[Callable], field: str) -> Optional[Callable]:
     """A connection hook must be callable or ``None``: found now, not at the first client."""
     if hook is not None and not callable(hook):
@@ -458,6 +550,33 @@ class Rule:
     - ``reuse_port`` (default ``False``): set ``SO_REUSEPORT`` on the listening socket, so
       several processes can listen on the same address and the kernel spreads clients
       over them (``gproxy --workers``; Linux). Not for Unix sockets.
+
+    Active health checks (off unless ``check`` is given; HAProxy's ``check``, ``inter``, ``rise``,
+    ``fall`` and ``timeout check``, with its defaults). Each fixed target is checked on the
+    forwarder's event loop, never holding up a client; a target is down while its check *or*
+    passive health says so:
+
+    - ``check`` (default ``None``: no check; ``"off"`` is the same): ``"tcp"`` connects;
+      ``"send-expect"`` connects, sends ``check_send`` and reads until ``check_expect``
+      matches what the target answers; ``"http"`` sends one request and reads the status.
+    - ``check_send`` (default ``None``: send nothing, read a banner): the bytes to send; text
+      is UTF-8 with backslash escapes (``"PING\\r\\n"``). At most 16384 bytes.
+    - ``check_expect`` (required by ``"send-expect"``): a regular expression searched for in the
+      answer (``"^\\+PONG"``); the check fails when the target closes, 16384 bytes arrive, or
+      ``check_timeout`` passes without a match.
+    - ``check_http_path`` (default ``"/"``), ``check_http_method`` (default ``"GET"``),
+      ``check_http_host`` (default ``None``: the target's address), ``check_http_status``
+      (default ``"200-399"``, HAProxy's: codes and ranges, ``"200,204"``): what ``"http"``
+      sends (HTTP/1.1, ``Connection: close``) and which status codes pass.
+    - ``check_interval`` (default 2 s, at least 0.01): from the start of one check to the
+      start of the next (the first comes at a random point of the first interval, so many
+      targets are not checked at once).
+    - ``check_timeout`` (default ``None``: ``check_interval``): the most one check may take,
+      resolving, connecting, sending and reading included.
+    - ``rise`` (default 2) and ``fall`` (default 3): passing checks in a row that bring a down
+      target up, and failing ones that take an up target down. A target starts up and its
+      first check decides (HAProxy's ``init-state up``); after ``max_fails`` failed connects it
+      is down until ``rise`` checks in a row pass or a client's connect works.
     """
 
     listen: Endpoint
@@ -482,6 +601,17 @@ class Rule:
     deny: Optional[Tuple[Network, ...]] = None
     max_connections_per_client: Optional[int] = None
     reuse_port: bool = False
+    check: Optional[str] = None
+    check_send: Optional[bytes] = None
+    check_expect: Optional[str] = None
+    check_http_path: str = "/"
+    check_http_method: str = "GET"
+    check_http_status: str = "200-399"
+    check_http_host: Optional[str] = None
+    check_interval: float = 2.0
+    check_timeout: Optional[float] = None
+    rise: int = 2
+    fall: int = 3
 
     @property
     def targets(self) -> Tuple[Endpoint, ...]:
@@ -524,6 +654,7 @@ class Rule:
         buffer_size = _count(opt["buffer_size"], "buffer_size", minimum=1)
         if buffer_size > 64 << 20:
             raise ConfigError("buffer_size", f"must be at most 64 MiB, got {buffer_size}")
+        checks = _check_options(opt, function=not targets)
         return cls(
             listen=listen_address,
             target=target,
@@ -550,4 +681,56 @@ class Rule:
             max_connections_per_client=None if opt["max_connections_per_client"] is None else
             _count(opt["max_connections_per_client"], "max_connections_per_client", minimum=1),
             reuse_port=_flag(opt["reuse_port"], "reuse_port"),
+            **checks,
         )
+
+
+#: check options and the check types that use them (any other type refuses them when set)
+CHECK_USERS = {
+    "check_send": ("send-expect",), "check_expect": ("send-expect",),
+    "check_http_path": ("http",), "check_http_method": ("http",), "check_http_status": ("http",),
+    "check_http_host": ("http",),
+}
+
+
+def _check_options(opt: dict, function: bool) -> dict:
+    """The health check options, validated: each alone, then together."""
+    http_status = opt["check_http_status"]
+    http_status = ",".join(f"{low}-{high}" if low != high else str(low)
+                           for low, high in http_status_ranges(http_status))
+    interval = _positive_seconds(opt["check_interval"], "check_interval")
+    if interval < 0.01:
+        raise ConfigError("check_interval", f"must be at least 0.01 s, got {show(opt['check_interval'])}")
+    timeout = opt["check_timeout"]
+    checks = dict(
+        check=_check_type(opt["check"]),
+        check_send=_check_bytes(opt["check_send"], "check_send"),
+        check_expect=_check_regex(opt["check_expect"], "check_expect"),
+        check_http_path=_http_word(opt["check_http_path"], "check_http_path", _VISIBLE,
+                                   "a path such as \"/health\" (visible ASCII, no spaces)"),
+        check_http_method=_http_word(opt["check_http_method"], "check_http_method", _TOKEN,
+                                     "an HTTP method such as \"GET\""),
+        check_http_status=http_status,
+        check_http_host=None if opt["check_http_host"] is None else _http_word(
+            opt["check_http_host"], "check_http_host", _VISIBLE, "a host name (visible ASCII, no spaces)"),
+        check_interval=interval,
+        check_timeout=None if timeout is None else _positive_seconds(timeout, "check_timeout"),
+        rise=_count(opt["rise"], "rise", minimum=1),
+        fall=_count(opt["fall"], "fall", minimum=1),
+    )
+    if not checks["check_http_path"].startswith("/"):
+        raise ConfigError("check_http_path", f"must start with /, got {show(opt['check_http_path'])}")
+    kind = checks["check"]
+    if kind is None:
+        return checks  # the other keys may wait in [defaults] for the rules that check
+    if function:
+        raise ConfigError("check", "needs fixed targets: a target function's answers are not "
+                                   "known before a client comes")
+    defaults = Rule(Address("", 0), Address("", 0))
+    for key, users in CHECK_USERS.items():
+        if kind not in users and checks[key] != getattr(defaults, key):
+            raise ConfigError(key, f"is for check = {' or '.join(map(show, users))}, not {show(kind)}")
+    if kind == "send-expect" and checks["check_expect"] is None:
+        raise ConfigError("check_expect", f"required by check = {show('send-expect')}: a regular expression "
+                                          "the target's answer must match")
+    return checks

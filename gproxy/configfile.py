@@ -38,7 +38,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Iterable, Mapping, Optional
 
-from gproxy.config import ConfigError, Rule, UnixAddress, parse_address, spelled
+from gproxy.config import CHECK_USERS, ConfigError, Rule, UnixAddress, parse_address, spelled
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -144,6 +144,12 @@ def _parse(document: Dict[str, Any], path: str) -> ConfigFile:
         if not isinstance(table["listen"], str):
             raise fail(f"{label}: listen", f"expected \"HOST:PORT\", got {toml_value(table['listen'])}")
         options = {**defaults, **{k: v for k, v in table.items() if k not in ("listen", "target", "targets")}}
+        # [defaults] may hold the keys of several kinds of check: each rule takes its own kind's
+        kind = options.get("check")
+        kind = kind.strip().lower() if isinstance(kind, str) else kind
+        for key, users in CHECK_USERS.items():
+            if key in defaults and key not in table and kind not in users:
+                del options[key]
         try:
             rule = Rule.build(table["listen"], target, **options)
         except ConfigError as exc:

@@ -51,6 +51,7 @@ from gproxy import _gevent, _lifecycle, _sockets, listeners, loops
 from gproxy._hubthread import HubEnded, HubHost
 from gproxy._workers import Workers
 from gproxy.config import AddressLike, Rule, TargetLike, check_hook
+from gproxy.health import Checks
 from gproxy.offload import Offload
 from gproxy.relay import Connection, Context, sweep, toxics_changed
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
@@ -232,6 +233,16 @@ class Forwarder:
       ``max_fails`` (1; 0 never marks a target down), ``fail_timeout`` (10 s): several targets.
     - ``reuse_port`` (``False``): ``SO_REUSEPORT`` on the listener, for several processes on
       one port (``gproxy --workers``).
+    - ``check`` (``None``: no active health check; ``"tcp"``, ``"send-expect"``, ``"http"``):
+      check each target every ``check_interval`` (2 s) seconds, each check bounded by
+      ``check_timeout`` (``None``: the interval); ``rise`` (2) passes in a row bring a target
+      up, ``fall`` (3) failures take it down. ``check_send`` (``None``: nothing; bytes, or
+      text with ``\\r``-style escapes) and ``check_expect`` (a regular expression, required)
+      are ``"send-expect"``'s; ``check_http_method`` (``"GET"``), ``check_http_path``
+      (``"/"``), ``check_http_host`` (``None``: the target's address) and
+      ``check_http_status`` (``"200-399"``) are ``"http"``'s. The checks run on the
+      forwarder's hub while it runs; a target is down while its check or passive health
+      says so.
 
     Bad values raise :class:`gproxy.ConfigError` (a ``ValueError``) naming the field.
 
@@ -267,6 +278,17 @@ class Forwarder:
                  max_fails: int = 1,
                  fail_timeout: float = 10.0,
                  reuse_port: bool = False,
+                 check: Optional[str] = None,
+                 check_send: Union[str, bytes, None] = None,
+                 check_expect: Optional[str] = None,
+                 check_http_path: str = "/",
+                 check_http_method: str = "GET",
+                 check_http_status: str = "200-399",
+                 check_http_host: Optional[str] = None,
+                 check_interval: float = 2.0,
+                 check_timeout: Optional[float] = None,
+                 rise: int = 2,
+                 fall: int = 3,
                  on_open: Optional[Hook] = None,
                  on_close: Optional[Hook] = None) -> None:
         # Rule.build is the one place options are validated; the names above are only
@@ -280,7 +302,10 @@ class Forwarder:
             proxy_header_timeout=proxy_header_timeout, allow=allow, deny=deny,
             max_connections_per_client=max_connections_per_client,
             name=name, balance=balance, max_fails=max_fails, fail_timeout=fail_timeout,
-            reuse_port=reuse_port)
+            reuse_port=reuse_port, check=check, check_send=check_send, check_expect=check_expect,
+            check_http_path=check_http_path, check_http_method=check_http_method,
+            check_http_status=check_http_status, check_http_host=check_http_host,
+            check_interval=check_interval, check_timeout=check_timeout, rise=rise, fall=fall)
         on_open = check_hook(on_open, "on_open")
         on_close = check_hook(on_close, "on_close")
         self._counters = Counters()
@@ -297,6 +322,7 @@ class Forwarder:
         self._socket_file = None                   # our Unix socket file, removed on stop
         self._keep_listener = False                # another forwarder took it over: leave it
         self._enabled = True
+        self._checks: Optional[Checks] = None      # active health checks, while running
         self._own_targets = None                   # count_on(): target gauges to show later
 
     # -- public surface -------------------------------------------------------------
@@ -706,6 +732,9 @@ class Forwarder:
         self._context.on_fd_exhausted = self._server.pause_accepting
         self._context.on_closed = self._server.connection_closed
         self._server.start()
+        if self.rule.check is not None:
+            self._checks = Checks(self.rule, self._context.targets)
+            self._checks.start()
         _lifecycle.inert_after_fork(self, Forwarder._inert_after_fork)
         timeouts = [t for t in (self.rule.idle_timeout, self.rule.half_close_timeout) if t is not None]
         interval = min([max(t / 8, 0.01) for t in timeouts] + [_PARK_EVERY])
@@ -778,6 +807,7 @@ class Forwarder:
         self._state = State.STOPPING
         server = self._server
         try:
+            self._stop_checks()  # health no longer matters: no new client will come
             server.close()
             if not self._keep_listener:
                 listeners.remove_socket_file(self._socket_file)
@@ -820,6 +850,11 @@ class Forwarder:
         return {"fields": {"event": event, "rule": self.name, "listen": _sockets.describe_address(self._address),
                            **more}}
 
+    def _stop_checks(self) -> None:
+        checks, self._checks = self._checks, None
+        if checks is not None:
+            checks.stop()
+
     def _drain(self, timeout: Optional[float]) -> bool:
         """Wait up to ``timeout`` for the connections to end; True if they did. Meanwhile,
         every ``_DRAIN_CHECK`` seconds, close those that stayed at rest (Connection.idle_at_stop,
@@ -860,10 +895,15 @@ class Forwarder:
         # does), so its watchers are left alone. A hub running on this very thread goes on in
         # the child: its watchers are closed before their fds, which libev requires.
         own_hub = self._host.thread is None and self._host.thread_id == _thread_id()
+        checks, self._checks = self._checks, None
         if own_hub:
             if self._sweeper is not None:
                 self._sweeper.close()
             server.stop_accepting()
+            if checks is not None:
+                checks.stop_soon()
+        elif checks is not None:
+            checks.forget()
         listener = getattr(server, "socket", None)
         try:
             if listener is not None:

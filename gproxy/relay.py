@@ -168,9 +168,10 @@ class Context:
         self.splicer = splicer
         #: threads that splice bulk off the hub (offload.Offload), or None; set on the hub
         self.offload = None
-        #: several targets or a function: their order and health (targets.py); None for one
-        #: fixed target, whose clients need none of it
-        self.targets: Optional[Targets] = Targets(rule) if len(rule.targets) != 1 else None
+        #: several targets, a function or an active check: their order and health (targets.py);
+        #: None for one fixed target without a check, whose clients need none of it
+        self.targets: Optional[Targets] = \
+            Targets(rule) if len(rule.targets) != 1 or getattr(rule, "check", None) else None
         self.target_name = str(rule.target) if self.targets is None else \
             ",".join(map(str, rule.targets)) or getattr(rule.target, "__name__", "function")
         #: the rule's name in logs and metrics; the forwarder sets it to the bound address
@@ -185,7 +186,7 @@ class Context:
         #: PROXY protocol version to send upstream; 0: none
         self.proxy_version = {"off": 0, "v1": 1, "v2": 2}[rule.proxy_protocol]
         # what gproxy_target_up shows: one fixed target is up until a connect to it fails;
-        # several take their passive health from Targets
+        # several, or a checked one, take their health from Targets
         if self.targets is None:
             counters.target_up.setdefault(self.target_name, True)
         else:

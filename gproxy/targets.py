@@ -14,10 +14,18 @@ Health is passive, like nginx's ``max_fails``/``fail_timeout``: ``max_fails`` co
 a row that fail mark a target *down*; a down target is tried only after every other one,
 until ``fail_timeout`` has passed, when the next client tries it first again. It is
 remembered per target, not per client, and logged once per change: one WARNING when a
-target goes down, one INFO when a connect to it works again.
+target goes down, one INFO when it is up again, each with the reason.
 
-A rule with one fixed target does not use this module at all: its clients connect the
-way they always did, with no work per connection here.
+With an active check (``Rule.check``; the checks themselves are :mod:`gproxy.health`'s), each
+result comes in through :meth:`Targets.checked`: ``fall`` failures in a row take a target
+down, ``rise`` passes in a row bring it up, and the first result decides at once (the target
+starts up, as HAProxy's do). The two verdicts combine: a target is down while either says
+so. A target that passive health took down needs ``rise`` passing checks in a row after
+that (or a client's connect that works) to be up again, so a quiet rule's target comes back
+without any client, and ``gproxy_target_up`` is always current.
+
+A rule with one fixed target and no check does not use this module at all: its clients
+connect the way they always did, with no work per connection here.
 """
 
 from __future__ import annotations
@@ -38,13 +46,23 @@ class TargetError(Exception):
 
 
 class _Health:
-    __slots__ = ("fails", "down_until", "down", "active")
+    __slots__ = ("fails", "down_until", "down", "active", "checked_down", "passes", "failures",
+                 "checks", "check_reason")
 
     def __init__(self) -> None:
         self.fails = 0          # connects failed in a row
-        self.down = False
+        self.down = False       # passive health says down
         self.down_until = 0.0   # monotonic time a down target becomes worth trying again
         self.active = 0         # connections open to it now (least-connections)
+        self.checked_down = False   # the active check says down
+        self.passes = 0         # checks passed in a row
+        self.failures = 0       # checks failed in a row
+        self.checks = 0         # checks done so far
+        self.check_reason = ""  # what the last check found
+
+    @property
+    def is_down(self) -> bool:
+        return self.down or self.checked_down
 
 
 class Targets:
@@ -57,6 +75,9 @@ class Targets:
         self.balance = rule.balance
         self.max_fails = rule.max_fails
         self.fail_timeout = rule.fail_timeout
+        self.check = rule.check
+        self.rise = rule.rise
+        self.fall = rule.fall
         self._health: Dict[Endpoint, _Health] = {}
         self._next = 0          # where round-robin starts for the next client
         self._parsed: Dict[object, Tuple[Endpoint, ...]] = {}  # a function's answers, parsed
@@ -82,12 +103,12 @@ class Targets:
         usable, skipped = [], []
         for endpoint in candidates:
             state = health.get(endpoint)
-            if state is not None and state.down and now < state.down_until:
+            if state is not None and (state.checked_down or state.down and now < state.down_until):
                 skipped.append(endpoint)
             else:
                 usable.append(endpoint)
         if skipped:  # a last resort, soonest to recover first: better than no answer at all
-            skipped.sort(key=lambda endpoint: health[endpoint].down_until)
+            skipped.sort(key=lambda endpoint: (health[endpoint].checked_down, health[endpoint].down_until))
             usable.extend(skipped)
         return usable
 
@@ -97,9 +118,10 @@ class Targets:
         if state is None:
             state = self._health[endpoint] = _Health()
         elif state.down:
-            log.info("%s: target %s is up again", self.label, endpoint, extra=self._fields("target_up", endpoint))
+            state.down = False
+            if not state.checked_down:
+                self._log_up(endpoint, "a client's connect worked")
         state.fails = 0
-        state.down = False
         state.active += 1
 
     def released(self, endpoint: Endpoint) -> None:
@@ -122,15 +144,59 @@ class Targets:
         state.down_until = time.monotonic() + self.fail_timeout
         if not state.down:
             state.down = True
-            log.warning("%s: target %s is down after %d failed connect(s) in a row: %s; "
-                        "skipping it for %gs", self.label, endpoint, state.fails, error, self.fail_timeout,
-                        extra=self._fields("target_down", endpoint, fails=state.fails, error=error,
-                                           skipped_for=self.fail_timeout))
+            state.passes = 0  # a check must pass `rise` times from now on to clear it
+            if not state.checked_down:
+                self._log_down(endpoint, f"{state.fails} failed connect(s) in a row: {error}",
+                               f"; skipping it for {self.fail_timeout:g}s", fails=state.fails, error=error,
+                               skipped_for=self.fail_timeout)
+
+    def checked(self, endpoint: Endpoint, passed: bool, reason: str) -> None:
+        """One active check of ``endpoint`` ended: it ``passed`` or not, and ``reason`` says
+        what it found (``gproxy.health`` calls this on the forwarder's hub)."""
+        state = self._health.get(endpoint)
+        if state is None:
+            state = self._health[endpoint] = _Health()
+        state.checks += 1
+        state.check_reason = reason
+        if passed:
+            state.failures = 0
+            state.passes += 1
+            if state.is_down and state.passes >= self.rise:
+                state.checked_down = state.down = False
+                state.fails = 0
+                self._log_up(endpoint, f"its {self.check} check passed {_times(state.passes)}: {reason}",
+                             check=self.check, passes=state.passes)
+            return
+        state.passes = 0
+        state.failures += 1
+        # a target starts up and its first check decides, as HAProxy's (init-state up)
+        if state.checked_down:
+            return
+        if not (state.checks == 1 or state.failures >= self.fall):
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: target %s: %s check failed (%d of %d): %s", self.label, endpoint,
+                          self.check, state.failures, self.fall, reason)
+            return
+        state.checked_down = True
+        if not state.down:
+            self._log_down(endpoint, f"its {self.check} check failed {_times(state.failures)}: {reason}",
+                           check=self.check, failures=state.failures)
 
     def is_up(self, endpoint: Endpoint) -> bool:
-        """False while ``endpoint`` is marked down (for statistics and metrics)."""
+        """False while ``endpoint`` is marked down, by passive health or by its check (for
+        statistics and metrics)."""
         state = self._health.get(endpoint)
-        return state is None or not state.down
+        return state is None or not state.is_down
+
+    def _log_down(self, endpoint: Endpoint, reason: str, more: str = "", **fields) -> None:
+        """The one line a target's going down makes: WARNING, with the reason."""
+        log.warning("%s: target %s is down after %s%s", self.label, endpoint, reason, more,
+                    extra=self._fields("target_down", endpoint, reason=reason, **fields))
+
+    def _log_up(self, endpoint: Endpoint, reason: str, **fields) -> None:
+        """The one line a target's coming back makes: INFO, with the reason."""
+        log.info("%s: target %s is up again: %s", self.label, endpoint, reason,
+                 extra=self._fields("target_up", endpoint, reason=reason, **fields))
 
     def known(self) -> List[Endpoint]:
         """The fixed targets, then any a target function returned so far."""
@@ -165,3 +231,7 @@ class Targets:
             if key is not None and len(self._parsed) < 1024:
                 self._parsed[key] = parsed
         return parsed
+
+
+def _times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times in a row"
