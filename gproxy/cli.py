@@ -407,7 +407,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for name, rule in config.rules.items():
                 targets = ", ".join(map(str, rule.targets)) or "a function"
                 balance = f" ({rule.balance})" if len(rule.targets) > 1 else ""
-                print(f"  {name}: {rule.listen} -> {targets}{balance}")
+                check = f", {rule.check} check every {rule.check_interval:g}s" if rule.check else ""
+                print(f"  {name}: {rule.listen} -> {targets}{balance}{check}")
             return 0
     elif not args.target and (args.listen is not None or args.api is None):
         parser.error("the following arguments are required: " + ("TARGET" if args.listen else "LISTEN, TARGET"))

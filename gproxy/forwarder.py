@@ -461,10 +461,15 @@ class Forwarder:
         """Before start: count into ``old``'s counters, so that a rule replaced under the same
         name (a reload's changed rule, an API update) keeps its totals, the old forwarder's
         draining connections included, and Prometheus sees no counter reset. The target
-        gauges stay ``old``'s until ``show_own_targets()``, once this one has replaced it."""
+        gauges stay ``old``'s until ``show_own_targets()``, once this one has replaced it.
+        The health of the targets both have is carried over too: a target down stays down."""
         mine = self._counters
         self._own_targets = (mine.target_up, mine.health)
         self._counters = self._context.counters = old._counters
+        if self._context.targets is not None and old._context.targets is not None:
+            # the new forwarder's first check, or first client, must not find out again (and
+            # log again) what the old one knew
+            self._context.targets.inherit(old._context.targets)
 
     def show_own_targets(self) -> None:
         """After ``count_on(old)``, once this one has replaced ``old``: the shared counters'

@@ -65,6 +65,10 @@ class _Health:
         return self.down or self.checked_down
 
 
+#: what an active check keeps per target, carried over a reload only to a rule that checks
+_CHECKED = ("checked_down", "passes", "failures", "checks", "check_reason")
+
+
 class Targets:
     """The targets of one rule, their order per client and their health."""
 
@@ -181,6 +185,16 @@ class Targets:
         if not state.down:
             self._log_down(endpoint, f"its {self.check} check failed {_times(state.failures)}: {reason}",
                            check=self.check, failures=state.failures)
+
+    def inherit(self, old: "Targets") -> None:
+        """Take over ``old``'s health of the targets both have (a rule replaced by a reload):
+        down stays down, checks go on counting; open connections stay ``old``'s."""
+        kept = ("fails", "down_until", "down") + (_CHECKED if self.check else ())
+        for endpoint, state in old._health.items():
+            if endpoint in self.static or self.function is not None:
+                mine = self._health[endpoint] = _Health()
+                for name in kept:
+                    setattr(mine, name, getattr(state, name))
 
     def is_up(self, endpoint: Endpoint) -> bool:
         """False while ``endpoint`` is marked down, by passive health or by its check (for

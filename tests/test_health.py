@@ -424,11 +424,11 @@ def test_the_command_line_checks_and_names_its_own_options():
     for argv, words in ((["--health-check", "ping"], "--health-check: expected tcp, send-expect, http or off"),
                         (["--health-check", "tcp", "--check-send", "x"], "--check-send: is for check"),
                         (["--rise", "0"], "--rise: must be at least 1")):
-        result = subprocess.run(["python", "-m", "gproxy", *argv, "127.0.0.1:0", "127.0.0.1:1"],
-                                capture_output=True, text=True, timeout=TIMEOUT)
+        result = subprocess.run([sys.executable, "-m", "gproxy", *argv, "127.0.0.1:0", "127.0.0.1:1"],
+                                capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
         assert result.returncode == 2 and words in result.stderr, (argv, result.stderr)
-    result = subprocess.run(["python", "-m", "gproxy", "--health-check", "tcp", "-c", "x.toml"],
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run([sys.executable, "-m", "gproxy", "--health-check", "tcp", "-c", "x.toml"],
+                            capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     assert result.returncode == 2 and "--health-check: with -c, rule options go in the file" in result.stderr
 
 
@@ -471,3 +471,38 @@ def test_a_forked_child_neither_checks_nor_keeps_a_check_open(patched):
                             text=True, timeout=TIMEOUT * 3, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "OK\n", result.stdout + result.stderr
+
+
+def test_a_reloaded_rule_keeps_what_its_checks_found(tmp_path):
+    dead = f"127.0.0.1:{free_port()}"
+    with Server(echo) as live, Changes() as changes:
+        path = tmp_path / "gproxy.toml"
+
+        def write(idle_timeout):
+            path.write_text(f'[[rule]]\nname = "r"\nlisten = "127.0.0.1:0"\n'
+                            f'targets = ["{dead}", "127.0.0.1:{live.address[1]}"]\n'
+                            f'check = "tcp"\ncheck_interval = 0.05\nidle_timeout = {idle_timeout}\n')
+
+        write(60)
+        service = gproxy.load_config(str(path)).start()
+        try:
+            changes.next("target_down", dead)
+            old = service["r"]
+            write(61)  # a changed rule: a new forwarder takes over its listener
+            assert service.reload()
+            assert service["r"] is not old
+            # at once, before any check of the new forwarder: still down, and no line says it again
+            assert up_in_metrics(service["r"], dead) == 0
+            changes.none()
+        finally:
+            service.stop()
+
+
+def test_check_a_file_names_each_rules_check(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text('[[rule]]\nname = "r"\nlisten = "127.0.0.1:0"\ntargets = ["127.0.0.1:1", "127.0.0.1:2"]\n'
+                    'check = "http"\ncheck_interval = 0.5\n')
+    result = subprocess.run([sys.executable, "-m", "gproxy", "--check", "-c", str(path)], capture_output=True,
+                            text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "  r: 127.0.0.1:0 -> 127.0.0.1:1, 127.0.0.1:2 (failover), http check every 0.5s" in result.stdout
