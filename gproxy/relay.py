@@ -159,11 +159,11 @@ class Context:
         #: greenlets running a hook now -> their connection (stop() from a hook must not wait
         #: for the connection whose hook called it)
         self.in_hook: Dict[object, "Connection"] = {}
-        #: one read buffer for every connection of this forwarder. A pump reads into it
-        #: and writes from it without yielding in between, so no other greenlet sees it
-        #: in use; what a slow destination does not take at once is copied out.
-        self.scratch = bytearray(rule.buffer_size)
-        self.scratch_view = memoryview(self.scratch)
+        #: the read buffer (and a view of it) every connection copies through: its thread's
+        #: (see _scratch), taken when the first connection starts its pumps; None until then,
+        #: so a rule at rest holds no buffer
+        self.scratch: Optional[bytearray] = None
+        self.scratch_view: Optional[memoryview] = None
         #: moves bulk chunks with splice(2) (splice.Splicer), or None: always copy
         self.splicer = splicer
         #: threads that splice bulk off the hub (offload.Offload), or None; set on the hub
@@ -226,6 +226,34 @@ class Context:
             self.splicer.close()
 
 
+#: per OS thread: read buffers by size, shared by every forwarder whose hub runs there
+_thread_buffers = monkey.get_original("_thread", "_local")()  # a real thread-local, patched or not
+
+
+def _scratch(size: int) -> tuple:
+    """The calling thread's read buffer of ``size`` bytes, and a view of it.
+
+    Why one buffer may serve every connection of every forwarder on a hub: a user reads
+    into it and empties it with no switch in between. ``pump`` and ``_unpark`` read, then
+    send on a non-blocking socket (which never waits), then either are done with it or copy
+    what the destination did not take out of it (``send_rest``: ``scratch[sent:n]`` is a
+    copy) before their first wait; ``_unpark`` hands that rest to a worker it switches to at
+    once, and the worker copies before it waits. Only one greenlet of a thread runs at a
+    time, so no other user can see the buffer filled. Sharing across forwarders adds no
+    interleaving that sharing across one forwarder's connections did not have; what must
+    not share is two threads (each has a hub of its own), hence per thread. Bulk that
+    moves with splice (and offload's threads) never touches it. A rule at rest costs no
+    buffer; a thousand rules with the default size cost one (256 KiB) per thread."""
+    buffers = getattr(_thread_buffers, "by_size", None)
+    if buffers is None:
+        buffers = _thread_buffers.by_size = {}
+    pair = buffers.get(size)
+    if pair is None:
+        scratch = bytearray(size)
+        pair = buffers[size] = (scratch, memoryview(scratch))
+    return pair
+
+
 def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
          readable, writable, direction: int, spliced: bool = False) -> int:
     """Move bytes from src to dst for one turn: until src is drained or the turn is spent
@@ -233,7 +261,7 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
     EOF (``_ENDED``), or a change of the forwarder's toxics (``_SWITCHED``, at a chunk
     boundary: one comparison per chunk); socket errors propagate. It waits only for dst.
 
-    Small reads are copied through the forwarder's scratch buffer: two syscalls per message.
+    Small reads are copied through the thread's scratch buffer (``_scratch``): two syscalls per message.
     With a splicer (``Context.splicer``), a read that fills the buffer means bulk, and the
     next chunks go socket -> pipe -> socket in the kernel until a small read, like HAProxy's
     ``option splice-auto``. The loop body is the whole cost of a small message, so the copy
@@ -672,6 +700,9 @@ class Connection:
             resolving.throw(_Aborted())
 
     def _start_pumps(self, upstream: socket.socket) -> None:
+        context = self.context
+        if context.scratch is None:  # the first connection of this forwarder to get here
+            context.scratch, context.scratch_view = _scratch(context.rule.buffer_size)
         client = self.client  # tuned already: accepted sockets inherit the listener's options
         _sockets.tune(upstream)
         loop = self._hub.loop
