@@ -31,10 +31,9 @@ import json
 import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from gevent.pywsgi import LoggingLogAdapter, WSGIServer
+from gevent.pywsgi import WSGIServer
 
-from gproxy import __version__
-from gproxy._gevent import WSGIHandler
+from gproxy import __version__, _http
 from gproxy._sockets import describe_address, describe_error
 from gproxy.config import AddressLike, ConfigError, parse_address
 from gproxy.forwarder import Forwarder
@@ -56,7 +55,7 @@ _MAX_BODY = 1 << 20
 
 #: an API client silent this long (between requests, or inside one) is disconnected, so stalled
 #: clients cannot pile up; toxiproxy's server closes idle keep-alive connections after 60 s too.
-_CLIENT_TIMEOUT = 60.0
+_CLIENT_TIMEOUT = _http.CLIENT_TIMEOUT
 
 #: where a proxy created without ``listen`` listens (toxiproxy: every interface, port 0).
 _DEFAULT_LISTEN = "127.0.0.1:0"
@@ -107,10 +106,8 @@ class Api:
 
     def start(self) -> "Api":
         """Bind and serve on this thread's hub; ``OSError`` if the address cannot be bound."""
-        server = WSGIServer((self.listen.host, self.listen.port), self,
-                            log=LoggingLogAdapter(log, logging.DEBUG),
-                            error_log=LoggingLogAdapter(log, logging.ERROR),
-                            handler_class=_handler(self.client_timeout))
+        server = _http.server((self.listen.host, self.listen.port), self, log,
+                              client_timeout=self.client_timeout)
         try:
             server.start()
         except OSError as exc:
@@ -343,30 +340,6 @@ class Api:
     def _proxy_json(name: str, fw: Forwarder) -> Dict[str, Any]:
         return {"name": name, "listen": str(listen_address(fw)), "upstream": ",".join(map(str, fw.rule.targets)) or str(fw.rule.target),
                 "enabled": is_enabled(fw), "toxics": [_toxic_json(t) for t in _toxics_of(fw)]}
-
-
-_BAD_HTTP = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-             b"Content-Length: 12\r\n\r\nbad request\n")
-
-
-def _handler(timeout: float):
-    """pywsgi's handler, with a deadline on every read and write of the client's socket."""
-
-    class Handler(WSGIHandler):
-        def __init__(self, sock, address, server, rfile=None):
-            sock.settimeout(timeout)
-            super().__init__(sock, address, server, rfile)
-
-        def client_error(self, ex):
-            """Malformed HTTP or a stalled client is bad input, not our error: one DEBUG line
-            (pywsgi logs an ERROR, with a traceback for some), then 400 or, if the client
-            stalled or went away, just the close."""
-            log.debug("API client %s: %s", describe_address(self.client_address), ex or type(ex).__name__)
-            if isinstance(ex, OSError):
-                return None
-            return _BAD_HTTP
-
-    return Handler
 
 
 def _route(parts: List[str]):

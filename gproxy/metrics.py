@@ -23,6 +23,7 @@ from typing import Callable, Iterable, List
 
 from gevent.pywsgi import WSGIServer
 
+from gproxy import _http
 from gproxy.config import AddressLike, parse_address
 from gproxy.stats import DURATION_BUCKETS, Outcome
 
@@ -134,12 +135,15 @@ def route(sources: Callable[[], Iterable]) -> Callable:
     return handle
 
 
-def serve(address: AddressLike, sources: Callable[[], Iterable]) -> WSGIServer:
+def serve(address: AddressLike, sources: Callable[[], Iterable], *,
+          client_timeout: float = _http.CLIENT_TIMEOUT) -> WSGIServer:
     """Bind ``address`` and serve ``app(sources)`` from greenlets on this thread's hub (they
     run while the hub does, e.g. in ``Forwarder.serve_forever()``). Returns the started
-    server (``.address`` is the bound one; ``.stop()`` ends it). Bind errors raise ``OSError``."""
+    server (``.address`` is the bound one; ``.stop()`` ends it). Bind errors raise ``OSError``.
+    A client silent for ``client_timeout`` seconds (default 60) is disconnected; malformed
+    requests get a 400 (the HTTP API's rules: ``gproxy._http``)."""
     where = parse_address(address, "metrics")
-    server = WSGIServer((where.host, where.port), app(sources), log=None, error_log=log)
+    server = _http.server((where.host, where.port), app(sources), log, client_timeout=client_timeout)
     try:
         server.start()
     except OSError as exc:
