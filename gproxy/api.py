@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from gevent.pywsgi import WSGIServer
 
@@ -43,8 +43,8 @@ __all__ = ["Api", "ApiError"]
 
 log = logging.getLogger(__name__)
 
-#: a mounted route: environ -> (HTTP status, headers, body)
-Handler = Callable[[dict], Tuple[int, List[Tuple[str, str]], bytes]]
+#: a mounted route: environ -> (HTTP status, headers, body: bytes or an iterable of bytes)
+Handler = Callable[[dict], Tuple[int, List[Tuple[str, str]], Union[bytes, Iterable[bytes]]]]
 
 _REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
             404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
@@ -139,7 +139,7 @@ class Api:
             log.exception("API request %s %s failed", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
             status, headers, body = _error(f"internal error: {exc}", 500)
         start_response(f"{status} {_REASONS.get(status, '')}".rstrip(), headers)
-        return [body]
+        return [body] if isinstance(body, bytes) else body  # a mounted route's may be pieces
 
     def _respond(self, environ: dict):
         if environ.get("HTTP_USER_AGENT", "").startswith("Mozilla/"):

@@ -14,13 +14,21 @@ Counting lives in ``stats.Counters`` (fed by relay once per connection); this mo
 only reads it. A scrape costs one pass over the rules, never over the connections.
 Written by hand rather than with ``prometheus_client``: see ``benchmarks/metrics_cost.py``
 for the measurement behind that choice.
+
+A page is formatting and nothing else (no lock, no call to another hub), but a thousand
+rules make 31,000 lines, 2 MB: about 10 ms of it, and a few more to hand the page to the
+socket, which the forwarders on the same hub would wait for. So the servers make it in
+slices of rules and write it in pieces, with a pass of the event loop between each
+(``_page``, ``_paced``; ``benchmarks/metrics_pause.py`` measures it). A slice never splits
+a rule: each rule's samples are one snapshot, and counters only grow from page to page.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, List
+from typing import Callable, Generator, Iterable, Iterator, List
 
+from gevent import get_hub
 from gevent.pywsgi import WSGIServer
 
 from gproxy import _http
@@ -70,8 +78,84 @@ def _number(value) -> str:
 def render(sources: Iterable) -> str:
     """The text exposition for ``sources``: forwarders (anything with ``.name`` and
     ``.counters``) or ``(name, forwarder)`` pairs such as ``Service.items()`` gives. Every
-    family's HELP and TYPE once, then one sample per rule (and outcome, direction, target)."""
-    sections: dict = {key: [] for key in _HEADERS}
+    family's HELP and TYPE once, then one sample per rule (and outcome, direction, target).
+    All at once; the servers below give the event loop passes while they make it."""
+    steps = _render(sources, encode=False)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return "".join(done.value)
+
+
+def _page(sources: Iterable) -> List[bytes]:
+    """The page as ``render`` makes it, in pieces, with a pass of the event loop between
+    slices of rules: the forwarders on this hub keep forwarding while a big page is made.
+    Call it from a greenlet (a WSGI handler runs in one)."""
+    hub = get_hub()
+    steps = _render(sources, encode=True)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        _loop_pass(hub)
+
+
+def _paced(page: List[bytes]) -> Iterator[bytes]:
+    """The page in pieces of about ``PIECE`` bytes, with a pass of the event loop before
+    each piece but the first: handing 2 MB to a fast reader's socket takes milliseconds
+    too, and the socket does not make the writer wait while the kernel takes it all."""
+    hub = get_hub()
+    piece: List[bytes] = []
+    size = 0
+    sent = False
+    for part in page + [b""]:
+        if part:
+            piece.append(part)
+            size += len(part)
+            if size < PIECE:
+                continue
+        if not piece:
+            continue
+        if sent:
+            _loop_pass(hub)
+        yield b"".join(piece)
+        sent = True
+        piece, size = [], 0
+
+
+def _loop_pass(hub) -> None:
+    """Let the event loop make one pass: poll for I/O (without blocking) and run whatever
+    is ready, then come back. A timer due at once does that; sleep(0) does not: it resumes
+    from the loop's callbacks and may come back before the loop has polled at all."""
+    with hub.loop.timer(0) as due:
+        hub.wait(due)
+
+
+#: sample lines made between two passes of the event loop (1,000 take about 0.3 ms;
+#: a rule with one target has 31)
+SLICE = 1000
+#: bytes of the page written between two passes of the event loop
+PIECE = 64 * 1024
+
+
+def _render(sources: Iterable, encode: bool) -> Generator[None, None, list]:
+    """The page's pieces (str, or UTF-8 if ``encode``), yielding after each slice of about
+    ``SLICE`` lines: never inside a rule, whose samples are thus one snapshot. Each slice's
+    lines are joined as it ends, so that no step at the end handles the whole page."""
+    families: dict = {key: [] for key in _HEADERS}  # per family: its slices' text, in order
+    sections: dict = {key: [] for key in _HEADERS}  # per family: this slice's lines
+    made = 0
+
+    def end_slice() -> None:
+        for key, lines in sections.items():
+            if lines:
+                lines.append("")  # the last line's newline
+                text = "\n".join(lines)
+                families[key].append(text.encode("utf-8") if encode else text)
+                lines.clear()
+
     for source in list(sources):
         if isinstance(source, tuple):
             name, source = source
@@ -80,35 +164,43 @@ def render(sources: Iterable) -> str:
         counters = source.counters
         rule = 'rule="' + _escape(str(name)) + '"'
         out = sections["connections"]
-        for outcome, count in list(counters.outcomes.items()):
+        # (outcomes has a key per Outcome from the start: iterating it is safe from any
+        # thread, and makes no tuples; the target dicts may grow while read, so are copied)
+        for outcome, count in counters.outcomes.items():
             out.append(f'gproxy_connections_total{{{rule},outcome="{_OUTCOME_LABELS[outcome]}"}} {count}')
         sections["active"].append(f"gproxy_connections_active{{{rule}}} {counters.active}")
         sections["bytes"].append(f'gproxy_bytes_total{{{rule},direction="upstream"}} {counters.bytes_upstream}')
         sections["bytes"].append(f'gproxy_bytes_total{{{rule},direction="downstream"}} {counters.bytes_downstream}')
-        failures = dict(list(counters.target_failures.items()))
-        health = counters.health() if counters.health is not None else dict(list(counters.target_up.items()))
+        failures = counters.target_failures.copy()
+        health = counters.health() if counters.health is not None else counters.target_up.copy()
         for target, up in health.items():
             label = f'{rule},target="{_escape(target)}"'
             sections["failures"].append(f"gproxy_connect_failures_total{{{label}}} {failures.get(target, 0)}")
             sections["up"].append(f"gproxy_target_up{{{label}}} {1 if up else 0}")
         out = sections["duration"]
-        buckets, total = list(counters.durations), 0
-        for le, count in zip(_LE_LABELS, buckets):
+        total = 0
+        for le, count in zip(_LE_LABELS, counters.durations):
             total += count
             out.append(f'gproxy_connection_duration_seconds_bucket{{{rule},le="{le}"}} {total}')
         out.append(f"gproxy_connection_duration_seconds_sum{{{rule}}} {_number(counters.duration_sum)}")
         out.append(f"gproxy_connection_duration_seconds_count{{{rule}}} {total}")
-    lines: List[str] = []
+        made += len(_OUTCOME_LABELS) + 2 * len(health) + len(_LE_LABELS) + 5
+        if made >= SLICE:
+            made = 0
+            end_slice()
+            yield
+    end_slice()
+    page = []
     for key, (name, kind, text) in _HEADERS.items():
-        lines.append(f"# HELP {name} {text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.extend(sections[key])
-    lines.append("")
-    return "\n".join(lines)
+        head = f"# HELP {name} {text}\n# TYPE {name} {kind}\n"
+        page.append(head.encode("utf-8") if encode else head)
+        page.extend(families[key])
+    return page
 
 
 def app(sources: Callable[[], Iterable]) -> Callable:
-    """A WSGI application answering ``GET /metrics`` (and HEAD) with ``render(sources())``."""
+    """A WSGI application answering ``GET /metrics`` (and HEAD) with the page of ``sources()``
+    made in slices: run it on a gevent server."""
 
     def application(environ, start_response):
         if environ.get("PATH_INFO") != "/metrics":
@@ -118,19 +210,20 @@ def app(sources: Callable[[], Iterable]) -> Callable:
         if method not in ("GET", "HEAD"):
             start_response("405 Method Not Allowed", [("Content-Type", "text/plain"), ("Allow", "GET, HEAD")])
             return [b"GET only\n"]
-        body = render(sources()).encode("utf-8")
-        start_response("200 OK", [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(body)))])
-        return [] if method == "HEAD" else [body]
+        page = _page(sources())
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE), ("Content-Length", str(sum(map(len, page))))])
+        return [] if method == "HEAD" else _paced(page)
 
     return application
 
 
 def route(sources: Callable[[], Iterable]) -> Callable:
-    """The same page as an ``api.Api.mount`` handler: ``environ -> (status, headers, body)``."""
+    """The same page as an ``api.Api.mount`` handler: ``environ -> (status, headers, body)``,
+    the body an iterable of pieces."""
 
     def handle(environ):
-        body = render(sources()).encode("utf-8")
-        return 200, [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(body)))], body
+        page = _page(sources())
+        return 200, [("Content-Type", CONTENT_TYPE), ("Content-Length", str(sum(map(len, page))))], _paced(page)
 
     return handle
 

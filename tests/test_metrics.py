@@ -278,3 +278,75 @@ def test_a_rule_changed_by_reload_keeps_counting_on(tmp_path):
     assert value(after, "gproxy_connections_active", rule="r") == 0
     targets = {dict(labels)["target"] for name, labels in after if name == "gproxy_target_up"}
     assert targets == {f"127.0.0.1:{new_target.address[1]}"}
+
+
+class _Marked:
+    """A rule for the page that notes, when the page reads it, how many round trips the
+    ping-pong had made by then."""
+
+    def __init__(self, name: str, trips: list, marks: list):
+        from gproxy.stats import Counters
+        self.name, self._counters, self._trips, self._marks = name, Counters(), trips, marks
+
+    @property
+    def counters(self):
+        self._marks.append(self._trips[0])
+        return self._counters
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("server", ["metrics", "api"])
+def test_a_scrape_lets_the_loop_run_while_it_renders(server):
+    """A ping-pong on the same hub goes on while one scrape of 1,000 rules is made: between
+    the page reading its first rule and its last, the loop made passes (a round trip over a
+    socketpair takes two). Before, the page was made in one go: no round trip at all."""
+    import gevent
+    import gevent.socket
+    from gproxy.stats import Counters
+
+    class Rule:
+        def __init__(self, name):
+            self.name, self.counters = name, Counters()
+
+    trips, marks = [0], []
+    rules = [_Marked("first", trips, marks)] + [Rule(f"rule-{i}") for i in range(1000)] \
+        + [_Marked("last", trips, marks)]
+    ping, pong = gevent.socket.socketpair()
+
+    def echo():
+        while data := pong.recv(1):
+            pong.sendall(data)
+
+    def pinger():
+        while True:
+            ping.sendall(b"x")
+            assert ping.recv(1) == b"x"
+            trips[0] += 1
+
+    if server == "metrics":
+        http = metrics.serve("127.0.0.1:0", lambda: rules)
+        stop, address = (lambda: http.stop(timeout=1)), http.address
+    else:
+        from gproxy.api import Api
+        from gproxy.service import Service
+        api = Api(Service(), "127.0.0.1:0")
+        api.mount("GET", "/metrics", metrics.route(lambda: rules))
+        api.start()
+        stop, address = api.stop, api.address
+    greenlets = [gevent.spawn(echo), gevent.spawn(pinger)]
+    try:
+        with gevent.Timeout(TIMEOUT), gevent.socket.create_connection(address) as client:
+            client.sendall(b"GET /metrics HTTP/1.0\r\nUser-Agent: t\r\n\r\n")
+            reply = b""
+            while chunk := client.recv(1 << 20):
+                reply += chunk
+    finally:
+        gevent.killall(greenlets)
+        ping.close()
+        pong.close()
+        stop()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert body.decode() == metrics.render(rules)  # the same page, made in slices
+    assert len(marks) == 4  # each marked rule read once per page
+    assert marks[1] - marks[0] >= 5, marks  # the loop ran while the page was made (about 15)
