@@ -133,9 +133,10 @@ def _loop_pass(hub) -> None:
         hub.wait(due)
 
 
-#: sample lines made between two passes of the event loop (1,000 take about 0.3 ms;
-#: a rule with one target has 31)
-SLICE = 1000
+#: sample lines made between two passes of the event loop: about 0.15 ms (a rule with one
+#: target has 31). Measured with 1,000 rules scraped back to back: round trips' p50 0.7 ms
+#: with 1,000, 0.4 ms with 500, 0.3 ms with 250, the scrape taking 9.3, 9.6 and 10.3 ms.
+SLICE = 500
 #: bytes of the page written between two passes of the event loop
 PIECE = 64 * 1024
 
