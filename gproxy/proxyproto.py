@@ -75,6 +75,11 @@ def encode(version: int, source, destination, family: Optional[int] = None) -> b
     ``PROXY UNKNOWN``, v2 a ``LOCAL`` header with no address block."""
     if family is None:
         family = _family_of(source)
+        if family == socket.AF_INET6 and _mapped(source) and _mapped(destination):
+            # an IPv4 client of a dual-stack listener: say TCP4, as the client is, so that a
+            # receiver's IPv4 allow list matches it (both ends are IPv4 or neither is: v1
+            # and v2 carry one family for the pair)
+            family = socket.AF_INET
     if version == 1:
         return encode_v1(source, destination, family)
     if version == 2:
@@ -123,6 +128,13 @@ def _family_of(endpoint) -> Optional[int]:
     if isinstance(endpoint, (str, bytes)):
         return socket.AF_UNIX
     return None
+
+
+def _mapped(endpoint) -> bool:
+    """Whether ``endpoint`` is ``(ip, port)`` with an IPv4-mapped IPv6 ip (``::ffff:a.b.c.d``,
+    as a dual-stack socket reports an IPv4 peer)."""
+    host = endpoint[0] if isinstance(endpoint, tuple) and endpoint and isinstance(endpoint[0], str) else ""
+    return host[:7].lower() == "::ffff:" and "." in host
 
 
 def _strip_scope(host: str) -> str:

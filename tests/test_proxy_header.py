@@ -77,6 +77,24 @@ def test_header_for_an_ipv6_client(forwarder_factory, version):
         forwarder_factory.wait_closed(fw, accepted=1)
 
 
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_header_for_an_ipv4_client_of_a_dual_stack_listener_says_tcp4(forwarder_factory, version):
+    gate = Gate()
+    with Server(gate) as upstream:
+        fw = forwarder_factory(upstream.address, listen="[::]:0", proxy_protocol=version)
+        client = connect_from("127.0.0.3", ("127.0.0.1", fw.address[1]))
+        server = gate.get()
+        info = read_header(server)
+        assert info.family == socket.AF_INET
+        assert info.source == client.getsockname() and info.destination == ("127.0.0.1", fw.address[1])
+        client.close()
+        assert recv_all(server) == b""
+        server.close()
+        gate.release()
+        forwarder_factory.wait_closed(fw, accepted=1)
+
+
 @pytest.mark.parametrize("incoming", ["v1", "v2"])
 @pytest.mark.parametrize("outgoing", ["off", "v1", "v2"])
 def test_a_trusted_header_is_read_exactly_and_passed_on(forwarder_factory, incoming, outgoing):
