@@ -40,7 +40,7 @@ from typing import Any, List, Optional
 import gevent
 
 from gproxy import __version__, _sockets, _systemd, metrics
-from gproxy.config import ConfigError, parse_address
+from gproxy.config import UNIX_FILE_OPTIONS, ConfigError, parse_address
 from gproxy.forwarder import Forwarder
 from gproxy.jsonlog import JsonFormatter
 from gproxy.stats import Statistics
@@ -232,6 +232,14 @@ def _parser() -> argparse.ArgumentParser:
                              "(default: half the fd limit, less a reserve)")
     parser.add_argument("--backlog", metavar="N", default="1024",
                         help="listen queue length (default 1024)")
+    parser.add_argument("--unix-mode", metavar="MODE", default=None,
+                        help="a unix:/PATH LISTEN's socket file gets these permission bits, in octal "
+                             "(e.g. 0660), before it accepts anyone (default: 0777 less the umask)")
+    parser.add_argument("--unix-user", metavar="USER", default=None,
+                        help="and this owner, a name or an id (default: gproxy's user; changing it "
+                             "needs root)")
+    parser.add_argument("--unix-group", metavar="GROUP", default=None,
+                        help="and this group, a name or an id (default: gproxy's group)")
     parser.add_argument("--buffer-size", metavar="BYTES", default="262144",
                         help="most bytes read at once, and held for a peer that is not reading "
                              "(default 262144)")
@@ -300,7 +308,7 @@ _RULE_OPTIONS = (
     "allow", "deny", "max_connections_per_client", "balance", "max_fails", "fail_timeout",
     "max_connections", "health_check", "check_send", "check_expect", "check_http_path",
     "check_http_method", "check_http_status", "check_http_host", "check_interval", "check_timeout",
-    "rise", "fall")
+    "rise", "fall", *UNIX_FILE_OPTIONS)
 _KEYS = {flag: key for key, flag in _FLAGS.items()}  # argparse's names -> Forwarder keywords
 
 
@@ -408,7 +416,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 targets = ", ".join(map(str, rule.targets)) or "a function"
                 balance = f" ({rule.balance})" if len(rule.targets) > 1 else ""
                 check = f", {rule.check} check every {rule.check_interval:g}s" if rule.check else ""
-                print(f"  {name}: {rule.listen} -> {targets}{balance}{check}")
+                print(f"  {name}: {rule.listen}{_file_access(rule)} -> {targets}{balance}{check}")
             return 0
     elif not args.target and (args.listen is not None or args.api is None):
         parser.error("the following arguments are required: " + ("TARGET" if args.listen else "LISTEN, TARGET"))
@@ -438,6 +446,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+def _file_access(rule) -> str:
+    """`` (mode 0660, user redis, group redis)`` for a socket file given any of them."""
+    given = [f"mode {rule.unix_mode:04o}" if rule.unix_mode is not None else None,
+             f"user {rule.unix_user}" if rule.unix_user is not None else None,
+             f"group {rule.unix_group}" if rule.unix_group is not None else None]
+    given = [part for part in given if part]
+    return f" ({', '.join(given)})" if given else ""
 
 
 def _workers_count(args: argparse.Namespace):
@@ -500,7 +517,14 @@ def _run(args: argparse.Namespace, options: dict) -> int:
             forwarder = _Single(Forwarder(listen, target, **options)) if args.listen is not None else None
         if args.api is not None:
             single = forwarder.forwarder if isinstance(forwarder, _Single) else None
-            forwarder = _ApiServer(args.api, args.name, single, options, files=files)
+            if single is None:
+                for key in UNIX_FILE_OPTIONS:
+                    if options.get(key) is not None:
+                        raise ConfigError(key, "only with a LISTEN that is a Unix socket file (unix:/PATH)")
+            # the API's proxies take the command line's options as defaults, but not a socket
+            # file's: they are the LISTEN's own
+            defaults = {key: value for key, value in options.items() if key not in UNIX_FILE_OPTIONS}
+            forwarder = _ApiServer(args.api, args.name, single, defaults, files=files)
         if args.metrics is not None:
             parse_address(args.metrics, "metrics")
     except ConfigError as exc:

@@ -30,13 +30,23 @@ try:
 except ImportError:  # Windows: no rlimits to read
     resource = None  # type: ignore[assignment]
 
+try:
+    import grp
+    import pwd
+except ImportError:  # Windows: no users or groups to own a socket file
+    grp = pwd = None  # type: ignore[assignment]
+
 __all__ = ["Address", "UnixAddress", "Endpoint", "ConfigError", "Rule", "parse_address",
-           "parse_targets", "check_hook", "AddressLike", "TargetLike", "BALANCES", "CHECKS"]
+           "parse_targets", "check_hook", "owner_id", "AddressLike", "TargetLike", "BALANCES", "CHECKS",
+           "UNIX_FILE_OPTIONS"]
 
 AddressLike = Union[str, int, Tuple[str, int], "Address", "UnixAddress"]
 #: one address, several (tried in the order ``balance`` says), or a function of the client's
 #: address returning either, called for each client
 TargetLike = Union[AddressLike, Sequence[AddressLike], Callable[..., object]]
+
+#: the options that shape a Unix socket file, meaningless for any other listen address
+UNIX_FILE_OPTIONS = ("unix_mode", "unix_user", "unix_group")
 
 #: how the targets of a rule are ordered for each client
 BALANCES = ("failover", "round-robin", "least-connections")
@@ -460,6 +470,66 @@ def http_status_ranges(value, field: str = "check_http_status") -> Tuple[Tuple[i
     return tuple(ranges)
 
 
+def _unix_mode(value, field: str) -> Optional[int]:
+    """Permission bits, as chmod(1) takes them: a string of octal digits ("0660", "660"; a
+    0o prefix too), or an int (0o660 in Python or TOML). Only 0 to 0o777: setuid, setgid and
+    sticky mean nothing on a socket, and the bound catches a mode written in decimal."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        digits = text[2:] if text[:2].lower() == "0o" else text
+        if not (1 <= len(digits) <= 6 and digits.isascii() and all(c in "01234567" for c in digits)):
+            raise ConfigError(field, f"expected a mode in octal digits, like \"0660\", got {show(value)}")
+        mode = int(digits, 8)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        raise ConfigError(field, f"expected a mode in octal digits, like \"0660\", got {show(value)}")
+    if not 0 <= mode <= 0o777:
+        decimal = " (a bare number is decimal: write \"0660\" or 0o660)" if isinstance(value, int) else ""
+        raise ConfigError(field, f"expected permission bits from 0000 to 0777, got {show(value)}{decimal}")
+    return mode
+
+
+#: the largest uid or gid: (uid_t)-1 means "leave it" to chown(2)
+_MAX_ID = 2 ** 32 - 2
+
+
+def owner_id(value: Union[str, int], kind: str) -> int:
+    """The uid (``kind`` "user") or gid ("group") of a name or number, as chown(1) reads it:
+    a name first, then digits as the id itself (a user without a passwd entry, such as a
+    systemd DynamicUser seen from outside). ``LookupError`` naming it if there is none."""
+    if isinstance(value, int):
+        return value
+    if pwd is None:
+        raise LookupError(f"this platform has no {kind}s")
+    try:
+        return pwd.getpwnam(value).pw_uid if kind == "user" else grp.getgrnam(value).gr_gid
+    except KeyError:
+        if value.isascii() and value.isdigit() and int(value) <= _MAX_ID:
+            return int(value)
+        raise LookupError(f"no such {kind}: {show(value)}") from None
+
+
+def _owner(value, field: str, kind: str) -> Optional[Union[str, int]]:
+    """A user or group name, or a numeric id: looked up now, so that ``--check`` and a reload
+    find a misspelt name rather than the bind. Kept as given (a name reads better in logs)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        if not value or not value.isprintable():
+            raise ConfigError(field, f"expected a {kind} name or id, got {show(value)}")
+    elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_ID:
+        raise ConfigError(field, f"expected a {kind} name or id, got {show(value)}")
+    try:
+        owner_id(value, kind)
+    except LookupError as exc:
+        raise ConfigError(field, str(exc)) from None
+    return value
+
+
 def check_hook(hook: Optional[Callable], field: str) -> Optional[Callable]:
     """A connection hook must be callable or ``None``: found now, not at the first client."""
     if hook is not None and not callable(hook):
@@ -577,6 +647,12 @@ class Rule:
       target up, and failing ones that take an up target down. A target starts up and its
       first check decides (HAProxy's ``init-state up``); after ``max_fails`` failed connects it
       is down until ``rise`` checks in a row pass or a client's connect works.
+    - ``unix_mode`` (default ``None``: as bind(2) makes it, 0777 less the umask),
+      ``unix_user`` and ``unix_group`` (default ``None``: gproxy's own): the permission bits
+      (an int, or octal digits as a string: ``"0660"``) and the owner (a name or an id) of
+      a listen address's Unix socket file, set before it accepts anyone (HAProxy's ``bind
+      unix@... mode user group``). Only for ``unix:/PATH``; a config file's ``[defaults]``
+      apply them to its ``unix:/PATH`` rules only.
     """
 
     listen: Endpoint
@@ -612,6 +688,9 @@ class Rule:
     check_timeout: Optional[float] = None
     rise: int = 2
     fall: int = 3
+    unix_mode: Optional[int] = None
+    unix_user: Optional[Union[str, int]] = None
+    unix_group: Optional[Union[str, int]] = None
 
     @property
     def targets(self) -> Tuple[Endpoint, ...]:
@@ -651,6 +730,17 @@ class Rule:
         max_connections = opt["max_connections"]
         if max_connections is None:
             max_connections = default_max_connections()
+        unix_file = {"unix_mode": _unix_mode(opt["unix_mode"], "unix_mode"),
+                     "unix_user": _owner(opt["unix_user"], "unix_user", "user"),
+                     "unix_group": _owner(opt["unix_group"], "unix_group", "group")}
+        for key, value in unix_file.items():
+            if value is None:
+                continue
+            if not isinstance(listen_address, UnixAddress):
+                raise ConfigError(key, f"only for a Unix socket file (listen unix:/PATH), not {listen_address}")
+            if listen_address.abstract:
+                raise ConfigError(key, f"{listen_address} is in the abstract namespace: there is no "
+                                       "file to set a mode or owner on")
         buffer_size = _count(opt["buffer_size"], "buffer_size", minimum=1)
         if buffer_size > 64 << 20:
             raise ConfigError("buffer_size", f"must be at most 64 MiB, got {buffer_size}")
@@ -682,6 +772,7 @@ class Rule:
             _count(opt["max_connections_per_client"], "max_connections_per_client", minimum=1),
             reuse_port=_flag(opt["reuse_port"], "reuse_port"),
             **checks,
+            **unix_file,
         )
 
 

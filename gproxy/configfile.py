@@ -38,7 +38,8 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Iterable, Mapping, Optional
 
-from gproxy.config import CHECK_USERS, ConfigError, Rule, UnixAddress, parse_address, spelled
+from gproxy.config import (CHECK_USERS, UNIX_FILE_OPTIONS, ConfigError, Rule, UnixAddress, parse_address,
+                           spelled)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -112,8 +113,11 @@ def _parse(document: Dict[str, Any], path: str) -> ConfigFile:
         if key in _NOT_DEFAULTS:
             raise fail(f"[defaults] {key}", "belongs in each [[rule]], not in [defaults]")
     _check_keys(defaults, _OPTIONS, lambda key, message: fail(f"[defaults] {key}", message))
+    # A Unix socket file's mode and owner in [defaults] are for the unix:/PATH rules (HAProxy's
+    # global unix-bind): checked on such an address, and left out of every other rule.
+    probe = "unix:/defaults.sock" if any(key in defaults for key in UNIX_FILE_OPTIONS) else "127.0.0.1:0"
     try:  # bad defaults are reported once, as the defaults' fault
-        Rule.build("127.0.0.1:0", "127.0.0.1:1", **defaults)
+        Rule.build(probe, "127.0.0.1:1", **defaults)
     except ConfigError as exc:
         raise fail(f"[defaults] {exc.field}", _message(exc)) from None
 
@@ -143,7 +147,8 @@ def _parse(document: Dict[str, Any], path: str) -> ConfigFile:
             raise fail(f"{label}: {target_key}", f"expected \"HOST:PORT\", got {toml_value(target)}")
         if not isinstance(table["listen"], str):
             raise fail(f"{label}: listen", f"expected \"HOST:PORT\", got {toml_value(table['listen'])}")
-        options = {**defaults, **{k: v for k, v in table.items() if k not in ("listen", "target", "targets")}}
+        options = {**_defaults_for(table["listen"], defaults),
+                   **{k: v for k, v in table.items() if k not in ("listen", "target", "targets")}}
         # [defaults] may hold the keys of several kinds of check: each rule takes its own kind's
         kind = options.get("check")
         kind = kind.strip().lower() if isinstance(kind, str) else kind
@@ -175,9 +180,13 @@ def _option_kinds() -> Dict[str, str]:
     for option in fields(Rule):
         spelled_type = option.type if isinstance(option.type, str) else getattr(option.type, "__name__", "")
         kind = re.sub(r"^Optional\[(.*)\]$", r"\1", spelled_type)
-        if kind in ("int", "float", "bool"):
+        if kind in ("int", "float", "bool") and option.name not in _NUMBER_OR_TEXT:
             kinds[option.name] = kind
     return kinds
+
+
+#: options stored as numbers that the file may also give as text: a mode, "0660" or 0o660
+_NUMBER_OR_TEXT = ("unix_mode",)
 
 
 #: the keys a [[rule]] may have, and those [defaults] may have
@@ -232,6 +241,13 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (datetime.date, datetime.time)):
         return value.isoformat()
     return repr(value)
+def _defaults_for(listen: str, defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """The [defaults] that apply to a rule listening on ``listen``: all but the Unix socket
+    file's options, unless it listens on a socket file."""
+    text = listen.strip()
+    if text.startswith("unix:") and not text.startswith("unix:@"):
+        return defaults
+    return {key: value for key, value in defaults.items() if key not in UNIX_FILE_OPTIONS}
 
 
 def _binds(address) -> bool:

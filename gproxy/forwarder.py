@@ -243,6 +243,8 @@ class Forwarder:
       ``check_http_status`` (``"200-399"``) are ``"http"``'s. The checks run on the
       forwarder's hub while it runs; a target is down while its check or passive health
       says so.
+    - ``unix_mode`` (``"0660"`` or ``0o660``), ``unix_user``, ``unix_group`` (names or ids;
+      default ``None``: as created, gproxy's own): a ``unix:/PATH`` listener's socket file.
 
     Bad values raise :class:`gproxy.ConfigError` (a ``ValueError``) naming the field.
 
@@ -289,6 +291,9 @@ class Forwarder:
                  check_timeout: Optional[float] = None,
                  rise: int = 2,
                  fall: int = 3,
+                 unix_mode: Union[str, int, None] = None,
+                 unix_user: Union[str, int, None] = None,
+                 unix_group: Union[str, int, None] = None,
                  on_open: Optional[Hook] = None,
                  on_close: Optional[Hook] = None) -> None:
         # Rule.build is the one place options are validated; the names above are only
@@ -305,7 +310,8 @@ class Forwarder:
             reuse_port=reuse_port, check=check, check_send=check_send, check_expect=check_expect,
             check_http_path=check_http_path, check_http_method=check_http_method,
             check_http_status=check_http_status, check_http_host=check_http_host,
-            check_interval=check_interval, check_timeout=check_timeout, rise=rise, fall=fall)
+            check_interval=check_interval, check_timeout=check_timeout, rise=rise, fall=fall,
+            unix_mode=unix_mode, unix_user=unix_user, unix_group=unix_group)
         on_open = check_hook(on_open, "on_open")
         on_close = check_hook(on_close, "on_close")
         self._counters = Counters()

@@ -1,5 +1,12 @@
 """Listening sockets: bind one for a rule, adopt another forwarder's, own a Unix socket file.
 
+A Unix socket file gets the rule's ``unix_mode``, ``unix_user`` and ``unix_group`` between
+bind() and listen(): a connect() to a socket that does not listen yet is refused, so no
+client ever connects through permissions other than the rule's. (A umask around bind()
+would set the mode at creation, but the umask is the whole process's, threads included,
+and it cannot set an owner.) The directory holding the file should be writable by gproxy
+only, as for any socket: chmod(2) follows a symlink someone swapped in meanwhile.
+
 Typical use (by ``gproxy.forwarder``)::
 
     from gproxy import listeners
@@ -22,9 +29,9 @@ from typing import Optional, Tuple
 import gevent.socket
 
 from gproxy import _sockets
-from gproxy.config import Rule, UnixAddress
+from gproxy.config import Rule, UnixAddress, owner_id
 
-__all__ = ["listen", "socket_file", "remove_socket_file", "adopt"]
+__all__ = ["listen", "socket_file", "remove_socket_file", "adopt", "set_file_access"]
 
 
 def listen(rule: Rule, bound: Optional[Tuple[str, int]] = None):
@@ -93,12 +100,56 @@ def _listen_unix(rule: Rule):
     sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
-        sock.listen(rule.backlog)
     except OSError as exc:
         sock.close()
         raise failure(exc.errno, _sockets.describe_error(exc)) from None
+    try:
+        set_file_access(rule)  # before listen(): until then every connect() is refused
+        sock.listen(rule.backlog)
+    except OSError as exc:
+        sock.close()
+        if not listen.abstract:
+            try:
+                os.unlink(path)  # ours, just made: no file is left behind by a failed start
+            except OSError:
+                pass
+        raise failure(exc.errno, exc.strerror if isinstance(exc, _AccessError)
+                      else _sockets.describe_error(exc)) from None
     sock.setblocking(False)
     return sock
+
+
+class _AccessError(OSError):
+    """chown or chmod of a socket file failed: its strerror names the key and the value."""
+
+
+def set_file_access(rule: Rule) -> None:
+    """Give the rule's Unix socket file its ``unix_user``/``unix_group``, then its ``unix_mode``
+    (in that order: chown(2) may clear mode bits). Nothing to do when none is set.
+    ``OSError`` (an ``_AccessError``) naming the key on failure."""
+    user, group, mode = rule.unix_user, rule.unix_group, rule.unix_mode
+    if user is None and group is None and mode is None:
+        return
+    path = rule.listen.path
+    if user is not None or group is not None:
+        try:
+            uid = -1 if user is None else owner_id(user, "user")
+            gid = -1 if group is None else owner_id(group, "group")
+        except LookupError as exc:  # the name went away since the rule was checked
+            raise _AccessError(errno.EINVAL, str(exc)) from None
+        try:
+            os.chown(path, uid, gid, follow_symlinks=False)
+        except OSError as exc:
+            keys = " and ".join(f"{key} {value}" for key, value in (("unix_user", user), ("unix_group", group))
+                                if value is not None)
+            raise _AccessError(exc.errno, f"cannot give the socket file to {keys}: "
+                                          f"{_sockets.describe_error(exc)}") from None
+    if mode is not None:
+        try:
+            os.chmod(path, mode)
+        except OSError as exc:
+            raise _AccessError(exc.errno, f"cannot set unix_mode {mode:04o} on the socket file: "
+                                          f"{_sockets.describe_error(exc)}") from None
 
 
 def socket_file(rule: Rule):
@@ -128,7 +179,9 @@ def remove_socket_file(socket_file) -> None:
 
 def adopt(fd: int, rule: Rule):
     """A listening socket from a duplicate of another forwarder's: the same socket in the
-    kernel, so its queue of clients carries over; the backlog takes the new rule's value."""
+    kernel, so its queue of clients carries over; the backlog takes the new rule's value, and
+    a Unix socket file the rule's mode and owner (clients already connected keep their
+    connections: permissions are checked at connect())."""
     try:
         sock = gevent.socket.socket(fileno=fd)
     except BaseException:
@@ -137,6 +190,11 @@ def adopt(fd: int, rule: Rule):
     try:
         sock.listen(rule.backlog)
         sock.setblocking(False)
+        if isinstance(rule.listen, UnixAddress) and not rule.listen.abstract:
+            set_file_access(rule)
+    except _AccessError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {rule.listen}: {exc.strerror}") from None
     except BaseException:
         sock.close()
         raise
