@@ -114,12 +114,16 @@ def waiter(hub, owner, aborted):
 def wait_any(hub, watchers: Iterable, timeout: Optional[float] = None,
              timers: Optional[List] = None) -> bool:
     """Wait in the calling greenlet until one of ``watchers`` fires (True) or ``timeout``
-    seconds pass (False; None: no limit; 0: the next pass of the loop). Every watcher is
+    seconds pass (False; None: no limit; 0: the next pass of the loop), counted from now, not
+    from the start of the loop's pass (a long pass would cut it short). Every watcher is
     stopped again before this returns or raises. The timer is appended to ``timers`` (if
     given) while the wait lasts, so that whoever keeps that list can ``cancel_wait`` through
     it: a wait for a time alone has no other watcher to be found by."""
     switch = getcurrent().switch
-    timer = hub.loop.timer(timeout) if timeout is not None else None
+    timer = None
+    if timeout is not None:
+        hub.loop.update_now()
+        timer = hub.loop.timer(timeout)
     started = []
     try:
         for watcher in watchers:
