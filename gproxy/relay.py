@@ -29,7 +29,7 @@ Closing rules (the "half-close dance"):
   and both sockets close normally.
 - A reset or any socket error in either pump aborts the connection: the
   sibling pump is woken by throwing ``_Aborted`` into its wait
-  (``Connection._interrupt``), or, held by a bulk lane, by waking the lane;
+  (``_gevent.cancel_wait``), or, held by a bulk lane, by waking the lane;
   both sockets close with RST (``SO_LINGER 0``), so each peer learns the
   connection failed. A partial write is never retried.
 - The idle sweep and the forwarder's shutdown abort the same way, with their
@@ -88,11 +88,10 @@ from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional
 
 import gevent
-from gevent import getcurrent, monkey
+from gevent import getcurrent
 from gevent.socket import getaddrinfo
-from greenlet import greenlet
 
-from gproxy import _sockets, proxyproto
+from gproxy import _gevent, _sockets, proxyproto
 from gproxy._report import report
 from gproxy._workers import Workers
 from gproxy.access import Access, DeniedLog, client_key, compile_networks, describe_key, in_networks
@@ -123,7 +122,6 @@ _READ, _WRITE = 1, 2
 _DRAINED, _DRAINED_SPLICING, _ENDED, _SWITCHED = range(4)
 
 
-_allocate_lock = monkey.get_original("_thread", "allocate_lock")  # a real lock, patched or not
 
 
 class _Aborted(Exception):
@@ -153,7 +151,7 @@ class Context:
         self.active: Dict[int, Connection] = {}
         #: held while a connection moves from ``active`` to the totals, and while statistics()
         #: reads both (perhaps from another thread), so a snapshot counts every byte once
-        self.lock = _allocate_lock()
+        self.lock = _gevent.real_lock()
         #: seconds the event loop did not run, found by the sweep: idle time leaves them out
         self.stalled = 0.0
         #: greenlets running a hook now -> their connection (stop() from a hook must not wait
@@ -266,7 +264,7 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
     next chunks go socket -> pipe -> socket in the kernel until a small read, like HAProxy's
     ``option splice-auto``. The loop body is the whole cost of a small message, so the copy
     is written out here rather than called."""
-    wait = conn.waiter()
+    wait = _gevent.waiter(conn._hub, conn, _Aborted)  # bound once per turn: the per-chunk wait
     context, counts = conn.context, conn.counts
     recv_into, send = src.recv_into, dst.send
     scratch, view = context.scratch, context.scratch_view
@@ -735,7 +733,8 @@ class Connection:
             if carry is not None:
                 if isinstance(carry, BaseException):
                     raise carry
-                send_rest(self.waiter(), dst, self.context.scratch, carry[0], carry[1], writable)
+                send_rest(_gevent.waiter(self._hub, self, _Aborted), dst, self.context.scratch,
+                          carry[0], carry[1], writable)
             while self.outcome is None:
                 try:
                     link = self._link(direction)
@@ -838,7 +837,7 @@ class Connection:
         if link is not None and link.waiting is not None:  # it may wait for a time or its destination
             link.waiting.throw(_Switch())
         else:
-            self._throw_waiter(readable, _Switch())
+            _gevent.throw_into_waiter(readable, _Switch())  # none if it parked meanwhile
 
     def _unpark(self, direction: int, spliced: bool = False) -> None:
         """Watcher callback, on the hub: the parked source has data.
@@ -970,38 +969,22 @@ class Connection:
 
     # -- waiting and aborting -----------------------------------------------------
 
-    def waiter(self) -> Callable:
-        """The calling pump's ``wait(watcher)``: block until the watcher fires, or raise
-        _Aborted if the connection was aborted. What it needs is bound once, for the hot loop."""
-        switch, hub_switch = getcurrent().switch, self._hub.switch
-
-        def wait(watcher) -> None:
-            if self.outcome is not None:
-                raise _Aborted
-            watcher.start(switch)
-            try:
-                hub_switch()
-            finally:
-                watcher.stop()
-        return wait
-
     def _wait_for(self, watcher, timeout: Optional[float]) -> bool:
-        """Like wait, with a deadline: True if the watcher fired, False on timeout."""
+        """Before the pumps: wait for one watcher, with a deadline (None or 0: none): True if it
+        fired, False on timeout; _Aborted if the connection was or is aborted meanwhile."""
         if self.outcome is not None:
             raise _Aborted
-        self._watchers = [watcher]
-        switch = getcurrent().switch
-        timer = self._hub.loop.timer(timeout) if timeout else None
-        watcher.start(switch, True)
-        if timer is not None:
-            timer.start(switch, False)
+        self._watchers = [watcher]  # what abort() throws through
         try:
-            return self._hub.switch()
+            return _gevent.wait_any(self._hub, (watcher,), timeout or None)
         finally:
-            watcher.stop()
-            if timer is not None:
-                timer.close()
             self._watchers = []
+
+    def wait_any(self, watchers, timeout: float) -> bool:
+        """For a pump in the toxic chain: wait until one of ``watchers`` fires (True) or
+        ``timeout`` seconds pass (False). Its timer joins this connection's watchers meanwhile,
+        so an abort wakes the wait like any other."""
+        return _gevent.wait_any(self._hub, watchers, timeout, self._watchers)
 
     def abort(self, outcome: Outcome, error: Optional[str] = None) -> None:
         """End the connection now: record why (the first reason wins) and wake both pumps."""
@@ -1019,7 +1002,7 @@ class Connection:
                 readable.stop()      # no greenlet to wake: the pump just ends
                 self._end_direction(direction)
         for watcher in self._watchers:
-            self._interrupt(watcher, _Aborted())
+            _gevent.cancel_wait(self._hub, watcher, _Aborted())
         if self.context.offload is not None:
             self.context.offload.wake(self)  # a pump whose bulk a thread splices
 
@@ -1047,32 +1030,12 @@ class Connection:
         counts, seen = self.counts, self.seen
         for direction, (_src, _dst, readable, _writable) in enumerate(self._ends):
             if counts[direction] == seen[direction] and readable.active and not self._parked(readable):
-                self._interrupt(readable, _Park())  # it waits for its source: park it
+                _gevent.cancel_wait(self._hub, readable, _Park())  # it waits for its source: park it
             seen[direction] = counts[direction]
-
-    def _interrupt(self, watcher, error: BaseException) -> None:
-        """Throw ``error`` into the pump that waits on ``watcher``, on the next pass of the
-        loop (a greenlet that throws into another is not switched back to; the hub is).
-        Whom to throw into is decided then (``_throw_waiter``), and only a greenlet that
-        still waits on the watcher is: gevent's ``Hub.cancel_wait`` throws into whatever
-        object the watcher's callback is bound to by then, which, once the pump has parked
-        meanwhile, is this Connection (its ``_unpark``)."""
-        if watcher.callback is not None:  # stopped: nobody waits on it, nobody can (see wait)
-            self._hub.loop.run_callback(self._throw_waiter, watcher, error)
-
-    @staticmethod
-    def _throw_waiter(watcher, error: BaseException) -> None:
-        """On the hub: throw ``error`` into the greenlet that waits on ``watcher`` now, if one
-        does. A parked pump's watcher calls ``_unpark`` (no greenlet waits: nothing to throw
-        into); a stopped or closed one calls nothing."""
-        if watcher.active:
-            waiter = getattr(watcher.callback, "__self__", None)
-            if isinstance(waiter, greenlet):
-                waiter.throw(error)
 
     def _parked(self, readable) -> bool:
         """Whether this source's pump is parked: its watcher calls _unpark, not a greenlet."""
-        return readable.active and getattr(readable.callback, "__self__", None) is self
+        return _gevent.callback_owner(readable) is self
 
     def _finish(self, outcome: Outcome, error: Optional[str] = None) -> None:
         if self.outcome is None:
