@@ -755,32 +755,10 @@ class Link:
             budget = fair_share
 
     def _wait(self, readable, writable, delay: float) -> None:
-        """Wait for whichever comes first. The timer joins the connection's watchers, so an
-        abort wakes this wait like any other."""
-        conn = self.conn
-        hub = conn._hub
-        hub.loop.update_now()
-        timer = hub.loop.timer(min(delay, _MAX_WAIT))
-        current = getcurrent()
-        switch = current.switch
-        watchers = conn._watchers
-        watchers.append(timer)
+        """Wait for whichever comes first (``Connection.wait_any``: an abort wakes it too)."""
+        watchers = [w for w in (readable, writable) if w is not None]
+        self.waiting = getcurrent()  # what a toxic change throws _Switch into (relay's kick)
         try:
-            timer.start(switch)
-            if readable is not None:
-                readable.start(switch)
-            if writable is not None:
-                writable.start(switch)
-            self.waiting = current
-            hub.switch()
+            self.conn.wait_any(watchers, min(delay, _MAX_WAIT))
         finally:
             self.waiting = None
-            if readable is not None:
-                readable.stop()
-            if writable is not None:
-                writable.stop()
-            timer.close()
-            try:
-                watchers.remove(timer)
-            except ValueError:
-                pass
