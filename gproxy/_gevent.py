@@ -115,7 +115,8 @@ def wait_any(hub, watchers: Iterable, timeout: Optional[float] = None,
              timers: Optional[List] = None) -> bool:
     """Wait in the calling greenlet until one of ``watchers`` fires (True) or ``timeout``
     seconds pass (False; None: no limit; 0: the next pass of the loop), counted from now, not
-    from the start of the loop's pass (a long pass would cut it short). Every watcher is
+    from the start of the loop's pass (a long pass would cut it short; gevent reads the clock
+    again for a timer started from a loop callback, not from a watcher's). Every watcher is
     stopped again before this returns or raises. The timer is appended to ``timers`` (if
     given) while the wait lasts, so that whoever keeps that list can ``cancel_wait`` through
     it: a wait for a time alone has no other watcher to be found by."""
