@@ -21,10 +21,8 @@ has a test of its own in ``tests/test_gevent_contract.py``, so that a gevent rel
 changes one fails that named test rather than a connection in production. Raising the
 version bound in ``requirements.txt`` starts with running that test on the new release.
 
-The name says it: this module is gevent's private side as gproxy sees it, and private to
-gproxy. Nothing else in gproxy reaches into gevent's internals; the documented API (``loop.io``,
-``loop.timer``, ``loop.run_callback``, ``gevent.spawn``, ``monkey.get_original``...) is used
-where it is needed.
+Nothing else in gproxy reaches into gevent's internals; the documented API (``loop.io``,
+``loop.timer``, ``loop.run_callback``, ``gevent.spawn``...) is used where it is needed.
 
 Used directly, on purpose (each covered by the contract test all the same):
 
@@ -32,6 +30,14 @@ Used directly, on purpose (each covered by the contract test all the same):
   receives its jobs that way and ``offload.Offload.run`` sleeps that way until its lane's
   async watcher switches it back. Both are a job hand-over on the path of every connection,
   where a helper would be one more Python call for a single switch.
+- ``greenlet.throw`` into a greenlet that waits for gevent's thread pool (the resolver):
+  ``relay.Connection._interrupt_resolving`` gives up on a stuck resolver call that way; gevent's
+  pool wait lets go, and the call finishes in its thread on its own. Plain greenlet API; only
+  that gevent's wait tolerates it is gevent's, and the contract test checks it.
+
+Why a module of its own, named so: ``_gevent`` reads as "gproxy's private view of gevent"
+wherever it is called (``_gevent.cancel_wait(...)``), which says to the reader of a call site
+that gevent's internals are involved and where their contract is written down.
 """
 
 from __future__ import annotations
