@@ -49,7 +49,8 @@ from gevent.server import StreamServer
 from greenlet import getcurrent, greenlet
 
 __all__ = [
-    "real_lock", "thread_id", "real_sleep", "start_real_thread", "real_poll", "RealSocket",
+    "real_lock", "thread_id", "real_sleep", "start_real_thread", "real_thread_local", "real_poll",
+    "RealSocket",
     "waiter", "wait_any", "waiting_greenlet", "callback_owner", "throw_into_waiter", "cancel_wait",
     "accept_raw", "unwrap", "InlineServer", "destroy_hub", "WSGIHandler",
 ]
@@ -69,6 +70,8 @@ thread_id = monkey.get_original("_thread", "get_ident")
 real_sleep = monkey.get_original("time", "sleep")
 #: ``start_real_thread(func, args)``: an OS thread, whatever patching did to ``threading``.
 start_real_thread = monkey.get_original("_thread", "start_new_thread")
+#: ``real_thread_local()``: storage per OS thread; patched, ``threading.local`` is per greenlet.
+real_thread_local = monkey.get_original("_thread", "_local")
 #: ``real_poll()``: ``select.poll`` of the OS, for waiting in a thread that has no hub.
 real_poll = monkey.get_original("select", "poll")
 #: the standard library's ``socket.socket`` (blocking calls block the thread): for the odd

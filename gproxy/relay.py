@@ -225,7 +225,7 @@ class Context:
 
 
 #: per OS thread: read buffers by size, shared by every forwarder whose hub runs there
-_thread_buffers = monkey.get_original("_thread", "_local")()  # a real thread-local, patched or not
+_thread_buffers = _gevent.real_thread_local()  # per OS thread, patched or not
 
 
 def _scratch(size: int) -> tuple:

@@ -482,8 +482,11 @@ from gproxy import _gevent
 lock = _gevent.real_lock()
 lock.acquire()
 got = []
+local = _gevent.real_thread_local()
+local.mark = "main"
 def other():
     got.append(_gevent.thread_id())
+    got.append(getattr(local, "mark", None))
     lock.release()
 _gevent.start_real_thread(other, ())
 acquired = lock.acquire(timeout=10)  # a real lock: released by another OS thread
@@ -491,6 +494,7 @@ print(json.dumps({
     "lock_is_real": acquired and type(lock) is not type(threading.Lock())
         and not isinstance(lock, gevent.lock.Semaphore),
     "thread_ids_differ": bool(got) and got[0] != _gevent.thread_id(),
+    "local_per_thread": got[1:] == [None] and gevent.spawn(lambda: local.mark).get() == "main",
     "sleep_is_real": _gevent.real_sleep is not time.sleep,
     "poll_is_real": _gevent.real_poll is not getattr(select, "poll", None),
     "socket_is_real": _gevent.RealSocket is not socket.socket
@@ -513,6 +517,11 @@ def patched():
 
 def test_real_lock_and_threads_are_the_oss_in_a_patched_program(patched):
     assert patched["lock_is_real"] and patched["thread_ids_differ"]
+
+
+def test_real_thread_local_is_per_os_thread_in_a_patched_program(patched):
+    """relay's read buffers: one per OS thread, shared by the greenlets of its hub."""
+    assert patched["local_per_thread"]
 
 
 def test_real_sleep_poll_and_socket_are_the_originals_in_a_patched_program(patched):
