@@ -9,8 +9,9 @@ Typical use::
 
 gproxy moves bytes on the interpreter's own socket objects, not gevent's
 wrappers: the pumps wait for readiness on their own watchers (see relay.py),
-so they need nothing from gevent's socket but its event loop. The original
-class is taken from gevent.monkey so this works after ``patch_all()`` too.
+so they need nothing from gevent's socket but its event loop. ``_socket.socket``
+is the original after ``patch_all()`` too: gevent patches ``socket``, never
+``_socket`` (tests/test_gevent_contract.py checks it).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ import gevent
 import gevent.socket
 from gevent import getcurrent
 
-from gproxy import _sockets, proxyproto
+from gproxy import _gevent, _sockets, proxyproto
 from gproxy.config import CHECK_BUFFER, Address, Endpoint, Rule, http_status_ranges
 
 __all__ = ["Checks", "probe"]
@@ -92,7 +92,7 @@ class Checks:
         (never their watchers, which belong to the parent's hub)."""
         for sock in self.sockets.values():
             try:
-                getattr(sock, "_sock", sock).close()
+                _gevent.unwrap(sock).close()  # gevent's close would call into the dead hub
             except (OSError, AttributeError):
                 pass
         self.sockets.clear()
