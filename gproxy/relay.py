@@ -81,20 +81,17 @@ import itertools
 import logging
 import os
 import socket
-import sys
 import time
 import traceback
-from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional
 
 import gevent
 from gevent import getcurrent
 from gevent.socket import getaddrinfo
 
-from gproxy import _gevent, _sockets, proxyproto
-from gproxy._report import report
+from gproxy import _gevent, _report, _sockets, proxyproto
 from gproxy._workers import Workers
-from gproxy.access import Access, DeniedLog, client_key, compile_networks, describe_key, in_networks
+from gproxy.access import Access, DeniedLog, client_key, compile_networks, in_networks
 from gproxy.config import Rule
 from gproxy.offload import STOPPED
 from gproxy.stats import ConnectionRecord, Counters, Outcome
@@ -390,7 +387,7 @@ class Connection:
         try:
             if context.accept_proxy is not None and not self._accept_proxy_header():
                 return
-            self._call_hook(context.on_open, None, "on_open")
+            _report.call_hook(self, context.on_open, None, "on_open")
             if self.outcome is not None:  # the hook stopped the forwarder
                 return
             if context.access is not None:
@@ -947,25 +944,9 @@ class Connection:
         self.links = None
         if self.own_key is not None:
             context.own_upstreams.forget(self.own_key)
-        counters = context.counters
         if self.outcome is None:  # cannot happen; keep the books straight if it does
             self.outcome = Outcome.ERROR
-        with context.lock:  # counted and removed at once: statistics() never goes backwards
-            counters.ended(self.outcome, time.monotonic() - self._t0, self.counts[UPSTREAM],
-                           self.counts[DOWNSTREAM])
-            context.active.pop(self.id, None)
-        failed = self.outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT)
-        if failed:
-            counters.connect_failed += 1
-        try:
-            if context.on_close is not None or failed or self.outcome is Outcome.ERROR \
-                    or log.isEnabledFor(logging.INFO):
-                record = self.record()
-                self._log(record)
-                self._call_hook(context.on_close, record, "on_close")
-        finally:  # the slot is given back whatever happened above
-            if context.on_closed is not None:
-                context.on_closed()
+        _report.closed(self)
 
     # -- waiting and aborting -----------------------------------------------------
 
@@ -1045,93 +1026,8 @@ class Connection:
     # -- reporting ----------------------------------------------------------------
 
     def record(self) -> ConnectionRecord:
-        done = self.outcome is not None and not self.context.active.get(self.id)
-        return ConnectionRecord(
-            id=self.id, client=_sockets.describe_address(self.client_address),
-            upstream=self.context.target_name if self.target is None else str(self.target),
-            started=self.started,
-            bytes_upstream=self.counts[UPSTREAM], bytes_downstream=self.counts[DOWNSTREAM],
-            duration=time.monotonic() - self._t0 if done else None,
-            outcome=self.outcome if done else None,
-            error=self.error if done else None,
-        )
-
-    def _log(self, record: ConnectionRecord) -> None:
-        outcome = record.outcome
-        # the fields a JSON log line carries, so no formatter has to parse the text
-        extra = {"connection": _LogFields(self.context.name, record)}
-        if outcome is Outcome.ERROR:
-            log.error("%sconn#%d %s -> %s failed after %.3fs, up %d B, down %d B:\n%s",
-                      self.context.log_prefix, record.id, record.client, record.upstream, record.duration,
-                      record.bytes_upstream, record.bytes_downstream, record.error, extra=extra)
-            return
-        if outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT):
-            log.warning("%sconn#%d %s -> %s %s after %.3fs: %s", self.context.log_prefix, record.id,
-                        record.client, record.upstream, outcome, record.duration, record.error, extra=extra)
-            return
-        if outcome is Outcome.DENIED:  # one line per client address per minute at most
-            key = client_key(self.client_address)
-            self.context.denied_log.note(describe_key(key) if key is not None else record.client,
-                                         "%sconn#%d %s denied: %s", self.context.log_prefix, record.id,
-                                         record.client, record.error, extra=extra)
-            return
-        if log.isEnabledFor(logging.INFO):
-            why = f" ({record.error})" if record.error else ""
-            log.info("%sconn#%d %s -> %s %s%s, %.3fs, up %d B, down %d B", self.context.log_prefix,
-                     record.id, record.client, record.upstream, outcome, why, record.duration,
-                     record.bytes_upstream, record.bytes_downstream, extra=extra)
-
-    def _call_hook(self, hook, record: Optional[ConnectionRecord], name: str) -> None:
-        """Call a user's hook. Whatever it raises (``SystemExit`` and ``gevent.Timeout``
-        included: it runs in a greenlet of ours, so nothing outside waits for that exception)
-        is reported and the connection goes on: a hook cannot break the forwarder."""
-        if hook is None:
-            return
-        in_hook, current = self.context.in_hook, getcurrent()
-        in_hook[current] = self
-        try:
-            hook(record if record is not None else self.record())
-        except BaseException:
-            report(log, f"conn#{self.id}: {name} hook {getattr(hook, '__qualname__', hook)!r} failed",
-                   sys.exc_info())
-        finally:
-            in_hook.pop(current, None)
-
-
-class _LogFields(Mapping):
-    """A connection line's fields (rule, id, client, target, outcome, duration, bytes each
-    way, error), for a formatter that reads them (gproxy.jsonlog): a read-only mapping made
-    when first read, so a text line does not pay for building it."""
-
-    __slots__ = ("_rule", "_record", "_fields")
-
-    def __init__(self, rule: str, record: ConnectionRecord) -> None:
-        self._rule, self._record, self._fields = rule, record, None
-
-    def _get(self) -> dict:
-        if self._fields is None:
-            record = self._record
-            self._fields = {
-                "rule": self._rule, "id": record.id, "client": record.client, "target": record.upstream,
-                "outcome": record.outcome.name.lower(), "duration": round(record.duration, 6),
-                "bytes_upstream": record.bytes_upstream, "bytes_downstream": record.bytes_downstream,
-                "error": record.error}
-        return self._fields
-
-    def __getitem__(self, key: str):
-        return self._get()[key]
-
-    def __iter__(self):
-        return iter(self._get())
-
-    def __len__(self) -> int:
-        return len(self._get())
-
-    def items(self):
-        return self._get().items()
-
-    def __repr__(self) -> str:
-        return repr(self._get())
+        """What this connection is, or was (see _report.record)."""
+        return _report.record(self)
 
 
 def _connect_failure(target, sockaddr, code: int):
