@@ -208,6 +208,7 @@ def test_send_expect_fails_by_timeout_on_a_backend_that_never_answers(forwarder_
             client.sendall(b"hello")
             client.shutdown(socket.SHUT_WR)
             assert recv_all(client) == b"hello"
+        forwarder_factory.wait_closed(fw, accepted=1)  # the record comes after the client's EOF
         changes.none()
         silent.released.set()
     assert forwarder_factory.records[-1].upstream == "%s:%d" % live.address
