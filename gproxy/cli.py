@@ -322,9 +322,11 @@ def _given(argv: Optional[List[str]]) -> set:
 
 def _load_config(args: argparse.Namespace):
     """``-c FILE``: the validated file (ConfigError naming file, rule and key)."""
-    from gproxy.configfile import load
+    from gproxy.configfile import RELOADED_SETTINGS, load
     config = load(args.config)
     for key, value in config.settings.items():
+        if key in RELOADED_SETTINGS:
+            continue  # the FileService's own
         if not hasattr(args, key) and (key, value) != ("log_format", "text"):
             # a key the file format knows and this command does not (yet)
             raise ConfigError(f"{args.config}: {key}", "not supported by this gproxy")

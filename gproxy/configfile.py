@@ -46,10 +46,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - the same parser, from PyPI
     import tomli as tomllib
 
-__all__ = ["ConfigFile", "load", "parse", "SETTINGS"]
+__all__ = ["ConfigFile", "load", "parse", "SETTINGS", "RELOADED_SETTINGS"]
 
 #: process-wide keys (the rest of the top level is [defaults] and [[rule]]), with their checks
-SETTINGS = ("log_format", "metrics")
+SETTINGS = ("log_format", "metrics", "reload_drain_timeout")
+
+#: the process-wide keys a reload applies (the others take effect on restart only)
+RELOADED_SETTINGS = ("reload_drain_timeout",)
 
 #: rule keys that are not Rule options (listen and target are Rule's positional arguments)
 _NOT_DEFAULTS = ("name", "listen", "target", "targets")
@@ -260,6 +263,12 @@ def _message(exc: ConfigError) -> str:
 
 
 def _setting(key: str, value: Any, fail) -> Any:
+    if key == "reload_drain_timeout":
+        # no "off": leaving the key out is no limit, and TOML has no null to write it with
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            unquote = " (numbers go without quotes)" if isinstance(value, str) else ""
+            raise fail(key, f"expected a number of seconds >= 0, got {toml_value(value)}{unquote}")
+        return float(value)
     if key == "log_format":
         if value not in ("text", "json"):
             raise fail(key, f"expected \"text\" or \"json\", got {toml_value(value)}")

@@ -13,6 +13,10 @@ program that gevent has not patched, ``start()`` runs the rules on a hub in a th
 their own, as ``Forwarder.start()`` does (:mod:`gproxy._hubthread` hosts both), and a
 program that exits without ``stop()`` has them stopped at exit; in a patched program they
 run on the calling thread's hub. Either way the methods may be called from any thread.
+
+A reload leaves open connections alone: those of a changed or removed rule run on, on the
+old forwarder, until they end by themselves, or for the file's ``reload_drain_timeout``
+(none: no limit); ``stop()`` ends them with the rest, under ``drain_timeout``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from gevent.event import Event
 
 from gproxy._hubthread import HubEnded, HubHost
 from gproxy.config import ConfigError
-from gproxy.configfile import ConfigFile, load
+from gproxy.configfile import RELOADED_SETTINGS, ConfigFile, load
 from gproxy.forwarder import Forwarder
 from gproxy.service import Service
 from gproxy.stats import Statistics
@@ -102,8 +106,8 @@ class FileService:
             log.error("reload of %s failed, the running configuration stays: %s", self.path, error,
                       extra=self._fields("reload_failed", error=error))
             return False
-        if config.settings != self.config.settings:
-            settings = sorted(set(config.settings) | set(self.config.settings))
+        if _restart_only(config.settings) != _restart_only(self.config.settings):
+            settings = sorted(set(_restart_only(config.settings)) | set(_restart_only(self.config.settings)))
             log.warning("reload of %s: process-wide settings (%s) take effect on restart only",
                         self.path, ", ".join(settings), extra=self._fields("reload_settings", settings=settings))
         self.config = config
@@ -154,8 +158,10 @@ class FileService:
             raise
 
     def _reload_here(self, config: ConfigFile) -> Dict[str, str]:
-        # only the file's own rules: proxies the HTTP API made (gproxy -c FILE --api) stay
-        return self.service.reload(config.options, owned=self.config.rules)
+        # only the file's own rules: proxies the HTTP API made (gproxy -c FILE --api) stay;
+        # the old forwarders of changed and removed rules drain under the new file's limit
+        return self.service.reload(config.options, config.settings.get("reload_drain_timeout"),
+                                   owned=self.config.rules)
 
     def _stop_here(self, timeout: Optional[float]) -> None:
         try:
@@ -176,3 +182,8 @@ class FileService:
         if self._stopped():
             raise HubEnded(began=False)
         return self._host.call(func, *args)
+
+
+def _restart_only(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings a reload cannot apply: a change to them waits for a restart."""
+    return {key: value for key, value in settings.items() if key not in RELOADED_SETTINGS}

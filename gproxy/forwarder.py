@@ -255,8 +255,9 @@ class Forwarder:
     HTTP API and the command line drive) manages them through a few members of their own,
     and through nothing else: ``state``, ``bound_address``, ``listening``, ``start_here()``
     (all on one hub), ``inherit_listener()``/``return_listener()`` (a changed rule serves on
-    its predecessor's listening socket) and ``count_on()``/``show_own_targets()`` (its
-    metrics go on from its predecessor's).
+    its predecessor's listening socket), ``count_on()``/``show_own_targets()`` (its
+    metrics go on from its predecessor's) and ``retire()`` (a reload's old forwarder: its
+    connections run on until they end).
     """
 
     def __init__(self, listen: AddressLike, target: TargetLike, *,
@@ -329,6 +330,12 @@ class Forwarder:
         self._keep_listener = False                # another forwarder took it over: leave it
         self._enabled = True
         self._checks: Optional[Checks] = None      # active health checks, while running
+        # while STOPPING: when the drain ends (monotonic; inf: never), whether it is a reload's
+        # (retire(): nothing at rest is closed), and what wakes it when stop() changes either
+        self._drain_deadline = math.inf
+        self._drain_timeout_given: Optional[float] = None
+        self._retiring = False
+        self._drain_changed: Optional[Event] = None
         self._own_targets = None                   # count_on(): target gauges to show later
 
     # -- public surface -------------------------------------------------------------
@@ -375,13 +382,31 @@ class Forwarder:
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, let open connections finish for up to ``timeout`` seconds
         (default: ``drain_timeout``), abort the rest, and return when all is closed.
-        Calling it again while draining aborts what is left at once; after that it does nothing."""
+        Calling it again while draining aborts what is left at once; after that it does nothing.
+        While ``retire()`` drains, the first ``stop()`` makes it a stop: from then on its
+        connections have ``timeout`` seconds (at most what ``retire`` gave them) and those at
+        rest are closed."""
         if timeout is None:
             timeout = self.rule.drain_timeout
         if self._state in (State.NEW, State.STOPPED):
             self._state = State.STOPPED
             return
-        if not self._host.stop(self._stop_if_running, timeout):  # its hub ended first: a bug
+        if not self._host.stop(self._stop_if_running, timeout, False):  # its hub ended first: a bug
+            self._state = State.STOPPED
+
+    def retire(self, timeout: Optional[float] = None) -> None:
+        """Stop accepting, as a reload's old forwarder: open connections run on untouched
+        until they end by themselves, or until ``timeout`` seconds have passed (default
+        ``None``: no limit; a reload's ``reload_drain_timeout``), when the rest are aborted.
+        Unlike ``stop()``, a connection at rest is not closed: a pooled database connection
+        is quiet most of its life (nginx's old workers and HAProxy's old processes, under
+        ``hard-stop-after``, keep theirs the same way). Returns when all is closed; a
+        ``stop()`` meanwhile turns it into a stop. A listener handed over to a successor
+        (``inherit_listener``) stays open: it is the successor's now."""
+        if self._state in (State.NEW, State.STOPPED):
+            self._state = State.STOPPED
+            return
+        if not self._host.stop(self._stop_if_running, timeout, True):
             self._state = State.STOPPED
 
     def take_over(self, old: "Forwarder") -> "Forwarder":
@@ -629,9 +654,9 @@ class Forwarder:
                 raise
             return func(*args)  # stopped before it could run there: nothing runs there any more
 
-    def _stop_if_running(self, timeout: float) -> None:
+    def _stop_if_running(self, timeout: Optional[float], retiring: bool) -> None:
         if self._state is not State.STOPPED:  # stopped by someone else since stop() was called
-            self._stop_on_hub(timeout)
+            self._stop_on_hub(timeout, retiring)
 
     def _change_toxics(self, change: Callable, *args: Any) -> Any:
         result = change(*args)
@@ -804,18 +829,27 @@ class Forwarder:
             self._next_park = now + _PARK_EVERY
         context.workers.run(sweep, context, now - context.stalled, park)
 
-    def _stop_on_hub(self, timeout: float) -> None:
+    def _stop_on_hub(self, timeout: Optional[float], retiring: bool = False) -> None:
         # Called from a hook, stop() cannot wait for the hook's own connection: it is ending
         # (on_close) or is stopped with the forwarder (on_open), and ends once the hook returns.
         own = self._context.in_hook.get(getcurrent())
         if own is not None and own.outcome is None:
             own.abort(Outcome.SHUTDOWN)
-        if self._state is State.STOPPING:  # a second stop while draining: cut it short
-            self._abort_all()
+        if self._state is State.STOPPING:
+            if retiring:
+                pass  # retired already, or stopping: that goes on
+            elif self._retiring:  # a stop while a reload's drain runs: stop's rules from now
+                self._stop_retiring(timeout)
+            else:  # a second stop while draining: cut it short
+                self._abort_all()
             if own is None:
                 self._stopped.wait()
             return
         self._state = State.STOPPING
+        self._retiring = retiring
+        self._drain_deadline = math.inf if timeout is None else time.monotonic() + timeout
+        self._drain_timeout_given = timeout
+        self._drain_changed = Event()
         server = self._server
         try:
             self._stop_checks()  # health no longer matters: no new client will come
@@ -827,16 +861,33 @@ class Forwarder:
                 server.idle.set()
             others = server.running - server.allowance
             where = self._where()
-            if others:
-                log.info("stopping %s: draining %d connection(s) %s", where, others,
-                         "until they end" if timeout is None else f"for up to {timeout:g}s",
+            for_how_long = "until they end" if timeout is None else f"for up to {timeout:g}s"
+            if self._retiring and self._keep_listener:
+                # The listening socket is the successor's now: the port did not close.
+                log.info("rule %s changed: new connections use the new settings%s", where,
+                         f"; {others} old connection(s) drain {for_how_long}" if others else "",
+                         extra=self._fields("retire", connections=others, timeout=timeout))
+            elif others:
+                log.info("stopping %s: draining %d connection(s) %s", where, others, for_how_long,
                          extra=self._fields("drain", connections=others, timeout=timeout))
             else:
                 log.info("stopping %s", where, extra=self._fields("stop"))
-            if not self._drain(timeout):
+            began = time.monotonic()
+            drained = self._drain()
+            if drained and self._retiring and others:  # a drain of hours deserves its end said
+                log.info("%s: the %d old connection(s) of a reload have ended (after %.1fs)", where, others,
+                         time.monotonic() - began, extra=self._fields("retired", connections=others))
+            if not drained:
                 left = server.running - server.allowance
-                log.warning("stopping %s: drain deadline (%gs) hit: aborting %d connection(s)", where, timeout,
-                            left, extra=self._fields("drain_deadline", connections=left, timeout=timeout))
+                timeout = self._drain_timeout_given
+                if self._retiring:
+                    log.warning("%s: reload drain deadline (%gs) hit: aborting %d old connection(s)", where,
+                                timeout, left, extra=self._fields("drain_deadline", connections=left,
+                                                                  timeout=timeout))
+                else:
+                    log.warning("stopping %s: drain deadline (%gs) hit: aborting %d connection(s)", where,
+                                timeout, left, extra=self._fields("drain_deadline", connections=left,
+                                                                  timeout=timeout))
                 self._abort_all()
                 if not server.idle.wait(timeout=_ABORT_GRACE):
                     left = server.running - server.allowance
@@ -866,18 +917,41 @@ class Forwarder:
         if checks is not None:
             checks.stop()
 
-    def _drain(self, timeout: Optional[float]) -> bool:
-        """Wait up to ``timeout`` for the connections to end; True if they did. Meanwhile,
-        every ``_DRAIN_CHECK`` seconds, close those that stayed at rest (Connection.idle_at_stop,
-        no byte moved) for ``_AT_REST`` seconds: a pooled connection would otherwise hold the
-        drain to its deadline. The wait tells a client's turn from a pause in a server's
-        stream: a download that pauses briefly is not cut short."""
+    def _stop_retiring(self, timeout: Optional[float]) -> None:
+        """A stop() while retire() drains: the drain goes on as a stop's, with ``timeout``
+        from now unless the reload's deadline comes first."""
+        self._retiring = False
+        if timeout is not None:
+            self._drain_deadline = min(self._drain_deadline, time.monotonic() + timeout)
+            self._drain_timeout_given = timeout
+        left = self._server.running - self._server.allowance
+        log.info("stopping %s: draining %d connection(s) of an earlier reload %s", self._where(), left,
+                 "until they end" if timeout is None else f"for up to {timeout:g}s",
+                 extra=self._fields("drain", connections=left, timeout=timeout))
+        self._drain_changed.set()
+
+    def _drain(self) -> bool:
+        """Wait until the connections have ended (True) or ``_drain_deadline`` has passed
+        (False). Unless retiring, every ``_DRAIN_CHECK`` seconds close those that stayed at
+        rest (Connection.idle_at_stop, no byte moved) for ``_AT_REST`` seconds: a pooled
+        connection would otherwise hold a stop to its deadline. The wait tells a client's turn
+        from a pause in a server's stream: a download that pauses briefly is not cut short.
+        A reload's drain (``retire``) closes nothing: only its own deadline ends it."""
         idle = self._server.idle
-        started = time.monotonic()
-        deadline = math.inf if timeout is None else started + timeout  # None: drain_timeout's "for ever"
         resting = {}  # connection -> (its byte total, since when) while at rest
         while True:
             now = time.monotonic()
+            if self._retiring:
+                remaining = self._drain_deadline - now
+                if remaining <= 0:
+                    return idle.is_set()
+                # no polling: woken when the last connection ends, or by stop()
+                gevent.wait([idle, self._drain_changed], timeout=None if remaining == math.inf else remaining,
+                            count=1)
+                if idle.is_set():
+                    return True
+                self._drain_changed.clear()
+                continue
             for conn in list(self._context.active.values()):
                 if not conn.idle_at_stop():
                     resting.pop(conn, None)
@@ -889,7 +963,7 @@ class Forwarder:
                 elif now - seen[1] >= _AT_REST:
                     del resting[conn]
                     conn.close_idle()
-            remaining = deadline - time.monotonic()
+            remaining = self._drain_deadline - time.monotonic()
             if remaining <= 0:
                 return idle.is_set()
             if idle.wait(timeout=min(remaining, _DRAIN_CHECK)):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import gevent
 from gevent.event import Event
@@ -113,7 +113,8 @@ class Service:
         self._forwarders: Dict[str, Forwarder] = {}
         self._lock = RLock()  # changes wait across stop/drain; nothing may interleave them
         self._stopped = Event()
-        self._retired: List[gevent.Greenlet] = []  # reload's old forwarders, draining
+        #: reloads' old forwarders while their connections drain, each with its retire() greenlet
+        self._retired: List[Tuple[Forwarder, gevent.Greenlet]] = []
 
     # -- reading -----------------------------------------------------------------------
 
@@ -147,10 +148,28 @@ class Service:
         return list(self._forwarders.items())
 
     def statistics(self) -> Statistics:
-        """Every proxy's statistics, added up."""
+        """Every proxy's statistics, added up, with the connections that reloads' old
+        forwarders still drain."""
         each = [fw.statistics() for fw in self._forwarders.values()]
+        shared = {id(fw.counters) for fw in self._forwarders.values()}
+        for fw, _ in self._draining():
+            stats = fw.statistics()
+            if id(fw.counters) in shared:
+                # a changed rule's old forwarder counts into its successor's counters, which
+                # that one's statistics() has read: only what is open here is more
+                counters = fw.counters
+                stats = Statistics(active=stats.active, accepted=0, connect_failed=0,
+                                   bytes_upstream=stats.bytes_upstream - counters.bytes_upstream,
+                                   bytes_downstream=stats.bytes_downstream - counters.bytes_downstream)
+            else:
+                shared.add(id(fw.counters))  # a removed rule's: count its totals once
+            each.append(stats)
         return Statistics(**{f.name: sum(getattr(s, f.name) for s in each)
                              for f in dataclasses.fields(Statistics)})
+
+    def _draining(self) -> List[Tuple[Forwarder, gevent.Greenlet]]:
+        self._retired = [(fw, g) for fw, g in self._retired if not g.dead]
+        return list(self._retired)
 
     # -- adding and removing ------------------------------------------------------------
 
@@ -260,9 +279,12 @@ class Service:
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop every forwarder: all stop accepting at once and drain in parallel for up to
         ``timeout`` seconds (default: each one's ``drain_timeout``), then abort what is left.
-        The forwarders stay in the collection, stopped. A second call while draining aborts."""
-        _stop_all(list(self._forwarders.values()), timeout)
-        gevent.joinall([g for g in self._retired if not g.dead])  # reloads' drains end too
+        The forwarders stay in the collection, stopped. A second call while draining aborts.
+        Reloads' old forwarders still draining stop the same way: their connections get
+        ``timeout`` (default: their own ``drain_timeout``) from now, and those at rest are closed."""
+        draining = self._draining()
+        _stop_all(list(self._forwarders.values()) + [fw for fw, _ in draining], timeout)
+        gevent.joinall([g for _, g in draining])
         self._stopped.set()
 
     def reload(self, specs: Mapping[str, Mapping[str, Any]], timeout: Optional[float] = None, *,
@@ -277,8 +299,11 @@ class Service:
           address stayed the same (or another proxy being replaced or removed had it),
           the new one serves on the very same listening socket (``Forwarder.take_over``),
           never closed and bound again, so no client is refused. Toxics carry over.
-        - Old forwarders, changed or removed, stop accepting at once and drain their
-          connections in the background with their own ``drain_timeout`` (or ``timeout``).
+        - Old forwarders, changed or removed, stop accepting at once and ``retire()``: their
+          connections run on in the background until they end by themselves, or for
+          ``timeout`` seconds (default ``None``: no limit; a config file's
+          ``reload_drain_timeout``), then the rest are aborted. A connection at rest is not
+          closed, as a stop would: a reload cuts nobody. ``stop()`` stops them too.
         - ``owned``: the names this reload may remove (a config file's previous rules), so
           proxies made some other way (the HTTP API) stay; default: every name.
 
@@ -321,9 +346,9 @@ class Service:
             for name in old:
                 if name not in result and name in owned:
                     result[name] = "removed"
-            self._retired = [g for g in self._retired if not g.dead]
+            self._draining()  # forget those that have ended
             for fw in leaving:
-                self._retired.append(gevent.spawn(fw.stop, timeout))
+                self._retired.append((fw, gevent.spawn(fw.retire, timeout)))
             return result
 
     def serve_forever(self) -> None:
