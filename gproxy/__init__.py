@@ -12,11 +12,11 @@ Typical use::
 
 import logging
 
-from gproxy.config import ConfigError
+from gproxy.config import ConfigError, Target
 from gproxy.forwarder import Forwarder
 from gproxy.stats import ConnectionRecord, Outcome, Statistics
 
-__all__ = ["Forwarder", "ConfigError", "ConnectionRecord", "Outcome", "Statistics", "load_config",
+__all__ = ["Forwarder", "ConfigError", "ConnectionRecord", "Outcome", "Statistics", "Target", "load_config",
            "__version__"]
 __version__ = "0.1.0"
 

@@ -320,6 +320,12 @@ def _given(argv: Optional[List[str]]) -> set:
     return set(vars(parser.parse_args(argv)))
 
 
+def _describe_target(target) -> str:
+    """``10.0.0.5:6379``, ``10.0.0.5:6379 (weight 3)``, ``10.0.0.6:6379 (backup)``."""
+    notes = ([f"weight {target.weight}"] if target.weight != 1 else []) + (["backup"] if target.backup else [])
+    return f"{target}" + (f" ({', '.join(notes)})" if notes else "")
+
+
 def _load_config(args: argparse.Namespace):
     """``-c FILE``: the validated file (ConfigError naming file, rule and key)."""
     from gproxy.configfile import RELOADED_SETTINGS, load
@@ -415,7 +421,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.check:
             print(f"{args.config}: OK, {len(config.rules)} rule(s)")
             for name, rule in config.rules.items():
-                targets = ", ".join(map(str, rule.targets)) or "a function"
+                targets = ", ".join(_describe_target(t) for t in rule.target_list) or "a function"
                 balance = f" ({rule.balance})" if len(rule.targets) > 1 else ""
                 check = f", {rule.check} check every {rule.check_interval:g}s" if rule.check else ""
                 print(f"  {name}: {rule.listen}{_file_access(rule)} -> {targets}{balance}{check}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 import functools
 import ipaddress
 import logging
@@ -23,7 +24,7 @@ import re
 import socket
 from dataclasses import dataclass, fields
 import sys
-from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 try:
     import resource
@@ -36,14 +37,20 @@ try:
 except ImportError:  # Windows: no users or groups to own a socket file
     grp = pwd = None  # type: ignore[assignment]
 
-__all__ = ["Address", "UnixAddress", "Endpoint", "ConfigError", "Rule", "parse_address",
-           "parse_targets", "check_hook", "owner_id", "AddressLike", "TargetLike", "BALANCES", "CHECKS",
-           "UNIX_FILE_OPTIONS"]
+__all__ = ["Address", "UnixAddress", "Endpoint", "Target", "ConfigError", "Rule", "parse_address",
+           "parse_targets", "parse_target_list", "check_hook", "owner_id", "AddressLike", "TargetLike",
+           "BALANCES", "CHECKS", "MAX_WEIGHT", "UNIX_FILE_OPTIONS"]
 
 AddressLike = Union[str, int, Tuple[str, int], "Address", "UnixAddress"]
+#: one of several targets: an address, a :class:`Target`, or a mapping with ``address`` and
+#: optionally ``weight`` and ``backup`` (a config file's ``{address = "...", weight = 3}``)
+TargetEntry = Union[AddressLike, "Target", Mapping[str, object]]
 #: one address, several (tried in the order ``balance`` says), or a function of the client's
 #: address returning either, called for each client
-TargetLike = Union[AddressLike, Sequence[AddressLike], Callable[..., object]]
+TargetLike = Union[AddressLike, Sequence[TargetEntry], Callable[..., object]]
+
+#: the largest ``weight`` a target may have (HAProxy's)
+MAX_WEIGHT = 256
 
 #: the options that shape a Unix socket file, meaningless for any other listen address
 UNIX_FILE_OPTIONS = ("unix_mode", "unix_user", "unix_group")
@@ -151,6 +158,27 @@ class UnixAddress:
 
 
 Endpoint = Union[Address, UnixAddress]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of several targets, and how the balance treats it.
+
+    - ``address``: where to connect (an :data:`Endpoint`).
+    - ``weight`` (default 1, at most 256): its share of the clients under ``round-robin``
+      (smooth weighted round-robin, as nginx's: weights 3 and 1 give A A B A, not A A A B)
+      and ``least-connections`` (open connections divided by the weight); ``failover``
+      ignores it.
+    - ``backup`` (default ``False``): given clients only while every target that is not a
+      backup is down (or, for one client, failed to connect).
+    """
+
+    address: Endpoint
+    weight: int = 1
+    backup: bool = False
+
+    def __str__(self) -> str:
+        return str(self.address)
 
 
 def _unix(text: str, field: str) -> UnixAddress:
@@ -270,24 +298,62 @@ def _is_one_address(value) -> bool:
     if not isinstance(value, tuple) or len(value) != 2 or not isinstance(value[0], str):
         return False
     second = value[1]
-    return not isinstance(second, (str, Address, UnixAddress, tuple)) or \
+    return not isinstance(second, (str, Address, UnixAddress, tuple, Target, Mapping)) or \
         (isinstance(second, str) and ":" not in second)
+
+
+_TARGET_KEYS = ("address", "weight", "backup")
+
+
+def _target_entry(item, field: str, where: str) -> Target:
+    """One entry of a target list: an address, a Target, or {address, weight, backup}."""
+    if isinstance(item, Target):
+        item = {"address": item.address, "weight": item.weight, "backup": item.backup}
+    if not isinstance(item, Mapping):
+        return Target(parse_address(item, field))
+    unknown = [key for key in item if key not in _TARGET_KEYS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), _TARGET_KEYS, n=1)
+        hint = f"did you mean {show(close[0])}?" if close else f"a target has {', '.join(_TARGET_KEYS)}"
+        raise ConfigError(field, f"{where}: unknown key {show(unknown[0])} ({hint})")
+    if "address" not in item:
+        raise ConfigError(field, f"{where}: missing address (address = \"HOST:PORT\")")
+    address = parse_address(item["address"], field)
+    weight = item.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+        raise ConfigError(field, f"{where} ({address}): weight: expected a whole number from 1 to "
+                                 f"{MAX_WEIGHT}, got {show(weight)}")
+    backup = item.get("backup", False)
+    if not isinstance(backup, bool):
+        raise ConfigError(field, f"{where} ({address}): backup: expected {show(True)} or {show(False)}, "
+                                 f"got {show(backup)}")
+    return Target(address, weight, backup)
+
+
+def parse_target_list(value, field: str = "target") -> Tuple[Target, ...]:
+    """One address or a list of targets (addresses, :class:`Target` objects or mappings with
+    ``address``, ``weight``, ``backup``) -> a tuple of Targets: at least one, none repeated,
+    not all of them backups."""
+    if isinstance(value, (list, tuple)) and not _is_one_address(value):
+        if not value:
+            raise ConfigError(field, "expected at least one target")
+        targets = tuple(_target_entry(item, field, f"target {number}") for number, item in enumerate(value, 1))
+    else:
+        targets = (_target_entry(value, field, "the target"),)
+    for target in targets:
+        if target.address.port == 0:
+            raise ConfigError(field, f"port 0 cannot be connected to: {target}")
+    if len({target.address for target in targets}) != len(targets):
+        raise ConfigError(field, "a target is listed twice")
+    if all(target.backup for target in targets):
+        raise ConfigError(field, "every target is a backup: backups stand in for the others, "
+                                 "so at least one must not be one")
+    return targets
 
 
 def parse_targets(value, field: str = "target") -> Tuple[Endpoint, ...]:
     """One address or a list of them -> a tuple of endpoints, at least one, none repeated."""
-    if isinstance(value, (list, tuple)) and not _is_one_address(value):
-        if not value:
-            raise ConfigError(field, "expected at least one target")
-        targets = tuple(parse_address(item, field) for item in value)
-    else:
-        targets = (parse_address(value, field),)
-    for target in targets:
-        if target.port == 0:
-            raise ConfigError(field, f"port 0 cannot be connected to: {target}")
-    if len(set(targets)) != len(targets):
-        raise ConfigError(field, "a target is listed twice")
-    return targets
+    return tuple(target.address for target in parse_target_list(value, field))
 
 
 def _seconds(value, field: str, *, zero_is_off: bool) -> Optional[float]:
@@ -572,14 +638,19 @@ class Rule:
     - ``listen``: where to accept clients. Port 0 picks a free port.
     - ``target``: where to connect for each client. A name is resolved per
       connection and every address it has is tried in turn. Several targets are a
-      tuple of them; a function of the client's address is called per client and
-      returns an address or a list. ``targets`` is always a tuple (empty for a function).
+      tuple of them (of :class:`Target` objects when any has a ``weight`` or is a
+      ``backup``); a function of the client's address is called per client and
+      returns an address or a list. ``targets`` is always a tuple of endpoints (empty
+      for a function), ``target_list`` of Targets.
     - ``name`` (default ``None``: the listen address stands for it): the rule's name in
       logs and metrics, and its identity in a config file's reload.
     - ``balance`` (default ``"failover"``): the order targets are tried in for each client.
-      ``failover`` always starts from the first that is up; ``round-robin`` starts from the
-      next one for each client; ``least-connections`` from the one with fewest open
-      connections. A connect that fails moves on to the next target for the same client.
+      ``failover`` always starts from the first that is up, so new clients go back to a
+      target as soon as it is up again; ``round-robin`` spreads clients over the targets
+      that are up by their weights (smooth weighted round-robin); ``least-connections``
+      starts from the one with fewest open connections per weight (ties: round-robin).
+      Backups come after every other target that is up, down targets last. A connect that
+      fails moves on to the next target for the same client.
     - ``max_fails`` (default 1): after this many connects in a row fail, a target is
       down: skipped (tried only after every other failed) for ``fail_timeout``, then
       tried again. 0 never marks a target down.
@@ -694,11 +765,19 @@ class Rule:
 
     @property
     def targets(self) -> Tuple[Endpoint, ...]:
-        """Every fixed target in the order given; empty when the target is a function."""
+        """Every fixed target's address in the order given; empty when the target is a function."""
         target = self.target
         if isinstance(target, tuple):
-            return target
+            return tuple(t.address if isinstance(t, Target) else t for t in target)
         return () if callable(target) else (target,)
+
+    @property
+    def target_list(self) -> Tuple[Target, ...]:
+        """Every fixed target as a :class:`Target` (weight and backup); empty for a function."""
+        target = self.target
+        if isinstance(target, tuple):
+            return tuple(t if isinstance(t, Target) else Target(t) for t in target)
+        return () if callable(target) else (Target(target),)
 
     @classmethod
     def build(cls, listen: AddressLike, target: TargetLike, **options) -> "Rule":
@@ -713,10 +792,13 @@ class Rule:
         if callable(target) and not isinstance(target, (str, tuple, list)):
             targets: Tuple[Endpoint, ...] = ()
         else:
-            targets = parse_targets(target, "target")
+            entries = parse_target_list(target, "target")
+            targets = tuple(entry.address for entry in entries)
             if listen_address in targets:
                 raise ConfigError("target", f"{listen_address} is the listening address: a forwarding loop")
-            target = targets[0] if len(targets) == 1 else targets
+            # plain addresses unless a weight or a backup says more; one target needs neither
+            plain = len(targets) == 1 or all(entry == Target(entry.address) for entry in entries)
+            target = targets[0] if len(targets) == 1 else targets if plain else entries
         name = opt["name"]
         if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 200
                                  or not name.isprintable()):

@@ -17,6 +17,7 @@ The format (``gproxy --check -c FILE`` validates one)::
     listen = "127.0.0.1:15432"             # unique
     targets = ["db1:5432", "db2:5432"]     # or target = "HOST:PORT"
     balance = "failover"
+    # a target may be a table: {address = "db3:5432", weight = 3} or {address = ..., backup = true}
 
 Every option of a rule is a :class:`gproxy.config.Rule` field, with the ``Forwarder``
 keyword's name: whatever a Forwarder accepts, the file accepts, and nothing else. The file
@@ -144,8 +145,9 @@ def _parse(document: Dict[str, Any], path: str) -> ConfigFile:
         target = table[target_key]
         if target_key == "targets" and not isinstance(target, list):
             raise fail(f"{label}: targets", f"expected a list of addresses, got {toml_value(target)}")
-        if isinstance(target, list) and not all(isinstance(t, str) for t in target):
-            raise fail(f"{label}: {target_key}", f"expected addresses as strings, got {toml_value(target)}")
+        if isinstance(target, list) and not all(isinstance(t, (str, dict)) for t in target):
+            raise fail(f"{label}: {target_key}", "expected addresses as strings or tables "
+                       f"({{address = \"HOST:PORT\", weight = 3}}), got {toml_value(target)}")
         if not isinstance(target, (str, list)):
             raise fail(f"{label}: {target_key}", f"expected \"HOST:PORT\", got {toml_value(target)}")
         if not isinstance(table["listen"], str):

@@ -213,7 +213,12 @@ class Forwarder:
     (meaning 127.0.0.1), ``(host, port)``, ``"unix:/PATH"`` or ``"unix:@NAME"`` (Linux's
     abstract namespace). ``target`` may also be a list of addresses, tried for each client
     in the order ``balance`` gives, or a function called with each client's address that
-    returns an address or a list. Every option is keyword-only, with the
+    returns an address or a list. An item of the list may be a :class:`gproxy.Target`
+    (``Target(address, weight=3)``, ``Target(address, backup=True)``) or the mapping a config
+    file's table makes (``{"address": "10.0.0.5:6379", "weight": 3}``): ``weight`` (default 1,
+    at most 256) is its share under round-robin and least-connections, and a ``backup``
+    (default ``False``) gets clients only while every other target is down. Every option is
+    keyword-only, with the
     same name and default as on the command line; what each means, and what 0 or
     ``None`` means, is in :class:`gproxy.config.Rule`:
 
@@ -229,8 +234,10 @@ class Forwarder:
     - ``allow``/``deny`` (networks; default everyone/nobody) and ``max_connections_per_client``
       (default no limit): refused clients are closed before anything is dialled.
     - ``name`` (``None``: the listen address): the rule's name in logs and metrics;
-    - ``balance`` (``"failover"``; or ``"round-robin"``, ``"least-connections"``),
-      ``max_fails`` (1; 0 never marks a target down), ``fail_timeout`` (10 s): several targets.
+    - ``balance`` (``"failover"``: the first target that is up, and back to it once it is up
+      again; or ``"round-robin"``, ``"least-connections"``, by weight, over the targets that
+      are up), ``max_fails`` (1; 0 never marks a target down), ``fail_timeout`` (10 s):
+      several targets.
     - ``reuse_port`` (``False``): ``SO_REUSEPORT`` on the listener, for several processes on
       one port (``gproxy --workers``).
     - ``check`` (``None``: no active health check; ``"tcp"``, ``"send-expect"``, ``"http"``):

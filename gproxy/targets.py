@@ -10,6 +10,14 @@ targets, or a function as its target)::
             break
         targets.failed(endpoint, "connection refused")
 
+The order, per client: the targets that are up, as ``balance`` says (``failover``: in the
+order given; ``round-robin``: smooth weighted round-robin, nginx's, so a target of weight 3
+gets three clients of every four, interleaved, and a down target's share is spread evenly
+over the others; ``least-connections``: fewest open connections per weight, ties broken by
+the same rotation); then the *backup* targets that are up, which lead only when no other
+target is up; then the down ones, a last resort, soonest to recover first. A change in which
+targets are up restarts the rotation, so the shares are exact from there on.
+
 Health is passive, like nginx's ``max_fails``/``fail_timeout``: ``max_fails`` connects in
 a row that fail mark a target *down*; a down target is tried only after every other one,
 until ``fail_timeout`` has passed, when the next client tries it first again. It is
@@ -34,7 +42,7 @@ import logging
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from gproxy.config import ConfigError, Endpoint, Rule, parse_targets
+from gproxy.config import ConfigError, Endpoint, Rule, Target, parse_target_list
 
 __all__ = ["Targets", "TargetError"]
 
@@ -47,7 +55,7 @@ class TargetError(Exception):
 
 class _Health:
     __slots__ = ("fails", "down_until", "down", "active", "checked_down", "passes", "failures",
-                 "checks", "check_reason")
+                 "checks", "check_reason", "current")
 
     def __init__(self) -> None:
         self.fails = 0          # connects failed in a row
@@ -59,11 +67,15 @@ class _Health:
         self.failures = 0       # checks failed in a row
         self.checks = 0         # checks done so far
         self.check_reason = ""  # what the last check found
+        self.current = 0        # smooth weighted round-robin's running score
 
     @property
     def is_down(self) -> bool:
         return self.down or self.checked_down
 
+
+#: one target as order() reads it: (address, weight, backup, its health)
+_Slot = Tuple[Endpoint, int, bool, _Health]
 
 #: what an active check keeps per target, carried over a reload only to a rule that checks
 _CHECKED = ("checked_down", "passes", "failures", "checks", "check_reason")
@@ -76,6 +88,7 @@ class Targets:
         self.label = label or str(rule.listen)
         self.function: Optional[Callable] = None if rule.targets else rule.target
         self.static: Tuple[Endpoint, ...] = rule.targets
+        self.entries: Tuple[Target, ...] = rule.target_list  # with their weights and backups
         self.balance = rule.balance
         self.max_fails = rule.max_fails
         self.fail_timeout = rule.fail_timeout
@@ -83,38 +96,88 @@ class Targets:
         self.rise = rule.rise
         self.fall = rule.fall
         self._health: Dict[Endpoint, _Health] = {}
-        self._next = 0          # where round-robin starts for the next client
-        self._parsed: Dict[object, Tuple[Endpoint, ...]] = {}  # a function's answers, parsed
+        #: per fixed target (address, weight, backup, health): what order() reads, prebuilt
+        self._slots: Tuple[_Slot, ...] = self._slots_of(self.entries)
+        self._parsed: Dict[object, Tuple[_Slot, ...]] = {}  # a function's answers, parsed
 
     def order(self, client_address) -> List[Endpoint]:
         """Every target, in the order this client should try them."""
-        candidates = self.static if self.function is None else self._call(client_address)
-        count = len(candidates)
-        if count > 1:
-            if self.balance == "round-robin":
-                start = self._next % count
-                self._next = start + 1
-                candidates = candidates[start:] + candidates[:start]
-            elif self.balance == "least-connections":
-                start = self._next % count
-                self._next = start + 1
-                rotated = candidates[start:] + candidates[:start]  # ties are spread too
-                candidates = sorted(rotated, key=self._active)
-        health = self._health
-        if not health:
-            return list(candidates)
+        slots = self._slots if self.function is None else self._call(client_address)
+        if len(slots) == 1:
+            return [slots[0][0]]
         now = time.monotonic()
-        usable, skipped = [], []
-        for endpoint in candidates:
-            state = health.get(endpoint)
-            if state is not None and (state.checked_down or state.down and now < state.down_until):
-                skipped.append(endpoint)
+        primaries: List[_Slot] = []
+        backups: List[_Slot] = []
+        down: List[_Slot] = []
+        for slot in slots:
+            state = slot[3]
+            if state.checked_down or state.down and now < state.down_until:
+                down.append(slot)
+            elif slot[2]:
+                backups.append(slot)
             else:
-                usable.append(endpoint)
-        if skipped:  # a last resort, soonest to recover first: better than no answer at all
-            skipped.sort(key=lambda endpoint: (health[endpoint].checked_down, health[endpoint].down_until))
-            usable.extend(skipped)
-        return usable
+                primaries.append(slot)
+        if primaries:
+            order = self._balanced(primaries)
+            order.extend(slot[0] for slot in backups)  # this client's fallback only
+        else:
+            order = self._balanced(backups)
+        if down:  # a last resort, soonest to recover first: better than no answer at all
+            down.sort(key=lambda slot: (slot[3].checked_down, slot[3].down_until))
+            order.extend(slot[0] for slot in down)
+        return order
+
+    def _balanced(self, group: List[_Slot]) -> List[Endpoint]:
+        """``group`` (targets that are up) in the order ``balance`` gives this client."""
+        count = len(group)
+        if count < 2 or self.balance == "failover":
+            return [slot[0] for slot in group]
+        if self.balance == "round-robin":
+            start = self._rotate(group)
+            return [slot[0] for slot in group[start:]] + [slot[0] for slot in group[:start]]
+        loads = [slot[3].active / slot[1] for slot in group]
+        least = min(loads)
+        if loads.count(least) > 1:  # ties take turns, by weight
+            tied = [index for index in range(count) if loads[index] == least]
+            start = tied[self._rotate([group[index] for index in tied])]
+        else:
+            start = loads.index(least)
+        # then the others by load; equal loads in the order that follows the first, as
+        # round-robin's, so that a fallback from a target that failed is spread too
+        ranked = sorted(range(count), key=lambda index: (loads[index], (index - start) % count))
+        return [group[index][0] for index in ranked]
+
+    @staticmethod
+    def _rotate(group: List[_Slot]) -> int:
+        """Smooth weighted round-robin (nginx's): each target's score grows by its weight, the
+        highest is chosen (its index returned) and loses the total. Weights 5, 1, 1 give
+        A A B A C A A, not A A A A A B C, and equal weights take turns in the order given."""
+        total = best = 0
+        best_score = None
+        index = 0
+        for _address, weight, _backup, state in group:
+            score = state.current = state.current + weight
+            total += weight
+            if best_score is None or score > best_score:
+                best, best_score = index, score
+            index += 1
+        group[best][3].current -= total
+        return best
+
+    def _slots_of(self, entries: Sequence[Target]) -> Tuple[_Slot, ...]:
+        return tuple((entry.address, entry.weight, entry.backup, self._state(entry.address)) for entry in entries)
+
+    def _state(self, endpoint: Endpoint) -> _Health:
+        state = self._health.get(endpoint)
+        if state is None:
+            state = self._health[endpoint] = _Health()
+        return state
+
+    def _restart_rotation(self) -> None:
+        """Which targets are up changed: the rotation starts afresh over those that are, so
+        their shares are exact from here (a score earned before would skew the next few)."""
+        for state in self._health.values():
+            state.current = 0
 
     def succeeded(self, endpoint: Endpoint) -> None:
         """A connect to ``endpoint`` worked; it counts as open until :meth:`released`."""
@@ -192,7 +255,7 @@ class Targets:
         kept = ("fails", "down_until", "down") + (_CHECKED if self.check else ())
         for endpoint, state in old._health.items():
             if endpoint in self.static or self.function is not None:
-                mine = self._health[endpoint] = _Health()
+                mine = self._state(endpoint)  # the very object order() reads
                 for name in kept:
                     setattr(mine, name, getattr(state, name))
 
@@ -204,11 +267,13 @@ class Targets:
 
     def _log_down(self, endpoint: Endpoint, reason: str, more: str = "", **fields) -> None:
         """The one line a target's going down makes: WARNING, with the reason."""
+        self._restart_rotation()
         log.warning("%s: target %s is down after %s%s", self.label, endpoint, reason, more,
                     extra=self._fields("target_down", endpoint, reason=reason, **fields))
 
     def _log_up(self, endpoint: Endpoint, reason: str, **fields) -> None:
         """The one line a target's coming back makes: INFO, with the reason."""
+        self._restart_rotation()
         log.info("%s: target %s is up again: %s", self.label, endpoint, reason,
                  extra=self._fields("target_up", endpoint, reason=reason, **fields))
 
@@ -222,11 +287,7 @@ class Targets:
         """A health change's fields for a JSON log line (gproxy.jsonlog)."""
         return {"fields": {"event": event, "rule": self.label, "target": str(endpoint), **more}}
 
-    def _active(self, endpoint: Endpoint) -> int:
-        state = self._health.get(endpoint)
-        return state.active if state is not None else 0
-
-    def _call(self, client_address) -> Sequence[Endpoint]:
+    def _call(self, client_address) -> Sequence[_Slot]:
         try:
             answer = self.function(client_address)
         except Exception as exc:
@@ -238,7 +299,7 @@ class Targets:
             key, parsed = None, None
         if parsed is None:
             try:
-                parsed = parse_targets(answer, "target")
+                parsed = self._slots_of(parse_target_list(answer, "target"))
             except ConfigError as exc:
                 raise TargetError(f"the target function returned {answer!r}: "
                                   f"{str(exc).split(': ', 1)[-1]}") from None

@@ -37,6 +37,7 @@ class Changes(logging.Handler):
     def __init__(self):
         super().__init__(logging.INFO)
         self.queue: "queue.Queue[logging.LogRecord]" = queue.Queue()
+        self.later: "list[logging.LogRecord]" = []  # other targets' changes, taken in turn
         self.logger = logging.getLogger("gproxy.targets")
 
     def emit(self, record):
@@ -48,19 +49,24 @@ class Changes(logging.Handler):
         target = target if isinstance(target, str) else "%s:%d" % tuple(target)
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                record = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no {event} of {target} within {timeout}s") from None
-            fields = record.fields
-            if fields["target"] != target:
-                continue
-            assert fields["event"] == event, (event, record.getMessage())
+            record = next((r for r in self.later if r.fields["target"] == target), None)
+            if record is not None:
+                self.later.remove(record)
+            else:
+                try:
+                    record = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise AssertionError(f"no {event} of {target} within {timeout}s") from None
+                if record.fields["target"] != target:
+                    self.later.append(record)
+                    continue
+            assert record.fields["event"] == event, (event, record.getMessage())
             return record
 
     def none(self) -> None:
-        """No change logged since the last one taken."""
-        assert self.queue.empty(), [r.getMessage() for r in list(self.queue.queue)]
+        """No change logged but those taken."""
+        left = self.later + list(self.queue.queue)
+        assert not left, [r.getMessage() for r in left]
 
     def __enter__(self):
         self.logger.addHandler(self)
