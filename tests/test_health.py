@@ -295,7 +295,7 @@ def test_a_check_never_holds_up_clients_and_stop_ends_a_hung_check(forwarder_fac
         silent.released.set()
 
 
-def test_passive_down_needs_rise_checks_then_clients_fail_back(forwarder_factory):
+def test_failover_fails_back_once_the_primary_passes_its_checks_and_open_connections_stay(forwarder_factory):
     port = free_port()
     primary = f"127.0.0.1:{port}"
     with Server(tagged(b"B")) as backup, Changes() as changes:
