@@ -103,6 +103,7 @@ from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple, Type
 
 from greenlet import GreenletExit, getcurrent
 
+from gproxy._failure import Aborted, Failure
 from gproxy._report import report
 from gproxy.stats import Outcome
 
@@ -690,17 +691,18 @@ class Link:
 
     # -- the pump ----------------------------------------------------------------------------
 
-    def pump(self, src, dst, readable, writable, fair_share: int) -> Optional[bool]:
+    def pump(self, src, dst, readable, writable, fair_share: int) -> bool:
         """Run the chain: True at the source's EOF (written out), False when the fast path
-        may take over or the chain changed, None once the connection was closed or reset.
-        All state lives in this object, so the pump may be thrown out of a wait and rerun."""
+        may take over or the chain changed. A toxic that closes or resets the connection
+        raises its Failure; a connection ended elsewhere raises Aborted. All state lives in
+        this object, so the pump may be thrown out of a wait and rerun."""
         conn = self.conn
         context = conn.context
         counts, direction = conn.counts, self.direction
         budget = fair_share
         while True:
             if conn.outcome is not None:
-                return None
+                raise Aborted
             if self.version != context.toxic_version:
                 return False   # the caller syncs and chooses the path again
             now = time.monotonic()
@@ -713,11 +715,7 @@ class Link:
                     out.popleft()
                     if item is _EOF:
                         return True
-                    if item.kind == "reset":
-                        conn.abort(Outcome.RESET, item.reason)
-                    else:
-                        conn.abort(Outcome.CLOSED, item.reason)
-                    return None
+                    raise Failure(Outcome.RESET if item.kind == "reset" else Outcome.CLOSED, item.reason)
                 try:
                     sent = dst.send(item)
                 except BlockingIOError:

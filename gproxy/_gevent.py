@@ -31,8 +31,8 @@ Used directly, on purpose (each covered by the contract test all the same):
   async watcher switches it back. Both are a job hand-over on the path of every connection,
   where a helper would be one more Python call for a single switch.
 - ``greenlet.throw`` into a greenlet that waits for gevent's thread pool (the resolver):
-  ``relay.Connection._interrupt_resolving`` gives up on a stuck resolver call that way; gevent's
-  pool wait lets go, and the call finishes in its thread on its own. Plain greenlet API; only
+  ``_dial.cancel`` gives up on a stuck resolver call that way; gevent's pool wait lets go,
+  and the call finishes in its thread on its own. Plain greenlet API; only
   that gevent's wait tolerates it is gevent's, and the contract test checks it.
 
 Why a module of its own, named so: ``_gevent`` reads as "gproxy's private view of gevent"

@@ -791,13 +791,11 @@ class Forwarder:
                  extra=self._fields("listening", target=self._context.target_name))
 
     def _accepted(self, client: socket.socket, address, upstream: socket.socket) -> None:
-        """On the hub (the listener's callback). A client of a plain rule (``Context.direct``:
-        one fixed address, nothing to read, check or send first, no hook) connects from
-        here, in callbacks: a greenlet per connection made, switched to and back costs
-        more than the rest of its connect. Any other client runs ``_handle`` in a worker."""
+        """On the hub (the listener's callback). A client of a plain rule connects from here,
+        in callbacks (``Context.dials_on_hub`` says which: one fixed address, nothing to read,
+        check or send first); any other client runs ``_handle`` in a worker."""
         context = self._context
-        if context.direct is not None and context.on_open is None and context.own_upstreams is None \
-                and upstream.family == context.direct[0]:
+        if context.dials_on_hub(upstream):
             Connection(context, client, address).start(upstream)
         else:
             context.workers.run(self._handle, client, address, upstream)

@@ -6,13 +6,15 @@ Typical use (the forwarder does this for every accepted client)::
 
 Theory of operation
 -------------------
-``run()`` is the StreamServer handler. It connects to the target (every
-address the name has, in turn, each attempt bounded by ``connect_timeout``),
-then hands the bytes to two *pumps*, one per direction: ``UPSTREAM`` (client ->
-upstream) and ``DOWNSTREAM`` (upstream -> client). A client of a plain rule (one
-fixed IP or Unix address; no hook, access rule or PROXY header before the connect)
-takes ``start()`` instead, which does the same in callbacks on the hub: a greenlet
-to wait for one connect would cost more than the rest of the connect.
+``run()`` is the handler. Its connect phase (``_dial.py``) connects to the target (every
+address the name has, in turn, each attempt bounded by ``connect_timeout``), then it hands
+the bytes to two *pumps*, one per direction: ``UPSTREAM`` (client -> upstream) and
+``DOWNSTREAM`` (upstream -> client). A client of a plain rule (``Context.dials_on_hub``: one
+fixed IP or Unix address; no hook, access rule or PROXY header before the connect) takes
+``start()`` instead, which does the same in callbacks on the hub: a greenlet to wait for
+one connect would cost more than the rest of the connect. Whatever ends a connection early
+raises a ``Failure`` (``_failure.py``: its outcome and its line) for the connection to
+record; its report (the totals, one log line, the hooks) is ``_report.py``'s.
 
 A pump (``pump()``) is a blocking-style loop: read what the source has, write all
 of it to the destination, repeat. Small reads are copied; once reads fill the
@@ -28,7 +30,7 @@ Closing rules (the "half-close dance"):
   flowing until it ends too. When both pumps saw EOF the outcome is ``EOF``
   and both sockets close normally.
 - A reset or any socket error in either pump aborts the connection: the
-  sibling pump is woken by throwing ``_Aborted`` into its wait
+  sibling pump is woken by throwing ``Aborted`` into its wait
   (``_gevent.cancel_wait``), or, held by a bulk lane, by waking the lane;
   both sockets close with RST (``SO_LINGER 0``), so each peer learns the
   connection failed. A partial write is never retried.
@@ -83,20 +85,22 @@ import os
 import socket
 import time
 import traceback
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import gevent
-from gevent import getcurrent
-from gevent.socket import getaddrinfo
 
-from gproxy import _gevent, _report, _sockets, proxyproto
+from gproxy import _dial, _gevent, _report, _sockets
+from gproxy._failure import Aborted, Failure, failure, tcp_closed
 from gproxy._workers import Workers
-from gproxy.access import Access, DeniedLog, client_key, compile_networks, in_networks
+from gproxy.access import Access, DeniedLog, client_key, compile_networks
 from gproxy.config import Rule
 from gproxy.offload import STOPPED
 from gproxy.stats import ConnectionRecord, Counters, Outcome
-from gproxy.targets import Targets, TargetError
+from gproxy.targets import Targets
 from gproxy.toxics import Link, Toxics
+
+if TYPE_CHECKING:
+    from gproxy.proxyproto import ProxyHeader
 
 __all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "FAIR_READS", "pump",
            "send_rest", "sweep", "toxics_changed"]
@@ -119,10 +123,6 @@ _READ, _WRITE = 1, 2
 _DRAINED, _DRAINED_SPLICING, _ENDED, _SWITCHED = range(4)
 
 
-
-
-class _Aborted(Exception):
-    """Thrown into a waiting pump to end it; never leaves this module."""
 
 
 class _Park(Exception):
@@ -203,13 +203,23 @@ class Context:
         self.toxics = Toxics()
         self.toxic_version = 0
         #: (family, sockaddr) of the one fixed target when nothing needs a greenlet before the
-        #: connect (no PROXY header either way, no access rules, no resolver): such a rule's
-        #: clients connect from the accept callback itself (Connection.start); else None
+        #: connect (no PROXY header either way, no access rules, no resolver, no on_open
+        #: hook), else None; see dials_on_hub
         target = rule.target if self.targets is None else None
         self.direct = (target.family, target.sockaddr) \
             if target is not None and target.family is not None and not self.proxy_version \
-            and self.accept_proxy is None and self.access is None else None
+            and self.accept_proxy is None and self.access is None and on_open is None else None
         self._ids = itertools.count(1)
+
+    def dials_on_hub(self, spare: socket.socket) -> bool:
+        """Whether a client connects in callbacks on the hub (``Connection.start``) rather
+        than in a greenlet (``Connection.run``): the one rule for the fast path. Yes when the
+        rule has one fixed address to connect to and nothing to do first (``direct``), no
+        forwarding loop to watch for (a client must then be checked against our own upstream
+        sockets before anything, which the greenlet path does), and ``spare``, the socket
+        made at accept for the upstream, is of the target's family."""
+        direct = self.direct
+        return direct is not None and self.own_upstreams is None and spare.family == direct[0]
 
     def close(self) -> None:
         """Release what is kept between connections: idle workers, splice's pipes."""
@@ -261,7 +271,7 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
     next chunks go socket -> pipe -> socket in the kernel until a small read, like HAProxy's
     ``option splice-auto``. The loop body is the whole cost of a small message, so the copy
     is written out here rather than called."""
-    wait = _gevent.waiter(conn._hub, conn, _Aborted)  # bound once per turn: the per-chunk wait
+    wait = _gevent.waiter(conn._hub, conn, Aborted)  # bound once per turn: the per-chunk wait
     context, counts = conn.context, conn.counts
     recv_into, send = src.recv_into, dst.send
     scratch, view = context.scratch, context.scratch_view
@@ -279,7 +289,7 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
             if offload is not None:  # bulk goes to a thread when one is free (offload.py)
                 n = offload.run(conn, src_fd, dst_fd, direction, version)
                 if n == STOPPED:
-                    raise _Aborted
+                    raise Aborted
             if n is None:
                 n = splicer.chunk(conn, src_fd, dst_fd, writable, direction, wait)
             if n is None:  # no fd for a pipe: copy
@@ -332,7 +342,7 @@ class Connection:
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
         "_pumps", "_closed", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target", "links",
-        "own_key", "_resolving", "spoke", "_upstream_writable", "_connecting", "_ended",
+        "own_key", "_dialing", "spoke", "_upstream_writable", "_ended",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -343,7 +353,7 @@ class Connection:
         #: the socket's real peer; client_address is the one a trusted PROXY header gave, if any
         self.peer = client_address
         #: the PROXY header a trusted client sent (accept_proxy_from), or None
-        self.proxied: Optional[proxyproto.ProxyHeader] = None
+        self.proxied: Optional[ProxyHeader] = None
         #: what access counted this connection under (max_connections_per_client), or None
         self.access_key = None
         self.upstream: Optional[socket.socket] = None
@@ -361,7 +371,9 @@ class Connection:
         self._pumps = 0               # pumps started and not ended (a parked pump has not ended)
         self._ended = [False, False]  # per direction: ended (_end_direction ran for it)
         self._closed = False
-        self._resolving = None        # the greenlet waiting for the resolver, while it does
+        #: while connecting: the greenlet waiting in the connect phase, or _dial.ON_HUB while
+        #: start()'s connect waits in callbacks; what an abort stops (_dial.cancel)
+        self._dialing = None
         self.spoke: Optional[int] = None  # the direction that read bytes last (see idle_at_stop)
         # for the sweep: bytes per direction at its last pass (parking), and the
         # byte total it saw last with when that changed (idle timeout)
@@ -372,33 +384,33 @@ class Connection:
         self.links: Optional[List[Optional[Link]]] = None
         #: the watcher that waited for the upstream's connect, kept for its pumps
         self._upstream_writable = None
-        #: True while start() waits for the upstream's connect in callbacks, with no greenlet
-        self._connecting = False
 
     # -- the life, top to bottom ------------------------------------------------
 
     def run(self, spare: socket.socket) -> None:
-        """The StreamServer handler: connect (``spare`` is an unconnected socket to use if its
-        family fits), then hand the connection to its pumps."""
+        """The StreamServer handler: the connect phase (``spare`` is an unconnected socket to
+        use if its family fits), then hand the connection to its pumps."""
         context = self.context
         context.active[self.id] = self
         context.counters.accepted += 1
         context.counters.active += 1
         try:
-            if context.accept_proxy is not None and not self._accept_proxy_header():
-                return
+            if context.accept_proxy is not None:
+                _dial.read_proxy_header(self)
             _report.call_hook(self, context.on_open, None, "on_open")
             if self.outcome is not None:  # the hook stopped the forwarder
-                return
+                raise Aborted
             if context.access is not None:
                 why, self.access_key = context.access.admit(client_key(self.client_address))
                 if why is not None:  # refused before anything is dialled
-                    self._finish(Outcome.DENIED, why)
-                    return
-            upstream, spare = self.connect_upstream(spare), None
-            if upstream is not None:
-                self.upstream = upstream
-                self._start_pumps(upstream)
+                    raise Failure(Outcome.DENIED, why)
+            self.upstream, spare = _dial.connect_upstream(self, spare), None
+            if self.outcome is None:  # (not aborted while the connect was counted)
+                self._start_pumps(self.upstream)
+        except Failure as exc:
+            self._finish(exc.outcome, exc.error)
+        except Aborted:
+            pass
         except gevent.GreenletExit:
             self._finish(Outcome.SHUTDOWN)
         except BaseException:  # a bug: logged once, with its traceback, by _teardown
@@ -407,292 +419,34 @@ class Connection:
             if spare is not None:
                 spare.close()  # refused before connecting
             if not self._pumps:
-                self._teardown()
+                self._end_unstarted()
 
     def start(self, spare: socket.socket) -> None:
-        """Begin the life of a client of a rule whose ``Context.direct`` is set and which has
-        no ``on_open`` hook, on the hub (the accept callback), with no greenlet: connect
-        ``spare`` (a socket of the target's family) and start the pumps from the connect
-        watcher's callback. What ``run()`` does for such a client, in callbacks."""
+        """Begin the life of a client for which ``Context.dials_on_hub(spare)`` is true, on
+        the hub (the accept callback), with no greenlet: ``_dial.start`` connects ``spare``
+        and starts the pumps from the connect watcher's callback."""
         context = self.context
-        sockaddr = context.direct[1]
         context.active[self.id] = self
         counters = context.counters
         counters.accepted += 1
         counters.active += 1
-        self.upstream = spare
         try:
-            code = spare.connect_ex(sockaddr)
-            if context.own_upstreams is not None:  # before the listener can accept it
-                self.own_key = context.own_upstreams.note(spare, self.own_key)
-            if code == errno.EINPROGRESS:
-                loop = self._hub.loop
-                writable = loop.io(spare.fileno(), _WRITE)
-                timeout = context.rule.connect_timeout
-                timer = loop.timer(timeout) if timeout else None
-                self._watchers = [writable] if timer is None else [writable, timer]
-                self._connecting = True
-                writable.start(self._connect_done, True)
-                if timer is not None:
-                    timer.start(self._connect_done, False)
-            else:  # a Unix socket answers at once
-                self._connect_ended(code)
+            _dial.start(self, spare)
         except BaseException:  # a bug: logged once, with its traceback, by _teardown
-            self._connecting = False
-            self._finish(Outcome.ERROR, traceback.format_exc())
-            context.workers.run(self._teardown)
+            self._connect_failed(Failure(Outcome.ERROR, traceback.format_exc()))
 
-    def _connect_done(self, ready: bool) -> None:
-        """Watcher or timer callback, on the hub: start()'s connect has an answer, or its time is up."""
-        self._connecting = False
-        watchers, self._watchers = self._watchers, []
-        writable = watchers[0]
-        writable.stop()
-        for timer in watchers[1:]:
-            timer.close()
-        try:
-            code = self._connect_result(self.upstream, writable, ready)
-            self._connect_ended(code)
-        except BaseException:  # a bug: logged once, with its traceback, by _teardown
-            self._finish(Outcome.ERROR, traceback.format_exc())
+    def _connect_failed(self, failed: Failure) -> None:
+        """start()'s connect failed, in a callback on the hub: record why and end."""
+        self._finish(failed.outcome, failed.error)
+        self._end_unstarted(in_callback=True)
+
+    def _end_unstarted(self, in_callback: bool = False) -> None:
+        """The connect phase ended with no pumps (failed, refused, aborted): tear down (in a
+        worker when called in a hub callback)."""
+        if in_callback:
             self.context.workers.run(self._teardown)
-
-    def _connect_ended(self, code: int) -> None:
-        """The end of start()'s connect: the pumps, or the failure, torn down in a worker
-        (its log line and on_close hook must be free to use gevent)."""
-        context = self.context
-        if code == 0:
-            context.counters.connected(context.target_name, True)
-            self._start_pumps(self.upstream)
-            return
-        context.counters.connected(context.target_name, False)
-        self._finish(*_connect_failure(context.rule.target, context.direct[1], code))
-        context.workers.run(self._teardown)
-
-    def _connect_result(self, sock: socket.socket, writable, ready: bool) -> int:
-        """A non-blocking connect's errno (0: connected) once its watcher fired (``ready``) or
-        its time ran out. A connected socket's writable watcher is kept for its pumps (one
-        fewer to make); a failed one's is closed."""
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if not ready and not code and not _connected(sock):
-            code = errno.ETIMEDOUT  # (after a stalled loop the timer may run first: asked)
-        if code == 0:
-            self._upstream_writable = writable
         else:
-            writable.close()
-        return code
-
-    def _accept_proxy_header(self) -> bool:
-        """A client from ``accept_proxy_from`` must start with a PROXY header: read exactly
-        that (peek, then take only header bytes), within ``proxy_header_timeout``. Its
-        address then stands for the client. False: the connection is refused (outcome set)."""
-        key = client_key(self.client_address)
-        if key is None or not in_networks(key, self.context.accept_proxy):
-            return True  # not a trusted proxy: an ordinary client, whose bytes are payload
-        client = self.client
-        timeout = self.context.rule.proxy_header_timeout
-        deadline = time.monotonic() + timeout
-        readable = self._hub.loop.io(client.fileno(), _READ)
-        seen, size = b"", None
-        try:
-            while size is None or len(seen) < size:
-                want = (size if size is not None else proxyproto.V1_MAX) - len(seen)
-                try:
-                    data = client.recv(want, socket.MSG_PEEK)
-                except BlockingIOError:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not self._wait_for(readable, remaining):
-                        self._finish(Outcome.DENIED, f"no PROXY header within {timeout:g}s")
-                        return False
-                    continue
-                if not data:
-                    self._finish(Outcome.DENIED, "closed before sending its PROXY header")
-                    return False
-                if size is None:
-                    size = proxyproto.header_size(seen + data)
-                # what header_size has not placed yet is all header too; never take past it
-                take = len(data) if size is None else min(len(data), size - len(seen))
-                seen += client.recv(take)
-            self.proxied = info = proxyproto.parse(seen)
-        except proxyproto.ProxyProtocolError as exc:
-            self._finish(Outcome.DENIED, f"bad PROXY header: {exc}")
-            return False
-        except _Aborted:
-            return False
-        except OSError as exc:
-            self._finish(Outcome.RESET, _side_error("client", exc))
-            return False
-        finally:
-            readable.close()
-        if info.family in (socket.AF_INET, socket.AF_INET6):
-            self.client_address = info.source
-        return True
-
-    def connect_upstream(self, spare: Optional[socket.socket] = None) -> Optional[socket.socket]:
-        """Try each address of the target in turn; on failure record why and return None.
-        With ``proxy_protocol`` the header goes out first, in one write, before any payload."""
-        upstream = None
-        try:
-            upstream = self._connect_upstream(spare)
-            context = self.context
-            if context.targets is None:  # several targets are counted one by one, as tried
-                if upstream is not None:
-                    context.counters.connected(context.target_name, True)
-                elif self.outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT):
-                    context.counters.connected(context.target_name, False)
-            if upstream is not None and context.proxy_version and not self._send_proxy_header(upstream):
-                upstream.close()
-                upstream = None
-            return upstream
-        finally:
-            if spare is not None and spare is not upstream:
-                spare.close()  # unused, or failed (closing twice is harmless)
-
-    def _send_proxy_header(self, upstream: socket.socket) -> bool:
-        """The PROXY header for this client, in one write; False (outcome set) if it failed."""
-        version, info = self.context.proxy_version, self.proxied
-        try:
-            if info is not None and info.family is not None:  # pass on what the trusted proxy said
-                header = proxyproto.encode(version, info.source, info.destination, info.family)
-            elif self.client.family == socket.AF_UNIX:
-                header = proxyproto.encode(version, self.peer or b"", self.client.getsockname(), socket.AF_UNIX)
-            else:
-                header = proxyproto.encode(version, self.peer, self.client.getsockname())
-            sent = upstream.send(header)
-            if sent != len(header):  # never on a fresh connection: the header is < one MSS
-                writable = self._hub.loop.io(upstream.fileno(), _WRITE)
-                try:
-                    while sent < len(header):
-                        if not self._wait_for(writable, self.context.rule.connect_timeout):
-                            self._finish(Outcome.CONNECT_TIMEOUT, "could not send the PROXY header")
-                            return False
-                        try:
-                            sent += upstream.send(header[sent:])
-                        except BlockingIOError:
-                            pass
-                finally:
-                    writable.close()
-        except _Aborted:
-            return False
-        except OSError as exc:
-            self._finish(Outcome.RESET, _side_error("upstream", exc, " while we sent the PROXY header"))
-            return False
-        return True
-
-    def _connect_upstream(self, spare: Optional[socket.socket]) -> Optional[socket.socket]:
-        targets = self.context.targets
-        if targets is None:  # one fixed target: the plain path
-            result = self._connect_to(self.context.rule.target, spare)
-            if type(result) is tuple:
-                self._finish(*result)
-                return None
-            return result
-        # Several targets, or a function: each in the order the balance gives, the next one
-        # after a failure, so the client notices nothing unless every one fails.
-        try:
-            order = targets.order(self.client_address)
-        except TargetError as exc:
-            self._finish(Outcome.CONNECT_FAILED, str(exc))
-            return None
-        failures = []
-        for endpoint in order:
-            result = self._connect_to(endpoint, spare)
-            spare = None  # used or closed by the first attempt
-            if result is None:
-                return None
-            if type(result) is not tuple:
-                targets.succeeded(endpoint)
-                self.context.counters.connected(str(endpoint), True)
-                self.target = endpoint
-                return result
-            targets.failed(endpoint, result[1])
-            self.context.counters.connected(str(endpoint), False)
-            failures.append(result)
-        if len(failures) == 1:
-            self._finish(*failures[0])
-        else:
-            timed_out = all(outcome is Outcome.CONNECT_TIMEOUT for outcome, _ in failures)
-            self._finish(Outcome.CONNECT_TIMEOUT if timed_out else Outcome.CONNECT_FAILED,
-                         f"all {len(failures)} targets failed: " + "; ".join(e for _, e in failures))
-        return None
-
-    def _connect_to(self, target, spare: Optional[socket.socket]):
-        """Try each address of one target in turn: the connected socket, or ``(outcome, error)``
-        when none answered, or None when the connection has ended already (aborted, no fds)."""
-        rule = self.context.rule
-        family = target.family
-        if family is not None:  # an IP literal or a Unix socket needs no resolver
-            candidates = [(family, target.sockaddr)]
-        else:
-            candidates = self._resolve(target.host, target.port, rule.connect_timeout)
-            if type(candidates) is not list:
-                return candidates  # (outcome, error), or None if aborted meanwhile
-        outcome, error = Outcome.CONNECT_FAILED, None
-        for family, sockaddr in candidates:
-            if self.outcome is not None:  # aborted while resolving
-                return None
-            try:
-                if spare is not None and spare.family == family:
-                    sock, spare = spare, None
-                else:
-                    sock = _sockets.raw_socket(family)
-            except OSError as exc:  # out of fds or memory: this client cannot be served now
-                self._finish(Outcome.CONNECT_FAILED, f"cannot open a socket: {_sockets.describe_error(exc)}")
-                if self.context.on_fd_exhausted is not None and exc.errno in _sockets.FD_EXHAUSTED:
-                    self.context.on_fd_exhausted(exc)  # accept no more clients we cannot serve
-                return None
-            try:
-                code = sock.connect_ex(sockaddr)
-                if self.context.own_upstreams is not None:  # before the listener can accept it
-                    self.own_key = self.context.own_upstreams.note(sock, self.own_key)
-                if code == errno.EINPROGRESS:  # a Unix socket never waits: EAGAIN is a full queue
-                    writable = self._hub.loop.io(sock.fileno(), _WRITE)
-                    try:
-                        ready = self._wait_for(writable, rule.connect_timeout)
-                    except BaseException:
-                        writable.close()
-                        raise
-                    code = self._connect_result(sock, writable, ready)
-            except _Aborted:
-                sock.close()
-                return None
-            if code == 0:
-                return sock
-            sock.close()
-            outcome, error = _connect_failure(target, sockaddr, code)
-        return outcome, error if error is not None else f"{target}: no address"
-
-    def _resolve(self, host: str, port: int, timeout: Optional[float]):
-        """A list of (family, sockaddr), one per address of ``host``; ``(outcome, error)`` if
-        it has none or the resolver did not answer within ``timeout``; None if the connection
-        was aborted meanwhile.
-
-        gevent resolves in a thread pool by default, and a C resolver call cannot be
-        interrupted: on timeout or abort we stop waiting and let the thread finish on its own."""
-        deadline = gevent.Timeout(timeout) if timeout else None
-        self._resolving = getcurrent()
-        try:
-            if deadline is not None:
-                deadline.start()
-            infos = getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        except gevent.Timeout as exc:
-            if exc is not deadline:
-                raise
-            return Outcome.CONNECT_TIMEOUT, f"cannot resolve {host}: no answer within {timeout:g}s"
-        except _Aborted:
-            return None
-        except OSError as exc:
-            return Outcome.CONNECT_FAILED, f"cannot resolve {host}: {_sockets.describe_error(exc)}"
-        finally:
-            self._resolving = None
-            if deadline is not None:
-                deadline.close()
-        return [(info[0], info[4]) for info in infos]
-
-    def _interrupt_resolving(self, resolving) -> None:
-        """Hub callback after an abort: end the wait for the resolver, if still in it."""
-        if self._resolving is resolving:
-            resolving.throw(_Aborted())
+            self._teardown()
 
     def _start_pumps(self, upstream: socket.socket) -> None:
         context = self.context
@@ -730,7 +484,7 @@ class Connection:
             if carry is not None:
                 if isinstance(carry, BaseException):
                     raise carry
-                send_rest(_gevent.waiter(self._hub, self, _Aborted), dst, self.context.scratch,
+                send_rest(_gevent.waiter(self._hub, self, Aborted), dst, self.context.scratch,
                           carry[0], carry[1], writable)
             while self.outcome is None:
                 try:
@@ -764,13 +518,13 @@ class Connection:
             # the source has data. The pump held no bytes: it was waiting for the source.
             self._leave(direction)
             return
-        except _Aborted:
+        except Aborted:
             pass
+        except Failure as exc:  # the chain closed or reset the connection
+            self.abort(exc.outcome, exc.error)
         except OSError as exc:
-            if isinstance(exc, ConnectionError) or exc.errno in _sockets.PEER_GONE:
-                self.abort(Outcome.RESET, _side_error(self._side_of(direction, exc), exc))
-            else:
-                self.abort(Outcome.ERROR, traceback.format_exc())
+            failed = failure(exc, self._side_of(direction, exc))
+            self.abort(failed.outcome, failed.error)
         except gevent.GreenletExit:
             self.abort(Outcome.SHUTDOWN)
         except BaseException:  # a bug, or a stray gevent.Timeout: this connection ends, not the hub
@@ -795,7 +549,7 @@ class Connection:
         socket, or both ended), by the errno: EPIPE is met writing, to the destination; the
         others mostly reading, from the source."""
         src, dst = self._ends[direction][:2]
-        ended = [sock for sock in (src, dst) if _tcp_closed(sock)]
+        ended = [sock for sock in (src, dst) if tcp_closed(sock)]
         sock = ended[0] if len(ended) == 1 else dst if exc.errno == errno.EPIPE else src
         return "client" if sock is self.client else "upstream"
 
@@ -890,9 +644,10 @@ class Connection:
             return
         src, dst = self._ends[direction][:2]
         offload = self.context.offload
-        if offload is not None and offload.holds(self) and _tcp_closed(src):
+        if offload is not None and offload.holds(self) and tcp_closed(src):
             side = "client" if src is self.client else "upstream"
-            self.abort(Outcome.RESET, _side_error(side, ConnectionResetError(errno.ECONNRESET, "")))
+            failed = failure(ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)), side)
+            self.abort(failed.outcome, failed.error)
             return
         self._eof_count += 1
         if self._pumps > 1:
@@ -950,17 +705,6 @@ class Connection:
 
     # -- waiting and aborting -----------------------------------------------------
 
-    def _wait_for(self, watcher, timeout: Optional[float]) -> bool:
-        """Before the pumps: wait for one watcher, with a deadline (None or 0: none): True if it
-        fired, False on timeout; _Aborted if the connection was or is aborted meanwhile."""
-        if self.outcome is not None:
-            raise _Aborted
-        self._watchers = [watcher]  # what abort() throws through
-        try:
-            return _gevent.wait_any(self._hub, (watcher,), timeout or None)
-        finally:
-            self._watchers = []
-
     def wait_any(self, watchers, timeout: float) -> bool:
         """For a pump in the toxic chain: wait until one of ``watchers`` fires (True) or
         ``timeout`` seconds pass (False). Its timer joins this connection's watchers meanwhile,
@@ -972,18 +716,15 @@ class Connection:
         if self.outcome is not None:
             return
         self._finish(outcome, error)
-        if self._connecting:  # start()'s connect: no greenlet waits; stop waiting, and end
-            self._connecting = False
-            self._teardown()  # closes the connect's watchers, then the sockets
+        if not self._ends:  # connecting
+            _dial.cancel(self)
             return
-        if self._resolving is not None:  # nothing to cancel: it waits on the resolver's pool
-            self._hub.loop.run_callback(self._interrupt_resolving, self._resolving)
         for direction, (_src, _dst, readable, _writable) in enumerate(self._ends):
             if self._parked(readable):
                 readable.stop()      # no greenlet to wake: the pump just ends
                 self._end_direction(direction)
         for watcher in self._watchers:
-            _gevent.cancel_wait(self._hub, watcher, _Aborted())
+            _gevent.cancel_wait(self._hub, watcher, Aborted())
         if self.context.offload is not None:
             self.context.offload.wake(self)  # a pump whose bulk a thread splices
 
@@ -1028,48 +769,6 @@ class Connection:
     def record(self) -> ConnectionRecord:
         """What this connection is, or was (see _report.record)."""
         return _report.record(self)
-
-
-def _connect_failure(target, sockaddr, code: int):
-    """(outcome, error) of a connect to ``sockaddr``, an address of ``target``, that failed with ``code``."""
-    outcome = Outcome.CONNECT_TIMEOUT if code == errno.ETIMEDOUT else Outcome.CONNECT_FAILED
-    where = _sockets.describe_address(sockaddr) if isinstance(sockaddr, tuple) else str(target)
-    return outcome, f"{where}: {os.strerror(code).lower()}"
-
-
-#: errors that mean the peer reset (or closed under our write); the other errors of a peer
-#: that is gone (a timeout, an unreachable host) say "failed"
-_RESETS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
-
-#: tcpi_state of a TCP socket whose connection ended under it (linux/tcp_states.h TCP_CLOSE)
-_TCP_CLOSE = 7
-
-
-def _side_error(side: str, exc: OSError, doing: str = "") -> str:
-    """A RESET outcome's error, naming the side: 'client reset: connection reset by peer',
-    'upstream failed: connection timed out'."""
-    how = "reset" if exc.errno in _RESETS else "failed"
-    return f"{side} {how}{doing}: {_sockets.describe_error(exc)}"
-
-
-def _tcp_closed(sock: socket.socket) -> bool:
-    """Whether the kernel shows this TCP socket's connection ended (reset or timed out);
-    False when it cannot say (a Unix socket, a system without TCP_INFO)."""
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
-    except (OSError, AttributeError):
-        return False
-
-
-def _connected(sock: socket.socket) -> bool:
-    """Whether a non-blocking connect has completed, whatever the watchers said: after a
-    stall of the loop, the connect timer and the socket's readiness fire in the same pass,
-    and the timer's callback may run first."""
-    try:
-        sock.getpeername()
-        return True
-    except OSError:  # ENOTCONN: still connecting, or failed
-        return False
 
 
 def sweep(context: Context, now: float, park: bool) -> None:

@@ -1,6 +1,6 @@
 """Several targets for one rule: the order to try them in for each client, and passive health.
 
-Typical use (relay.connect_upstream does this for every client of a rule with several
+Typical use (_dial.connect_upstream does this for every client of a rule with several
 targets, or a function as its target)::
 
     targets = Targets(rule, label="postgres")

@@ -1,0 +1,383 @@
+"""The connect phase: from an accepted client to a connected upstream, or a ``Failure``.
+
+Typical use (``relay.Connection`` does this; ``conn`` is the Connection)::
+
+    read_proxy_header(conn)                  # accept_proxy_from: the client's PROXY header first
+    upstream = connect_upstream(conn, spare) # every target, every address; our PROXY header
+    start(conn, spare)                       # a plain rule's client: all of it in hub callbacks
+    cancel(conn)                             # conn was aborted while connecting
+
+Two paths, one result. ``connect_upstream`` runs in the client's greenlet
+(``Connection.run``): it tries the targets in the order the balance gives (one fixed target:
+just that one), each name resolved (bounded by ``connect_timeout``) and each of its
+addresses connected in turn, each bounded by ``connect_timeout``, and sends the PROXY
+header, if the rule sends one, in one write before any payload. ``start`` serves a client
+of a plain rule (``Context.dials_on_hub``): one fixed address, nothing to read, check or send
+first, so the connect is started from the accept callback and finished from the socket's
+writable watcher (or its timer), with no greenlet: a greenlet made, switched to and back per
+connection would cost more than the rest of its connect. Either way, success ends in
+``Connection._start_pumps`` and failure in a ``Failure`` (its outcome and line, see
+_failure.py) for the connection to record.
+
+An abort while connecting (the forwarder stops, the connection is closed by the API) must
+not wait for the connect timeout. While a greenlet waits here, ``conn._dialing`` is that
+greenlet, and ``cancel`` throws ``Aborted`` into it on the next pass of the loop if it still
+waits then; on the callback path ``conn._dialing`` is ``ON_HUB`` and ``cancel`` ends the
+connection at once (the teardown closes the connect's watchers, then the socket). A
+resolver call cannot be interrupted (gevent resolves in a thread pool): the greenlet stops
+waiting and the thread finishes on its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+import traceback
+from typing import Optional
+
+import gevent
+from gevent.socket import getaddrinfo
+from greenlet import getcurrent
+
+from gproxy import _gevent, _sockets, proxyproto
+from gproxy._failure import Aborted, Failure, connect_failure, failure
+from gproxy.access import client_key, in_networks
+from gproxy.stats import Outcome
+from gproxy.targets import TargetError
+
+__all__ = ["read_proxy_header", "connect_upstream", "start", "cancel", "ON_HUB"]
+
+_READ, _WRITE = 1, 2
+
+#: ``conn._dialing`` while ``start``'s connect waits in callbacks, with no greenlet
+ON_HUB = object()
+
+
+class _NoSocket(Failure):
+    """No socket could be made (out of fds or memory): this client cannot be served now; the
+    next of several targets would not fare better."""
+
+
+# -- the greenlet path -------------------------------------------------------------------------
+
+def read_proxy_header(conn) -> None:
+    """A client from ``accept_proxy_from`` must start with a PROXY header: read exactly that
+    (peek, then take only header bytes), within ``proxy_header_timeout``. Its address then
+    stands for the client. Raises Failure (DENIED, or RESET) when the client is refused."""
+    key = client_key(conn.client_address)
+    if key is None or not in_networks(key, conn.context.accept_proxy):
+        return  # not a trusted proxy: an ordinary client, whose bytes are payload
+    client = conn.client
+    timeout = conn.context.rule.proxy_header_timeout
+    deadline = time.monotonic() + timeout
+    readable = conn._hub.loop.io(client.fileno(), _READ)
+    seen, size = b"", None
+    try:
+        while size is None or len(seen) < size:
+            want = (size if size is not None else proxyproto.V1_MAX) - len(seen)
+            try:
+                data = client.recv(want, socket.MSG_PEEK)
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not _wait(conn, readable, remaining):
+                    raise Failure(Outcome.DENIED, f"no PROXY header within {timeout:g}s") from None
+                continue
+            if not data:
+                raise Failure(Outcome.DENIED, "closed before sending its PROXY header")
+            if size is None:
+                size = proxyproto.header_size(seen + data)
+            # what header_size has not placed yet is all header too; never take past it
+            take = len(data) if size is None else min(len(data), size - len(seen))
+            seen += client.recv(take)
+        conn.proxied = info = proxyproto.parse(seen)
+    except proxyproto.ProxyProtocolError as exc:
+        raise Failure(Outcome.DENIED, f"bad PROXY header: {exc}") from None
+    except OSError as exc:
+        raise failure(exc, "client") from None
+    finally:
+        readable.close()
+    if info.family in (socket.AF_INET, socket.AF_INET6):
+        conn.client_address = info.source
+
+
+def connect_upstream(conn, spare: Optional[socket.socket] = None) -> socket.socket:
+    """The connected upstream socket, its PROXY header sent if the rule sends one; raises
+    Failure when no target answered, Aborted when the connection was aborted meanwhile.
+    ``spare`` (an unconnected socket made at accept) is used if its family fits, else closed."""
+    upstream = None
+    context = conn.context
+    try:
+        if context.targets is None:  # one fixed target: the plain path
+            try:
+                upstream = _connect_to(conn, context.rule.target, spare)
+            except Failure:
+                context.counters.connected(context.target_name, False)
+                raise
+            context.counters.connected(context.target_name, True)
+        else:
+            upstream = _connect_targets(conn, spare)
+        if context.proxy_version:
+            _send_proxy_header(conn, upstream)
+        return upstream
+    except BaseException:
+        if upstream is not None:
+            _forget_writable(conn)  # its watcher before its fd
+            upstream.close()
+            upstream = None
+        raise
+    finally:
+        if spare is not None and spare is not upstream:
+            spare.close()  # unused, or failed (closing twice is harmless)
+
+
+def _connect_targets(conn, spare: Optional[socket.socket]) -> socket.socket:
+    """Several targets, or a function: each in the order the balance gives, the next one after
+    a failure, so the client notices nothing unless every one fails."""
+    context = conn.context
+    targets = context.targets
+    try:
+        order = targets.order(conn.client_address)
+    except TargetError as exc:
+        raise Failure(Outcome.CONNECT_FAILED, str(exc)) from None
+    failures = []
+    for endpoint in order:
+        try:
+            sock = _connect_to(conn, endpoint, spare)
+        except _NoSocket:
+            raise
+        except Failure as exc:
+            targets.failed(endpoint, exc.error)
+            context.counters.connected(str(endpoint), False)
+            failures.append(exc)
+            continue
+        finally:
+            spare = None  # used or closed by the first attempt
+        targets.succeeded(endpoint)
+        context.counters.connected(str(endpoint), True)
+        conn.target = endpoint
+        return sock
+    if len(failures) == 1:
+        raise failures[0]
+    timed_out = all(f.outcome is Outcome.CONNECT_TIMEOUT for f in failures)
+    raise Failure(Outcome.CONNECT_TIMEOUT if timed_out else Outcome.CONNECT_FAILED,
+                  f"all {len(failures)} targets failed: " + "; ".join(f.error for f in failures))
+
+
+def _connect_to(conn, target, spare: Optional[socket.socket]) -> socket.socket:
+    """Try each address of one target in turn: the connected socket; Failure when none
+    answered; Aborted when the connection was aborted meanwhile."""
+    context = conn.context
+    timeout = context.rule.connect_timeout
+    if target.family is not None:  # an IP literal or a Unix socket needs no resolver
+        candidates = [(target.family, target.sockaddr)]
+    else:
+        candidates = _resolve(conn, target.host, target.port, timeout)
+    failed: Optional[Failure] = None
+    for family, sockaddr in candidates:
+        if conn.outcome is not None:  # aborted while resolving, or between addresses
+            raise Aborted
+        if spare is not None and spare.family == family:
+            sock, spare = spare, None
+        else:
+            sock = _new_socket(conn, family)
+        try:
+            code = sock.connect_ex(sockaddr)
+            if context.own_upstreams is not None:  # before the listener can accept it
+                conn.own_key = context.own_upstreams.note(sock, conn.own_key)
+            if code == errno.EINPROGRESS:  # a Unix socket never waits: EAGAIN is a full queue
+                writable = conn._hub.loop.io(sock.fileno(), _WRITE)
+                try:
+                    ready = _wait(conn, writable, timeout)
+                except BaseException:
+                    writable.close()
+                    raise
+                code = _connect_result(conn, sock, writable, ready)
+        except BaseException:
+            sock.close()
+            raise
+        if code == 0:
+            return sock
+        sock.close()
+        failed = connect_failure(code, _where(target, sockaddr))
+    raise failed if failed is not None else Failure(Outcome.CONNECT_FAILED, f"{target}: no address")
+
+
+def _new_socket(conn, family: int) -> socket.socket:
+    try:
+        return _sockets.raw_socket(family)
+    except OSError as exc:  # out of fds or memory: this client cannot be served now
+        context = conn.context
+        if context.on_fd_exhausted is not None and exc.errno in _sockets.FD_EXHAUSTED:
+            context.on_fd_exhausted(exc)  # accept no more clients we cannot serve
+        raise _NoSocket(Outcome.CONNECT_FAILED,
+                        f"cannot open a socket: {_sockets.describe_error(exc)}") from None
+
+
+def _resolve(conn, host: str, port: int, timeout: Optional[float]) -> list:
+    """(family, sockaddr) of each address of ``host``; Failure if it has none or the resolver
+    did not answer within ``timeout``."""
+    if conn.outcome is not None:
+        raise Aborted
+    deadline = gevent.Timeout(timeout) if timeout else None
+    conn._dialing = getcurrent()
+    try:
+        if deadline is not None:
+            deadline.start()
+        infos = getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except gevent.Timeout as exc:
+        if exc is not deadline:
+            raise
+        raise Failure(Outcome.CONNECT_TIMEOUT, f"cannot resolve {host}: no answer within {timeout:g}s") from None
+    except OSError as exc:
+        raise Failure(Outcome.CONNECT_FAILED, f"cannot resolve {host}: {_sockets.describe_error(exc)}") from None
+    finally:
+        conn._dialing = None
+        if deadline is not None:
+            deadline.close()
+    return [(info[0], info[4]) for info in infos]
+
+
+def _send_proxy_header(conn, upstream: socket.socket) -> None:
+    """The PROXY header for this client, in one write; Failure if it could not be sent."""
+    version, info = conn.context.proxy_version, conn.proxied
+    client = conn.client
+    try:
+        if info is not None and info.family is not None:  # pass on what the trusted proxy said
+            header = proxyproto.encode(version, info.source, info.destination, info.family)
+        elif client.family == socket.AF_UNIX:
+            header = proxyproto.encode(version, conn.peer or b"", client.getsockname(), socket.AF_UNIX)
+        else:
+            header = proxyproto.encode(version, conn.peer, client.getsockname())
+        sent = upstream.send(header)
+        if sent != len(header):  # never on a fresh connection: the header is < one MSS
+            writable = conn._hub.loop.io(upstream.fileno(), _WRITE)
+            try:
+                while sent < len(header):
+                    if not _wait(conn, writable, conn.context.rule.connect_timeout):
+                        raise Failure(Outcome.CONNECT_TIMEOUT, "could not send the PROXY header")
+                    try:
+                        sent += upstream.send(header[sent:])
+                    except BlockingIOError:
+                        pass
+            finally:
+                writable.close()
+    except OSError as exc:
+        raise failure(exc, "upstream", " while we sent the PROXY header") from None
+
+
+def _wait(conn, watcher, timeout: Optional[float]) -> bool:
+    """Wait for one watcher, with a deadline (None or 0: none): True if it fired, False on
+    timeout; Aborted if the connection is or was aborted meanwhile."""
+    if conn.outcome is not None:
+        raise Aborted
+    conn._dialing = getcurrent()
+    try:
+        return _gevent.wait_any(conn._hub, (watcher,), timeout or None)
+    finally:
+        conn._dialing = None
+
+
+# -- the callback path -------------------------------------------------------------------------
+
+def start(conn, spare: socket.socket) -> None:
+    """On the hub (the accept callback): connect ``spare`` (a socket of the target's family)
+    to the rule's one address and start the pumps from the connect watcher's callback."""
+    context = conn.context
+    conn.upstream = spare
+    code = spare.connect_ex(context.direct[1])
+    if context.own_upstreams is not None:  # before the listener can accept it
+        conn.own_key = context.own_upstreams.note(spare, conn.own_key)
+    if code != errno.EINPROGRESS:  # a Unix socket answers at once
+        _connect_ended(conn, code)
+        return
+    loop = conn._hub.loop
+    writable = loop.io(spare.fileno(), _WRITE)
+    timeout = context.rule.connect_timeout
+    timer = loop.timer(timeout) if timeout else None
+    conn._watchers = [writable] if timer is None else [writable, timer]
+    conn._dialing = ON_HUB
+    writable.start(_connect_done, conn, True)
+    if timer is not None:
+        timer.start(_connect_done, conn, False)
+
+
+def _connect_done(conn, ready: bool) -> None:
+    """Watcher or timer callback, on the hub: start()'s connect has an answer, or its time is up."""
+    conn._dialing = None
+    watchers, conn._watchers = conn._watchers, []
+    writable = watchers[0]
+    writable.stop()
+    for timer in watchers[1:]:
+        timer.close()
+    try:
+        _connect_ended(conn, _connect_result(conn, conn.upstream, writable, ready))
+    except BaseException:  # a bug: logged once, with its traceback, by the teardown
+        conn._connect_failed(Failure(Outcome.ERROR, traceback.format_exc()))
+
+
+def _connect_ended(conn, code: int) -> None:
+    """The end of start()'s connect: the pumps, or the failure."""
+    context = conn.context
+    if code == 0:
+        context.counters.connected(context.target_name, True)
+        conn._start_pumps(conn.upstream)
+        return
+    context.counters.connected(context.target_name, False)
+    conn._connect_failed(connect_failure(code, _where(context.rule.target, context.direct[1])))
+
+
+def cancel(conn) -> None:
+    """``conn`` was aborted while connecting: stop waiting. On the callback path the
+    connection ends here; a greenlet that waits is thrown Aborted on the next pass of the loop
+    (one that does not wait now finds the outcome before its next wait)."""
+    dialing = conn._dialing
+    if dialing is ON_HUB:
+        conn._dialing = None
+        conn._end_unstarted()  # the teardown closes the connect's watchers, then the socket
+    elif dialing is not None:
+        conn._hub.loop.run_callback(_throw, conn, dialing)
+
+
+def _throw(conn, dialing) -> None:
+    """Hub callback after an abort: end the greenlet's wait, if it still waits here."""
+    if conn._dialing is dialing:
+        dialing.throw(Aborted())
+
+
+# -- both ---------------------------------------------------------------------------------------
+
+def _connect_result(conn, sock: socket.socket, writable, ready: bool) -> int:
+    """A non-blocking connect's errno (0: connected) once its watcher fired (``ready``) or
+    its time ran out. A connected socket's writable watcher is kept for its pumps (one
+    fewer to make); a failed one's is closed."""
+    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if not ready and not code and not _connected(sock):
+        code = errno.ETIMEDOUT  # (after a stalled loop the timer may run first: asked)
+    if code == 0:
+        conn._upstream_writable = writable
+    else:
+        writable.close()
+    return code
+
+
+def _forget_writable(conn) -> None:
+    writable, conn._upstream_writable = conn._upstream_writable, None
+    if writable is not None:
+        writable.close()
+
+
+def _connected(sock: socket.socket) -> bool:
+    """Whether a non-blocking connect has completed, whatever the watchers said: after a
+    stall of the loop, the connect timer and the socket's readiness fire in the same pass,
+    and the timer's callback may run first."""
+    try:
+        sock.getpeername()
+        return True
+    except OSError:  # ENOTCONN: still connecting, or failed
+        return False
+
+
+def _where(target, sockaddr) -> str:
+    """A failed connect's address, as its line names it."""
+    return _sockets.describe_address(sockaddr) if isinstance(sockaddr, tuple) else str(target)
