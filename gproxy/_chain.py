@@ -37,13 +37,15 @@ loses, duplicates or reorders a byte that was read.
 
 The stage protocol: a new toxic is one class
 --------------------------------------------
-A built-in toxic is a subclass of ``_Stage`` decorated ``@_builtin``, in this file;
-nothing else names it (``toxics.TYPES``, validation and the API follow from it)::
+A built-in toxic is a subclass of ``_Stage`` decorated ``@_builtin``, in this file or in a
+module of its own that ``gproxy.toxics`` imports (``_trigger.py``); nothing else names it
+(``toxics.TYPES``, validation and the API follow from it)::
 
     @_builtin
     class _Lag(_Stage):                   # each chunk and the EOF leave ``lag`` ms late
         type = "lag"                      # the type's name, as the API spells it
-        attributes = {"lag": 0}           # each attribute and its default: whole numbers >= 0
+        attributes = {"lag": 0}           # each attribute and its default; the default's type is
+                                          # the attribute's: int (>= 0), str or bool
 
         @classmethod
         def check(cls, attributes):       # optional: (attribute, message) if they do not fit
@@ -72,6 +74,10 @@ What a stage may implement (each has a default that passes everything on, in ord
   leaves after all.
 - ``drain()``: the stage is removed; everything it holds, in order (reset per-chunk state).
 
+A stage that places each item at its own time and may end the connection at a planned time
+(a Python toxic's ``Delay(..., action=RESET)``, ``trigger``) derives from ``_Timed``, which
+keeps the order and the give-back rules for it.
+
 The rules every stage keeps (``tests/test_toxic_chain.py`` checks them as a property):
 
 - Order: what leaves a stage leaves in the order it arrived, at nondecreasing times.
@@ -99,7 +105,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple, Type
 
 from greenlet import GreenletExit, getcurrent
 
@@ -131,12 +137,16 @@ _READ_MAX = 65536
 
 @dataclass(frozen=True)
 class Delay:
-    """What a Python toxic returns to hold a chunk back ``seconds`` (``data`` replaces it).
-    ``seconds`` is a finite number >= 0 and ``data`` bytes-like or None, else the
-    constructor raises (inside the toxic, so the report names it)."""
+    """What a Python toxic returns to hold a chunk back ``seconds`` (``data`` replaces it),
+    or, with an ``action`` (``CLOSE`` or ``RESET``), to pass the chunk (or ``data``) on and
+    end the connection ``seconds`` later: what comes meanwhile passes, what comes after dies
+    with the connection. ``seconds`` is a finite number >= 0, ``data`` bytes-like or None,
+    ``action`` CLOSE, RESET or None, else the constructor raises (inside the toxic, so the
+    report names it)."""
 
     seconds: float
     data: Optional[bytes] = None
+    action: Optional["Action"] = None
 
     def __post_init__(self) -> None:
         seconds = self.seconds
@@ -151,6 +161,8 @@ class Delay:
                 raise TypeError(f"Delay: data must be bytes, bytearray, memoryview or None, "
                                 f"not {type(data).__name__}")
             object.__setattr__(self, "data", _copy(data))
+        if self.action is not None and not isinstance(self.action, Action):
+            raise TypeError(f"Delay: action must be CLOSE, RESET or None, not {_describe(self.action)}")
 
 
 class Action:
@@ -219,12 +231,18 @@ class _Stage:
 
     #: toxiproxy's type name (the API's ``type``)
     type = ""
-    #: each attribute and its default (toxiproxy's: Go's zero values)
-    attributes: Dict[str, int] = {}
+    #: each attribute and its default (toxiproxy's: Go's zero values); the default's type is
+    #: the attribute's: int (a whole number >= 0), str or bool
+    attributes: Dict[str, Any] = {}
+    #: the one stream this type may be added to, or None for either
+    stream: Optional[str] = None
+    #: the stage that runs on the other direction of each connection for the same toxic
+    #: (a protocol toxic's reply half), or None
+    reverse: Optional[Type["_Stage"]] = None
 
     @classmethod
-    def check(cls, attributes: Dict[str, int]) -> Optional[Tuple[str, str]]:
-        """(attribute, what is wrong) if valid whole numbers still do not make this toxic."""
+    def check(cls, attributes: Dict[str, Any]) -> Optional[Tuple[str, str]]:
+        """(attribute, what is wrong) if values of the right types still do not make this toxic."""
         return None
 
     def __init__(self, entry: _Entry, link: "Link", now: float):
@@ -278,6 +296,11 @@ class _Stage:
         items = [item for _t, item in self.queue]
         self.drop_all()
         return items
+
+    def lingers(self) -> bool:
+        """Whether the stage, its toxic removed, must stay a while (a protocol toxic finishing
+        a request it answered): it is drained once this says False at a later ``sync``."""
+        return False
 
     # -- timing -------------------------------------------------------------------------
 
@@ -548,42 +571,154 @@ class _LimitData(_Stage):
         return item if item else None
 
 
-class _Python(_Stage):
-    """A user's callable: called once per chunk as the chunk arrives. What it raises, or a
-    return it may not give, is a bug in the host's program: reported (on stderr if no logging
-    is configured), and the connection ends with outcome ERROR."""
+class _Timed(_Stage):
+    """A stage that gives each item the time it may leave as it queues it (the ``arrival`` of
+    ``[arrival, item]``, never earlier than the item in front: output stays in order), and
+    that may plan the connection's end for a time (``plan_end``): what is in front of the
+    plan leaves first, what comes after leaves meanwhile if it is due before the end, and
+    the rest dies with the connection. Removed or rolled inactive before the end, it gives
+    all of it back."""
+
+    end: Optional[Tuple[float, str, str]] = None   # (when, "close" or "reset", reason)
+    before_end = 0      # queue entries in front of the planned end: they leave first
+    ended = False       # the end left: nothing passes any more
+
+    def due_time(self, t: float) -> float:
+        """When an item arriving at ``t`` may leave: not before the one in front of it."""
+        return max(t, self.queue[-1][0]) if self.queue else t
+
+    def push(self, item, t: float) -> None:
+        super().push(item, t)
+        if self.end is not None:
+            self.next = None   # it may be due before the planned end
+
+    def plan_end(self, when: float, kind: str, reason: str) -> None:
+        if self.end is None:   # the first plan stands: it is in front of any later one
+            self.end = (when, kind, reason)
+            self.before_end = len(self.queue)
+            self.next = None
+
+    def _ending(self) -> bool:
+        end = self.end
+        return end is not None and not self.before_end and (not self.queue or self.queue[0][0] >= end[0])
+
+    def schedule(self):
+        if self._ending():
+            return max(self.end[0], self.last)
+        return max(self.queue[0][0], self.last) if self.queue else None
+
+    def release(self, t):
+        if self._ending():
+            return self.fire()
+        if self.before_end:
+            self.before_end -= 1
+        return self.pop()
+
+    def fire(self):
+        """The planned end is due: what is held dies with the connection."""
+        kind, reason = self.end[1], self.end[2]
+        self.drop_all()
+        self.end, self.ended = None, True
+        return _Marker(kind, reason)
+
+    def drop_all(self) -> None:
+        super().drop_all()
+        self.before_end = 0
+
+
+class _Python(_Timed):
+    """A user's callable: called once per chunk as the chunk arrives, and, if it has an
+    ``eof(record)`` method, once at the EOF. A class is made into one instance per
+    connection (at the first chunk), so it may keep state per connection. What it raises,
+    or a return it may not give, is a bug in the host's program: reported (on stderr if no
+    logging is configured), and the connection ends with outcome ERROR."""
 
     type = PYTHON
 
     def setup(self, attributes, now):
-        self.function = self.toxic.function
+        if not hasattr(self, "function"):
+            self.function = None   # made at its first use: an update keeps the same one
+        if not self.active:
+            self.end = None        # rolled inactive: a planned end is called off
 
     def accept(self, item, t):
-        if item.__class__ is _Marker:
-            self.push(item, t)
+        if self.ended:
+            return   # the end is on its way: nothing passes it
+        if item.__class__ is _Marker and item is not _EOF:
+            self.push(item, self.due_time(t))
             return
+        function = self.function
+        if function is None:
+            function = self._make()
+            if function is None:
+                return
+        eof = item is _EOF
+        if eof:
+            handler = getattr(function, "eof", None)
+            if handler is None:
+                self.push(item, self.due_time(t))
+                return
+            result = self._call(handler, " at the EOF")
+        else:
+            result = self._call(function, "", item)
+        if result is not _FAILED:
+            self._apply(result, item, t)
+
+    def _make(self):
+        function = self.toxic.function
+        if isinstance(function, type):   # a class: this connection's own instance
+            function = self._call(function, " making its instance for this connection", args=())
+            if function is _FAILED:
+                return None
+        self.function = function
+        return function
+
+    def _call(self, function, where: str, *chunk, args=None):
         try:
-            result = self.function(item, self.link.conn.record())
+            if args is None:
+                return function(*chunk, self.link.conn.record())
+            return function(*args)
         except GreenletExit:
             raise   # the forwarder stops: not the toxic's failure
         except BaseException as exc:
             what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            self.link.fail(f"Python toxic {self.toxic.name!r} raised {what}", sys.exc_info())
-            return
+            self.link.fail(f"Python toxic {self.toxic.name!r} raised {what}{where}", sys.exc_info())
+            return _FAILED
+
+    def _apply(self, result, item, t: float) -> None:
+        """Queue what ``result`` says for ``item`` (a chunk, or the EOF: then returned bytes go
+        in front of it, and an action replaces it)."""
+        eof = item is _EOF
+        chunk = None if eof else item
         if result is None:
-            self.push(item, t)
+            self.push(item, self.due_time(t))
         elif isinstance(result, _BYTES_LIKE):
             if result:
-                self.push(_copy(result), t)
+                self.push(_copy(result), self.due_time(t))
+            if eof:
+                self.push(item, self.due_time(t))
         elif isinstance(result, Delay):
-            data = item if result.data is None else result.data
-            if data:   # queued behind what is held, so output stays in order whatever the delays
-                self.push(data, max(t + result.seconds, self.queue[-1][0] if self.queue else t))
+            data = chunk if result.data is None else result.data
+            if result.action is None:
+                at = t + result.seconds   # queued behind what is held, so output stays in order
+                if data:
+                    self.push(data, self.due_time(at))
+                if eof:
+                    self.push(item, self.due_time(at))
+            else:
+                if data:
+                    self.push(data, self.due_time(t))
+                self.plan_end(self.due_time(t + result.seconds), result.action.kind,
+                              f"Python toxic {self.toxic.name}")
         elif isinstance(result, Action):
-            self.push(_Marker(result.kind, f"Python toxic {self.toxic.name}"), t)
+            self.push(_Marker(result.kind, f"Python toxic {self.toxic.name}"), self.due_time(t))
         else:
-            self.link.fail(f"Python toxic {self.toxic.name!r} returned {_describe(result)}; it may "
-                           f"return None, bytes, bytearray, memoryview, Delay, CLOSE or RESET")
+            self.link.fail(f"Python toxic {self.toxic.name!r} returned {_describe(result)}"
+                           f"{' at the EOF' if eof else ''}; it may return None, bytes, bytearray, "
+                           f"memoryview, Delay, CLOSE or RESET")
+
+
+_FAILED = object()   # a Python toxic raised: reported already
 
 
 # -- one direction of one connection -----------------------------------------------------------

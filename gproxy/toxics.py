@@ -8,12 +8,15 @@ Typical use (through a started Forwarder, which owns a ``Toxics`` collection)::
     seen = []
     fw.add_toxic(lambda chunk, conn: seen.append(chunk), name="tap")   # a tap: passes everything
 
-Toxics have toxiproxy's names, attributes, defaults and meanings (``TYPES``). A toxic
-in Python is any callable ``toxic(chunk, record)``: it returns ``None`` (pass the chunk),
-bytes, bytearray or memoryview (pass these instead; empty drops it), ``Delay(seconds)`` or
-``Delay(seconds, data)``, ``CLOSE`` or ``RESET`` (close or reset the connection, dropping the
-chunk). Anything else it returns, or raises, is a bug in the program: reported naming the
-toxic (on stderr if logging is not configured), and the connection ends with outcome ERROR.
+Toxics have toxiproxy's names, attributes, defaults and meanings (``TYPES``), and gproxy adds
+its own (``trigger``). A toxic in Python is any callable ``toxic(chunk, record)``: it returns
+``None`` (pass the chunk), bytes, bytearray or memoryview (pass these instead; empty drops
+it), ``Delay(seconds)`` or ``Delay(seconds, data)``, ``CLOSE`` or ``RESET`` (close or reset
+the connection, dropping the chunk), or ``Delay(seconds, data=None, action=RESET)`` (pass the
+chunk, end the connection ``seconds`` later). A class is made into an instance per
+connection; an ``eof(record)`` method is called at the EOF. Anything else it returns, or
+raises, is a bug in the program: reported naming the toxic (on stderr if logging is not
+configured), and the connection ends with outcome ERROR.
 
 The chain a direction with toxics runs through (``Link``, a stage per toxic, and the
 stage protocol a new toxic implements) is in ``gproxy._chain``; its docstring is the
@@ -26,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from gproxy import _trigger  # noqa: F401  (a toxic type in a module of its own registers itself)
 from gproxy._chain import BUILTIN, CLOSE, PYTHON, RESET, Action, Delay, Link
 from gproxy.config import ConfigError
 
@@ -41,8 +45,9 @@ del _public
 STREAMS = ("upstream", "downstream")
 
 #: every built-in type: its attributes and their defaults (toxiproxy's: Go's zero values),
-#: in toxiproxy's order; each is a stage class in gproxy._chain
-TYPES: Dict[str, Dict[str, int]] = {name: dict(stage.attributes) for name, stage in BUILTIN.items()}
+#: toxiproxy's in its order, then gproxy's own; each is a stage class (gproxy._chain); an
+#: attribute's type is its default's: int (a whole number >= 0), str or bool
+TYPES: Dict[str, Dict[str, Any]] = {name: dict(stage.attributes) for name, stage in BUILTIN.items()}
 
 #: the largest attribute value: toxiproxy's attributes are Go int64s, so its clients send no
 #: more; every stage runs with it, where ~400 digits overflowed the float of a time
@@ -94,6 +99,9 @@ def make_toxic(type: Union[str, Callable], *, name: Optional[str] = None, stream
         stream = stream.lower()   # toxiproxy takes any case
     else:
         raise ConfigError("stream", f"must be 'upstream' or 'downstream', not {stream!r}")
+    only = BUILTIN[type].stream if function is None else None
+    if only is not None and stream != only:
+        raise ConfigError("stream", f"must be {only!r} for a {type} toxic, not {stream!r}")
     if name is None or name == "":
         name = f"{default_name}_{stream}"
     if not isinstance(name, str):
@@ -114,21 +122,34 @@ def _toxicity(value, label: str) -> float:
     return float(value)
 
 
-def _attributes(type: str, defaults: Dict[str, int], given: Dict[str, Any], label: str) -> Dict[str, int]:
+def _attributes(type: str, defaults: Dict[str, Any], given: Dict[str, Any], label: str) -> Dict[str, Any]:
     result = dict(defaults)
     for key, value in given.items():
         if key not in defaults:
             raise ConfigError(f"{label}: {key}",
                               f"{type} has no such attribute (it has: {', '.join(defaults)})")
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ATTRIBUTE:
-            raise ConfigError(f"{label}: {key}", f"must be a whole number from 0 to {MAX_ATTRIBUTE}, not {value!r}")
-        result[key] = value
+        result[key] = _attribute(defaults[key], value, f"{label}: {key}")
     problem = BUILTIN[type].check(result)
     if problem is not None:
         raise ConfigError(f"{label}: {problem[0]}", problem[1])
     return result
+
+
+def _attribute(default: Any, value: Any, culprit: str) -> Any:
+    """``value`` checked against the type of the attribute's ``default``."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(culprit, f"must be true or false, not {value!r}")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(culprit, f"must be a string, not {value!r}")
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ATTRIBUTE:
+        raise ConfigError(culprit, f"must be a whole number from 0 to {MAX_ATTRIBUTE}, not {value!r}")
+    return value
 
 
 def _updated(toxic: Toxic, changes: Dict[str, Any]) -> Toxic:

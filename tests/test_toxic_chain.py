@@ -106,7 +106,8 @@ def first_difference(sent: bytes, got: bytes) -> str:
 
 def passing_toxic(rng: random.Random):
     """A toxic that passes every byte, in order, however late: (type or callable, attributes)."""
-    kind = rng.choice(["latency", "bandwidth", "slicer", "slow_close", "tap", "copy", "delay"])
+    kind = rng.choice(["latency", "bandwidth", "slicer", "slow_close", "tap", "copy", "delay",
+                       "trigger", "per_connection"])
     if kind == "latency":
         latency = rng.choice([0, 1, 20, 100])
         return kind, {"latency": latency, "jitter": rng.randint(0, latency)}
@@ -123,14 +124,54 @@ def passing_toxic(rng: random.Random):
     if kind == "copy":   # each bytes-like type a Python toxic may return
         convert = rng.choice([bytes, bytearray, memoryview])
         return (lambda chunk, record: convert(chunk)), {}
+    if kind == "trigger":   # a delay trigger acts as often as it likes: it only moves bytes later
+        return kind, trigger_attributes(rng, "delay", fire=True)
+    if kind == "per_connection":
+        return per_connection_toxic(rng), {}
     seconds, replace = rng.choice([0, 0.001, 0.05]), rng.random() < 0.5
     return (lambda chunk, record: Delay(seconds, bytearray(chunk) if replace else None)), {}
+
+
+def trigger_attributes(rng: random.Random, action: str, fire: bool) -> dict:
+    """A trigger's attributes, all of them (an update replaces them all, so match and
+    after_bytes never meet); one that may not fire waits for what never comes."""
+    attributes = {"action": action, "delay": rng.choice([0, 0, 5, 100]), "once": rng.random() < 0.6}
+    if not fire:
+        condition = rng.choice([{"match": "NEVER", "after_bytes": 0}, {"match": "", "after_bytes": 10 ** 12}])
+    elif rng.random() < 0.5:   # words are u0,u1,... and d0,d1,...: these come, across any cut
+        condition = {"match": rng.choice([r"[ud]1\d,", r"7,[ud]", r"[ud]\d*3\d,", r"(?<=9,)[ud]", r"5(?=,)"]),
+                     "after_bytes": 0}
+    else:
+        condition = {"match": "", "after_bytes": rng.choice([0, 1, 77, 500, 2000])}
+    if not attributes["once"] and not condition["match"] and not condition["after_bytes"]:
+        condition["after_bytes"] = 1
+    return {**attributes, **condition}
+
+
+def per_connection_toxic(rng: random.Random):
+    """A class: an instance per connection, counting its own chunks, that sees the EOF and
+    passes it (maybe late, maybe with nothing before it)."""
+    at_eof = rng.choice([None, b"", Delay(0), Delay(0.05)])
+
+    class PerConnection:
+        def __init__(self):
+            self.chunks = 0
+
+        def __call__(self, chunk, record):
+            self.chunks += 1
+            return Delay(0.001 * (self.chunks % 3))
+
+        def eof(self, record):
+            assert self.chunks >= 0
+            return at_eof
+    return PerConnection
 
 
 def ending_toxic(rng: random.Random, may_fire: bool):
     """A toxic that ends connections: when it may not fire, it never gets the chance (it is
     removed or disarmed first, or its limit is out of reach)."""
-    kind = rng.choice(["reset_peer", "limit_data", "timeout"] + (["python_end"] if may_fire else []))
+    kind = rng.choice(["reset_peer", "limit_data", "timeout", "trigger"] +
+                      (["python_end", "python_later"] if may_fire else []))
     if kind == "python_end":
         action, after = rng.choice([CLOSE, RESET]), rng.randint(1, 30)
         count = [0]
@@ -139,10 +180,20 @@ def ending_toxic(rng: random.Random, may_fire: bool):
             count[0] += 1
             return action if count[0] >= after else None
         return ender, {}
+    if kind == "python_later":   # passes the chunk, ends the connection a while later
+        action, seconds, after = rng.choice([CLOSE, RESET]), rng.choice([0, 0.01, 0.2]), rng.randint(1, 30)
+        count = [0]
+
+        def later(chunk, record):
+            count[0] += 1
+            return Delay(seconds, None if count[0] % 2 else b"", action) if count[0] >= after else None
+        return later, {}
     return kind, ending_attributes(kind, rng, may_fire)
 
 
 def ending_attributes(kind: str, rng: random.Random, may_fire: bool) -> dict:
+    if kind == "trigger":
+        return trigger_attributes(rng, rng.choice(["reset", "close", "drop"]), may_fire)
     if kind == "limit_data":
         return {"bytes": rng.randint(0, 3000) if may_fire else 10 ** 12}
     if kind == "timeout":   # 0: never closes
@@ -154,12 +205,21 @@ def changed(toxic, rng: random.Random, may_fire: bool) -> dict:
     """Random changes for an update of ``toxic``: its toxicity, or its attributes."""
     if toxic.type == "python" or rng.random() < 0.4:
         return {"toxicity": rng.choice([0.0, 0.5, 1.0])}
+    if toxic.type == "trigger":
+        if toxic.attributes["action"] == "delay":
+            return trigger_attributes(rng, "delay", fire=True)
+        return ending_attributes(toxic.type, rng, may_fire)
     if toxic.type in ("reset_peer", "limit_data", "timeout"):
         return ending_attributes(toxic.type, rng, may_fire)
     while True:
         kind, attributes = passing_toxic(rng)
         if kind == toxic.type:
             return attributes
+
+
+def is_subsequence(got: bytes, sent: bytes) -> bool:
+    it = iter(sent)
+    return all(byte in it for byte in got)
 
 
 # -- the property ----------------------------------------------------------------------------------
@@ -172,6 +232,7 @@ def check(seed: int, may_fire: bool, steps: int = 300) -> None:
     streams = [words(rng.randint(50, 400), d) for d in (UPSTREAM, DOWNSTREAM)]
     fed = [0, 0]
     now, version, made = 0.0, 0, 0
+    lossy = False   # a drop trigger that may fire was added: bytes may go missing, never out of order
     for _ in range(steps):
         action = rng.random()
         if action < 0.35:     # data (and, once a stream is all sent, its EOF)
@@ -189,6 +250,7 @@ def check(seed: int, may_fire: bool, steps: int = 300) -> None:
         elif action < 0.75:   # add
             stream = rng.choice(STREAMS)
             kind, attributes = ending_toxic(rng, may_fire) if rng.random() < 0.3 else passing_toxic(rng)
+            lossy = lossy or (may_fire and kind == "trigger")
             toxics.add(make_toxic(kind, name=f"t{made}", stream=stream,
                                   toxicity=rng.choice([1.0, 1.0, 0.5, 0.0]), attributes=attributes))
             made += 1
@@ -197,7 +259,9 @@ def check(seed: int, may_fire: bool, steps: int = 300) -> None:
             present = toxics.list()
             if present:
                 toxic = rng.choice(present)
-                toxics.update(toxic.name, changed(toxic, rng, may_fire))
+                changes = changed(toxic, rng, may_fire)
+                lossy = lossy or (may_fire and changes.get("action") == "drop")
+                toxics.update(toxic.name, changes)
                 version += 1
         elif action < 0.97:   # remove
             present = toxics.list()
@@ -226,13 +290,19 @@ def check(seed: int, may_fire: bool, steps: int = 300) -> None:
         where = f"seed {seed}, may_fire={may_fire}, {STREAMS[d]}"
         if conn.outcome is None:
             assert end.eof, f"{where}: no EOF; {first_difference(end.sent, end.got)}"
-            assert end.got == end.sent, f"{where}: {first_difference(end.sent, end.got)}"
+            if lossy:
+                assert is_subsequence(end.got, end.sent), f"{where}: out of order; {first_difference(end.sent, end.got)}"
+            else:
+                assert end.got == end.sent, f"{where}: {first_difference(end.sent, end.got)}"
         else:
             assert may_fire, f"{where}: ended by {conn.outcome}: {conn.error}"
-            assert end.sent.startswith(end.got), f"{where}: not a prefix; {first_difference(end.sent, end.got)}"
+            if lossy:
+                assert is_subsequence(end.got, end.sent), f"{where}: out of order; {first_difference(end.sent, end.got)}"
+            else:
+                assert end.sent.startswith(end.got), f"{where}: not a prefix; {first_difference(end.sent, end.got)}"
     if conn.outcome is not None:
-        assert conn.error and any(kind in conn.error for kind in ("timeout", "reset_peer", "limit_data", "Python")), \
-            (seed, conn.error)
+        assert conn.error and any(kind in conn.error for kind in
+                                  ("timeout", "reset_peer", "limit_data", "Python", "trigger")), (seed, conn.error)
         assert conn.outcome in (Outcome.RESET, Outcome.CLOSED), (seed, conn.outcome)
 
 
@@ -306,3 +376,117 @@ def test_reset_peer_left_in_place_fires_and_drops_what_it_caught():
     assert end.run(0.999, 0) == 1.0 and end.conn.outcome is None
     end.run(1.0, 0)
     assert end.got == b"" and end.conn.outcome is Outcome.RESET and "reset_peer" in end.conn.error
+
+
+# -- triggers and Python toxics' ends, exactly -------------------------------------------------------
+
+def test_a_match_cut_byte_by_byte_resets_right_after_its_last_byte():
+    toxics, end = chain_of(("trigger", {"match": r"BO+M", "action": "reset"}))
+    for i, byte in enumerate(b"xxBOOOOMyy"):
+        end.feed(bytes([byte]), i * 0.01, 0)
+    assert end.got == b"xxBOOOOM" and end.conn.outcome is Outcome.RESET
+    assert "trigger toxic t0 matched 'BO+M'" in end.conn.error
+
+
+def test_a_match_longer_than_the_window_is_not_found_across_chunks_but_one_within_it_is():
+    from gproxy._trigger import WINDOW
+    pattern = r"<a{%d}>" % (WINDOW - 1)   # WINDOW + 1 bytes: found however it is cut
+    toxics, end = chain_of(("trigger", {"match": pattern, "action": "close"}))
+    message = b"<" + b"a" * (WINDOW - 1) + b">"
+    for i in range(0, len(message), 7):
+        end.feed(message[i:i + 7], 0.0, 0)
+    assert end.got == message and end.conn.outcome is Outcome.CLOSED
+    toxics, end = chain_of(("trigger", {"match": r"<a{%d}>" % WINDOW, "action": "close"}))
+    longer = b"<" + b"a" * WINDOW + b">"
+    for i in range(len(longer)):   # byte by byte: one byte too long to be seen whole
+        end.feed(longer[i:i + 1], 0.0, 0)
+    assert end.got == longer and end.conn.outcome is None
+    end.feed(longer, 0.0, 0)                                # within one chunk it is
+    assert end.conn.outcome is Outcome.CLOSED
+
+
+def test_reset_with_a_delay_lets_what_comes_meanwhile_pass_then_drops_the_rest():
+    toxics, end = chain_of(("trigger", {"match": "GO", "action": "reset", "delay": 100}))
+    end.feed(b"ready GO steady", 0.0, 0)
+    end.feed(b" more", 0.05, 0)
+    assert end.got == b"ready GO steady more" and end.conn.outcome is None
+    assert end.run(0.099, 0) == 0.1
+    end.feed(b" late", 0.1, 0)
+    assert end.got == b"ready GO steady more" and end.conn.outcome is Outcome.RESET
+
+
+def test_drop_is_a_black_hole_that_holds_the_eof_until_removed():
+    toxics, end = chain_of(("trigger", {"after_bytes": 4, "action": "drop"}))
+    end.feed(b"keepGONE", 0.0, 0)
+    end.feed(b"gone too", 1.0, 0)
+    end.feed(_EOF, 2.0, 0)
+    assert end.got == b"keep" and not end.eof and end.conn.outcome is None and end.link.busy()
+    toxics.remove("t0")
+    end.run(3.0, 1)
+    assert end.eof
+    assert end.got == b"keep"
+
+
+def test_delay_pauses_the_stream_at_each_point_when_not_once():
+    toxics, end = chain_of(("trigger", {"after_bytes": 3, "action": "delay", "delay": 100, "once": False}))
+    end.feed(b"abcdefg", 0.0, 0)
+    assert end.got == b"abc"
+    end.run(0.1, 0)
+    assert end.got == b"abcdef"
+    end.run(0.199, 0)
+    assert end.got == b"abcdef"
+    end.run(0.2, 0)
+    assert end.got == b"abcdefg"
+
+
+def test_once_acts_at_the_first_match_only_per_connection():
+    toxics, end = chain_of(("trigger", {"match": "X", "action": "delay", "delay": 100}))
+    end.feed(b"aXbXc", 0.0, 0)
+    assert end.got == b"aX"
+    end.run(0.1, 0)
+    end.feed(b"X", 0.2, 0)
+    assert end.got == b"aXbXcX"
+
+
+def test_a_python_delay_with_an_action_passes_the_chunk_first():
+    toxics, end = chain_of((lambda chunk, record: Delay(0, action=RESET) if chunk == b"last" else None, {}))
+    end.feed(b"first,", 0.0, 0)
+    end.feed(b"last", 0.0, 0)
+    assert end.got == b"first,last" and end.conn.outcome is Outcome.RESET
+
+
+def test_a_python_delay_with_an_action_and_empty_data_ends_later_dropping_only_what_comes_after():
+    toxics, end = chain_of((lambda chunk, record: Delay(0.5, b"", CLOSE) if chunk == b"cue" else None, {}))
+    end.feed(b"a,", 0.0, 0)
+    end.feed(b"cue", 0.0, 0)
+    end.feed(b"b,", 0.2, 0)
+    assert end.got == b"a,b," and end.conn.outcome is None
+    end.feed(b"c,", 0.5, 0)
+    assert end.got == b"a,b," and end.conn.outcome is Outcome.CLOSED
+
+
+def test_a_python_toxic_sees_the_eof_and_may_write_before_it_or_replace_it():
+    class Framer:
+        """A class: one instance per connection."""
+        made = 0
+
+        def __init__(self):
+            Framer.made += 1
+            self.total = 0
+
+        def __call__(self, chunk, record):
+            self.total += len(chunk)
+
+        def eof(self, record):
+            return b"<%d bytes>" % self.total
+
+    toxics, end = chain_of((Framer, {}))
+    end.feed(b"abc", 0.0, 0)
+    end.feed(b"de", 0.0, 0)
+    end.feed(_EOF, 0.0, 0)
+    assert end.got == b"abcde<5 bytes>" and end.eof and Framer.made == 1
+    toxics, end = chain_of((type("Cut", (), {"__call__": lambda self, c, r: None,
+                                              "eof": lambda self, r: RESET}), {}))
+    end.feed(b"abc", 0.0, 0)
+    end.feed(_EOF, 0.0, 0)
+    assert end.got == b"abc" and not end.eof and end.conn.outcome is Outcome.RESET
