@@ -55,8 +55,8 @@ _HEADERS = {
     "failures": ("gproxy_connect_failures_total", "counter",
                  "Connect attempts to a target that failed (refused, unreachable, timed out)."),
     "up": ("gproxy_target_up", "gauge",
-           "1 unless the target is down: its last connect failed (one target), or passive health "
-           "marked it down (several)."),
+           "1 unless the target is down: its active health check failed, its last connect failed "
+           "(one target), or passive health marked it down (several)."),
     "duration": ("gproxy_connection_duration_seconds", "histogram",
                  "Connection lifetimes, from accept to teardown."),
 }
