@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Callable, Tuple
+from typing import Callable, Tuple, Union
 
 from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
@@ -41,9 +41,10 @@ _BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type:
 _QUOTE = 100
 
 
-def server(address: Tuple[str, int], application: Callable, logger: logging.Logger, *,
+def server(address: Union[Tuple[str, int], socket.socket], application: Callable, logger: logging.Logger, *,
            client_timeout: float = CLIENT_TIMEOUT) -> WSGIServer:
-    """A WSGIServer for ``application`` on ``address`` (not started), logging to ``logger``."""
+    """A WSGIServer for ``application`` on ``address`` (not started), logging to ``logger``;
+    ``address`` may be a listening gevent socket to serve on (socket activation)."""
     return WSGIServer(address, application,
                       log=LoggingLogAdapter(logger, logging.DEBUG),
                       error_log=LoggingLogAdapter(logger, logging.ERROR),

@@ -104,9 +104,10 @@ class Api:
         body)``, e.g. ``GET /metrics``. Mounted routes win over toxiproxy's."""
         self._mounted[(method.upper(), path)] = handler
 
-    def start(self) -> "Api":
-        """Bind and serve on this thread's hub; ``OSError`` if the address cannot be bound."""
-        server = _http.server((self.listen.host, self.listen.port), self, log,
+    def start(self, listener=None) -> "Api":
+        """Bind and serve on this thread's hub; ``OSError`` if the address cannot be bound.
+        ``listener``: a listening gevent socket to serve on instead (one systemd passed)."""
+        server = _http.server((self.listen.host, self.listen.port) if listener is None else listener, self, log,
                               client_timeout=self.client_timeout)
         try:
             server.start()

@@ -371,6 +371,7 @@ class _ApiServer:
         self.files = files  # a FileService (-c): the API then sees and changes the file's rules
         self.service = files.service if files is not None else Service(**options)
         self.api = Api(self.service, api)
+        self.listener = None  # a socket systemd passed for the API, to serve on
         self.api.mount("GET", "/metrics", metrics.route(self.service.items))
         if forwarder is not None:
             self.service.add(name, forwarder, start=False)
@@ -380,7 +381,7 @@ class _ApiServer:
             self.files.start(here=True)
         else:
             self.service.start()
-        self.api.start()
+        self.api.start(self.listener)
 
     def serve_forever(self) -> None:
         if self.files is not None:
@@ -493,6 +494,8 @@ def _workers_count(args: argparse.Namespace):
 def _supervise(args: argparse.Namespace, options: dict, count: int, argv: List[str]) -> int:
     """``--workers N``: validate here, reserve the port, run and supervise N workers."""
     from gproxy import workers
+    if os.environ.get("LISTEN_PID") == str(os.getpid()):
+        return _fail(2, "--workers: not with sockets systemd passed (LISTEN_FDS): each worker binds its own")
     target = args.target[0] if len(args.target) == 1 else args.target
     try:
         rule = Forwarder(args.listen, target, **options).rule
@@ -537,6 +540,10 @@ def _run(args: argparse.Namespace, options: dict) -> int:
             parse_address(args.metrics, "metrics")
     except ConfigError as exc:
         return _bad_option(exc)
+    try:
+        passed, taken = _activation(args, files, forwarder)
+    except ConfigError as exc:  # LISTEN_FDS and friends, or a socket nobody would serve
+        return _fail(2, str(exc))
 
     signals = 0
 
@@ -586,7 +593,8 @@ def _run(args: argparse.Namespace, options: dict) -> int:
                 sources = (lambda: [forwarder.forwarder])
             else:
                 sources = forwarder.service.items
-            metrics_server = metrics.serve(args.metrics, sources)
+            metrics_server = metrics.serve(args.metrics, sources, listener=passed.lend_socket(taken["metrics"])
+                                           if "metrics" in taken else None)
             log.info("metrics on http://%s/metrics", _sockets.describe_address(metrics_server.address))
         if files is not None and forwarder is files:
             files.start(here=True)
@@ -622,6 +630,47 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         if metrics_server is not None:
             metrics_server.stop(timeout=1)
     return 0
+
+
+def _activation(args: argparse.Namespace, files: Any, forwarder: Any):
+    """systemd's socket activation: the sockets it passed (``$LISTEN_FDS``), each matched to a
+    rule, or to the metrics or API port (``FileDescriptorName=metrics``/``api``, or their
+    address), and handed to whoever serves there. ``(passed, {name: index})``, or ``(None,
+    {})`` without activation. A passed socket nobody takes is a ``ConfigError``: systemd
+    keeps it open, so its clients would queue for ever unserved."""
+    from gproxy.listeners import Passed
+    passed = Passed.from_systemd()
+    if passed is None:
+        return None, {}
+    try:
+        service = files.service if files is not None else getattr(forwarder, "service", None)
+        single = forwarder.forwarder if isinstance(forwarder, _Single) else None
+        if files is not None:
+            rules = dict(files.config.rules)
+        elif service is not None:
+            rules = {name: fw.rule for name, fw in service.items()}
+        else:
+            rules = {args.name: single.rule} if single is not None else {}
+        extra = {key: parse_address(value, key) for key, value in (("metrics", args.metrics), ("api", args.api))
+                 if value is not None}
+        taken = passed.match(rules, extra)
+        unused = passed.unused(taken)
+        if unused:
+            raise ConfigError("LISTEN_FDS", f"systemd passed {unused[0]}, which no rule listens on: give a rule "
+                                            "that listen address, or the socket a rule's name (FileDescriptorName=)")
+    except BaseException:
+        passed.close()
+        raise
+    for key in extra:
+        if key in taken:
+            passed.reserve(key, taken[key])
+    if service is not None:
+        service.passed = passed
+        if "api" in taken:
+            forwarder.listener = passed.lend_socket(taken["api"])
+    elif single is not None and args.name in taken:
+        single.inherit_socket(passed.lend(taken[args.name]))
+    return passed, taken
 
 
 def _bad_option(exc: ConfigError) -> int:

@@ -335,6 +335,7 @@ class Forwarder:
         self._took_over = None                     # weakref to the one whose listener it serves on
         self._socket_file = None                   # our Unix socket file, removed on stop
         self._keep_listener = False                # another forwarder took it over: leave it
+        self._from_manager = False                 # inherit_socket(): its listener is systemd's
         self._enabled = True
         self._checks: Optional[Checks] = None      # active health checks, while running
         # while STOPPING: when the drain ends (monotonic; inf: never), whether it is a reload's
@@ -480,6 +481,17 @@ class Forwarder:
             os.close(self._inherit_fd)
         self._inherit_fd = os.dup(old._server.socket.fileno())
         self._inherit_from = old
+        self._from_manager = old._from_manager
+
+    def inherit_socket(self, fd: int) -> None:
+        """Make the next start serve on the listening socket ``fd`` (which this forwarder now
+        owns and closes) instead of binding one: a socket systemd passed (socket activation,
+        :class:`gproxy.listeners.Passed`). Its Unix socket file, if any, is the service
+        manager's: it is never removed. Calling it again replaces what the last call gave."""
+        if self._inherit_fd is not None:
+            os.close(self._inherit_fd)
+        self._inherit_fd, self._inherit_from = fd, None
+        self._from_manager = True
 
     def return_listener(self, old: "Forwarder") -> None:
         """Undo ``inherit_listener(old)`` once this one has started on ``old``'s listening
@@ -739,8 +751,9 @@ class Forwarder:
                 fd, self._inherit_fd = self._inherit_fd, None
                 listener = listeners.adopt(fd, self.rule)  # closes fd if it fails
                 old, self._inherit_from = self._inherit_from, None
-                self._took_over = weakref.ref(old)
-                self._socket_file, old._keep_listener = old._socket_file, True
+                if old is not None:
+                    self._took_over = weakref.ref(old)
+                    self._socket_file, old._keep_listener = old._socket_file, True
             else:
                 listener = listeners.listen(self.rule)
                 try:
@@ -786,9 +799,11 @@ class Forwarder:
         self._sweep_every = interval
         self._swept_at = time.monotonic()
         self._next_park = self._swept_at + _PARK_EVERY
-        log.info("listening on %s -> %s%s", _sockets.describe_address(self._address), self._context.target_name,
+        log.info("listening on %s -> %s%s%s", _sockets.describe_address(self._address), self._context.target_name,
                  f" (rule {self.rule.name})" if self.rule.name else "",
-                 extra=self._fields("listening", target=self._context.target_name))
+                 ", on a socket from systemd" if self._from_manager else "",
+                 extra=self._fields("listening", target=self._context.target_name,
+                                    **({"systemd": True} if self._from_manager else {})))
 
     def _accepted(self, client: socket.socket, address, upstream: socket.socket) -> None:
         """On the hub (the listener's callback). A client of a plain rule connects from here,

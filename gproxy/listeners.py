@@ -16,22 +16,29 @@ Typical use (by ``gproxy.forwarder``)::
     ...
     listeners.remove_socket_file(owned)         # at stop: ours only, not a successor's
     sock = listeners.adopt(os.dup(fd), rule)    # a reload's takeover: the same kernel socket
+    passed = listeners.Passed.from_systemd()    # socket activation: systemd's listening sockets
+    passed.match({"web": rule})                 # {"web": 0}: which passed socket each rule takes
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
+import logging
 import os
 import socket
 import stat
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import gevent.socket
 
-from gproxy import _sockets
-from gproxy.config import Rule, UnixAddress, owner_id
+from gproxy import _sockets, _systemd
+from gproxy.config import Address, ConfigError, Endpoint, Rule, UnixAddress, owner_id
 
-__all__ = ["listen", "socket_file", "remove_socket_file", "adopt", "set_file_access"]
+__all__ = ["listen", "socket_file", "remove_socket_file", "adopt", "set_file_access", "Passed", "PassedSocket"]
+
+log = logging.getLogger(__name__)
 
 
 def listen(rule: Rule, bound: Optional[Tuple[str, int]] = None):
@@ -199,3 +206,164 @@ def adopt(fd: int, rule: Rule):
         sock.close()
         raise
     return sock
+
+
+@dataclass(frozen=True)
+class PassedSocket:
+    """One listening socket the service manager passed: its fd, its name (systemd's
+    ``FileDescriptorName=``, default the socket unit's name; None without names), and the
+    address it is bound to, read from the socket itself."""
+
+    fd: int
+    name: Optional[str]
+    address: Endpoint
+
+    def __str__(self) -> str:
+        named = f" named {self.name!r}" if self.name is not None else ""
+        return f"fd {self.fd}{named} ({self.address})"
+
+
+class Passed:
+    """The listening sockets systemd passed (socket activation), which rules serve on instead
+    of binding: the socket stays bound and listening in systemd's hands too, so a client that
+    comes while gproxy (re)starts waits in its queue instead of being refused.
+
+    A socket goes to the rule whose name it has (``LISTEN_FDNAMES``, systemd's
+    ``FileDescriptorName=``), else to the rule whose ``listen`` address it is bound to
+    (``getsockname``). Each keeps its fd for the process's life: a rule that starts on one
+    serves on a duplicate, so a rule removed by a reload and added again finds it still.
+    ``ConfigError`` for an fd that is not a listening stream socket."""
+
+    def __init__(self, fds: Sequence[Tuple[int, Optional[str]]]):
+        self.sockets: List[PassedSocket] = []
+        #: names that are not rules' (the metrics and API ports) holding a socket for good
+        self.reserved: Dict[str, int] = {}
+        for fd, name in fds:
+            self.sockets.append(PassedSocket(fd, name, _passed_address(fd, name)))
+
+    @classmethod
+    def from_systemd(cls, environ=None) -> Optional["Passed"]:
+        """The sockets of ``$LISTEN_FDS`` (unset afterwards), or None when there are none.
+        ``ConfigError`` naming the variable or the fd when something is wrong."""
+        try:
+            fds = _systemd.listen_fds(environ)
+        except _systemd.ActivationError as exc:
+            field, _, message = str(exc).partition(": ")
+            raise ConfigError(field, message) from None
+        return cls(fds) if fds else None
+
+    def __len__(self) -> int:
+        return len(self.sockets)
+
+    def match(self, rules: Mapping[str, Rule], extra: Mapping[str, Endpoint] = {}) -> Dict[str, int]:
+        """Which passed socket each rule takes: ``{name: index}`` for those that take one.
+        ``extra`` are other ports (``"metrics"``, ``"api"``) matched the same way after the
+        rules, by their name or address; those already reserved keep theirs. ``ConfigError``
+        for a socket named after a rule whose address is of another kind (TCP for Unix)."""
+        taken: Dict[str, int] = dict(self.reserved)
+        used = set(taken.values())
+        wanted = {name: rule.listen for name, rule in rules.items()}
+        wanted.update({name: address for name, address in extra.items() if name not in taken})
+        for index, passed in enumerate(self.sockets):  # by name first: the operator said so
+            name = passed.name
+            if index in used or name is None or name not in wanted or name in taken:
+                continue
+            listen = wanted[name]
+            if isinstance(listen, UnixAddress) != isinstance(passed.address, UnixAddress):
+                raise ConfigError(name, f"systemd passed {passed}, but it listens on {listen}: "
+                                        "a TCP socket for a Unix one or the other way round")
+            if not _same_address(listen, passed.address):
+                log.warning("%s: serving on the socket systemd passed by that name, %s, not on its listen "
+                            "address %s", name, passed.address, listen)
+            taken[name] = index
+            used.add(index)
+        for name, listen in wanted.items():  # then by the address each rule listens on
+            if name in taken:
+                continue
+            for index, passed in enumerate(self.sockets):
+                if index not in used and _same_address(listen, passed.address):
+                    taken[name] = index
+                    used.add(index)
+                    break
+        return taken
+
+    def reserve(self, name: str, index: int) -> None:
+        """Keep socket ``index`` for ``name`` (a port that is not a rule's) from now on."""
+        self.reserved[name] = index
+
+    def unused(self, taken: Mapping[str, int]) -> List[PassedSocket]:
+        """The passed sockets no rule or port takes in ``taken`` (a ``match()`` result)."""
+        used = set(taken.values()) | set(self.reserved.values())
+        return [passed for index, passed in enumerate(self.sockets) if index not in used]
+
+    def lend(self, index: int) -> int:
+        """A duplicate of socket ``index``'s fd, for the taker to own and close."""
+        return os.dup(self.sockets[index].fd)
+
+    def lend_socket(self, index: int):
+        """Socket ``index`` as a non-blocking gevent socket of its own (a duplicate), for a
+        server that takes a listener rather than an fd (the metrics and API ports)."""
+        sock = gevent.socket.socket(fileno=self.lend(index))
+        sock.setblocking(False)
+        return sock
+
+    def close(self) -> None:
+        for passed in self.sockets:
+            try:
+                os.close(passed.fd)
+            except OSError:
+                pass
+        self.sockets = []
+
+
+def _passed_address(fd: int, name: Optional[str]) -> Endpoint:
+    """The address a passed fd listens on, checked as sd_is_socket(3) would: a stream socket
+    (TCP or Unix) that listens. Anything else is the unit's mistake, said at once."""
+    where = f"fd {fd}" + (f" named {name!r}" if name is not None else "")
+    try:
+        probe = socket.socket(fileno=os.dup(fd))
+    except OSError as exc:
+        raise ConfigError("LISTEN_FDS", f"systemd passed {where}, which is not a socket "
+                                        f"({_sockets.describe_error(exc)})") from None
+    with probe:
+        try:
+            kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+            listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            family, bound = probe.family, probe.getsockname()
+        except OSError as exc:
+            raise ConfigError("LISTEN_FDS", f"systemd passed {where}, which is not a socket "
+                                            f"({_sockets.describe_error(exc)})") from None
+    if family not in (socket.AF_INET, socket.AF_INET6, getattr(socket, "AF_UNIX", None)):
+        raise ConfigError("LISTEN_FDS", f"systemd passed {where}, a socket of family {family}: "
+                                        "gproxy listens on TCP and Unix stream sockets")
+    if kind != socket.SOCK_STREAM or not listening:
+        what = "a datagram socket" if kind == socket.SOCK_DGRAM else "not a listening stream socket"
+        raise ConfigError("LISTEN_FDS", f"systemd passed {where} ({_sockets.describe_address(bound)}), "
+                                        f"{what}: use ListenStream= (with Accept=no)")
+    if family == getattr(socket, "AF_UNIX", None):
+        if isinstance(bound, bytes):
+            bound = bound.decode(errors="surrogateescape")
+        return UnixAddress("@" + bound[1:] if bound.startswith("\0") else bound)
+    return Address(bound[0], bound[1])
+
+
+def _same_address(listen: Endpoint, bound: Endpoint) -> bool:
+    """Whether a rule's ``listen`` is the address a passed socket is bound to: the same path,
+    or the same IP and port (a name such as localhost: any address it has). Port 0 never is:
+    it asks for a port of its own."""
+    if isinstance(listen, UnixAddress) or isinstance(bound, UnixAddress):
+        return listen == bound
+    if listen.port != bound.port or listen.port == 0:
+        return False
+    try:
+        ip = ipaddress.ip_address(bound.host.split("%")[0])
+    except ValueError:
+        return False
+    try:
+        return ipaddress.ip_address(listen.host) == ip
+    except ValueError:  # a name: any address it has for listening
+        try:
+            infos = socket.getaddrinfo(listen.host, listen.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        except OSError:
+            return False
+        return any(ipaddress.ip_address(info[4][0].split("%")[0]) == ip for info in infos)

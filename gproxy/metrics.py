@@ -230,14 +230,16 @@ def route(sources: Callable[[], Iterable]) -> Callable:
 
 
 def serve(address: AddressLike, sources: Callable[[], Iterable], *,
-          client_timeout: float = _http.CLIENT_TIMEOUT) -> WSGIServer:
+          client_timeout: float = _http.CLIENT_TIMEOUT, listener=None) -> WSGIServer:
     """Bind ``address`` and serve ``app(sources)`` from greenlets on this thread's hub (they
     run while the hub does, e.g. in ``Forwarder.serve_forever()``). Returns the started
     server (``.address`` is the bound one; ``.stop()`` ends it). Bind errors raise ``OSError``.
     A client silent for ``client_timeout`` seconds (default 60) is disconnected; malformed
-    requests get a 400 (the HTTP API's rules: ``gproxy._http``)."""
+    requests get a 400 (the HTTP API's rules: ``gproxy._http``). ``listener``: a listening
+    gevent socket to serve on instead of binding ``address`` (one systemd passed)."""
     where = parse_address(address, "metrics")
-    server = _http.server((where.host, where.port), app(sources), log, client_timeout=client_timeout)
+    server = _http.server((where.host, where.port) if listener is None else listener, app(sources), log,
+                          client_timeout=client_timeout)
     try:
         server.start()
     except OSError as exc:

@@ -41,6 +41,7 @@ from gevent.lock import RLock
 
 from gproxy.config import Address, ConfigError, Rule, parse_address
 from gproxy.forwarder import Forwarder, State
+from gproxy.listeners import Passed
 from gproxy.stats import Statistics
 
 __all__ = ["Service", "DuplicateName", "UnknownName", "ResetFailed"]
@@ -115,6 +116,9 @@ class Service:
         self._stopped = Event()
         #: reloads' old forwarders while their connections drain, each with its retire() greenlet
         self._retired: List[Tuple[Forwarder, gevent.Greenlet]] = []
+        #: listening sockets systemd passed (socket activation, ``Passed.from_systemd()``):
+        #: a forwarder that would bind serves on the one it matches instead (default None)
+        self.passed: Optional[Passed] = None
 
     # -- reading -----------------------------------------------------------------------
 
@@ -166,6 +170,10 @@ class Service:
             each.append(stats)
         return Statistics(**{f.name: sum(getattr(s, f.name) for s in each)
                              for f in dataclasses.fields(Statistics)})
+
+    def _passed_for(self, rules: Mapping[str, Rule]) -> Dict[str, int]:
+        """Which socket systemd passed each rule serves on: ``{name: index}``."""
+        return self.passed.match(rules) if self.passed is not None else {}
 
     def _draining(self) -> List[Tuple[Forwarder, gevent.Greenlet]]:
         self._retired = [(fw, g) for fw, g in self._retired if not g.dead]
@@ -266,9 +274,12 @@ class Service:
         by this call are stopped again and the ``OSError`` is raised."""
         started = []
         with self._lock:
+            taken = self._passed_for({name: fw.rule for name, fw in self._forwarders.items()})
             try:
-                for fw in self._forwarders.values():
+                for name, fw in self._forwarders.items():
                     if fw.state is State.NEW:
+                        if name in taken:
+                            fw.inherit_socket(self.passed.lend(taken[name]))
                         fw.start_here()
                         started.append(fw)
             except BaseException:
@@ -314,12 +325,13 @@ class Service:
             old = dict(self._forwarders)
             built: Dict[str, Forwarder] = {}
             result: Dict[str, str] = {}
+            rules: Dict[str, Rule] = {}
             for name, spec in specs.items():
                 _check_name(name)
                 spec = dict(spec)
                 options = {**self.options, **{k: v for k, v in spec.items() if k not in ("listen", "target")}}
                 options.setdefault("name", name)
-                rule = Rule.build(spec["listen"], spec["target"], **options)
+                rule = rules[name] = Rule.build(spec["listen"], spec["target"], **options)
                 current = old.get(name)
                 if current is not None and current.rule == rule and current.state is not State.STOPPED:
                     result[name] = "unchanged"
@@ -331,7 +343,9 @@ class Service:
             owned = set(old) if owned is None else set(owned)
             leaving = [fw for name, fw in old.items()
                        if name in built or (name not in result and name in owned)]
-            _start_all(built, old, leaving)
+            taken = self._passed_for({**{name: fw.rule for name, fw in old.items() if name not in owned},
+                                      **rules})
+            _start_all(built, old, leaving, passed=(self.passed, taken))
             for name, new in built.items():
                 previous = old.get(name)
                 if previous is None:
@@ -349,6 +363,10 @@ class Service:
             self._draining()  # forget those that have ended
             for fw in leaving:
                 self._retired.append((fw, gevent.spawn(fw.retire, timeout)))
+            if self.passed is not None:
+                for passed in self.passed.unused(taken):
+                    log.warning("systemd passed %s, which no rule listens on now: its clients wait in its "
+                                "queue unserved until a rule takes it again", passed)
             return result
 
     def serve_forever(self) -> None:
@@ -445,12 +463,16 @@ def _copy_toxics(old: Forwarder, new: Forwarder) -> None:
 
 
 def _start_all(built: Dict[str, Forwarder], old: Dict[str, Forwarder], leaving: List[Forwarder],
-               label: Optional[str] = None) -> None:
+               label: Optional[str] = None,
+               passed: Tuple[Optional[Passed], Dict[str, int]] = (None, {})) -> None:
     """Start every forwarder of ``built`` here, each on the listening socket of a ``leaving``
     one with the same address if there is one (its own name's first, then any other's: a
-    rule renamed), so no client is refused in between. All or nothing: on a failure, those
-    started are stopped, inherited sockets go back to their owners, and the ``OSError`` is
-    raised (its message prefixed with ``label "name": `` when ``label`` is given)."""
+    rule renamed), so no client is refused in between; else on the socket systemd passed
+    for it (``passed``: the sockets and which one each name takes), else on one it binds.
+    All or nothing: on a failure, those started are stopped, inherited sockets go back to
+    their owners, and the ``OSError`` is raised (its message prefixed with ``label "name": ``
+    when ``label`` is given)."""
+    sockets, taken = passed
     sources: Dict[str, Forwarder] = {}
     claimed = set()
     for name, new in built.items():
@@ -470,6 +492,8 @@ def _start_all(built: Dict[str, Forwarder], old: Dict[str, Forwarder], leaving: 
             source = sources.get(name)
             if source is not None:
                 new.inherit_listener(source)
+            elif sockets is not None and name in taken:
+                new.inherit_socket(sockets.lend(taken[name]))
             new.start_here()
             started.append(new)
     except BaseException as exc:

@@ -231,15 +231,17 @@ class Proxy:
 
     LISTENING = re.compile(r"listening on (\S+):(\d+) -> ")
 
-    def __init__(self, *args: str, listen: str = "127.0.0.1:0", preexec_fn=None, argv=None, env=None):
+    def __init__(self, *args: str, listen: str = "127.0.0.1:0", preexec_fn=None, argv=None, env=None,
+                 python_args=(), pass_fds=()):
         """``gproxy [args...] LISTEN TARGET`` (the last of ``args`` is the target), or exactly
-        ``gproxy argv...`` when ``argv`` is given (``address`` is then the first rule's)."""
+        ``gproxy argv...`` when ``argv`` is given (``address`` is then the first rule's).
+        ``python_args`` go to the interpreter before ``-m gproxy`` (a launcher's ``-c CODE ...``)."""
         if argv is None:
             argv = [*args[:-1], listen, args[-1]] if args else [listen]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gproxy", *argv],
+            [sys.executable, *python_args, "-m", "gproxy", *argv],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            preexec_fn=preexec_fn, env=env,
+            preexec_fn=preexec_fn, env=env, pass_fds=pass_fds,
         )
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self.seen: List[str] = []

@@ -45,8 +45,8 @@ def addr(text: str):
 class ConfigProxy(Proxy):
     """``gproxy -c FILE`` in a subprocess; ``rules`` maps each rule's name to its bound address."""
 
-    def __init__(self, path: str, count: int, env=None, extra=()):
-        super().__init__(argv=["-q", *extra, "-c", path], env=env)
+    def __init__(self, path: str, count: int, env=None, extra=(), **launch):
+        super().__init__(argv=["-q", *extra, "-c", path], env=env, **launch)
         self.rules = {}
         if RULE_LINE.search(self.seen[-1]):
             self._record(self.seen[-1])
@@ -59,9 +59,14 @@ class ConfigProxy(Proxy):
         self.rules[match.group(2)] = addr(match.group(1))
 
     def reload(self) -> str:
-        """SIGHUP, and the line that says how it went."""
+        """SIGHUP, and the line that says how it went: "INFO reloaded ...", or "ERROR reload
+        failed ..." or "ERROR reload of ... failed" (not a line about an earlier reload's
+        old connections)."""
         self.signal(signal.SIGHUP)
-        return self.wait_for(" reload")  # "INFO reloaded ..." or "ERROR reload failed ..."
+        while True:
+            line = self.wait_for(" reload")
+            if re.search(r" (reloaded |reload failed|reload of )", line):
+                return line
 
 
 def echo_through(address, data: bytes = b"ping") -> bytes:

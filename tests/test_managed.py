@@ -22,7 +22,7 @@ PACKAGE = Path(gproxy.__file__).resolve().parent
 
 #: the interface for being managed: each says what it does, its default and what None means
 MANAGED = ("state", "bound_address", "listening", "start_here", "listens_on", "inherit_listener",
-           "return_listener", "count_on", "show_own_targets", "retire")
+           "inherit_socket", "return_listener", "count_on", "show_own_targets", "retire")
 
 
 def _forwarders_private_names() -> set:
