@@ -1019,15 +1019,7 @@ class Forwarder:
             server._spare.close()
             server._spare = None
         for conn in list(context.active.values()):
-            if own_hub:
-                for watcher in conn._watchers:
-                    watcher.close()
-                for _src, _dst, readable, writable in conn._ends:
-                    readable.close()
-                    writable.close()
-            for sock in (conn.client, conn.upstream):
-                if sock is not None:
-                    sock.close()
+            conn.forget_after_fork(close_watchers=own_hub)
         context.active.clear()
         if context.offload is not None:
             context.offload.forget()  # its threads stayed in the parent

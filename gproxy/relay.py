@@ -2,82 +2,122 @@
 
 Typical use (the forwarder does this for every accepted client)::
 
-    Connection(context, client_sock, client_address).run(spare_upstream_sock)
+    if context.dials_on_hub(spare_upstream_sock):
+        Connection(context, client_sock, client_address).start(spare_upstream_sock)
+    else:  # in a worker greenlet
+        Connection(context, client_sock, client_address).run(spare_upstream_sock)
 
 Theory of operation
 -------------------
-``run()`` is the handler. Its connect phase (``_dial.py``) connects to the target (every
-address the name has, in turn, each attempt bounded by ``connect_timeout``), then it hands
-the bytes to two *pumps*, one per direction: ``UPSTREAM`` (client -> upstream) and
-``DOWNSTREAM`` (upstream -> client). A client of a plain rule (``Context.dials_on_hub``: one
-fixed IP or Unix address; no hook, access rule or PROXY header before the connect) takes
-``start()`` instead, which does the same in callbacks on the hub: a greenlet to wait for
-one connect would cost more than the rest of the connect. Whatever ends a connection early
-raises a ``Failure`` (``_failure.py``: its outcome and its line) for the connection to
-record; its report (the totals, one log line, the hooks) is ``_report.py``'s.
+A connection lives in three rooms, read in this order:
 
-A pump (``pump()``) is a blocking-style loop: read what the source has, write all
-of it to the destination, repeat. Small reads are copied; once reads fill the
-buffer, chunks move in the kernel with splice(2) (``splice.Splicer``). It blocks only by waiting on its own two libev
-watchers (readable source, writable destination), so a destination that
-stops reading stalls its pump, the kernel buffers fill, and TCP flow control
-stalls the sender: memory stays bounded by one chunk per direction.
+1. The connect phase (``_dial.py``): ``run()``, the handler, reads a trusted client's PROXY
+   header, calls ``on_open``, checks access, then connects to the target (every address the
+   name has, in turn, each attempt bounded by ``connect_timeout``) and sends our PROXY
+   header. A client of a plain rule (``Context.dials_on_hub``: one fixed IP or Unix address;
+   no hook, access rule or PROXY header before the connect) takes ``start()`` instead, which
+   does the same in callbacks on the hub: a greenlet to wait for one connect would cost more
+   than the rest of the connect. A connect that fails raises a ``Failure`` (``_failure.py``:
+   its outcome and line), which the connection records.
+2. The pumps (here): two directions, ``UPSTREAM`` (client -> upstream) and ``DOWNSTREAM``
+   (upstream -> client), each with its state (below).
+3. The report (``_report.py``): once both directions ended, the teardown closes the
+   watchers, then the sockets, and hands the connection to its books: the totals, one log
+   line, the ``on_close`` hook.
+
+A pump (``pump()``) is a blocking-style loop: read what the source has, write all of it to
+the destination, repeat. Small reads are copied; once reads fill the buffer, chunks move in
+the kernel with splice(2) (``splice.Splicer``), or in a thread of their own (a bulk lane,
+``offload.py``). It blocks only by waiting on its own two libev watchers (readable source,
+writable destination), so a destination that stops reading stalls its pump, the kernel
+buffers fill, and TCP flow control stalls the sender: memory stays bounded by one chunk per
+direction.
 
 Closing rules (the "half-close dance"):
 
-- A clean EOF from the source ends that pump: it shuts down the
-  destination's write half (our FIN) and returns; the other direction keeps
-  flowing until it ends too. When both pumps saw EOF the outcome is ``EOF``
-  and both sockets close normally.
-- A reset or any socket error in either pump aborts the connection: the
-  sibling pump is woken by throwing ``Aborted`` into its wait
-  (``_gevent.cancel_wait``), or, held by a bulk lane, by waking the lane;
-  both sockets close with RST (``SO_LINGER 0``), so each peer learns the
-  connection failed. A partial write is never retried.
-- The idle sweep and the forwarder's shutdown abort the same way, with their
-  own outcome.
+- A clean EOF from the source ends that direction: it shuts down the destination's write
+  half (our FIN); the other direction keeps flowing until it ends too. When both saw EOF
+  the outcome is ``EOF`` and both sockets close normally.
+- A reset or any socket error in either direction aborts the connection (``abort``): the
+  other direction is ended or woken according to its state (below); both sockets close with
+  RST (``SO_LINGER 0``), so each peer learns the connection failed. A partial write is
+  never retried.
+- The idle sweep and the forwarder's shutdown abort the same way, with their own outcome.
 
-Who closes: the connection owns both sockets (the server's ``do_close`` does
-nothing) and the last direction to end tears everything down: watchers first,
-then sockets, because closing an fd under an active watcher is what breaks libev.
-That is also why a sibling is woken by an exception and not by closing its
-socket under it. Every way a direction ends (EOF, error, abort, a pump that
-comes back from a wait, a chain or a bulk lane to find the connection aborted)
-goes through ``_end_direction``, which counts each direction once; a pump that
-gives its greenlet back either parks or ends its direction (``_leave``), never
-neither.
+Who closes: the connection owns both sockets (the server's ``do_close`` does nothing) and
+the last direction to end tears everything down: watchers first, then sockets, because
+closing an fd under an active watcher is what breaks libev. That is also why a waiting
+pump is woken by an exception and not by closing its socket under it.
 
-Greenlets are taken only while bytes flow. A pump is *parked* whenever its
-source has nothing: its source's readable watcher calls ``_unpark``. A message
-that one read takes whole and one send delivers whole (most request/response
-traffic) moves right there, in the callback, and the pump stays parked. Anything
-more (a full read, which means bulk; a destination that does not take it all;
-EOF; an error) runs the pump in a worker greenlet (see ``_workers.py``), which
-waits only for its destination and parks again, returning its greenlet to the
-pool, once its source is drained. An idle connection thus costs two sockets,
-four watchers and this object, whether it ever spoke or not; only pumps with
-bytes in hand hold a greenlet. (A pump running a toxic chain waits for its
-source inside the chain; the forwarder's parking pass throws it ``_Park`` after
-a quiet while.)
+Direction states
+----------------
+Each direction is in one state at a time (``Connection._states[direction]``), and moves only
+as ``MOVES`` allows (as h11 keeps its state machine in one table; the test suite checks every
+move of every connection against it, tests/statecheck.py)::
 
-A pump never runs for long without the event loop: gevent's reads and writes
-return at once while data keeps flowing, so after ``FAIR_SHARE`` bytes or
-``FAIR_READS`` reads in one turn (whichever comes first: a tiny ``buffer_size``
-must not stretch a turn to thousands of reads), a pump parks even with data
-waiting; its watcher runs it again on the next pass through the loop, after
-every other connection with I/O ready had its turn.
+    NEW      -> PARKED | ENDED
+    PARKED   -> RUNNING | ENDED
+    RUNNING  -> PARKED | CHAIN | LANE | ENDED
+    CHAIN    -> RUNNING
+    LANE     -> RUNNING
 
-Toxics: a direction of a forwarder that has toxics runs through ``toxics.Link.pump``
-instead of ``pump`` (see toxics.py). ``pump`` compares ``Context.toxic_version`` once per
-chunk and returns False when it changed, at a chunk boundary with no byte held;
-``_run_pump`` then picks the path again (``_link``). A change also kicks every open
-connection (``toxics_changed`` -> ``Connection.kick``): a parked pump is started, and a pump
-waiting for its source, or in the chain's own wait, is thrown ``_Switch`` and picks its path
-at once, so a toxic acts on an idle connection too (a ``timeout`` closes it in time).
+- ``NEW``: connecting; no pump yet. Both directions leave it together (``_start_pumps``),
+  or end from it when the connect fails or is aborted (``_end_unstarted``).
+- ``PARKED``: no greenlet; the source's readable watcher calls ``_unpark``. A message that
+  one read takes whole and one send delivers whole (most request/response traffic) moves
+  right there, in the callback, and the direction stays parked. Anything more (a full read,
+  which means bulk; a destination that does not take it all; an error; toxics on this
+  direction) moves it to RUNNING (``_resume``); its source's EOF ends it there.
+- ``RUNNING``: a worker greenlet (see ``_workers.py``) runs ``_run_pump``, on the fast path
+  (``pump``), waiting only for its destination; it parks again (``_leave``) once its source
+  is drained, returning its greenlet to the pool. An idle connection thus costs two
+  sockets, four watchers and this object, whether it ever spoke or not.
+- ``CHAIN``: the direction runs through its toxic chain (``_chain.Link.pump``), which waits
+  for its source, its destination or a due time in the pump's greenlet.
+- ``LANE``: a bulk lane's thread splices for the direction (``offload.Offload.run``); its
+  greenlet waits for the thread to hand the direction back.
+- ``ENDED``: done. ``_end_direction`` is the one way in, whatever ended it (EOF, an error, an
+  abort, a failed connect), and the teardown runs when the second direction gets there.
+
+What acts on a direction dispatches on its state, never on which callback a watcher holds:
+
+=========  =============================  ===========================  =====================
+state      ``abort``                      ``kick`` (toxics changed)    parking pass
+=========  =============================  ===========================  =====================
+NEW        ``_dial.cancel``               (pumps start kicked)         -
+PARKED     stop its watcher, end it       start it (``_resume``)       -
+RUNNING    throw ``Aborted`` into its     seen at its next chunk       -
+           wait for its destination
+CHAIN      throw ``Aborted`` into the     throw ``_Switch`` into the   throw ``_Park`` if
+           chain's wait                   chain's wait                 quiet since the last
+LANE       wake the lane                  seen by the lane             -
+ENDED      -                              -                            -
+=========  =============================  ===========================  =====================
+
+A throw is made on the next pass of the loop (``_interrupt``), into the pump only if it is
+in that state and waits then: a pump that moved on meanwhile (parked, ended) is not thrown
+at, and one that was not waiting finds the outcome before its next wait. A pump that comes
+back from a wait, a chain or a lane after an abort ends its direction instead of parking
+(``_leave``): a lane, a chain or a parking pass never ends a connection by forgetting it.
+
+A pump never runs for long without the event loop: gevent's reads and writes return at once
+while data keeps flowing, so after ``FAIR_SHARE`` bytes or ``FAIR_READS`` reads in one turn
+(whichever comes first: a tiny ``buffer_size`` must not stretch a turn to thousands of
+reads), a pump parks even with data waiting; its watcher runs it again on the next pass
+through the loop, after every other connection with I/O ready had its turn.
+
+Toxics: a direction of a forwarder that has toxics runs through ``_chain.Link.pump`` instead of
+``pump`` (see _chain.py). ``pump`` compares ``Context.toxic_version`` once per chunk and
+returns ``_SWITCHED`` when it changed, at a chunk boundary with no byte held; ``_run_pump``
+then picks the path again (``_link``). A change also kicks every open connection
+(``toxics_changed`` -> ``Connection.kick``), so a toxic acts on an idle connection too (a
+``timeout`` closes it in time). A pump in the chain is thrown ``_Park`` by the forwarder's
+parking pass after a quiet while, and parks unless its chain holds bytes or waits for a time.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import itertools
 import logging
@@ -103,7 +143,7 @@ if TYPE_CHECKING:
     from gproxy.proxyproto import ProxyHeader
 
 __all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "FAIR_READS", "pump",
-           "send_rest", "sweep", "toxics_changed"]
+           "send_rest", "sweep", "toxics_changed", "DirectionState", "MOVES"]
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +163,41 @@ _READ, _WRITE = 1, 2
 _DRAINED, _DRAINED_SPLICING, _ENDED, _SWITCHED = range(4)
 
 
+class DirectionState(enum.IntEnum):
+    """Where one direction of a connection is (the theory above)."""
+
+    NEW = 0
+    PARKED = 1
+    RUNNING = 2
+    CHAIN = 3
+    LANE = 4
+    ENDED = 5
+
+
+NEW, PARKED, RUNNING, CHAIN, LANE, ENDED = DirectionState
+
+#: Every move a direction may make, written once; each is made in one place, named here.
+MOVES = {
+    NEW: (PARKED,            # _start_pumps: connected, both directions at once
+          ENDED),            # _end_unstarted: the connect failed or was aborted
+    PARKED: (RUNNING,        # _resume: its source has more than a callback moves, or a kick
+             ENDED),         # _unpark at its source's EOF; abort
+    RUNNING: (PARKED,        # _leave: source drained, turn spent, or a parking pass
+              CHAIN,         # _run_pump: into Link.pump
+              LANE,          # pump: into offload.run
+              ENDED),        # _run_pump's end: EOF, error, abort
+    CHAIN: (RUNNING,),       # _run_pump: Link.pump returned or was thrown out of its wait
+    LANE: (RUNNING,),        # pump: offload.run returned or raised
+    ENDED: (),
+}
 
 
 class _Park(Exception):
-    """Thrown into a pump that waits for a quiet source, to release its greenlet."""
+    """Thrown into a pump that waits for a quiet source in its chain, to release its greenlet."""
 
 
 class _Switch(Exception):
-    """Thrown into a waiting pump when the toxics changed: it picks its path again."""
+    """Thrown into a pump waiting in its chain when the toxics changed: it picks its path again."""
 
 
 class Context:
@@ -230,7 +297,6 @@ class Context:
         if self.splicer is not None:
             self.splicer.close()
 
-
 #: per OS thread: read buffers by size, shared by every forwarder whose hub runs there
 _thread_buffers = _gevent.real_thread_local()  # per OS thread, patched or not
 
@@ -262,9 +328,12 @@ def _scratch(size: int) -> tuple:
 def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
          readable, writable, direction: int, spliced: bool = False) -> int:
     """Move bytes from src to dst for one turn: until src is drained or the turn is spent
+
+
     (``_DRAINED``, or ``_DRAINED_SPLICING`` when the next turn should splice), src's clean
     EOF (``_ENDED``), or a change of the forwarder's toxics (``_SWITCHED``, at a chunk
-    boundary: one comparison per chunk); socket errors propagate. It waits only for dst.
+    boundary: one comparison per chunk); socket errors propagate. It waits only for dst,
+    or for a bulk lane (state LANE while it does).
 
     Small reads are copied through the thread's scratch buffer (``_scratch``): two syscalls per message.
     With a splicer (``Context.splicer``), a read that fills the buffer means bulk, and the
@@ -287,7 +356,12 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
         if spliced:
             n = None
             if offload is not None:  # bulk goes to a thread when one is free (offload.py)
-                n = offload.run(conn, src_fd, dst_fd, direction, version)
+                states = conn._states
+                states[direction] = LANE
+                try:
+                    n = offload.run(conn, src_fd, dst_fd, direction, version)
+                finally:
+                    states[direction] = RUNNING
                 if n == STOPPED:
                     raise Aborted
             if n is None:
@@ -336,13 +410,14 @@ def send_rest(wait: Callable, dst: socket.socket, scratch: bytearray, sent: int,
 
 
 class Connection:
-    """One client, its upstream, two pumps; ``run()`` starts its life, the last pump ends it."""
+    """One client, its upstream, two directions; ``run()`` or ``start()`` begins its life,
+    the last direction to end finishes it."""
 
     __slots__ = (
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
-        "_pumps", "_closed", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target", "links",
-        "own_key", "_dialing", "spoke", "_upstream_writable", "_ended",
+        "_states", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target", "links",
+        "own_key", "_dialing", "spoke", "_upstream_writable",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -365,12 +440,12 @@ class Connection:
         self.outcome: Optional[Outcome] = None
         self.error: Optional[str] = None
         self._hub = gevent.get_hub()
+        #: per direction, its DirectionState (see MOVES)
+        self._states = [NEW, NEW]
+        #: what the teardown closes: the pumps' four watchers, or start()'s connect watchers
         self._watchers: List = []
         self._ends: List[tuple] = []  # per direction: (src, dst, readable, writable)
-        self._eof_count = 0
-        self._pumps = 0               # pumps started and not ended (a parked pump has not ended)
-        self._ended = [False, False]  # per direction: ended (_end_direction ran for it)
-        self._closed = False
+        self._eof_count = 0           # sources that sent their clean EOF
         #: while connecting: the greenlet waiting in the connect phase, or _dial.ON_HUB while
         #: start()'s connect waits in callbacks; what an abort stops (_dial.cancel)
         self._dialing = None
@@ -380,7 +455,7 @@ class Connection:
         self.seen = [0, 0]
         self.seen_total = 0
         self.seen_at = self._t0 - context.stalled  # on the sweep's clock, which skips stalls
-        #: per direction, the toxics.Link of a direction that met toxics, else None
+        #: per direction, the _chain.Link of a direction that met toxics, else None
         self.links: Optional[List[Optional[Link]]] = None
         #: the watcher that waited for the upstream's connect, kept for its pumps
         self._upstream_writable = None
@@ -388,8 +463,8 @@ class Connection:
     # -- the life, top to bottom ------------------------------------------------
 
     def run(self, spare: socket.socket) -> None:
-        """The StreamServer handler: the connect phase (``spare`` is an unconnected socket to
-        use if its family fits), then hand the connection to its pumps."""
+        """The handler, in a worker greenlet: the connect phase (``spare`` is an unconnected
+        socket to use if its family fits), then the pumps."""
         context = self.context
         context.active[self.id] = self
         context.counters.accepted += 1
@@ -413,12 +488,12 @@ class Connection:
             pass
         except gevent.GreenletExit:
             self._finish(Outcome.SHUTDOWN)
-        except BaseException:  # a bug: logged once, with its traceback, by _teardown
+        except BaseException:  # a bug: logged once, with its traceback, by the report
             self._finish(Outcome.ERROR, traceback.format_exc())
         finally:
             if spare is not None:
                 spare.close()  # refused before connecting
-            if not self._pumps:
+            if self._states[UPSTREAM] is NEW:
                 self._end_unstarted()
 
     def start(self, spare: socket.socket) -> None:
@@ -432,7 +507,7 @@ class Connection:
         counters.active += 1
         try:
             _dial.start(self, spare)
-        except BaseException:  # a bug: logged once, with its traceback, by _teardown
+        except BaseException:  # a bug: logged once, with its traceback, by the report
             self._connect_failed(Failure(Outcome.ERROR, traceback.format_exc()))
 
     def _connect_failed(self, failed: Failure) -> None:
@@ -440,15 +515,9 @@ class Connection:
         self._finish(failed.outcome, failed.error)
         self._end_unstarted(in_callback=True)
 
-    def _end_unstarted(self, in_callback: bool = False) -> None:
-        """The connect phase ended with no pumps (failed, refused, aborted): tear down (in a
-        worker when called in a hub callback)."""
-        if in_callback:
-            self.context.workers.run(self._teardown)
-        else:
-            self._teardown()
-
     def _start_pumps(self, upstream: socket.socket) -> None:
+        """Connected: both directions start parked (NEW -> PARKED). A greenlet is taken when
+        a source has data, so a connection that never speaks never costs one."""
         context = self.context
         if context.scratch is None:  # the first connection of this forwarder to get here
             context.scratch, context.scratch_view = _scratch(context.rule.buffer_size)
@@ -464,139 +533,24 @@ class Connection:
         self._watchers = [client_readable, client_writable, upstream_readable, upstream_writable]
         self._ends = [(client, upstream, client_readable, upstream_writable),    # UPSTREAM
                       (upstream, client, upstream_readable, client_writable)]    # DOWNSTREAM
-        self._pumps = 2
-        # Both pumps start parked: a greenlet is taken when the source has data, so a
-        # connection that never speaks never costs one.
+        states = self._states
+        states[UPSTREAM] = PARKED
+        states[DOWNSTREAM] = PARKED
         client_readable.start(self._unpark, UPSTREAM)
         upstream_readable.start(self._unpark, DOWNSTREAM)
-        chains = self.context.toxics.chains
+        chains = context.toxics.chains
         for direction in (UPSTREAM, DOWNSTREAM):
             if chains[direction]:  # a toxic may act before any byte comes (timeout)
                 loop.run_callback(self.kick, direction)
 
-    def _run_pump(self, direction: int, spliced: bool = False, carry=None) -> None:
-        """Run one pump until it parks again, or to its end: then apply the closing rules and
-        tear down after the last pump. ``carry`` is what ``_unpark`` left: an exception to
-        handle here, or (sent, n) when the destination took only ``sent`` of the ``n`` bytes
-        it read into the scratch buffer."""
-        src, dst, readable, writable = self._ends[direction]
-        try:
-            if carry is not None:
-                if isinstance(carry, BaseException):
-                    raise carry
-                send_rest(_gevent.waiter(self._hub, self, Aborted), dst, self.context.scratch,
-                          carry[0], carry[1], writable)
-            while self.outcome is None:
-                try:
-                    link = self._link(direction)
-                    if link is None:
-                        version = self.context.toxic_version
-                        result = pump(self, src, dst, readable, writable, direction, spliced)
-                        if result is _SWITCHED:
-                            continue
-                        if result is not _ENDED and self.context.toxic_version != version:
-                            continue  # changed while it waited to write (a kick found it busy)
-                        if result is not _ENDED:
-                            self.spoke = direction
-                            self._leave(direction, result is _DRAINED_SPLICING)
-                            return
-                        done = True
-                    else:
-                        done = link.pump(src, dst, readable, writable, FAIR_SHARE)
-                except _Switch:
-                    continue
-                except _Park:
-                    if self.links is not None and self.links[direction] is not None \
-                            and self.links[direction].busy():
-                        continue  # it holds bytes or waits for a time: it must not park
-                    raise
-                if done:
-                    self._source_ended(direction)
-                    break
-        except _Park:
-            # Quiet for a while: end this greenlet and let the watcher start a new one when
-            # the source has data. The pump held no bytes: it was waiting for the source.
-            self._leave(direction)
-            return
-        except Aborted:
-            pass
-        except Failure as exc:  # the chain closed or reset the connection
-            self.abort(exc.outcome, exc.error)
-        except OSError as exc:
-            failed = failure(exc, self._side_of(direction, exc))
-            self.abort(failed.outcome, failed.error)
-        except gevent.GreenletExit:
-            self.abort(Outcome.SHUTDOWN)
-        except BaseException:  # a bug, or a stray gevent.Timeout: this connection ends, not the hub
-            self.abort(Outcome.ERROR, traceback.format_exc())
-        self._end_direction(direction)
-
-    def _leave(self, direction: int, spliced: bool = False) -> None:
-        """The pump gives its greenlet back holding no bytes: it parks (its source's watcher
-        runs it again), or, if the connection was aborted meanwhile, its direction ends here.
-        An abort that came while a bulk lane held the direction finds no pump to wake (the
-        lane may even finish its job normally), so a pump coming back from a lane, a wait or
-        a chain must not just park: its direction would never end, nor the connection."""
-        if self.outcome is None:
-            self._ends[direction][2].start(self._unpark, direction, spliced)
-        else:
-            self._end_direction(direction)
-
-    def _side_of(self, direction: int, exc: OSError) -> str:
-        """Which side ("client" or "upstream") a pump's socket error came from, judged after
-        the fact so the pump pays nothing for it: the side whose TCP connection the kernel
-        shows ended (a reset or a timeout leaves it CLOSE). When that does not tell (a Unix
-        socket, or both ended), by the errno: EPIPE is met writing, to the destination; the
-        others mostly reading, from the source."""
-        src, dst = self._ends[direction][:2]
-        ended = [sock for sock in (src, dst) if tcp_closed(sock)]
-        sock = ended[0] if len(ended) == 1 else dst if exc.errno == errno.EPIPE else src
-        return "client" if sock is self.client else "upstream"
-
-    def _link(self, direction: int) -> Optional[Link]:
-        """The toxic chain this direction must run through now, or None for the fast path."""
-        context = self.context
-        links = self.links
-        chain = context.toxics.chains[direction]
-        if not chain and (links is None or links[direction] is None):
-            return None
-        if links is None:
-            links = self.links = [None, None]
-        link = links[direction]
-        if link is None:
-            link = links[direction] = Link(self, direction, context.toxics, context.rule.buffer_size)
-        link.sync(context.toxic_version)
-        if link.plain():
-            if not chain:
-                links[direction] = None  # no toxic left: forget it
-            return None
-        return link
-
-    def kick(self, direction: int) -> None:
-        """Hub callback after a change to the toxics: make this direction's pump pick its path
-        now. A parked pump is started; one waiting for its source (holding no bytes) or in the
-        toxic chain's wait (whose state is all in its Link) is thrown _Switch; a busy one sees
-        the version at its next chunk."""
-        if self.outcome is not None or not self._ends:
-            return
-        readable = self._ends[direction][2]
-        if self._parked(readable):
-            readable.stop()
-            self.context.workers.run(self._run_pump, direction)
-            return
-        link = self.links[direction] if self.links is not None else None
-        if link is not None and link.waiting is not None:  # it may wait for a time or its destination
-            link.waiting.throw(_Switch())
-        else:
-            _gevent.throw_into_waiter(readable, _Switch())  # none if it parked meanwhile
-
     def _unpark(self, direction: int, spliced: bool = False) -> None:
-        """Watcher callback, on the hub: the parked source has data.
+        """Watcher callback, on the hub: the parked direction's source has data.
 
         A message that one read takes whole and one send delivers whole moves right here,
-        and the pump stays parked: no greenlet switch, no watcher stopped and started.
-        Anything else (a full read: bulk; a destination not taking it all; EOF; an error;
-        toxics on this direction) runs the pump in a worker, handing over what was read."""
+        and the direction stays PARKED: no greenlet switch, no watcher stopped and started.
+        Anything else (a full read: bulk; a destination not taking it all; an error; toxics
+        on this direction) runs the pump in a worker (``_resume``), handing over what was
+        read; the source's EOF ends the direction here."""
         src, dst, readable, _writable = self._ends[direction]
         context = self.context
         carry = None
@@ -617,9 +571,11 @@ class Connection:
                     elif n < len(scratch):
                         return  # done; still parked
                     spliced = n == len(scratch) and context.splicer is not None  # bulk
-                elif self.outcome is None:
+                elif self.outcome is None and self._states[1 - direction] is not LANE:
                     # EOF, the usual end: this direction is done right here. Only the last
                     # one's teardown (its log line and on_close hook may block) takes a worker.
+                    # (With a lane on the other direction the EOF may be a reset the lane took,
+                    # which aborts: a worker reads it again, and judges, see _source_ended.)
                     readable.stop()
                     self._source_ended(direction)
                     self._end_direction(direction, in_callback=True)
@@ -628,8 +584,115 @@ class Connection:
                 return  # nothing after all; still parked
             except BaseException as exc:  # handled by the pump's rules, in a worker
                 carry = exc
-        readable.stop()
-        context.workers.run(self._run_pump, direction, spliced, carry)
+        self._resume(direction, spliced, carry)
+
+    def _resume(self, direction: int, spliced: bool = False, carry=None) -> None:
+        """On the hub: PARKED -> RUNNING, the pump in a worker (now, until it first waits)."""
+        self._ends[direction][2].stop()
+        self._states[direction] = RUNNING
+        self.context.workers.run(self._run_pump, direction, spliced, carry)
+
+    def _run_pump(self, direction: int, spliced: bool = False, carry=None) -> None:
+        """A worker's job: run one direction's pump (RUNNING) until it parks again, or to
+        its end: the closing rules, then ``_end_direction``. ``carry`` is what ``_unpark``
+        left: an exception to handle here, or (sent, n) when the destination took only
+        ``sent`` of the ``n`` bytes it read into the scratch buffer."""
+        src, dst, readable, writable = self._ends[direction]
+        states = self._states
+        try:
+            if carry is not None:
+                if isinstance(carry, BaseException):
+                    raise carry
+                send_rest(_gevent.waiter(self._hub, self, Aborted), dst, self.context.scratch,
+                          carry[0], carry[1], writable)
+            while self.outcome is None:
+                try:
+                    link = self._link(direction)
+                    if link is None:
+                        version = self.context.toxic_version
+                        result = pump(self, src, dst, readable, writable, direction, spliced)
+                        if result is _SWITCHED:
+                            continue
+                        if result is not _ENDED:
+                            if self.context.toxic_version != version:
+                                continue  # changed while it waited to write (a kick found it busy)
+                            self.spoke = direction
+                            self._leave(direction, result is _DRAINED_SPLICING)
+                            return
+                    else:
+                        states[direction] = CHAIN
+                        try:
+                            if not link.pump(src, dst, readable, writable, FAIR_SHARE):
+                                continue  # the toxics changed, or the fast path may take over
+                        finally:
+                            states[direction] = RUNNING
+                except _Switch:
+                    continue
+                except _Park:
+                    if self.links is not None and self.links[direction] is not None \
+                            and self.links[direction].busy():
+                        continue  # it holds bytes or waits for a time: it must not park
+                    raise
+                self._source_ended(direction)
+                break
+        except _Park:
+            # Quiet for a while: end this greenlet and let the watcher start a new one when
+            # the source has data. The pump held no bytes: it was waiting for the source.
+            self._leave(direction)
+            return
+        except Aborted:
+            pass
+        except Failure as exc:  # the chain closed or reset the connection
+            self.abort(exc.outcome, exc.error)
+        except OSError as exc:
+            failed = failure(exc, self._side_of(direction, exc))
+            self.abort(failed.outcome, failed.error)
+        except gevent.GreenletExit:
+            self.abort(Outcome.SHUTDOWN)
+        except BaseException:  # a bug, or a stray gevent.Timeout: this connection ends, not the hub
+            self.abort(Outcome.ERROR, traceback.format_exc())
+        self._end_direction(direction)
+
+    def _leave(self, direction: int, spliced: bool = False) -> None:
+        """The pump gives its greenlet back holding no bytes: RUNNING -> PARKED (its source's
+        watcher runs it again), or, if the connection was aborted meanwhile, its direction
+        ends here. An abort that came while a bulk lane or a chain held the direction, or
+        while the pump was not waiting, woke nobody for sure (a lane may even finish its job
+        normally), so a pump must not just park: its direction would never end, nor the
+        connection."""
+        if self.outcome is None:
+            self._states[direction] = PARKED
+            self._ends[direction][2].start(self._unpark, direction, spliced)
+        else:
+            self._end_direction(direction)
+
+    def _link(self, direction: int) -> Optional[Link]:
+        """The toxic chain this direction must run through now, or None for the fast path."""
+        context = self.context
+        links = self.links
+        chain = context.toxics.chains[direction]
+        if not chain and (links is None or links[direction] is None):
+            return None
+        if links is None:
+            links = self.links = [None, None]
+        link = links[direction]
+        if link is None:
+            link = links[direction] = Link(self, direction, context.toxics, context.rule.buffer_size)
+        link.sync(context.toxic_version)
+        if link.plain():
+            if not chain:
+                links[direction] = None  # no toxic left: forget it
+            return None
+        return link
+
+    def wait_any(self, watchers, timeout: float) -> bool:
+        """For a pump in the toxic chain (_chain.Link._wait): wait until one of ``watchers``
+        fires (True) or ``timeout`` seconds pass (False). An abort wakes it by throwing
+        Aborted into the chain's wait (``Link.waiting``, see _interrupt); one that came
+        before is raised here."""
+        if self.outcome is not None:
+            raise Aborted
+        return _gevent.wait_any(self._hub, watchers, timeout)
 
     def _source_ended(self, direction: int) -> None:
         """A direction's source sent its clean EOF. While the other direction goes on, pass
@@ -638,33 +701,46 @@ class Connection:
 
         Not after an abort: a FIN ahead of the RST reads as a clean end. And not when the
         end was a reset that a bulk lane took: a socket reports its error once, so while a
-        lane writes to this source's socket, the lane may take the reset and leave this read
-        only the end of the stream; the kernel still shows the connection reset (CLOSE)."""
+        lane writes to this source's socket (the other direction is LANE), the lane may take
+        the reset and leave this read only the end of the stream; the kernel still shows the
+        connection reset (CLOSE)."""
         if self.outcome is not None:
             return
         src, dst = self._ends[direction][:2]
-        offload = self.context.offload
-        if offload is not None and offload.holds(self) and tcp_closed(src):
+        other = self._states[1 - direction]
+        if other is LANE and tcp_closed(src):
             side = "client" if src is self.client else "upstream"
             failed = failure(ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)), side)
             self.abort(failed.outcome, failed.error)
             return
         self._eof_count += 1
-        if self._pumps > 1:
+        if other is not ENDED:
             _sockets.half_close(dst)
 
+    def _side_of(self, direction: int, exc: OSError) -> str:
+        """Which side ("client" or "upstream") a pump's socket error came from, judged after
+        the fact so the pump pays nothing for it: the side whose TCP connection the kernel
+        shows ended (a reset or a timeout leaves it CLOSE). When that does not tell (a Unix
+        socket, or both ended), by the errno: EPIPE is met writing, to the destination; the
+        others mostly reading, from the source."""
+        src, dst = self._ends[direction][:2]
+        ended = [sock for sock in (src, dst) if tcp_closed(sock)]
+        sock = ended[0] if len(ended) == 1 else dst if exc.errno == errno.EPIPE else src
+        return "client" if sock is self.client else "upstream"
+
+    # -- the way out ------------------------------------------------------------
+
     def _end_direction(self, direction: int, in_callback: bool = False) -> None:
-        """The one way a direction ends, whatever ended it (its source's EOF, an error, an
-        abort that found it parked, a pump that found the connection aborted): counted once,
-        and the last direction to end tears the connection down. ``in_callback``: called in a
-        watcher callback on the hub, where the teardown (its log line and on_close hook may
-        block) must not run: a worker runs it."""
-        ended = self._ended
-        if ended[direction]:
+        """The one way a direction ends (-> ENDED), whatever ended it: its source's EOF, an
+        error, an abort that found it parked, a pump that found the connection aborted, a
+        connect that failed. The second direction to end tears the connection down.
+        ``in_callback``: called in a callback on the hub, where the teardown (its log line
+        and on_close hook may block) must not run: a worker runs it."""
+        states = self._states
+        if states[direction] is ENDED:  # never, by the table; a guard against a double teardown
             return
-        ended[direction] = True
-        self._pumps -= 1
-        if self._pumps:
+        states[direction] = ENDED
+        if states[1 - direction] is not ENDED:
             return
         if self._eof_count == 2:
             self._finish(Outcome.EOF)
@@ -673,15 +749,19 @@ class Connection:
         else:
             self._teardown()
 
+    def _end_unstarted(self, in_callback: bool = False) -> None:
+        """The connect phase ended with no pumps (failed, refused, aborted): NEW -> ENDED,
+        both directions, which tears the connection down."""
+        self._end_direction(UPSTREAM, in_callback)
+        self._end_direction(DOWNSTREAM, in_callback)
+
     def _teardown(self) -> None:
-        """Close everything once no pump runs; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Both directions ended: close the watchers, then the sockets, give back what the
+        connection held, and hand it to the report (_report.closed)."""
         for watcher in self._watchers:
             watcher.close()
         self._watchers = []
-        if self._upstream_writable is not None:  # connected, never pumped (PROXY header failed)
+        if self._upstream_writable is not None:  # connected, never pumped
             self._upstream_writable.close()
             self._upstream_writable = None
         context = self.context
@@ -703,42 +783,91 @@ class Connection:
             self.outcome = Outcome.ERROR
         _report.closed(self)
 
-    # -- waiting and aborting -----------------------------------------------------
+    def forget_after_fork(self, close_watchers: bool) -> None:
+        """In a forked child: close this connection's copies of its sockets, with no teardown
+        and no report (the connection is the parent's). ``close_watchers``: the hub they
+        belong to goes on in the child, and libev needs them closed before their fds."""
+        if close_watchers:
+            for watcher in self._watchers:
+                watcher.close()
+            if self._upstream_writable is not None:
+                self._upstream_writable.close()
+        for sock in (self.client, self.upstream):
+            if sock is not None:
+                sock.close()
 
-    def wait_any(self, watchers, timeout: float) -> bool:
-        """For a pump in the toxic chain: wait until one of ``watchers`` fires (True) or
-        ``timeout`` seconds pass (False). Its timer joins this connection's watchers meanwhile,
-        so an abort wakes the wait like any other."""
-        return _gevent.wait_any(self._hub, watchers, timeout, self._watchers)
+    # -- acting on the directions, by their state ---------------------------------
 
     def abort(self, outcome: Outcome, error: Optional[str] = None) -> None:
-        """End the connection now: record why (the first reason wins) and wake both pumps."""
+        """End the connection now: record why (the first reason wins) and end or wake each
+        direction according to its state (the theory's table)."""
         if self.outcome is not None:
             return
         self._finish(outcome, error)
-        if not self._ends:  # connecting
+        states = self._states
+        if states[UPSTREAM] is NEW:  # connecting (both directions leave NEW together)
             _dial.cancel(self)
             return
-        for direction, (_src, _dst, readable, _writable) in enumerate(self._ends):
-            if self._parked(readable):
-                readable.stop()      # no greenlet to wake: the pump just ends
+        for direction in (UPSTREAM, DOWNSTREAM):
+            state = states[direction]
+            if state is PARKED:
+                self._ends[direction][2].stop()  # no greenlet to wake: the direction just ends
                 self._end_direction(direction)
-        for watcher in self._watchers:
-            _gevent.cancel_wait(self._hub, watcher, Aborted())
-        if self.context.offload is not None:
-            self.context.offload.wake(self)  # a pump whose bulk a thread splices
+            elif state is RUNNING or state is CHAIN:
+                self._hub.loop.run_callback(self._interrupt, direction, Aborted())
+            elif state is LANE:
+                self.context.offload.wake(self)  # the thread lets go; the pump then ends
+
+    def kick(self, direction: int) -> None:
+        """Hub callback after a change to the toxics: make this direction's pump pick its path
+        now. A parked one is started; one in its chain's wait is thrown _Switch (the chain's
+        state is all in its Link); a running one, or a lane, sees the version at its next chunk."""
+        if self.outcome is not None:
+            return
+        state = self._states[direction]
+        if state is PARKED:
+            self._resume(direction)
+        elif state is CHAIN:
+            waiting = self.links[direction].waiting
+            if waiting is not None:
+                waiting.throw(_Switch())
+
+    def park(self) -> None:
+        """The parking pass: release the greenlet of each direction in its chain that moved
+        nothing since the last pass (it waits for its source, or for a time, and the _Park
+        handler keeps a chain that holds bytes running). A fast-path pump parks by itself."""
+        counts, seen, states = self.counts, self.seen, self._states
+        for direction in (UPSTREAM, DOWNSTREAM):
+            if counts[direction] == seen[direction] and states[direction] is CHAIN:
+                self._hub.loop.run_callback(self._interrupt, direction, _Park())
+            seen[direction] = counts[direction]
+
+    def _interrupt(self, direction: int, error: BaseException) -> None:
+        """Hub callback: throw ``error`` into this direction's pump if it waits now. Whom to
+        throw into is decided here, not when the throw was asked for: a pump that parked or
+        ended meanwhile is left alone, and one that is not waiting finds the outcome (an
+        abort) before its next wait. A pump in its CHAIN may be thrown anything (all its
+        state is in its Link); a RUNNING one waits only for its destination, holding bytes,
+        so only an abort is thrown into it."""
+        state = self._states[direction]
+        if state is CHAIN:
+            waiting = self.links[direction].waiting
+            if waiting is not None:
+                waiting.throw(error)
+        elif state is RUNNING and error.__class__ is Aborted:
+            _gevent.throw_into_waiter(self._ends[direction][3], error)
 
     def idle_at_stop(self) -> bool:
         """Whether stopping may close this connection now, without waiting for it to end:
-        both pumps are parked (each waits for its source and holds no bytes), neither side
-        has closed, and the upstream spoke last, so the client has its answer and it is the
-        client's turn: a pooled connection at rest. A quiet connection whose client spoke last
-        may be waiting for a slow answer, and is left to finish."""
-        if self.outcome is not None or self._pumps != 2 or self._eof_count or self.spoke != DOWNSTREAM:
+        both directions are parked (each waits for its source and holds no bytes), neither
+        side has closed, and the upstream spoke last, so the client has its answer and it is
+        the client's turn: a pooled connection at rest. A quiet connection whose client spoke
+        last may be waiting for a slow answer, and is left to finish."""
+        states = self._states
+        if self.outcome is not None or states[UPSTREAM] is not PARKED or states[DOWNSTREAM] is not PARKED \
+                or self._eof_count or self.spoke != DOWNSTREAM:
             return False
-        if self.links is not None and any(link is not None and link.busy() for link in self.links):
-            return False
-        return all(self._parked(readable) for _src, _dst, readable, _writable in self._ends)
+        return self.links is None or not any(link is not None and link.busy() for link in self.links)
 
     def close_idle(self) -> None:
         """End a connection that is idle at stop with FIN, not RST (outcome ``closed``): the
@@ -746,25 +875,10 @@ class Connection:
         requests."""
         self.abort(Outcome.CLOSED, "idle at stop")
 
-    def park(self) -> None:
-        """Release the greenlet of each pump that moved nothing since the last call and is
-        waiting for its source: an idle connection then costs no greenlet at all."""
-        counts, seen = self.counts, self.seen
-        for direction, (_src, _dst, readable, _writable) in enumerate(self._ends):
-            if counts[direction] == seen[direction] and readable.active and not self._parked(readable):
-                _gevent.cancel_wait(self._hub, readable, _Park())  # it waits for its source: park it
-            seen[direction] = counts[direction]
-
-    def _parked(self, readable) -> bool:
-        """Whether this source's pump is parked: its watcher calls _unpark, not a greenlet."""
-        return _gevent.callback_owner(readable) is self
-
     def _finish(self, outcome: Outcome, error: Optional[str] = None) -> None:
         if self.outcome is None:
             self.outcome = outcome
             self.error = error
-
-    # -- reporting ----------------------------------------------------------------
 
     def record(self) -> ConnectionRecord:
         """What this connection is, or was (see _report.record)."""
@@ -780,8 +894,8 @@ def sweep(context: Context, now: float, park: bool) -> None:
     idle_timeout, half_close_timeout = rule.idle_timeout, rule.half_close_timeout
     timed = idle_timeout is not None or half_close_timeout is not None
     for conn in list(context.active.values()):
-        if not conn._pumps or conn.outcome is not None:
-            continue  # still connecting (connect_timeout is in charge) or ending
+        if conn.outcome is not None or conn._states[UPSTREAM] is NEW:
+            continue  # ending, or still connecting (connect_timeout is in charge)
         if timed:
             total = conn.counts[0] + conn.counts[1]
             if total != conn.seen_total:
