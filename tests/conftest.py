@@ -11,6 +11,7 @@ import pytest
 
 import gproxy
 from peers import TIMEOUT, Gate, Server, connect
+from statecheck import checking_states
 
 
 class _ErrorLog(logging.Handler):
@@ -52,6 +53,17 @@ def no_greenlet_died():
     finally:
         gevent.hub.Hub.print_exception = original
     assert not errors, errors
+
+
+@pytest.fixture(autouse=True)
+def checked_states():
+    """Fails the test if a connection's direction states broke relay.MOVES: a move not in
+    the table, a direction ended twice or never, a teardown before both ended or twice
+    (statecheck.py). Yields the ledger, for tests that look at the moves."""
+    with checking_states() as ledger:
+        yield ledger
+        problems = ledger.problems()
+    assert not problems, problems
 
 
 class Forwarders:
