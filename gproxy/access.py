@@ -1,5 +1,6 @@
-"""Who may connect: allow/deny lists, a per-client connection limit, and the rate-limited
-line that says a client was refused. Checked before anything is dialled.
+"""Who may connect: allow/deny lists, a per-client limit, and the line saying who was refused.
+
+All of it is checked before anything is dialled.
 
 Typical use (relay does this for every client when the rule has any of these options)::
 
@@ -29,7 +30,6 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 __all__ = ["Access", "DeniedLog", "Network", "client_key", "compile_networks", "describe_key", "in_networks"]
 
-log = logging.getLogger(__name__)
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -85,7 +85,8 @@ class DeniedLog:
     """One INFO line per client address per ``LOG_EVERY`` seconds, saying how many were
     refused since that address's previous line: a scan or a flood cannot fill the log."""
 
-    def __init__(self, logger: logging.Logger = log, every: float = LOG_EVERY) -> None:
+    def __init__(self, logger: logging.Logger, every: float = LOG_EVERY) -> None:
+        # the caller's logger (relay's: the line is about a connection), so this module has none
         self.log = logger
         self.every = every
         self._last: Dict[str, Tuple[float, int]] = {}   # address -> (when logged, suppressed since)

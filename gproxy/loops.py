@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import logging
 import socket
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -37,7 +36,6 @@ from gproxy.config import Address, ConfigError, Rule
 
 __all__ = ["refuse_at_start", "may_loop", "OwnUpstreams", "address_key"]
 
-log = logging.getLogger(__name__)
 
 #: how long start may spend resolving a target name to compare it with the listener
 _RESOLVE_TIMEOUT = 2.0

@@ -1,11 +1,14 @@
-"""The typed public surface: Forwarder's keyword options, py.typed, and what help() shows."""
+"""The public surface: what is public and documented, the module map, the logger names, and
+Forwarder's typed keyword options, py.typed and what help() shows."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 import os
 import pydoc
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,12 +17,18 @@ from pathlib import Path
 import pytest
 
 import gproxy
+from doctext import DOCS_DIR, section
 from gproxy import ConfigError
 from gproxy.config import Rule
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "gproxy"
 
 HOOKS = ("on_open", "on_close")
+
+
+def _module_files():
+    return sorted(path.stem for path in PACKAGE.glob("*.py"))
 
 
 def test_forwarder_options_are_typed_keyword_parameters_with_rules_defaults():
@@ -148,3 +157,38 @@ def test_gproxy_imports_and_forwards_without_resource_or_fcntl():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert result.returncode == 0 and result.stdout.strip() == "OK", result.stdout + result.stderr
+
+
+# -- logger names ---------------------------------------------------------------------------
+
+def _loggers_in_code():
+    """Every logger name gproxy's code asks for, read from the source, so that a logger a test
+    never reaches counts too: {name: [where]}."""
+    found = {}
+    for module in _module_files():
+        path = PACKAGE / f"{module}.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and "getLogger" in (getattr(node.func, "attr", None),
+                                                                    getattr(node.func, "id", None))):
+                continue
+            where = f"gproxy/{module}.py:{node.lineno}"
+            assert len(node.args) == 1 and not node.keywords, f"{where}: getLogger() is the root logger"
+            arg = node.args[0]
+            if isinstance(arg, ast.Name) and arg.id == "__name__":
+                name = "gproxy" if module == "__init__" else f"gproxy.{module}"
+            else:
+                assert isinstance(arg, ast.Constant) and isinstance(arg.value, str), \
+                    f"{where}: a logger name computed at run time; write it out"
+                name = arg.value
+            found.setdefault(name, []).append(where)
+    return found
+
+
+def test_the_loggers_are_the_documented_ones():
+    # Logger names are public (users configure them; JSON lines carry them): a module renamed
+    # keeps its logger's name, written out, and a new logger is documented before it is used.
+    documented = set(re.findall(r"^\| `(gproxy[\w.]*)` \|", section(DOCS_DIR / "operations.md", "Loggers"), re.M))
+    used = _loggers_in_code()
+    assert set(used) == documented, (f"used, not in docs/operations.md#loggers: "
+                                     f"{ {n: w for n, w in used.items() if n not in documented} }; "
+                                     f"documented, not used: {sorted(documented - set(used))}")
