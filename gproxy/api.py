@@ -1,4 +1,4 @@
-"""toxiproxy's HTTP API on ``gevent.pywsgi``: JSON in, :class:`~gproxy.service.Service` calls, JSON out.
+"""toxiproxy's HTTP API on ``gevent.pywsgi``: JSON in, ``Service`` calls, JSON out.
 
 Typical use (what ``gproxy --api 127.0.0.1:8474`` does)::
 

@@ -35,7 +35,7 @@ from gproxy import _http
 from gproxy.config import AddressLike, parse_address
 from gproxy.stats import DURATION_BUCKETS, Outcome
 
-__all__ = ["CONTENT_TYPE", "app", "render", "route", "serve"]
+__all__ = ["CONTENT_TYPE", "app", "render", "serve"]   # route() is for gproxy's own API server
 
 log = logging.getLogger(__name__)
 

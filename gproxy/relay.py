@@ -130,6 +130,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 import gevent
 
 from gproxy import _dial, _gevent, _report, _sockets
+from gproxy._chain import Link
 from gproxy._failure import Aborted, Failure, failure, tcp_closed
 from gproxy._workers import Workers
 from gproxy.access import Access, DeniedLog, client_key, compile_networks
@@ -137,7 +138,7 @@ from gproxy.config import Rule
 from gproxy.offload import STOPPED
 from gproxy.stats import ConnectionRecord, Counters, Outcome
 from gproxy.targets import Targets
-from gproxy.toxics import Link, Toxics
+from gproxy.toxics import Toxics
 
 if TYPE_CHECKING:
     from gproxy.proxyproto import ProxyHeader

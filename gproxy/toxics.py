@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from gproxy import _trigger  # noqa: F401  (a toxic type in a module of its own registers itself)
-from gproxy._chain import BUILTIN, CLOSE, PYTHON, RESET, Action, Delay, Link
+from gproxy._chain import BUILTIN, CLOSE, PYTHON, RESET, Action, Delay
 from gproxy.config import ConfigError
 
-__all__ = ["Toxic", "Toxics", "Link", "TYPES", "STREAMS", "Delay", "CLOSE", "RESET",
-           "ToxicExists", "ToxicNotFound", "make_toxic"]
+# What users get (docs/embedding.md#what-is-public). Toxics and make_toxic are the forwarder's
+# machinery: importable, not promised. The chain itself (Link, the stages) is gproxy._chain's.
+__all__ = ["Toxic", "TYPES", "STREAMS", "Delay", "CLOSE", "RESET", "ToxicExists", "ToxicNotFound"]
 
 # Defined with the chain that acts on them; their public home is here.
 for _public in (Delay, Action):

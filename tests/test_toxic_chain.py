@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 
 from gproxy import Outcome
-from gproxy._chain import _EOF, _Marker
-from gproxy.toxics import CLOSE, RESET, Delay, Link, Toxics, make_toxic
+from gproxy._chain import _EOF, Link, _Marker
+from gproxy.toxics import CLOSE, RESET, Delay, Toxics, make_toxic
 
 UPSTREAM, DOWNSTREAM = 0, 1
 STREAMS = ("upstream", "downstream")
