@@ -208,9 +208,8 @@ def test_the_module_map_has_every_module_and_its_job():
     assert sorted(rows) == files, ("README.md's Development table and gproxy/ differ: missing "
                                    f"{sorted(set(files) - set(rows))}, no such file "
                                    f"{sorted(set(rows) - set(files))}")
-    wrong = [f"{m}.py: README says {job!r}, the docstring {_job(m)!r}"
-             for m, (_, job) in rows.items() if job != _job(m)]
-    assert not wrong, "\n".join(wrong)
+    wrong = [f"| `{m}.py` | {status} | {_job(m)} |" for m, (status, job) in rows.items() if job != _job(m)]
+    assert not wrong, "README.md: jobs differ from the docstrings; the rows should read:\n" + "\n".join(wrong)
 
 
 def test_private_modules_and_only_they_start_with_an_underscore():
