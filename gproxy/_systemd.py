@@ -1,5 +1,7 @@
-"""systemd's protocols, no dependency: ``Type=notify`` (one datagram to ``$NOTIFY_SOCKET``)
-and socket activation (listening sockets passed from fd 3 on, ``$LISTEN_FDS``).
+"""systemd's protocols with no dependency: ``Type=notify`` and socket activation.
+
+``Type=notify`` is one datagram to ``$NOTIFY_SOCKET``; socket activation passes listening
+sockets from fd 3 on (``$LISTEN_FDS``).
 
 Typical use (the command line does this)::
 

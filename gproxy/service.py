@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import gevent
@@ -44,6 +45,8 @@ from gproxy.listeners import Passed
 from gproxy.stats import Statistics
 
 __all__ = ["Service", "DuplicateName", "UnknownName", "ResetFailed"]
+
+log = logging.getLogger(__name__)
 
 
 class DuplicateName(ConfigError):
