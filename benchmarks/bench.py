@@ -175,7 +175,7 @@ def run_cmd(cmd, timeout, cwd=None, env=None):
         killpg(p.pid, signal.SIGKILL)
         out, err = p.communicate(timeout=10)
         _PROCS.remove(p)
-        raise BenchError("timed out after %ss: %s" % (timeout, " ".join(cmd)))
+        raise BenchError("timed out after %ss: %s" % (timeout, " ".join(cmd))) from None
     _PROCS.remove(p)
     return p.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
@@ -430,7 +430,7 @@ class Forwarder:
         try:
             wait_listening(self.port, self.proc, timeout, self.name)
         except BenchError as e:
-            raise BenchError("%s: %s" % (e, tail(self.logpath)))
+            raise BenchError("%s: %s" % (e, tail(self.logpath))) from None
 
     def cpu(self):
         return tree_cpu_seconds(self.pid) if self.proc else None
@@ -513,7 +513,7 @@ class Server:
             wait_listening(self.port, self.proc, 15, kind)
         except BenchError as e:
             self.stop()
-            raise BenchError("%s: %s" % (e, tail(self.logpath)))
+            raise BenchError("%s: %s" % (e, tail(self.logpath))) from None
 
     def stop(self):
         stop_proc(self.proc, signal.SIGTERM if self.kind != "sockperf" else signal.SIGINT, timeout=5)
@@ -535,7 +535,7 @@ def wl_iperf3(fwd, args, workdir, extra):
         try:
             data = json.loads(out)
         except ValueError:
-            raise BenchError("iperf3 rc=%s, no JSON: %s %s" % (rc, out[-300:], err[-300:]))
+            raise BenchError("iperf3 rc=%s, no JSON: %s %s" % (rc, out[-300:], err[-300:])) from None
         if data.get("error"):
             raise BenchError("iperf3: %s" % data["error"])
         s = data["end"]["sum_received"]
@@ -605,7 +605,7 @@ def wl_fairness(fwd, args, workdir):
         try:
             res = json.loads(out.strip().splitlines()[-1])
         except (ValueError, IndexError):
-            raise BenchError("fairness client printed no JSON: %s %s" % (out[-300:], err[-300:]))
+            raise BenchError("fairness client printed no JSON: %s %s" % (out[-300:], err[-300:])) from None
         if cpu0 is not None:
             res["cpu_s"] = cpu1 - cpu0
         return res

@@ -140,9 +140,12 @@ def main() -> None:
     print()
     print("| way | per connection close | per scrape | scrape size |")
     print("|---|---|---|---|")
-    print(f"| gproxy (Counters + metrics.render) | {per_close_gproxy * 1e6:.2f} us | {scrape_gproxy * 1e3:.1f} ms | {size_gproxy // 1024} KiB |")
-    print(f"| prometheus_client, native metrics | {per_close_prom * 1e6:.2f} us | {scrape_native * 1e3:.1f} ms | {size_native // 1024} KiB |")
-    print(f"| prometheus_client, custom collector over Counters | {per_close_gproxy * 1e6:.2f} us | {scrape_collector * 1e3:.1f} ms | |")
+    print(f"| gproxy (Counters + metrics.render) | {per_close_gproxy * 1e6:.2f} us"
+          f" | {scrape_gproxy * 1e3:.1f} ms | {size_gproxy // 1024} KiB |")
+    print(f"| prometheus_client, native metrics | {per_close_prom * 1e6:.2f} us"
+          f" | {scrape_native * 1e3:.1f} ms | {size_native // 1024} KiB |")
+    print(f"| prometheus_client, custom collector over Counters | {per_close_gproxy * 1e6:.2f} us"
+          f" | {scrape_collector * 1e3:.1f} ms | |")
 
 
 if __name__ == "__main__":

@@ -64,10 +64,12 @@ def main() -> None:
 
     for version in (1, 2):
         rows.append((f"proxy_protocol v{version}: getsockname + encode (then one send)",
-                     per_call(lambda version=version: proxyproto.encode(version, peer, listener_side.getsockname()))))
+                     per_call(lambda version=version:
+                              proxyproto.encode(version, peer, listener_side.getsockname()))))
     for version in (1, 2):
         header = proxyproto.encode(version, ("192.0.2.7", 50312), ("198.51.100.1", 443))
-        rows.append((f"accept_proxy_from, v{version} header: header_size + parse (after one peek, before one recv)",
+        rows.append((f"accept_proxy_from, v{version} header: header_size + parse"
+                     " (after one peek, before one recv)",
                      per_call(lambda header=header: proxyproto.parse(header[:proxyproto.header_size(header)]))))
 
     def syscalls():
@@ -87,7 +89,8 @@ def main() -> None:
     record = logging.LogRecord("gproxy.relay", logging.INFO, __file__, 1,
                                "conn#%d %s -> %s %s%s, %.3fs, up %d B, down %d B",
                                (1, "127.0.0.1:50412", "127.0.0.1:5432", Outcome.EOF, "", 3.574, 1532, 88211), None)
-    record.connection = {"rule": "127.0.0.1:8080", "id": 1, "client": "127.0.0.1:50412", "target": "127.0.0.1:5432",
+    record.connection = {"rule": "127.0.0.1:8080", "id": 1, "client": "127.0.0.1:50412",
+                         "target": "127.0.0.1:5432",
                          "outcome": "eof", "duration": 3.574, "bytes_upstream": 1532, "bytes_downstream": 88211}
     text, json_ = logging.Formatter("%(asctime)s %(levelname)s %(message)s"), JsonFormatter()
     rows.append(("a connection's log line, text formatter", per_call(lambda: text.format(record))))

@@ -52,7 +52,8 @@ __all__ = [
     "real_lock", "thread_id", "real_sleep", "start_real_thread", "real_thread_local", "real_poll",
     "RealSocket",
     "waiter", "wait_any", "waiting_greenlet", "callback_owner", "throw_into_waiter", "cancel_wait",
-    "accept_raw", "unwrap", "InlineServer", "destroy_hub", "WSGIHandler",
+    "accept_raw", "unwrap", "InlineServer", "destroy_hub",
+    "WSGIHandler",  # noqa: F822 (made on first use by the module's __getattr__, below)
 ]
 
 # -- the real thing, patched or not ------------------------------------------------------------

@@ -339,7 +339,8 @@ class Api:
 
     @staticmethod
     def _proxy_json(name: str, fw: Forwarder) -> Dict[str, Any]:
-        return {"name": name, "listen": str(listen_address(fw)), "upstream": ",".join(map(str, fw.rule.targets)) or str(fw.rule.target),
+        return {"name": name, "listen": str(listen_address(fw)),
+                "upstream": ",".join(map(str, fw.rule.targets)) or str(fw.rule.target),
                 "enabled": is_enabled(fw), "toxics": [_toxic_json(t) for t in _toxics_of(fw)]}
 
 

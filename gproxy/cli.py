@@ -590,7 +590,8 @@ def _run(args: argparse.Namespace, options: dict) -> int:
     try:
         if args.metrics is not None:
             if isinstance(forwarder, _Single):
-                sources = (lambda: [forwarder.forwarder])
+                def sources():  # read when scraped
+                    return [forwarder.forwarder]
             else:
                 sources = forwarder.service.items
             metrics_server = metrics.serve(args.metrics, sources, listener=passed.lend_socket(taken["metrics"])

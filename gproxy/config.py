@@ -22,8 +22,8 @@ import logging
 import math
 import re
 import socket
-from dataclasses import dataclass, fields
 import sys
+from dataclasses import dataclass, fields
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 try:

@@ -134,7 +134,7 @@ def _parse(document: Dict[str, Any], path: str) -> ConfigFile:
     for index, table in enumerate(rules, 1):
         name = table.get("name")
         label = f"rule {name!r}" if isinstance(name, str) else f"rule #{index}"
-        _check_keys(table, _RULE_KEYS, lambda key, message: fail(f"{label}: {key}", message))
+        _check_keys(table, _RULE_KEYS, lambda key, message, label=label: fail(f"{label}: {key}", message))
         if "listen" not in table:
             raise fail(f"{label}: listen", "missing")
         if "target" in table and "targets" in table:

@@ -171,7 +171,8 @@ def _render(sources: Iterable, encode: bool) -> Generator[None, None, list]:
             out.append(f'gproxy_connections_total{{{rule},outcome="{_OUTCOME_LABELS[outcome]}"}} {count}')
         sections["active"].append(f"gproxy_connections_active{{{rule}}} {counters.active}")
         sections["bytes"].append(f'gproxy_bytes_total{{{rule},direction="upstream"}} {counters.bytes_upstream}')
-        sections["bytes"].append(f'gproxy_bytes_total{{{rule},direction="downstream"}} {counters.bytes_downstream}')
+        sections["bytes"].append(
+            f'gproxy_bytes_total{{{rule},direction="downstream"}} {counters.bytes_downstream}')
         failures = counters.target_failures.copy()
         health = counters.health() if counters.health is not None else counters.target_up.copy()
         for target, up in health.items():

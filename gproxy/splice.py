@@ -22,7 +22,6 @@ import fcntl
 import os
 from typing import List, Optional, Tuple
 
-
 __all__ = ["Splicer"]
 
 _splice = os.splice  # ImportError/AttributeError here means: no splice on this platform

@@ -6,8 +6,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
 import queue
+import random
 import re
 import socket
 import subprocess
@@ -281,7 +281,8 @@ BAD = [
     ("POST", "/populate", [{"name": "a", "upstream": "127.0.0.1:1"}, {"name": "b"}], 400,
      "missing required field: upstream at proxy 2"),
     ("POST", "/populate", [{"name": "a", "upstream": "127.0.0.1:1"},
-                           {"name": "b", "upstream": "127.0.0.1:1", "listen": "local373"}], 400, "proxies[1].listen"),
+                           {"name": "b", "upstream": "127.0.0.1:1", "listen": "local373"}],
+     400, "proxies[1].listen"),
     ("GET", "/proxies/missing/toxics", None, 404, "proxy not found"),
     ("POST", "/proxies/missing/toxics", {"type": "latency"}, 404, "proxy not found"),
     ("GET", "/proxies/live/toxics/missing", None, 404, "toxic not found"),
@@ -341,6 +342,7 @@ def test_api_disconnects_a_silent_client():  # in this process: a short client_t
     """An API client that sends nothing, or stops mid-request, is let go after client_timeout;
     malformed HTTP gets a 400; neither is logged as an error."""
     import gevent.socket
+
     from gproxy.api import Api
     from gproxy.service import Service
 

@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from peers import (TIMEOUT, Gate, Proxy, Server, connect, echo, free_port, payload, recv_all,
-                   recv_exactly, reset)
+from peers import TIMEOUT, Gate, Proxy, Server, connect, echo, free_port, payload, recv_all, recv_exactly, reset
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -146,7 +145,7 @@ def test_no_fd_left_after_many_resets_from_either_side():
         warm.close()
         assert recv_all(warm_server) == b""
         baseline = None
-        for round_ in range(2):
+        for _round in range(2):
             for i in range(100):
                 client = connect(proxy.address)
                 server = gate.get()

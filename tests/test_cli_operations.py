@@ -5,13 +5,10 @@ from __future__ import annotations
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
-
-import pytest
 
 from peers import TIMEOUT, Proxy, Server, connect, echo, recv_exactly
 

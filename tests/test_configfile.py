@@ -3,9 +3,7 @@ subprocesses, SIGHUP reloads under traffic, systemd's READY=1 on a socket the te
 
 from __future__ import annotations
 
-import hashlib
 import os
-import queue
 import re
 import signal
 import socket
@@ -18,8 +16,18 @@ from pathlib import Path
 import pytest
 
 from doctext import DOCS_DIR, fences
-from peers import (TIMEOUT, Gate, Proxy, Server, connect, echo, free_port, payload, recv_all,
-                   recv_exactly, send_in_odd_chunks)
+from peers import (
+    TIMEOUT,
+    Gate,
+    Proxy,
+    Server,
+    connect,
+    echo,
+    free_port,
+    payload,
+    recv_all,
+    recv_exactly,
+)
 
 RULE_LINE = re.compile(r"listening on (\S+) -> \S+ \(rule ([^)]+)\)")
 
@@ -206,7 +214,8 @@ def test_every_bad_file_is_one_line_naming_file_rule_and_key(tmp_path, text, cul
 
 @pytest.mark.parametrize("text, says", [
     # a number key takes a TOML number: a string is refused, not coerced ("1_0" was 10)
-    (GOOD_RULE + 'max_fails = "3"\n', "rule 'web': max_fails: expected a whole number, got \"3\" (numbers go without quotes)"),
+    (GOOD_RULE + 'max_fails = "3"\n',
+     "rule 'web': max_fails: expected a whole number, got \"3\" (numbers go without quotes)"),
     (GOOD_RULE + 'buffer_size = "1_0"\n', "rule 'web': buffer_size: expected a whole number, got \"1_0\""),
     (GOOD_RULE + 'idle_timeout = "5"\n', "rule 'web': idle_timeout: expected a number of seconds, got \"5\""),
     ("[defaults]\nconnect_timeout = '5'\n" + GOOD_RULE,
@@ -236,8 +245,8 @@ def test_every_bad_file_is_one_line_naming_file_rule_and_key(tmp_path, text, cul
     ("[defaults]\nproxy_header_timeout = 0\n" + GOOD_RULE, "expected a number of seconds > 0, got 0"),
 ], ids=lambda value: None if value is None or "\n" in value else value[:60])
 def test_config_file_messages(text, says):
-    from gproxy.configfile import parse
     from gproxy import ConfigError
+    from gproxy.configfile import parse
     with pytest.raises(ConfigError) as bad:
         parse(text, "f.toml")
     message = str(bad.value)
@@ -373,7 +382,8 @@ def test_reload_under_traffic_keeps_listeners_and_connections(tmp_path):
             try:
                 line = proxy.reload()
                 assert "1 added, 1 changed, 1 removed, 1 unchanged" in line, proxy.seen
-                added = addr(RULE_LINE.search(next(l for l in proxy.seen if "(rule added)" in l)).group(1))
+                added_line = next(entry for entry in proxy.seen if "(rule added)" in entry)
+                added = addr(RULE_LINE.search(added_line).group(1))
                 # the changed rule takes new clients to its new target, on the same socket
                 while first_byte(changed) != b"N":
                     pass
@@ -651,6 +661,7 @@ def test_a_call_running_on_the_services_hub_when_it_stops_does_not_wait_for_ever
     """Thread mode: a call handed to the service's hub from another thread that is still running
     there when stop() ends the hub's thread. Its caller used to wait for ever."""
     import gevent
+
     import gproxy
     with Server(tagged(b"A")) as a:
         path = write(tmp_path / "gproxy.toml", f"""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import gproxy
-from gproxy import ConfigError, Outcome
 from doctext import documents, fences
+from gproxy import ConfigError, Outcome
 from peers import TIMEOUT, Server, connect, echo, recv_all, recv_exactly
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +203,7 @@ def test_forwarder_api_contract(forwarder_factory):
 
     fw = gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:1")
     with pytest.raises(RuntimeError):
-        fw.address
+        fw.address  # noqa: B018 (the property raises before start)
     fw.start()
     assert fw.address[0] == "127.0.0.1" and fw.address[1] > 0
     with pytest.raises(RuntimeError):
@@ -238,7 +239,7 @@ def test_hooks_and_statistics(forwarder_factory):
     assert opened[0].outcome is None and opened[0].id == closed[0].id
     assert closed[0].outcome is Outcome.EOF and closed[0].duration >= 0
     assert (closed[0].bytes_upstream, closed[0].bytes_downstream) == (5, 5)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         done.active = 3  # a snapshot is immutable
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import gevent
 import pytest
 
-import gproxy
 from gproxy import Outcome
 from peers import TIMEOUT, Server, connect, echo, recv_all, recv_exactly
 
@@ -51,7 +50,7 @@ def test_statistics_are_monotonic_while_connections_end(forwarder_factory):
             watcher = threading.Thread(target=watch, args=(fw,))
             watcher.start()
             try:
-                for i in range(300):
+                for _ in range(300):
                     client = connect(fw.address)
                     client.sendall(b"x" * 1000)
                     client.shutdown(1)

@@ -18,12 +18,12 @@ import time
 import pytest
 
 import gproxy
+from doctext import ROOT
 from gproxy import metrics
 from gproxy.config import Rule
 from gproxy.configfile import parse
 from gproxy.targets import Targets
 from peers import TIMEOUT, Proxy, Server, connect, echo, free_port, recv_all, recv_exactly
-from doctext import ROOT
 from test_real_clients import need
 
 # Checks 20 times a second, so changes come within a test's patience; a check that should pass

@@ -214,8 +214,8 @@ def test_a_rule_changed_by_reload_keeps_counting_on(tmp_path):
     """SIGHUP with a changed rule gives it a new forwarder; /metrics must not read that as a
     counter reset: the totals carry on, including the old forwarder's draining connection,
     and the target gauge shows the new target only."""
-    from test_configfile import RULE_LINE, addr, write
     from peers import Gate
+    from test_configfile import RULE_LINE, addr, write
 
     gate = Gate()
     with Server(gate) as old_target, Server(echo) as new_target:
@@ -303,6 +303,7 @@ def test_a_scrape_lets_the_loop_run_while_it_renders(server):
     no round trip at all."""
     import gevent
     import gevent.socket
+
     from gproxy.stats import Counters
 
     class Rule:

@@ -15,8 +15,18 @@ import pytest
 import gproxy
 from gproxy import Outcome
 from gproxy import offload as offload_module
-from peers import (TIMEOUT, Exchange, Gate, Server, connect, payload, recv_all, recv_exactly, reset,
-                   send_in_odd_chunks)
+from peers import (
+    TIMEOUT,
+    Exchange,
+    Gate,
+    Server,
+    connect,
+    payload,
+    recv_all,
+    recv_exactly,
+    reset,
+    send_in_odd_chunks,
+)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux's")
 

@@ -12,9 +12,8 @@ import time
 import gevent
 import pytest
 
-from gproxy import Outcome
+from gproxy import Outcome, relay
 from gproxy import forwarder as forwarder_module
-from gproxy import relay
 from peers import TIMEOUT, Gate, Server, connect, echo, payload, recv_all, recv_exactly, reset
 
 PARK_EVERY = 0.02

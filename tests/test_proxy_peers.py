@@ -154,7 +154,8 @@ def test_receiver_sees_the_real_ipv4_client(forwarder_factory, request, receiver
 @pytest.mark.parametrize("receiver", ["nginx", "haproxy"])
 def test_receiver_sees_the_real_ipv6_client(forwarder_factory, request, receiver, version):
     daemon = request.getfixturevalue(receiver)
-    fw = forwarder_factory(f"[{daemon.address6[0]}]:{daemon.address6[1]}", listen="[::1]:0", proxy_protocol=version)
+    fw = forwarder_factory(f"[{daemon.address6[0]}]:{daemon.address6[1]}", listen="[::1]:0",
+                           proxy_protocol=version)
     client = socket.create_connection(("::1", fw.address[1]), timeout=TIMEOUT)
     port = client.getsockname()[1]
     assert ask(client) == f"::1 {port}", daemon.log()

@@ -11,8 +11,21 @@ import time
 import pytest
 
 from gproxy import Outcome
-from peers import (TIMEOUT, Exchange, Gate, Server, connect, echo, free_port, payload, recv_all,
-                   recv_exactly, reset, send_in_odd_chunks, unanswered_listener)
+from peers import (
+    TIMEOUT,
+    Exchange,
+    Gate,
+    Server,
+    connect,
+    echo,
+    free_port,
+    payload,
+    recv_all,
+    recv_exactly,
+    reset,
+    send_in_odd_chunks,
+    unanswered_listener,
+)
 
 
 def test_both_directions_at_once_many_connections_byte_exact(forwarders):

@@ -11,8 +11,7 @@ import threading
 import pytest
 
 import gproxy
-from peers import (TIMEOUT, Server, connect, echo, free_port, payload, recv_all, recv_exactly,
-                   send_in_odd_chunks)
+from peers import TIMEOUT, Server, connect, echo, free_port, payload, recv_all, recv_exactly, send_in_odd_chunks
 
 
 def tagged(tag: bytes):

@@ -518,7 +518,7 @@ def test_random_toxic_changes_keep_every_word_both_ways(forwarder_factory):
             data = numbered_words(30_000)   # about 170 KB each way
             with connect(fw.address) as sock:
                 received = []
-                reader = threading.Thread(target=lambda: received.append(recv_all(sock)))
+                reader = threading.Thread(target=lambda out, s: out.append(recv_all(s)), args=(received, sock))
                 reader.start()
                 sent = made = 0
                 while sent < len(data):

@@ -83,7 +83,8 @@ def render(parser: argparse.ArgumentParser) -> str:
         ".br",
         f"{bold('gproxy --check -c')} {italic('FILE')}",
         ".br",
-        f"{bold('gproxy --api')} {italic('HOST:PORT')} [{italic('options')}] [{italic('LISTEN')} {italic('TARGET')}...]",
+        f"{bold('gproxy --api')} {italic('HOST:PORT')} [{italic('options')}]"
+        f" [{italic('LISTEN')} {italic('TARGET')}...]",
         ".SH DESCRIPTION",
         roff(parser.description),
         ".PP",
