@@ -39,8 +39,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Iterable, Mapping, Optional
 
-from gproxy.config import (CHECK_USERS, UNIX_FILE_OPTIONS, ConfigError, Rule, UnixAddress, parse_address,
-                           spelled)
+from gproxy.config import CHECK_USERS, UNIX_FILE_OPTIONS, ConfigError, Rule, UnixAddress, parse_address, spelled
 
 if sys.version_info >= (3, 11):
     import tomllib
