@@ -6,8 +6,6 @@ run on, on the old forwarder, until their peers end them, bounded only by an exp
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
 import textwrap
 import threading
@@ -279,7 +277,6 @@ def test_sighup_keeps_a_quiet_connection_and_sigterm_drains_it(tmp_path):
         path = tmp_path / "gproxy.toml"
         write(path, RULE.format(settings="", port=0, target=old_target.address[1]))
         with ConfigProxy(str(path), 1, extra=()) as proxy:
-            proxy.process.stderr  # (its lines are read into proxy.seen)
             address = proxy.rules["db"]
             inodes = listening_inodes(address[1])
             client = connect(address)
@@ -312,7 +309,8 @@ def test_sighup_keeps_a_quiet_connection_and_sigterm_drains_it(tmp_path):
 def test_a_bad_reload_drain_timeout_is_one_line_exit_2(tmp_path):
     import subprocess
     import sys
-    path = write(tmp_path / "bad.toml", 'reload_drain_timeout = "10"\n' + RULE.format(settings="", port=0, target=9))
+    path = write(tmp_path / "bad.toml",
+                 'reload_drain_timeout = "10"\n' + RULE.format(settings="", port=0, target=9))
     result = subprocess.run([sys.executable, "-m", "gproxy", "--check", "-c", path], capture_output=True,
                             text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
     assert result.returncode == 2
