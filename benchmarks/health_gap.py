@@ -169,7 +169,8 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(FORWARDERS))
     args = parser.parse_args()
     kinds = [k for k in args.only.split(",") if k]
-    for tool in ("redis-server", "redis-cli") + (("haproxy",) if any(k.startswith("haproxy") for k in kinds) else ()):
+    wanted = ("haproxy",) if any(k.startswith("haproxy") for k in kinds) else ()
+    for tool in ("redis-server", "redis-cli") + wanted:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed (bash benchmarks/setup.sh)")
     measured = {kind: [] for kind in kinds}
@@ -182,7 +183,8 @@ def main() -> None:
         if shutil.which("haproxy") else "no haproxy"
     redis_version = re.search(r"v=(\S+)", subprocess.run(["redis-server", "--version"], capture_output=True,
                                                          text=True).stdout)
-    print(f"Python {platform.python_version()}, {haproxy}, redis {redis_version.group(1) if redis_version else '?'}, "
+    redis = redis_version.group(1) if redis_version else "?"
+    print(f"Python {platform.python_version()}, {haproxy}, redis {redis}, "
           f"{os.cpu_count()} CPUs; primary stopped {args.stop:g} s; {args.reps} repetitions, medians\n")
     print("| forwarder | gap (s) | errors | failback after SIGCONT (s) |")
     print("|---|---|---|---|")

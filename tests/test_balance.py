@@ -134,14 +134,17 @@ targets = [{address = "10.0.0.5:5432"}, "10.0.0.6:5432"]
                                  Target(gproxy.config.Address("10.0.0.7", 6379)))
     assert [str(t) for t in redis.targets] == ["10.0.0.5:6379", "10.0.0.6:6379", "10.0.0.7:6379"]
     # nothing but addresses: the rule is the same as one written with plain strings
-    assert config.rules["plain"].target == parse(
-        '[[rule]]\nlisten = "127.0.0.1:0"\ntargets = ["10.0.0.5:5432", "10.0.0.6:5432"]\n').rules["127.0.0.1:0"].target
+    plain = parse('[[rule]]\nlisten = "127.0.0.1:0"\ntargets = ["10.0.0.5:5432", "10.0.0.6:5432"]\n')
+    assert config.rules["plain"].target == plain.rules["127.0.0.1:0"].target
 
 
 @pytest.mark.parametrize("targets, words", [
-    ('[{address = "10.0.0.5:1", wieght = 3}, "10.0.0.6:1"]', "target 1: unknown key \"wieght\" (did you mean \"weight\"?)"),
-    ('["10.0.0.6:1", {address = "10.0.0.5:1", weight = 0}]', "target 2 (10.0.0.5:1): weight: expected a whole number from 1 to 256, got 0"),
-    ('[{address = "10.0.0.5:1", weight = "3"}, "10.0.0.6:1"]', 'weight: expected a whole number from 1 to 256, got "3"'),
+    ('[{address = "10.0.0.5:1", wieght = 3}, "10.0.0.6:1"]',
+     "target 1: unknown key \"wieght\" (did you mean \"weight\"?)"),
+    ('["10.0.0.6:1", {address = "10.0.0.5:1", weight = 0}]',
+     "target 2 (10.0.0.5:1): weight: expected a whole number from 1 to 256, got 0"),
+    ('[{address = "10.0.0.5:1", weight = "3"}, "10.0.0.6:1"]',
+     'weight: expected a whole number from 1 to 256, got "3"'),
     ('[{address = "10.0.0.5:1", weight = 257}, "10.0.0.6:1"]', "from 1 to 256, got 257"),
     ('[{address = "10.0.0.5:1", backup = "yes"}, "10.0.0.6:1"]', 'backup: expected true or false, got "yes"'),
     ('[{address = "10.0.0.5:1", backup = true}]', "every target is a backup"),

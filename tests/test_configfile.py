@@ -240,7 +240,8 @@ def test_every_bad_file_is_one_line_naming_file_rule_and_key(tmp_path, text, cul
     (GOOD_RULE + "name = 'api'\n", None),  # (a TOML error: a key given twice)
     ("[[rule]]\nlisten = true\ntarget = '127.0.0.1:1'\n", "rule #1: listen: expected \"HOST:PORT\", got true"),
     ("[[rule]]\nlisten = '127.0.0.1:1'\ntargets = [1, false]\n",
-     "rule #1: targets: expected addresses as strings or tables ({address = \"HOST:PORT\", weight = 3}), got [1, false]"),
+     "rule #1: targets: expected addresses as strings or tables ({address = \"HOST:PORT\", weight = 3}), "
+     "got [1, false]"),
     ("log_format = false\n" + GOOD_RULE, "log_format: expected \"text\" or \"json\", got false"),
     ("[defaults]\nproxy_header_timeout = 0\n" + GOOD_RULE, "expected a number of seconds > 0, got 0"),
 ], ids=lambda value: None if value is None or "\n" in value else value[:60])

@@ -490,7 +490,8 @@ def test_a_reloaded_rule_keeps_what_its_checks_found(tmp_path):
         def write(idle_timeout):
             path.write_text(f'[[rule]]\nname = "r"\nlisten = "127.0.0.1:0"\n'
                             f'targets = ["{dead}", "127.0.0.1:{live.address[1]}"]\n'
-                            f'check = "tcp"\ncheck_interval = 0.05\ncheck_timeout = 2\nidle_timeout = {idle_timeout}\n')
+                            f'check = "tcp"\ncheck_interval = 0.05\ncheck_timeout = 2\n'
+                            f'idle_timeout = {idle_timeout}\n')
 
         write(60)
         service = gproxy.load_config(str(path)).start()
