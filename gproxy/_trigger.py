@@ -39,7 +39,7 @@ from __future__ import annotations
 import re
 from typing import List, Optional
 
-from gproxy._chain import _EOF, _Marker, _Timed, _builtin
+from gproxy._chain import _EOF, _builtin, _Marker, _Timed
 
 __all__ = ["WINDOW", "ACTIONS"]
 

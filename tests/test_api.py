@@ -454,7 +454,8 @@ def test_a_trigger_over_http_with_string_and_boolean_attributes(api, upstream):
     for attributes, error in [({"once": "false"}, "once: must be true or false, not 'false'"),
                               ({"match": 1}, "match: must be a string, not 1"),
                               ({"match": "("}, "match: is not a regular expression: "),
-                              ({"action": "halt"}, "action: must be one of reset, close, drop, delay, not 'halt'")]:
+                              ({"action": "halt"},
+                               "action: must be one of reset, close, drop, delay, not 'halt'")]:
         status, answer = api.call("POST", "/proxies/t/toxics/trigger_downstream", {"attributes": attributes})
         assert status == 400 and answer["error"].startswith(
             f"bad request body: toxic trigger_downstream: {error}"), answer

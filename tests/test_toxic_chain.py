@@ -291,15 +291,18 @@ def check(seed: int, may_fire: bool, steps: int = 300) -> None:
         if conn.outcome is None:
             assert end.eof, f"{where}: no EOF; {first_difference(end.sent, end.got)}"
             if lossy:
-                assert is_subsequence(end.got, end.sent), f"{where}: out of order; {first_difference(end.sent, end.got)}"
+                assert is_subsequence(end.got, end.sent), \
+                    f"{where}: out of order; {first_difference(end.sent, end.got)}"
             else:
                 assert end.got == end.sent, f"{where}: {first_difference(end.sent, end.got)}"
         else:
             assert may_fire, f"{where}: ended by {conn.outcome}: {conn.error}"
             if lossy:
-                assert is_subsequence(end.got, end.sent), f"{where}: out of order; {first_difference(end.sent, end.got)}"
+                assert is_subsequence(end.got, end.sent), \
+                    f"{where}: out of order; {first_difference(end.sent, end.got)}"
             else:
-                assert end.sent.startswith(end.got), f"{where}: not a prefix; {first_difference(end.sent, end.got)}"
+                assert end.sent.startswith(end.got), \
+                    f"{where}: not a prefix; {first_difference(end.sent, end.got)}"
     if conn.outcome is not None:
         assert conn.error and any(kind in conn.error for kind in
                                   ("timeout", "reset_peer", "limit_data", "Python", "trigger")), (seed, conn.error)
