@@ -657,8 +657,9 @@ def _activation(args: argparse.Namespace, files: Any, forwarder: Any):
         taken = passed.match(rules, extra)
         unused = passed.unused(taken)
         if unused:
-            raise ConfigError("LISTEN_FDS", f"systemd passed {unused[0]}, which no rule listens on: give a rule "
-                                            "that listen address, or the socket a rule's name (FileDescriptorName=)")
+            raise ConfigError("LISTEN_FDS", f"systemd passed {unused[0]}, which no rule listens on: give a "
+                                            "rule that listen address, or the socket a rule's name "
+                                            "(FileDescriptorName=)")
     except BaseException:
         passed.close()
         raise
