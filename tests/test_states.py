@@ -67,7 +67,8 @@ class Scenario:
         if event in ("up", "down", "bulk_up", "bulk_down"):
             way = event.rsplit("_", 1)[-1]
             if self.open[way] and not self.ended:
-                size = rng.randint(1, 400) if not event.startswith("bulk") else rng.randint(SMALL_BUFFER * 4, 1 << 20)
+                bulk = event.startswith("bulk")
+                size = rng.randint(SMALL_BUFFER * 4, 1 << 20) if bulk else rng.randint(1, 400)
                 self.carry(way, size)
         elif event in ("eof_client", "eof_upstream"):
             way = "up" if event == "eof_client" else "down"
