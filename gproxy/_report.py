@@ -72,8 +72,12 @@ _conn_log = logging.getLogger("gproxy.relay")
 def record(conn) -> ConnectionRecord:
     """What a connection is, or was, for hooks, statistics and its log line."""
     done = conn.outcome is not None and not conn.context.active.get(conn.id)
+    ends = conn.upstream_ends()
     return ConnectionRecord(
         id=conn.id, client=_sockets.describe_address(conn.client_address),
+        client_address=_sockets.endpoint(conn.client_address),
+        upstream_address=None if ends is None else ends[0],
+        upstream_local_address=None if ends is None else ends[1],
         upstream=conn.context.target_name if conn.target is None else str(conn.target),
         started=conn.started,
         bytes_upstream=conn.counts[0], bytes_downstream=conn.counts[1],

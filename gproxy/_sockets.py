@@ -24,7 +24,7 @@ import struct
 
 __all__ = [
     "RawSocket", "raw_socket", "tune", "half_close", "abort", "describe_error", "describe_address",
-    "FD_EXHAUSTED", "PEER_GONE",
+    "endpoint", "FD_EXHAUSTED", "PEER_GONE",
 ]
 
 #: the interpreter's C socket type itself. gevent patches ``socket``, never ``_socket``; and
@@ -109,6 +109,14 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, socket.timeout):
         return "timed out"
     return str(exc) or type(exc).__name__
+
+
+def endpoint(address):
+    """A socket address as records give it: ``(host, port)`` for IP (an IPv6 address's flow
+    info and scope id dropped), the path or abstract name (str or bytes) for a Unix socket."""
+    if isinstance(address, tuple) and len(address) > 2:
+        return address[:2]
+    return address
 
 
 def describe_address(address) -> str:

@@ -357,6 +357,32 @@ class Forwarder:
         return self._address
 
     @property
+    def host(self) -> str:
+        """The bound address's host (``"127.0.0.1"``, ``"::1"``); ``ValueError`` for a Unix socket."""
+        return self._ip_address()[0]
+
+    @property
+    def port(self) -> int:
+        """The real bound port (a port 0 asked for, the one it got); ``ValueError`` for a Unix socket."""
+        return self._ip_address()[1]
+
+    def url(self, scheme: str = "tcp://", path: str = "") -> str:
+        """The address as a URL for a client library: ``url("redis://")`` is
+        ``"redis://127.0.0.1:40123"``, ``url("postgresql://app:secret@", "/orders")``
+        ``"postgresql://app:secret@127.0.0.1:40123/orders"``; ``://`` is added to a scheme
+        without it, an IPv6 host is bracketed. ``ValueError`` for a Unix socket."""
+        host, port = self._ip_address()
+        if "://" not in scheme:
+            scheme += "://"
+        return f"{scheme}{f'[{host}]' if ':' in host else host}:{port}{path}"
+
+    def _ip_address(self) -> Tuple[str, int]:
+        address = self.address
+        if not isinstance(address, tuple):
+            raise ValueError(f"{_sockets.describe_address(address)} is a Unix socket: it has no host or port")
+        return address[0], address[1]
+
+    @property
     def name(self) -> str:
         """The rule's name in logs and metrics: its ``name`` if it has one, else its listen
         address (the real bound one once started)."""
@@ -602,9 +628,18 @@ class Forwarder:
                 self._enable()
         self._on_hub(reset)
 
-    def connections(self) -> List[ConnectionRecord]:
-        """The open connections (``outcome`` is None), oldest first."""
-        return self._on_hub(lambda: [conn.record() for conn in list(self._context.active.values())])
+    def connections(self, since: Optional[int] = None) -> List[ConnectionRecord]:
+        """The open connections (``outcome`` is None), oldest first; with ``since`` (a
+        ``mark()``), only those accepted after that mark was taken."""
+        first = 0 if since is None else since
+        return self._on_hub(lambda: [conn.record() for conn in list(self._context.active.values())
+                                     if conn.id >= first])
+
+    def mark(self) -> int:
+        """A point in this forwarder's life to ask about later: the id its next connection
+        will get. ``connections(since=mark)`` lists only connections accepted after it, and
+        a record's ``id >= mark`` says the same of any record (an ``on_close`` one too)."""
+        return self._context.last_id + 1
 
     def abort_connection(self, id: int) -> bool:
         """Reset (RST) the open connection with this id; False if there is none."""

@@ -119,7 +119,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import itertools
 import logging
 import os
 import socket
@@ -277,7 +276,8 @@ class Context:
         self.direct = (target.family, target.sockaddr) \
             if target is not None and target.family is not None and not self.proxy_version \
             and self.accept_proxy is None and self.access is None and on_open is None else None
-        self._ids = itertools.count(1)
+        #: the id of the last connection accepted: ids count from 1 (Forwarder.mark reads it)
+        self.last_id = 0
 
     def dials_on_hub(self, spare: socket.socket) -> bool:
         """Whether a client connects in callbacks on the hub (``Connection.start``) rather
@@ -418,12 +418,13 @@ class Connection:
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
         "_states", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target", "links",
-        "own_key", "_dialing", "spoke", "_upstream_writable",
+        "own_key", "_dialing", "spoke", "_upstream_writable", "_upstream_ends",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
         self.context = context
-        self.id = next(context._ids)
+        context.last_id += 1
+        self.id = context.last_id
         self.client = client
         self.client_address = client_address
         #: the socket's real peer; client_address is the one a trusted PROXY header gave, if any
@@ -460,6 +461,9 @@ class Connection:
         self.links: Optional[List[Optional[Link]]] = None
         #: the watcher that waited for the upstream's connect, kept for its pumps
         self._upstream_writable = None
+        #: (peer, local) addresses of the connected upstream socket, asked for only when a
+        #: record is made (upstream_ends), or None
+        self._upstream_ends: Optional[tuple] = None
 
     # -- the life, top to bottom ------------------------------------------------
 
@@ -766,6 +770,8 @@ class Connection:
             self._upstream_writable.close()
             self._upstream_writable = None
         context = self.context
+        if context.on_close is not None:
+            self.upstream_ends()  # the hook's record shows them: ask while the socket is open
         reset = self.outcome in (Outcome.RESET, Outcome.SHUTDOWN, Outcome.ERROR, Outcome.DENIED)
         for sock in (self.upstream, self.client):
             if sock is not None:
@@ -880,6 +886,22 @@ class Connection:
         if self.outcome is None:
             self.outcome = outcome
             self.error = error
+
+    # -- reporting ----------------------------------------------------------------
+
+    def upstream_ends(self):
+        """The connected upstream's (peer, local) socket addresses, IP ones as (host, port),
+        or None (not connected yet, or closed before anyone asked): two syscalls, made once,
+        when a record is first wanted, so a connection nobody looks at never pays them."""
+        ends = self._upstream_ends
+        if ends is None and self.upstream is not None:
+            try:
+                ends = (_sockets.endpoint(self.upstream.getpeername()),
+                        _sockets.endpoint(self.upstream.getsockname()))
+            except OSError:  # ENOTCONN while connecting; EBADF once closed
+                return None
+            self._upstream_ends = ends
+        return ends
 
     def record(self) -> ConnectionRecord:
         """What this connection is, or was (see _report.record)."""

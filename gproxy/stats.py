@@ -11,9 +11,13 @@ from __future__ import annotations
 import enum
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple, Union
 
-__all__ = ["Outcome", "ConnectionRecord", "Statistics", "Counters", "DURATION_BUCKETS"]
+__all__ = ["Outcome", "ConnectionRecord", "Statistics", "Counters", "DURATION_BUCKETS", "SocketAddress"]
+
+#: an end of a connection: ``(host, port)`` for IPv4 and IPv6, the path (or, abstract, the
+#: name after a NUL: bytes) for a Unix socket; ``""`` for a Unix client socket with no name
+SocketAddress = Union[Tuple[str, int], str, bytes]
 
 
 class Outcome(enum.Enum):
@@ -39,17 +43,31 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True)
 class ConnectionRecord:
-    """One connection as hooks see it: on open ``outcome`` and ``duration`` are None."""
+    """One connection as hooks see it: on open ``outcome`` and ``duration`` are None.
 
-    id: int
-    client: str
-    upstream: str
+    Both ends as socket addresses: ``client_address`` (the client as the forwarder sees it)
+    and, once the upstream is connected, ``upstream_local_address``, the forwarder's own end
+    of the upstream connection: the client address the target sees (PostgreSQL's
+    ``pg_stat_activity.client_port``, Redis's ``CLIENT LIST`` ``addr``), and
+    ``upstream_address``, the target's end. ``client`` and ``upstream`` are the same in words
+    (``upstream`` names the target as configured)."""
+
+    id: int                          #: 1 for a forwarder's first connection, then counting up
+    client: str                      #: the client's address in words: ``"127.0.0.1:50412"``
+    upstream: str                    #: the target connected to (or being tried), as configured
     started: float                   #: time.time() when accepted
     bytes_upstream: int = 0          #: read from the client to forward upstream
     bytes_downstream: int = 0        #: read from upstream to forward to the client
     duration: Optional[float] = None  #: seconds from accept to teardown
     outcome: Optional[Outcome] = None
     error: Optional[str] = None      #: the network error, in words, when there was one
+    #: the client's address (a trusted PROXY header's source, when it sent one)
+    client_address: Optional[SocketAddress] = None
+    #: the target's address as connected: None until the upstream is connected
+    upstream_address: Optional[SocketAddress] = None
+    #: the forwarder's end of the upstream connection, which the target sees as its client:
+    #: None until connected (and in an ``on_close`` record of a connection that never was)
+    upstream_local_address: Optional[SocketAddress] = None
 
 
 @dataclass(frozen=True)
