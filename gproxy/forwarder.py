@@ -40,11 +40,11 @@ import os
 import socket
 import time
 import weakref
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union, overload
 
 import gevent
 import gevent.socket
-from gevent import getcurrent
+from gevent import getcurrent, monkey
 from gevent.event import Event
 
 from gproxy import _gevent, _lifecycle, _sockets, listeners, loops
@@ -55,7 +55,8 @@ from gproxy.health import Checks
 from gproxy.offload import Offload
 from gproxy.relay import Connection, Context, sweep, toxics_changed
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
-from gproxy.toxics import Toxic, ToxicNotFound, make_toxic
+from gproxy.toxics import (AttributeValue, PythonToxic, StreamName, Toxic, ToxicNotFound, ToxicSpec,
+                           ToxicType, make_toxic)
 
 __all__ = ["Forwarder", "State"]
 
@@ -562,13 +563,27 @@ class Forwarder:
 
     # -- fault injection ---------------------------------------------------------------
 
-    def add_toxic(self, type: Union[str, Callable], *, name: Optional[str] = None,
-                  stream: str = "downstream", toxicity: float = 1.0, **attributes: Any) -> Toxic:
-        """Add a toxic (toxiproxy's types and attributes, see :mod:`gproxy.toxics`, or a
-        callable ``toxic(chunk, record)``); it acts on open connections too, from their next
-        chunk. ``name`` defaults to ``TYPE_STREAM``; ``stream`` is ``"upstream"`` (client to
-        target) or ``"downstream"``; ``toxicity`` is the chance (0 to 1) that it acts on a
-        given connection. Bad values, or a name in use, raise ``ConfigError``."""
+    @overload
+    def add_toxic(self, type: ToxicSpec, *, name: Optional[str] = None, stream: Optional[StreamName] = None,
+                  toxicity: Optional[float] = None) -> Toxic: ...
+
+    @overload
+    def add_toxic(self, type: PythonToxic, *, name: Optional[str] = None, stream: StreamName = "downstream",
+                  toxicity: float = 1.0) -> Toxic: ...
+
+    @overload
+    def add_toxic(self, type: ToxicType, *, name: Optional[str] = None, stream: StreamName = "downstream",
+                  toxicity: float = 1.0, **attributes: AttributeValue) -> Toxic: ...
+
+    def add_toxic(self, type: Union[str, PythonToxic, ToxicSpec], *, name: Optional[str] = None,
+                  stream: Optional[str] = None, toxicity: Optional[float] = None,
+                  **attributes: Any) -> Toxic:
+        """Add a toxic (toxiproxy's types and attributes, see :mod:`gproxy.toxics`; a helper's
+        ``ToxicSpec``, such as ``toxics.latency(100)``; or a callable ``toxic(chunk, record)``);
+        it acts on open connections too, from their next chunk. ``name`` defaults to
+        ``TYPE_STREAM``; ``stream`` is ``"upstream"`` (client to target) or ``"downstream"``
+        (the default); ``toxicity`` is the chance (0 to 1, default 1) that it acts on a given
+        connection. Bad values, or a name in use, raise ``ConfigError``."""
         toxic = make_toxic(type, name=name, stream=stream, toxicity=toxicity, attributes=attributes)
         return self._on_hub(self._change_toxics, self._context.toxics.add, toxic)
 
@@ -584,9 +599,25 @@ class Forwarder:
         """The toxics, upstream ones first, each stream in the order added."""
         return self._on_hub(self._context.toxics.list)
 
+    @overload
+    def toxic(self, type: ToxicSpec, *, name: Optional[str] = None, stream: Optional[StreamName] = None,
+              toxicity: Optional[float] = None) -> "contextlib.AbstractContextManager[Toxic]": ...
+
+    @overload
+    def toxic(self, type: PythonToxic, *, name: Optional[str] = None, stream: StreamName = "downstream",
+              toxicity: float = 1.0) -> "contextlib.AbstractContextManager[Toxic]": ...
+
+    @overload
+    def toxic(self, type: ToxicType, *, name: Optional[str] = None, stream: StreamName = "downstream",
+              toxicity: float = 1.0, **attributes: AttributeValue) -> "contextlib.AbstractContextManager[Toxic]": ...
+
+    def toxic(self, type: Union[str, PythonToxic, ToxicSpec], **options: Any) -> "contextlib.AbstractContextManager[Toxic]":
+        """``with fw.toxic("latency", latency=100):`` (or ``fw.toxic(toxics.latency(100))``):
+        the toxic acts inside the block only. Takes what ``add_toxic`` takes."""
+        return self._toxic_block(type, options)
+
     @contextlib.contextmanager
-    def toxic(self, type: Union[str, Callable], **options: Any) -> Iterator[Toxic]:
-        """``with fw.toxic("latency", latency=100):`` the toxic acts inside the block only."""
+    def _toxic_block(self, type: Any, options: Any) -> Iterator[Toxic]:
         toxic = self.add_toxic(type, **options)
         try:
             yield toxic

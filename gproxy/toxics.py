@@ -3,13 +3,16 @@
 Typical use (through a started Forwarder, which owns a ``Toxics`` collection)::
 
     fw.add_toxic("latency", latency=100, jitter=10)         # downstream, every connection
+    fw.add_toxic(toxics.latency(100, jitter=10))            # the same, typed: one helper per type
     with fw.toxic("bandwidth", stream="upstream", rate=64):  # KB/s, removed on exit
         ...
     seen = []
     fw.add_toxic(lambda chunk, conn: seen.append(chunk), name="tap")   # a tap: passes everything
 
 Toxics have toxiproxy's names, attributes, defaults and meanings (``TYPES``), and gproxy adds
-its own (``trigger``). A toxic in Python is any callable ``toxic(chunk, record)``: it returns
+its own (``trigger``); the helpers (``latency()``, ``trigger()``...) spell each type's
+attributes as typed parameters, for type checkers and IDEs, and return a ``ToxicSpec`` that
+``add_toxic`` takes. A toxic in Python is any callable ``toxic(chunk, record)``: it returns
 ``None`` (pass the chunk), bytes, bytearray or memoryview (pass these instead; empty drops
 it), ``Delay(seconds)`` or ``Delay(seconds, data)``, ``CLOSE`` or ``RESET`` (close or reset
 the connection, dropping the chunk), or ``Delay(seconds, data=None, action=RESET)`` (pass the
@@ -27,15 +30,20 @@ was read, and a toxic that ends the connection either fires or gives back what i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Protocol, Tuple, Type, Union
 
 from gproxy import _trigger  # noqa: F401  (a toxic type in a module of its own registers itself)
 from gproxy._chain import BUILTIN, CLOSE, PYTHON, RESET, Action, Delay
 from gproxy.config import ConfigError
+from gproxy.stats import ConnectionRecord
 
 # What users get (docs/embedding.md#what-is-public). Toxics and make_toxic are the forwarder's
 # machinery: importable, not promised. The chain itself (Link, the stages) is gproxy._chain's.
-__all__ = ["Toxic", "TYPES", "STREAMS", "Delay", "CLOSE", "RESET", "ToxicExists", "ToxicNotFound"]
+__all__ = ["Toxic", "TYPES", "STREAMS", "Delay", "CLOSE", "RESET", "ToxicExists", "ToxicNotFound",
+           "ToxicSpec", "ToxicType", "StreamName", "PythonToxic", "PerConnectionToxic", "ToxicResult",
+           "AttributeValue", "TriggerAction",
+           "latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data", "trigger"]
 
 # Defined with the chain that acts on them; their public home is here.
 for _public in (Delay, Action):
@@ -44,6 +52,31 @@ del _public
 
 #: toxiproxy's stream names, in its direction order (index = relay.UPSTREAM/DOWNSTREAM)
 STREAMS = ("upstream", "downstream")
+
+# -- types, for type checkers (mypy --strict, IDEs) ------------------------------------------
+
+#: a stream's name as type checkers know it (at run time any case is taken)
+StreamName = Literal["upstream", "downstream"]
+#: every built-in type's name (``TYPES`` at run time; a test keeps the two the same)
+ToxicType = Literal["latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data",
+                    "trigger"]
+#: what a Python toxic may return: pass the chunk (None), these bytes instead (empty drops
+#: it), ``Delay``, ``CLOSE`` or ``RESET``
+ToxicResult = Union[None, bytes, bytearray, memoryview, Delay, Action]
+
+
+class PerConnectionToxic(Protocol):
+    """A Python toxic's class: made into an instance per connection (with no arguments),
+    which is called with each chunk; an ``eof(record)`` method, if it has one, at the EOF."""
+
+    def __call__(self, chunk: bytes, record: ConnectionRecord) -> ToxicResult: ...
+
+
+#: a toxic written in Python: a function called with each chunk of its stream and the
+#: connection's record, or a class of which each connection gets an instance
+PythonToxic = Union[Callable[[bytes, ConnectionRecord], ToxicResult], Type[PerConnectionToxic]]
+#: an attribute's value in ``add_toxic("TYPE", **attributes)`` (each type says which it takes)
+AttributeValue = Union[int, float, str]
 
 #: every built-in type: its attributes and their defaults (toxiproxy's: Go's zero values),
 #: toxiproxy's in its order, then gproxy's own; each is a stage class (gproxy._chain); an
@@ -68,8 +101,8 @@ class Toxic:
     """One toxic as the API shows it: ``as_dict()`` is toxiproxy's JSON shape."""
 
     name: str
-    type: str
-    stream: str = "downstream"
+    type: str                        #: a ``ToxicType``, or ``"python"``
+    stream: StreamName = "downstream"
     toxicity: float = 1.0
     attributes: Dict[str, Any] = field(default_factory=dict)
     #: the callable of a toxic written in Python, else None
@@ -82,10 +115,26 @@ class Toxic:
 
 # -- building and validating -----------------------------------------------------------
 
-def make_toxic(type: Union[str, Callable], *, name: Optional[str] = None, stream: str = "downstream",
-               toxicity: float = 1.0, attributes: Optional[Dict[str, Any]] = None) -> Toxic:
-    """A validated Toxic; ``ConfigError`` names the culprit. ``type`` is a type name or a
-    Python toxic (a callable)."""
+def make_toxic(type: Union[str, PythonToxic, "ToxicSpec"], *, name: Optional[str] = None,
+               stream: Optional[str] = None, toxicity: Optional[float] = None,
+               attributes: Optional[Dict[str, Any]] = None) -> Toxic:
+    """A validated Toxic; ``ConfigError`` names the culprit. ``type`` is a type name, a
+    ``ToxicSpec`` (a helper's: its name, stream and toxicity stand unless given here, and
+    differing ones are an error) or a Python toxic (a callable). ``stream`` None is
+    ``"downstream"``, ``toxicity`` None is 1."""
+    if isinstance(type, ToxicSpec):
+        spec = type
+        if attributes:
+            raise ConfigError(f"toxic {spec.name or spec.type}: {sorted(attributes)[0]}",
+                              f"give the attributes to {spec.type}(), not beside it")
+        name = _once("name", name, spec.name, spec)
+        stream = _once("stream", None if stream is None else _stream(stream), spec.stream, spec)
+        toxicity = _once("toxicity", toxicity, spec.toxicity, spec)
+        type, attributes = spec.type, dict(spec.attributes)
+    if stream is None:
+        stream = "downstream"
+    if toxicity is None:
+        toxicity = 1.0
     function = None
     if callable(type) and not isinstance(type, str):
         function, type = type, PYTHON
@@ -96,10 +145,7 @@ def make_toxic(type: Union[str, Callable], *, name: Optional[str] = None, stream
         default_name = type
     else:
         raise ConfigError("type", f"a toxic type name or a callable, not {type!r}")
-    if isinstance(stream, str) and stream.lower() in STREAMS:
-        stream = stream.lower()   # toxiproxy takes any case
-    else:
-        raise ConfigError("stream", f"must be 'upstream' or 'downstream', not {stream!r}")
+    stream = _stream(stream)
     only = BUILTIN[type].stream if function is None else None
     if only is not None and stream != only:
         raise ConfigError("stream", f"must be {only!r} for a {type} toxic, not {stream!r}")
@@ -115,6 +161,21 @@ def make_toxic(type: Union[str, Callable], *, name: Optional[str] = None, stream
             raise ConfigError(f"{label}: {sorted(given)[0]}", "a Python toxic takes no attributes")
         return Toxic(name, PYTHON, stream, toxicity, {}, function)
     return Toxic(name, type, stream, toxicity, _attributes(type, TYPES[type], given, label))
+
+
+def _once(what: str, here: Any, in_spec: Any, spec: "ToxicSpec") -> Any:
+    if here is None:
+        return in_spec
+    if in_spec is not None and here != in_spec:
+        raise ConfigError(f"toxic {spec.name or spec.type}: {what}",
+                          f"given twice: {in_spec!r} in {spec.type}(), {here!r} beside it")
+    return here
+
+
+def _stream(stream: Any) -> StreamName:
+    if isinstance(stream, str) and stream.lower() in STREAMS:
+        return "upstream" if stream.lower() == "upstream" else "downstream"  # toxiproxy takes any case
+    raise ConfigError("stream", f"must be 'upstream' or 'downstream', not {stream!r}")
 
 
 def _toxicity(value, label: str) -> float:
@@ -232,3 +293,96 @@ class Toxics:
                 if entry.toxic.name == name:
                     return entry
         raise ToxicNotFound(f"toxic {name}", "no toxic with this name")
+
+
+# -- one typed helper per built-in type ------------------------------------------------------
+
+@dataclass(frozen=True)
+class ToxicSpec:
+    """A built-in toxic described, not yet added: what the helpers below return, and what
+    ``Forwarder.add_toxic`` and ``Forwarder.toxic`` take in place of a type name. ``name``,
+    ``stream`` and ``toxicity`` None: not said here (``add_toxic``'s keywords, else
+    ``TYPE_STREAM``, ``"downstream"`` and 1). Validated when made: a bad value raises
+    ``ConfigError`` where the helper is called."""
+
+    type: ToxicType
+    #: every attribute of the type, defaults filled in (read-only)
+    attributes: Mapping[str, Any] = field(hash=False)
+    name: Optional[str] = None
+    stream: Optional[StreamName] = None
+    toxicity: Optional[float] = None
+
+    def __repr__(self) -> str:
+        said = "".join(f", {key}={getattr(self, key)!r}" for key in ("name", "stream", "toxicity")
+                       if getattr(self, key) is not None)
+        return f"ToxicSpec({self.type!r}, {dict(self.attributes)!r}{said})"
+
+
+def _spec(type: ToxicType, attributes: Dict[str, Any], name: Optional[str],
+          stream: Optional[StreamName], toxicity: Optional[float]) -> ToxicSpec:
+    label = f"toxic {name or type}"
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"{label}: name", f"must be a string, not {name!r}")
+    checked = _attributes(type, TYPES[type], attributes, label)
+    return ToxicSpec(type, MappingProxyType(checked), name,
+                     None if stream is None else _stream(stream),
+                     None if toxicity is None else _toxicity(toxicity, label))
+
+
+def latency(latency: int = 0, jitter: int = 0, *, name: Optional[str] = None,
+            stream: Optional[StreamName] = None, toxicity: Optional[float] = None) -> ToxicSpec:
+    """Each chunk, and the EOF, arrive ``latency`` +- ``jitter`` milliseconds late."""
+    return _spec("latency", {"latency": latency, "jitter": jitter}, name, stream, toxicity)
+
+
+def bandwidth(rate: int = 0, *, name: Optional[str] = None,
+              stream: Optional[StreamName] = None, toxicity: Optional[float] = None) -> ToxicSpec:
+    """At most ``rate`` KB/s (1 KB = 1000 bytes) pass; 0 is no limit."""
+    return _spec("bandwidth", {"rate": rate}, name, stream, toxicity)
+
+
+def slow_close(delay: int = 0, *, name: Optional[str] = None,
+               stream: Optional[StreamName] = None, toxicity: Optional[float] = None) -> ToxicSpec:
+    """The EOF is passed on ``delay`` milliseconds later."""
+    return _spec("slow_close", {"delay": delay}, name, stream, toxicity)
+
+
+def timeout(timeout: int = 0, *, name: Optional[str] = None,
+            stream: Optional[StreamName] = None, toxicity: Optional[float] = None) -> ToxicSpec:
+    """Nothing passes (held); the connection is closed after ``timeout`` ms (0: never)."""
+    return _spec("timeout", {"timeout": timeout}, name, stream, toxicity)
+
+
+def reset_peer(timeout: int = 0, *, name: Optional[str] = None,
+               stream: Optional[StreamName] = None, toxicity: Optional[float] = None) -> ToxicSpec:
+    """``timeout`` ms after the first chunk, both sides are reset (RST)."""
+    return _spec("reset_peer", {"timeout": timeout}, name, stream, toxicity)
+
+
+def slicer(average_size: int = 0, size_variation: int = 0, delay: int = 0, *,
+           name: Optional[str] = None, stream: Optional[StreamName] = None,
+           toxicity: Optional[float] = None) -> ToxicSpec:
+    """Chunks cut into slices of ``average_size`` +- ``size_variation`` bytes, ``delay``
+    microseconds apart (``average_size`` at least 1 and above ``size_variation``)."""
+    return _spec("slicer", {"average_size": average_size, "size_variation": size_variation,
+                            "delay": delay}, name, stream, toxicity)
+
+
+def limit_data(bytes: int = 0, *, name: Optional[str] = None,
+               stream: Optional[StreamName] = None, toxicity: Optional[float] = None) -> ToxicSpec:
+    """``bytes`` bytes pass, then the connection is closed."""
+    return _spec("limit_data", {"bytes": bytes}, name, stream, toxicity)
+
+
+#: what a ``trigger`` does at its point
+TriggerAction = Literal["reset", "close", "drop", "delay"]
+
+
+def trigger(match: str = "", after_bytes: int = 0, action: TriggerAction = "reset", delay: int = 0,
+            once: bool = True, *, name: Optional[str] = None, stream: Optional[StreamName] = None,
+            toxicity: Optional[float] = None) -> ToxicSpec:
+    """At a point of the stream (the end of a ``match``, a regex given as a string, or after
+    ``after_bytes`` bytes), ``delay`` ms later: reset, close, drop or delay; ``once`` or every
+    time (gproxy's own type: see gproxy._trigger)."""
+    return _spec("trigger", {"match": match, "after_bytes": after_bytes, "action": action,
+                             "delay": delay, "once": once}, name, stream, toxicity)
