@@ -17,10 +17,12 @@ Typical use (``gproxy.forwarder`` and ``gproxy.fileservice`` are the callers)::
     host.stop(owner_stop, 5)   # from anywhere: owner_stop(5) on the hub, then its thread joined
 
 ``start`` runs ``bind`` here when gevent patched ``socket`` (or ``here=True``), else in a
-new thread; either way ``bind``'s exception is raised to the caller. A call from another
-thread runs in a greenlet of the host's hub while the caller waits on a real lock (in a
-patched program ``threading``'s locks are gevent's, bound to one thread's hub). A call
-never waits for a hub that will not run it: one that had not begun when the owner ended
+new thread (``thread=True``: a thread in any program, a real OS thread even where gevent
+patched ``threading``); either way ``bind``'s exception is raised to the caller. A call
+from another thread runs in a greenlet of the host's hub while the caller waits: on a real
+lock, or, where gevent patched ``threading`` (the program's threads are greenlets of the
+caller's hub, which a blocked OS thread would stall), on its own hub, woken by an async
+watcher the host's thread sends to. A call never waits for a hub that will not run it: one that had not begun when the owner ended
 the host raises :class:`HubEnded` (``began`` false: it never ran), and so does one still
 running when the host's thread ended (``began`` true).
 
@@ -38,10 +40,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, List, Optional, Set, Union
 
 import gevent
-from gevent import monkey
+from gevent import getcurrent, monkey
 from gevent.event import Event
 
 from gproxy import _gevent
@@ -70,9 +72,9 @@ _QUEUED, _RUNNING, _DONE = "queued", "running", "done"
 
 
 class _Call:
-    """One call handed to the host's hub; ``result()`` waits for it on a real lock."""
+    """One call handed to the host's hub; ``result()`` waits for it."""
 
-    __slots__ = ("func", "args", "state", "ok", "value", "_done")
+    __slots__ = ("func", "args", "state", "ok", "value", "_done", "_guard", "_wake")
 
     def __init__(self, func: Callable, args: tuple):
         self.func, self.args = func, args
@@ -81,17 +83,84 @@ class _Call:
         self.value: Any = None
         self._done = _gevent.real_lock()
         self._done.acquire()
+        #: held while ``_wake`` is sent to or closed, so it is never sent to once closed
+        self._guard = _gevent.real_lock()
+        #: the async watcher of a caller waiting on its own hub, else None
+        self._wake = None
 
     def settle(self, ok: bool, value: Any) -> None:
-        """Under the host's lock, once: the answer, and the waiting thread woken."""
-        self.state, self.ok, self.value = _DONE, ok, value
-        self._done.release()
+        """Under the host's lock, once: the answer, and the waiting caller woken."""
+        with self._guard:
+            self.state, self.ok, self.value = _DONE, ok, value
+            self._done.release()
+            if self._wake is not None:
+                self._wake.send()  # libev's async send: the one watcher call safe from any thread
 
     def result(self) -> Any:
-        self._done.acquire()  # interruptible: Ctrl-C in the waiting thread still works
+        hub = _cooperative_hub()
+        if hub is None:
+            self._done.acquire()  # interruptible: Ctrl-C in the waiting thread still works
+        else:
+            # Patched: the other greenlets of this thread go on while the call runs (a drain
+            # waits for clients that may be greenlets here).
+            with self._guard:
+                if self.state is not _DONE:
+                    self._wake = hub.loop.async_()  # referenced: the loop waits for it
+                    self._wake.start(getcurrent().switch)
+            try:
+                while not self._done.acquire(False):
+                    hub.switch()
+            finally:
+                with self._guard:
+                    if self._wake is not None:
+                        self._wake.close()
+                        self._wake = None
         if self.ok:
             return self.value
         raise self.value
+
+
+def _cooperative_hub():
+    """The calling thread's hub when a caller should wait for a call on it rather than block
+    its OS thread: gevent patched ``threading`` (the program's threads are greenlets, stalled
+    by a blocked OS thread) and the caller is not that hub itself. Else None."""
+    if not monkey.is_module_patched("threading"):
+        return None
+    hub = gevent.get_hub()
+    return None if getcurrent() is hub else hub
+
+
+class _OSThread:
+    """A daemon OS thread that gevent's patching cannot make a greenlet of (patched,
+    ``threading.Thread`` starts greenlets): what a host's hub runs in when a patched program
+    asks for a thread. It has the members of ``threading.Thread`` hosts use."""
+
+    def __init__(self, target: Callable[[], None], name: str):
+        self.name = name
+        self._target = target
+        self._started = self._finished = False
+        self._ended = _gevent.real_lock()  # released when the thread ends
+        self._ended.acquire()
+
+    def start(self) -> None:
+        self._started = True
+        _gevent.start_real_thread(self._run, ())
+
+    def _run(self) -> None:
+        try:
+            self._target()
+        finally:
+            self._finished = True
+            self._ended.release()
+
+    def is_alive(self) -> bool:
+        return self._started and not self._finished
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        if not self._started:
+            raise RuntimeError("cannot join a thread before it is started")
+        if self._ended.acquire(True, -1 if timeout is None else timeout):
+            self._ended.release()
 
 
 class HubHost:
@@ -99,12 +168,13 @@ class HubHost:
 
     ``hub`` (``None`` until started): the hub the host's objects belong to. ``thread_id``
     (``None`` until started): the OS thread that runs it. ``thread`` (``None`` unless the
-    host runs in a thread of its own): that ``threading.Thread``, named ``name()``."""
+    host runs in a thread of its own): that ``threading.Thread`` (patched, an ``_OSThread``),
+    named ``name()``."""
 
     def __init__(self) -> None:
         self.hub = None
         self.thread_id: Optional[int] = None
-        self.thread: Optional[threading.Thread] = None
+        self.thread: Optional[Union[threading.Thread, _OSThread]] = None
         self._lock = _gevent.real_lock()  # guards _ended and every call's state
         self._pending: Set[_Call] = set()
         self._ended = False
@@ -119,11 +189,16 @@ class HubHost:
         """Whether the calling OS thread is the hub's, or the host has no hub yet."""
         return self.hub is None or _gevent.thread_id() == self.thread_id
 
-    def start(self, start: Callable[[], None], *, here: bool = False,
+    def start(self, start: Callable[[], None], *, here: bool = False, thread: Optional[bool] = None,
               name: Callable[[], str], at_exit: Callable[[], None]) -> None:
         """``start()`` on this thread's hub when gevent patched ``socket`` or ``here`` is true,
-        else on the hub of a new daemon thread (``start_in_thread``)."""
-        if here or monkey.is_module_patched("socket"):
+        else on the hub of a new daemon thread (``start_in_thread``). ``thread`` decides
+        instead when not None: True, a thread of its own; False, this thread's hub."""
+        if thread is not None:
+            here = not thread
+        elif monkey.is_module_patched("socket"):
+            here = True
+        if here:
             self.start_here(start)
         else:
             self.start_in_thread(start, name=name, at_exit=at_exit)
@@ -186,7 +261,11 @@ class HubHost:
 
         _stop_at_exit.register()
         self._at_exit = at_exit
-        thread = threading.Thread(target=main, name=name(), daemon=True)
+        thread: Union[threading.Thread, _OSThread]
+        if monkey.is_module_patched("threading"):
+            thread = _OSThread(main, name())
+        else:
+            thread = threading.Thread(target=main, name=name(), daemon=True)
         self.thread = thread
         thread.start()
         started.acquire()

@@ -17,6 +17,10 @@ Where it runs:
   greenlets that run whenever the host program waits on gevent.
 - ``start()`` in a program that patched nothing: in a daemon thread with a hub
   of its own, so plain blocking code in the host can talk through it.
+- ``start(thread=True)``: in a thread of its own in either program (an OS thread even
+  where gevent patched ``threading``), so code that blocks the program's hub (a
+  subprocess waited for with ``os.system``, a C client library) still talks through it;
+  ``start(thread=False)``: on the calling thread's hub in either.
 - ``serve_forever()`` without ``start()``: on the calling thread's hub, until
   ``stop()`` (from a greenlet, a gevent signal handler, or another thread).
 
@@ -399,10 +403,15 @@ class Forwarder:
         from that one's totals."""
         return self._counters
 
-    def start(self) -> "Forwarder":
-        """Bind and serve in the background; return at once. Errors binding raise ``OSError``."""
+    def start(self, *, thread: Optional[bool] = None) -> "Forwarder":
+        """Bind and serve in the background; return at once. Errors binding raise ``OSError``.
+        ``thread``: where it serves. None (the default): on the calling thread's hub if gevent
+        patched ``socket``, else in a daemon thread with a hub of its own. True: in a thread
+        of its own either way, a real OS thread even where gevent patched ``threading``, so
+        that code blocking the program's hub cannot stall it (nor it that code). False: on
+        the calling thread's hub either way (it serves while that thread runs gevent)."""
         self._claim_start()
-        self._host.start(self._start_on_hub, name=lambda: f"gproxy {self.name}",
+        self._host.start(self._start_on_hub, thread=thread, name=lambda: f"gproxy {self.name}",
                          at_exit=lambda: self.stop(timeout=0))
         return self
 
@@ -686,8 +695,10 @@ class Forwarder:
         asynchronous, so right after a client closes, ``statistics()`` may still count it:
         this is what a test waits on. Safe from any thread, and from a hook."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        # on the forwarder's own hub (a hook, a patched program) waiting must yield to it
-        sleep = gevent.sleep if self._host.thread_id == _thread_id() else _sleep
+        # on the forwarder's own hub (a hook, a patched program) waiting must yield to it, and
+        # where gevent patched time, to the caller's hub (the clients may be its greenlets)
+        sleep = gevent.sleep if self._host.thread_id == _thread_id() or monkey.is_module_patched("time") \
+            else _sleep
         delay = 0.001
         while self._context.active or (self._server is not None and self._server.running):
             if deadline is not None:
