@@ -8,13 +8,25 @@ Typical use::
 
     service = gproxy.load_config("/etc/gproxy.toml")   # every rule of a config file
     service.start(); service.reload(); service.stop()
+
+``Forwarder`` and the submodules load on first use: the pytest plugin (``gproxy.testing``,
+which pytest loads in every run once gproxy is installed) costs a run that never uses it
+neither gevent's import time nor anything gevent does when imported.
 """
 
+from __future__ import annotations
+
+import importlib
 import logging
+import pkgutil
+from typing import TYPE_CHECKING, Any, List
 
 from gproxy.config import ConfigError, Target
-from gproxy.forwarder import Forwarder
 from gproxy.stats import ConnectionRecord, Outcome, Statistics
+
+if TYPE_CHECKING:
+    from gproxy.fileservice import FileService
+    from gproxy.forwarder import Forwarder
 
 # The public surface: these names, the public modules (gproxy.cli, .forwarder, .metrics,
 # .testing, .toxics) and the logger names; docs/embedding.md#what-is-public lists them all.
@@ -23,18 +35,33 @@ __all__ = ["Forwarder", "ConfigError", "ConnectionRecord", "Outcome", "Statistic
 __version__ = "0.1.0"
 
 
-def load_config(path: str):
+
+def __getattr__(name: str) -> Any:
+    if name == "Forwarder":
+        from gproxy.forwarder import Forwarder
+        globals()["Forwarder"] = Forwarder
+        return Forwarder
+    if name == "FileService":   # as in load_config: the TOML reader loads only when wanted
+        from gproxy.fileservice import FileService
+        return FileService
+    if name in _submodules():  # gproxy.toxics after `import gproxy` alone, as before it was lazy
+        return importlib.import_module(f"{__name__}.{name}")  # the import binds it here too
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _submodules() -> List[str]:
+    return [module.name for module in pkgutil.iter_modules(__path__) if not module.name.startswith("__")]
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(__all__) | set(_submodules()))
+
+
+def load_config(path: str) -> FileService:
     """Read and validate a TOML config file (``ConfigError`` naming file, rule and key):
     a :class:`gproxy.FileService` to ``start()``, ``reload()`` and ``stop()``."""
     from gproxy.fileservice import FileService  # the TOML reader loads only when wanted
     return FileService(path)
-
-
-def __getattr__(name: str):
-    if name == "FileService":   # as in load_config: the TOML reader loads only when wanted
-        from gproxy.fileservice import FileService
-        return FileService
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

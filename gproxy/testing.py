@@ -1,12 +1,12 @@
 """Helpers for users' own test suites: a started forwarder in front of any address.
 
-Typical use, as a pytest plugin (in a conftest.py)::
-
-    pytest_plugins = ["gproxy.testing"]
+Typical use, as a pytest plugin (pytest loads it once gproxy is installed; ``-p no:gproxy``
+turns that off, and a ``conftest.py`` with ``pytest_plugins = ["gproxy.testing"]`` loads it
+where gproxy is not installed)::
 
     def test_app_survives_a_cut(gproxy_forwarder):
         fw = gproxy_forwarder(("127.0.0.1", 5432), idle_timeout=5)
-        app = connect_app(port=fw.address[1])
+        app = connect_app(port=fw.port)
         ...
         print(fw.statistics())
 
@@ -15,11 +15,11 @@ Typical use, as a pytest plugin (in a conftest.py)::
         return gproxy_session_forwarder(("127.0.0.1", 5432))
 
     def test_app_retries_while_the_database_is_down(db_proxy):
-        app = App(db_port=db_proxy.address[1])
+        app = App(db_port=db_proxy.port)
         with db_proxy.down():                    # refused, open connections cut
             assert app.get("key") is None        # degraded, not crashed
         assert app.get("key") == "value"         # and back once it is up again
-        db_proxy.add_toxic("latency", latency=500)
+        db_proxy.add_toxic(toxics.latency(500))
         assert app.get("key") is None            # its 0.1 s timeout fires
 
 or without pytest::
@@ -27,37 +27,138 @@ or without pytest::
     with forwarding(("127.0.0.1", 5432)) as fw:
         ...
 
+A factory for every scope: ``gproxy_forwarder`` (function), ``gproxy_class_forwarder``,
+``gproxy_module_forwarder``, ``gproxy_session_forwarder``; each stops what it made when its
+scope ends, open connections aborted at once (a test ends when it ends). Their type, for
+annotations, is ``ForwarderFactory``. (None for "package": pytest caches a package-scoped
+fixture that a plugin defines for the whole session, so it would not be what it says; a
+package's conftest.py can define one on ``forwarding()``.)
+
 The target comes first and ``listen`` is keyword-only (default ``127.0.0.1:0``, a free
 port): ``Forwarder(listen, target)`` puts listen first, so a positional listen here would
-be read the wrong way round; it is a ``TypeError`` instead. Every forwarder is stopped at
-the end of its test (or session) with open connections aborted at once: a test ends when
-it ends. After every test the plugin resets the forwarders these fixtures made that are
-still running (``Forwarder.reset()``: every toxic removed, enabled again), so what one test
-did to a shared proxy never leaks into the next.
+be read the wrong way round; it is a ``TypeError`` instead. ``thread=True`` serves from a
+thread of its own even in a patched process (``Forwarder.start``).
+
+The per-test reset: at the end of every test, *before* any fixture is torn down (a
+``pytest_runtest_teardown`` hook that runs ahead of pytest's own, which finalises the
+fixtures), every running forwarder the factories or ``forwarding()`` made, or that
+``reset_between_tests(fw)`` was given, is reset (``Forwarder.reset()``: every toxic
+removed, enabled again). So the test's own fixtures, torn down after it, talk through a
+clean proxy, and nothing one test did to a shared proxy reaches the next.
+``reset_between_tests=False`` (a factory's or ``forwarding()``'s keyword) or
+``reset_between_tests(fw, False)`` keeps a forwarder out of it. ``connections_in_test(fw)``
+lists the open connections of such a forwarder opened since the current test began (its
+fixtures' setup included): a session-scoped proxy's connections of earlier tests are not
+this test's to cut.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Callable, Iterator, List
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional
 
 from gproxy.config import AddressLike, TargetLike
-from gproxy.forwarder import Forwarder, State
 
-__all__ = ["forwarding", "gproxy_forwarder", "gproxy_session_forwarder"]
+if TYPE_CHECKING:
+    from typing_extensions import Protocol
+
+    from gproxy.forwarder import Forwarder
+    from gproxy.stats import ConnectionRecord
+else:
+    from typing import Protocol
+
+__all__ = ["forwarding", "reset_between_tests", "connections_in_test", "ForwarderFactory",
+           "gproxy_forwarder", "gproxy_class_forwarder", "gproxy_module_forwarder",
+           "gproxy_session_forwarder"]
 
 LOCAL = "127.0.0.1:0"
 
-#: forwarders the fixtures made: reset after every test while they run
-_made: "weakref.WeakSet[Forwarder]" = weakref.WeakSet()
+#: forwarders under the per-test reset, and each one's mark (Forwarder.mark) when the
+#: current test began or, made during it, when it came under the reset
+_marks: "weakref.WeakKeyDictionary[Forwarder, int]" = weakref.WeakKeyDictionary()
+
+
+class _Lock:
+    """Guards _marks (forwarders come and go from any thread): an OS lock, patched or not,
+    made with the first forwarder, so that the plugin alone never imports gevent."""
+
+    _lock = None
+
+    def __enter__(self) -> None:
+        if self._lock is None:
+            from gproxy import _gevent
+            type(self)._lock = _gevent.real_lock()
+        self._lock.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._lock.release()
+
+
+_lock = _Lock()
+
+
+class ForwarderFactory(Protocol):
+    """The type of the factory fixtures: ``factory(target, *, listen="127.0.0.1:0",
+    thread=None, reset_between_tests=True, **options)`` returns a started ``Forwarder``
+    (``options``: Forwarder's keyword options)."""
+
+    def __call__(self, target: TargetLike, *, listen: AddressLike = ..., thread: Optional[bool] = ...,
+                 reset_between_tests: bool = ..., **options: Any) -> Forwarder: ...
+
+
+def reset_between_tests(fw: Forwarder, enabled: bool = True) -> Forwarder:
+    """Put ``fw`` (any Forwarder, started or not) under the plugin's per-test reset, or
+    with ``enabled`` False take it out; returns ``fw``. It only matters while pytest runs
+    the plugin; a stopped forwarder is left alone."""
+    with _lock:
+        if enabled:
+            _marks.setdefault(fw, fw.mark())
+        else:
+            _marks.pop(fw, None)
+    return fw
+
+
+def connections_in_test(fw: Forwarder) -> List[ConnectionRecord]:
+    """The open connections of ``fw`` accepted since the current test began (its fixtures'
+    setup included), or since ``fw`` came under the reset during it. ``fw`` must be under
+    the per-test reset (``ValueError`` otherwise); ``fw.mark()`` and
+    ``fw.connections(since=mark)`` do the same for any span."""
+    with _lock:
+        mark = _marks.get(fw)
+    if mark is None:
+        raise ValueError(f"{fw!r} is not under the per-test reset: made by a gproxy fixture, "
+                         f"forwarding() or reset_between_tests() it would be")
+    return fw.connections(since=mark)
+
+
+def _forwarders() -> List[Forwarder]:
+    if not _marks:  # no forwarder yet: nothing to lock, nor gevent to load
+        return []
+    with _lock:
+        return list(_marks)
+
+
+def _start(target: TargetLike, listen: AddressLike, thread: Optional[bool], reset: bool,
+           options: Any) -> Forwarder:
+    from gproxy.forwarder import Forwarder  # gevent loads when a forwarder is first wanted
+    fw = Forwarder(listen, target, **options)
+    if reset:
+        reset_between_tests(fw)
+    try:
+        return fw.start(thread=thread)
+    except BaseException:
+        reset_between_tests(fw, False)
+        raise
 
 
 @contextlib.contextmanager
-def forwarding(target: TargetLike, *, listen: AddressLike = LOCAL, **options: Any) -> Iterator[Forwarder]:
+def forwarding(target: TargetLike, *, listen: AddressLike = LOCAL, thread: Optional[bool] = None,
+               reset_between_tests: bool = True, **options: Any) -> Iterator[Forwarder]:
     """A started forwarder to ``target`` for the ``with`` block; stopped (no drain) after it.
-    ``options`` are Forwarder's keyword options."""
-    fw = Forwarder(listen, target, **options).start()
+    ``options`` are Forwarder's keyword options; ``thread`` is ``Forwarder.start``'s. Under
+    pytest it is reset after each test while it runs, unless ``reset_between_tests`` is False."""
+    fw = _start(target, listen, thread, reset_between_tests, options)
     try:
         yield fw
     finally:
@@ -65,13 +166,13 @@ def forwarding(target: TargetLike, *, listen: AddressLike = LOCAL, **options: An
 
 
 @contextlib.contextmanager
-def _factory() -> Iterator[Callable[..., Forwarder]]:
+def _factory() -> Iterator[ForwarderFactory]:
     started: List[Forwarder] = []
 
-    def make(target: TargetLike, *, listen: AddressLike = LOCAL, **options: Any) -> Forwarder:
-        fw = Forwarder(listen, target, **options).start()
+    def make(target: TargetLike, *, listen: AddressLike = LOCAL, thread: Optional[bool] = None,
+             reset_between_tests: bool = True, **options: Any) -> Forwarder:
+        fw = _start(target, listen, thread, reset_between_tests, options)
         started.append(fw)
-        _made.add(fw)
         return fw
 
     try:
@@ -81,30 +182,88 @@ def _factory() -> Iterator[Callable[..., Forwarder]]:
             fw.stop(timeout=0)
 
 
+def _reset_all() -> Optional[BaseException]:
+    """Reset every running forwarder under the reset; the first failure, if any, returned
+    rather than raised, so that one forwarder's trouble never keeps the others dirty."""
+    forwarders = _forwarders()
+    if not forwarders:
+        return None
+    from gproxy.forwarder import State
+    failure = None
+    for fw in forwarders:
+        if fw.state is not State.RUNNING:
+            continue
+        try:
+            fw.reset()
+        except Exception as exc:  # stopped meanwhile by someone else, say: reported below
+            if fw.state is State.RUNNING and failure is None:
+                failure = exc
+    return failure
+
+
+def _begin_test() -> None:
+    if not _marks:
+        return
+    with _lock:
+        for fw in list(_marks):
+            _marks[fw] = fw.mark()
+
+
 try:
     import pytest
 except ImportError:  # the helpers above work without pytest
-    pytest = None
+    pytest = None  # type: ignore[assignment]
 
 if pytest is not None:
-    @pytest.fixture
-    def gproxy_forwarder() -> Iterator[Callable[..., Forwarder]]:
-        """A factory: ``gproxy_forwarder(target, *, listen="127.0.0.1:0", **options)`` returns
-        a started Forwarder; every one it made is stopped when the test ends."""
-        with _factory() as make:
-            yield make
+    def _fixture(scope: Any, name: str, doc: str) -> Any:
+        def fixture() -> Iterator[ForwarderFactory]:
+            with _factory() as make:
+                yield make
+        fixture.__doc__ = doc
+        fixture.__name__ = name
+        return pytest.fixture(scope=scope, name=name)(fixture)
 
-    @pytest.fixture(scope="session")
-    def gproxy_session_forwarder() -> Iterator[Callable[..., Forwarder]]:
-        """The same factory for session-scoped fixtures (a database proxy every test shares):
-        its forwarders are stopped when the test session ends."""
-        with _factory() as make:
-            yield make
+    gproxy_forwarder = _fixture("function", "gproxy_forwarder", """A factory:
+        ``gproxy_forwarder(target, *, listen="127.0.0.1:0", thread=None, reset_between_tests=True,
+        **options)`` returns a started Forwarder; every one it made is stopped when the test ends.""")
+    gproxy_class_forwarder = _fixture("class", "gproxy_class_forwarder", """The same factory for
+        class-scoped fixtures: its forwarders are stopped when the class's last test ends.""")
+    gproxy_module_forwarder = _fixture("module", "gproxy_module_forwarder", """The same factory
+        for module-scoped fixtures: its forwarders are stopped when the module's last test ends.""")
+    gproxy_session_forwarder = _fixture("session", "gproxy_session_forwarder", """The same factory
+        for session-scoped fixtures (a database proxy every test shares): its forwarders are
+        stopped when the test session ends.""")
 
-    @pytest.fixture(autouse=True)
-    def _gproxy_reset() -> Iterator[None]:
-        """After each test: the fixtures' running forwarders lose their toxics and listen again."""
-        yield
-        for fw in list(_made):
-            if fw.state is State.RUNNING:
-                fw.reset()
+    _OTHER_NAME = {"gproxy": "gproxy.testing", "gproxy.testing": "gproxy"}
+
+    def pytest_plugin_registered(plugin: object, manager: Any) -> None:
+        """Loaded once under either name: as ``gproxy`` (the ``pytest11`` entry point of an
+        installed gproxy) or as ``gproxy.testing`` (``pytest_plugins``, ``-p``). The other
+        name is blocked, which pytest's loaders take as "nothing to load": registering this
+        module a second time under it would be an error."""
+        import sys
+        if plugin is not sys.modules[__name__]:
+            return
+        other = _OTHER_NAME.get(manager.get_name(plugin) or "")
+        if other is not None and manager.get_plugin(other) is None and not manager.is_blocked(other):
+            manager.set_blocked(other)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(item: Any) -> None:
+        """Before the test's fixtures are set up: where connections_in_test() starts counting."""
+        _begin_test()
+
+    try:  # pluggy 1.1 and later (pytest 8 requires 1.3): a wrapper that may raise
+        _wrapper = pytest.hookimpl(wrapper=True, tryfirst=True)
+    except TypeError:  # older: pluggy 1.0 passes a raise in an old-style wrapper on too
+        _wrapper = pytest.hookimpl(hookwrapper=True, tryfirst=True)
+
+    @_wrapper
+    def pytest_runtest_teardown(item: Any, nextitem: Any) -> Iterator[Any]:
+        """Ahead of pytest's own teardown, which finalises the test's fixtures: they are torn
+        down with the forwarders already clean. A reset that failed is raised once they are."""
+        failure = _reset_all()
+        result = yield
+        if failure is not None:
+            raise failure
+        return result

@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from peers import TIMEOUT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,3 +166,57 @@ def test_thread_false_serves_on_the_calling_threads_hub_in_an_unpatched_program(
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=TIMEOUT * 3, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert result.returncode == 0 and result.stdout.strip() == "OK", result.stdout + result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_pytest_run_patched_with_thread_forwarders(tmp_path):
+    """The way docs/embedding.md says to run a suite patched: ``python -m gevent.monkey
+    --module pytest``; the plugin's fixtures take thread=True, and a test may block the hub."""
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["gproxy.testing"]\n')
+    (tmp_path / "client.py").write_text(textwrap.dedent('''
+        import socket, sys
+        sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+        sock.sendall(b"ping")
+        sys.exit(0 if sock.recv(4) == b"ping" else 3)
+    '''))
+    (tmp_path / "test_patched.py").write_text(textwrap.dedent('''
+        import os, socket, sys
+        import gevent.monkey
+        import pytest
+        from gproxy import _gevent
+
+        @pytest.fixture(scope="module")
+        def upstream():
+            listener = _gevent.RealSocket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+            def serve():
+                while True:
+                    fd, _ = listener._accept()
+                    with _gevent.RealSocket(fileno=fd) as conn:
+                        conn.sendall(conn.recv(4))
+            _gevent.start_real_thread(serve, ())
+            return listener.getsockname()
+
+        @pytest.fixture(scope="module")
+        def proxy(gproxy_module_forwarder, upstream):
+            return gproxy_module_forwarder(upstream, thread=True)
+
+        def test_the_process_is_patched():
+            assert gevent.monkey.is_module_patched("socket")
+
+        def test_os_system_through_a_thread_forwarder(proxy):
+            proxy.add_toxic("latency", latency=50)
+            status = os.system(f"{sys.executable} client.py {proxy.port}")   # blocks the whole process
+            assert os.waitstatus_to_exitcode(status) == 0
+
+        def test_reset_reached_it(proxy):
+            assert proxy.toxics() == []
+    '''))
+    import os
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "gevent.monkey", "--module", "pytest", "-q", "-p",
+                             "no:cacheprovider", str(tmp_path)], capture_output=True, text=True,
+                            timeout=100, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout, result.stdout
