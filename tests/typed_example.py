@@ -1,0 +1,99 @@
+"""A typed test file, as a user writes one: ``mypy --strict`` must pass it (tests/test_typing.py
+checks that, and runs it with pytest). It is not collected by the suite itself (no ``test_``
+prefix on the file): run it with ``python -m pytest tests/typed_example.py``."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Iterator, List, Tuple
+
+import pytest
+
+import gproxy
+from gproxy import ConnectionRecord, Forwarder, toxics
+from gproxy.testing import ForwarderFactory, connections_in_test, forwarding
+
+pytest_plugins = ["gproxy.testing"]
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Tuple[str, int]]:
+    """An echo server on a thread of its own."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(sock: socket.socket) -> None:
+        with sock:
+            while data := sock.recv(4096):
+                sock.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(sock,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    host, port = listener.getsockname()[:2]
+    yield host, port
+    listener.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(gproxy_module_forwarder: ForwarderFactory, upstream: Tuple[str, int]) -> Forwarder:
+    return gproxy_module_forwarder(upstream, idle_timeout=30)
+
+
+def round_trip(fw: Forwarder, data: bytes = b"ping") -> bytes:
+    with socket.create_connection((fw.host, fw.port), timeout=5) as sock:
+        sock.sendall(data)
+        return sock.recv(len(data))
+
+
+def shout(chunk: bytes, record: ConnectionRecord) -> toxics.ToxicResult:
+    return chunk.upper() if record.bytes_upstream else None
+
+
+def test_typed_toxics(proxy: Forwarder) -> None:
+    proxy.add_toxic(toxics.latency(50, jitter=5))
+    proxy.add_toxic(toxics.bandwidth(1000), stream="upstream", name="thin")
+    proxy.add_toxic("slicer", average_size=2, stream="upstream")
+    proxy.add_toxic(shout, stream="upstream")
+    assert round_trip(proxy) == b"PING"
+    names: List[str] = [toxic.name for toxic in proxy.toxics()]
+    assert names == ["thin", "slicer_upstream", "shout_upstream", "latency_downstream"]
+    proxy.update_toxic("thin", rate=2000)
+    with proxy.toxic(toxics.limit_data(0, stream="upstream")) as toxic:
+        assert toxic.stream == "upstream"
+
+
+def test_reset_between_tests(proxy: Forwarder) -> None:
+    assert proxy.toxics() == [] and round_trip(proxy) == b"ping"
+
+
+def test_records_and_marks(proxy: Forwarder) -> None:
+    mark: int = proxy.mark()
+    with socket.create_connection(proxy.address, timeout=5) as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        records = proxy.connections(since=mark)
+        assert [r.client_address for r in records] == [sock.getsockname()]
+        assert connections_in_test(proxy) == records
+        local = records[0].upstream_local_address
+        assert isinstance(local, tuple) and local[1] > 0
+    assert proxy.url("redis://").startswith("redis://127.0.0.1:")
+
+
+def test_forwarding_on_a_thread(upstream: Tuple[str, int]) -> None:
+    with forwarding(upstream, thread=True, reset_between_tests=False) as fw:
+        with fw.toxic("latency", latency=10):
+            assert round_trip(fw) == b"ping"
+    assert gproxy.Outcome.EOF.value == "eof"
+
+
+def load(path: str) -> None:
+    service = gproxy.load_config(path)   # a FileService, not Any
+    service.start()
+    service.stop()
