@@ -29,7 +29,9 @@ Used directly, on purpose (each covered by the contract test all the same):
 - ``hub.switch()`` returning what the greenlet is next switched in with: ``_workers.Workers``
   receives its jobs that way and ``offload.Offload.run`` sleeps that way until its lane's
   async watcher switches it back. Both are a job hand-over on the path of every connection,
-  where a helper would be one more Python call for a single switch.
+  where a helper would be one more Python call for a single switch. ``_hubthread._Call.result``
+  waits so too, in a patched program, for a call handed to another thread's hub (an async
+  watcher that thread sends to switches it back).
 - ``greenlet.throw`` into a greenlet that waits for gevent's thread pool (the resolver):
   ``_dial.cancel`` gives up on a stuck resolver call that way; gevent's pool wait lets go,
   and the call finishes in its thread on its own. Plain greenlet API; only
