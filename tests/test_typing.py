@@ -30,6 +30,7 @@ WRONG = '''
     def wrong(fw: Forwarder, factory: ForwarderFactory) -> None:
         toxics.latency(latnecy=100)                        # E: Unexpected keyword argument "latnecy"
         toxics.bandwidth("64")                             # E: incompatible type "str"
+        toxics.trigger(action="explode")                   # E: incompatible type "Literal['explode']"
         fw.add_toxic("latencyy", latency=100)              # E: No overload variant of "add_toxic"
         fw.add_toxic("latency", stream="sideways")         # E: No overload variant of "add_toxic"
         fw.add_toxic(toxics.latency(100), latency=5)       # E: No overload variant of "add_toxic"

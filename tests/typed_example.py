@@ -56,6 +56,20 @@ def shout(chunk: bytes, record: ConnectionRecord) -> toxics.ToxicResult:
     return chunk.upper() if record.bytes_upstream else None
 
 
+class EveryOther:
+    """A Python toxic with state per connection: each connection gets an instance."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def __call__(self, chunk: bytes, record: ConnectionRecord) -> toxics.ToxicResult:
+        self.seen += 1
+        return None if self.seen % 2 else chunk
+
+    def eof(self, record: ConnectionRecord) -> toxics.ToxicResult:
+        return None
+
+
 def test_typed_toxics(proxy: Forwarder) -> None:
     proxy.add_toxic(toxics.latency(50, jitter=5))
     proxy.add_toxic(toxics.bandwidth(1000), stream="upstream", name="thin")
@@ -64,9 +78,13 @@ def test_typed_toxics(proxy: Forwarder) -> None:
     assert round_trip(proxy) == b"PING"
     names: List[str] = [toxic.name for toxic in proxy.toxics()]
     assert names == ["thin", "slicer_upstream", "shout_upstream", "latency_downstream"]
+    proxy.remove_toxic("shout_upstream")
     proxy.update_toxic("thin", rate=2000)
     with proxy.toxic(toxics.limit_data(0, stream="upstream")) as toxic:
         assert toxic.stream == "upstream"
+    proxy.add_toxic(EveryOther, stream="upstream")
+    proxy.add_toxic(toxics.trigger(r"never\d+", action="close", once=False))
+    assert round_trip(proxy) == b"ping"
 
 
 def test_reset_between_tests(proxy: Forwarder) -> None:
