@@ -22,9 +22,9 @@ patched ``threading``); either way ``bind``'s exception is raised to the caller.
 from another thread runs in a greenlet of the host's hub while the caller waits: on a real
 lock, or, where gevent patched ``threading`` (the program's threads are greenlets of the
 caller's hub, which a blocked OS thread would stall), on its own hub, woken by an async
-watcher the host's thread sends to. A call never waits for a hub that will not run it: one that had not begun when the owner ended
-the host raises :class:`HubEnded` (``began`` false: it never ran), and so does one still
-running when the host's thread ended (``began`` true).
+watcher the host's thread sends to. A call never waits for a hub that will not run it: one
+that had not begun when the owner ended the host raises :class:`HubEnded` (``began`` false:
+it never ran), and so does one still running when the host's thread ended (``began`` true).
 
 A hub in a thread of its own brings three duties, all kept here:
 

@@ -44,7 +44,7 @@ import os
 import socket
 import time
 import weakref
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union, overload
+from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple, Union, overload
 
 import gevent
 import gevent.socket
@@ -59,14 +59,24 @@ from gproxy.health import Checks
 from gproxy.offload import Offload
 from gproxy.relay import Connection, Context, sweep, toxics_changed
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
-from gproxy.toxics import (AttributeValue, PythonToxic, StreamName, Toxic, ToxicNotFound, ToxicSpec,
-                           ToxicType, make_toxic)
+from gproxy.toxics import (
+    AttributeValue,
+    PythonToxic,
+    StreamName,
+    Toxic,
+    ToxicNotFound,
+    ToxicSpec,
+    ToxicType,
+    make_toxic,
+)
 
 __all__ = ["Forwarder", "State"]
 
 log = logging.getLogger(__name__)
 
 Hook = Callable[[ConnectionRecord], None]
+#: what ``Forwarder.toxic()`` returns: ``with fw.toxic(...) as toxic:``
+ToxicBlock = ContextManager[Toxic]
 
 #: after the drain deadline aborts what is left, how long teardown may take (only a
 #: connection stuck in the resolver, which nothing can interrupt, takes longer).
@@ -610,17 +620,17 @@ class Forwarder:
 
     @overload
     def toxic(self, type: ToxicSpec, *, name: Optional[str] = None, stream: Optional[StreamName] = None,
-              toxicity: Optional[float] = None) -> "contextlib.AbstractContextManager[Toxic]": ...
+              toxicity: Optional[float] = None) -> ToxicBlock: ...
 
     @overload
     def toxic(self, type: PythonToxic, *, name: Optional[str] = None, stream: StreamName = "downstream",
-              toxicity: float = 1.0) -> "contextlib.AbstractContextManager[Toxic]": ...
+              toxicity: float = 1.0) -> ToxicBlock: ...
 
     @overload
     def toxic(self, type: ToxicType, *, name: Optional[str] = None, stream: StreamName = "downstream",
-              toxicity: float = 1.0, **attributes: AttributeValue) -> "contextlib.AbstractContextManager[Toxic]": ...
+              toxicity: float = 1.0, **attributes: AttributeValue) -> ToxicBlock: ...
 
-    def toxic(self, type: Union[str, PythonToxic, ToxicSpec], **options: Any) -> "contextlib.AbstractContextManager[Toxic]":
+    def toxic(self, type: Union[str, PythonToxic, ToxicSpec], **options: Any) -> ToxicBlock:
         """``with fw.toxic("latency", latency=100):`` (or ``fw.toxic(toxics.latency(100))``):
         the toxic acts inside the block only. Takes what ``add_toxic`` takes."""
         return self._toxic_block(type, options)

@@ -49,7 +49,7 @@ def test_a_unix_socket_has_no_port_host_or_url(forwarder_factory, tmp_path):
 def test_port_before_start_says_so():
     import gproxy
     with pytest.raises(RuntimeError, match="not been started"):
-        gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:9").port
+        _ = gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:9").port
 
 
 # -- a record's two ends ------------------------------------------------------------------------

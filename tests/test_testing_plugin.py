@@ -15,8 +15,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from peers import TIMEOUT
 
 ROOT = Path(__file__).resolve().parent.parent
