@@ -117,6 +117,10 @@ class Api:
         log.info("HTTP API (toxiproxy) listening on %s", describe_address(self.address))
         return self
 
+    def listening_fileno(self) -> Optional[int]:
+        """The listening socket's fd while serving, else None (what a handover passes on)."""
+        return None if self._server is None or self._server.socket is None else self._server.socket.fileno()
+
     @property
     def address(self) -> Tuple[str, int]:
         """The real bound ``(host, port)``; valid once started."""

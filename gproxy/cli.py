@@ -272,6 +272,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics", metavar="HOST:PORT", default=None,
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "
                              "with --api they are at its /metrics too)")
+    parser.add_argument("--control-socket", metavar="PATH", default=None,
+                        help="listen on this Unix socket (made 0600) for a new gproxy to take the "
+                             "listening sockets over (gproxy --takeover PATH): a restart that refuses "
+                             "nobody (default: off)")
+    parser.add_argument("--takeover", metavar="PATH", default=None,
+                        help="start on the listening sockets of the gproxy whose --control-socket is "
+                             "PATH, then make it stop accepting and drain its connections")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="text lines (default), or one JSON object per line for log shippers")
     verbosity = parser.add_mutually_exclusive_group()
@@ -483,7 +490,9 @@ def _workers_count(args: argparse.Namespace):
         # and a reload would have to reach every worker at once: refused rather than half working.
         for given, why in ((args.api, "--api (each worker would serve its own API)"),
                            (args.metrics, "--metrics (each worker would count only its own connections)"),
-                           (args.config, "-c (a reload would have to reach every worker)")):
+                           (args.config, "-c (a reload would have to reach every worker)"),
+                           (args.control_socket, "--control-socket (a worker's sockets are its own)"),
+                           (args.takeover, "--takeover (a worker's sockets are its own)")):
             if given is not None:
                 return f"--workers: not with {why}; use one process"
         if args.listen is not None and args.listen.strip().startswith("unix:"):
@@ -540,10 +549,19 @@ def _run(args: argparse.Namespace, options: dict) -> int:
             parse_address(args.metrics, "metrics")
     except ConfigError as exc:
         return _bad_option(exc)
+    taking = None
+    if args.takeover is not None:
+        from gproxy import handover
+        try:
+            taking = handover.take(args.takeover)
+        except OSError as exc:
+            return _fail(1, f"cannot take over from {args.takeover}: {exc.strerror or exc}")
     try:
-        passed, taken = _activation(args, files, forwarder)
+        passed, taken = _activation(args, files, forwarder, taking)
     except ConfigError as exc:  # LISTEN_FDS and friends, or a socket nobody would serve
         return _fail(2, str(exc))
+    handed = False  # this process handed its sockets over: it only drains now
+    control = None  # the control socket's server (control_socket), once listening
 
     signals = 0
 
@@ -552,6 +570,8 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         signals += 1
         if signals == 1:
             _systemd.notify("STOPPING=1")
+            if control is not None:
+                control.close()  # a process that stops has no sockets left to hand over
         if signals == 2:
             log.warning("second signal: stopping now")
         gevent.spawn(forwarder.stop)
@@ -561,6 +581,9 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         log.info("statistics: %s", ", ".join(f"{name} {value}" for name, value in stats.items()))
 
     def reload() -> None:
+        if handed:
+            log.info("SIGHUP: not reloading, the listening sockets were handed over to another gproxy")
+            return
         _systemd.reloading()
         try:
             files.reload()
@@ -587,7 +610,28 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         if signum is not None:
             gevent.signal_handler(signum, handle)
     metrics_server = None
+
+    def offer() -> list:
+        return _offered(args, forwarder, metrics_server, control)
+
+    def handed_over(pid) -> None:
+        nonlocal handed
+        handed = True
+        timeout = files.config.settings.get("reload_drain_timeout") if files is not None else None
+        log.info("pid %s accepts on the listening sockets now: this process stops accepting, its "
+                 "connections drain %s", pid, "until they end" if timeout is None else f"for up to {timeout:g}s")
+        control.close()
+        if metrics_server is not None:
+            gevent.spawn(metrics_server.stop, 1)
+        if isinstance(forwarder, _ApiServer):
+            gevent.spawn(forwarder.api.stop)
+        gevent.spawn(_drain_and_stop, forwarder, timeout)
+
     try:
+        if args.control_socket is not None:
+            from gproxy import handover
+            control = handover.ControlServer(args.control_socket, offer, handed_over, listener=(
+                passed.lend_socket(taken["control"]) if "control" in taken else None)).listen()
         if args.metrics is not None:
             if isinstance(forwarder, _Single):
                 def sources():  # read when scraped
@@ -615,6 +659,17 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         if metrics_server is not None:
             metrics_server.stop(timeout=1)
         raise
+    if taking is not None:
+        try:
+            old = taking.confirm()
+        except OSError as exc:  # serving already: the old one may still accept beside us
+            log.warning("took the listening sockets over from %s, but it did not confirm that it stops "
+                        "accepting: %s", args.takeover, exc.strerror or exc)
+        else:
+            log.info("took %d listening socket(s) over from pid %d, which stops accepting and drains",
+                     len(taking.sockets), old)
+    if control is not None:
+        control.start()
     if args.worker_lifeline is not None:
         from gproxy.workers import watch_lifeline
 
@@ -633,14 +688,23 @@ def _run(args: argparse.Namespace, options: dict) -> int:
     return 0
 
 
-def _activation(args: argparse.Namespace, files: Any, forwarder: Any):
-    """systemd's socket activation: the sockets it passed (``$LISTEN_FDS``), each matched to a
-    rule, or to the metrics or API port (``FileDescriptorName=metrics``/``api``, or their
-    address), and handed to whoever serves there. ``(passed, {name: index})``, or ``(None,
-    {})`` without activation. A passed socket nobody takes is a ``ConfigError``: systemd
-    keeps it open, so its clients would queue for ever unserved."""
+def _activation(args: argparse.Namespace, files: Any, forwarder: Any, taking: Any = None):
+    """Listening sockets given to this process: systemd's (socket activation, ``$LISTEN_FDS``)
+    and those a running gproxy hands over (``--takeover``), each matched to a rule, or to the
+    metrics, API or control port (by name, ``metrics``/``api``/``control``, or address), and
+    handed to whoever serves there. ``(passed, {name: index})``, or ``(None, {})`` without
+    any. A socket systemd passed that nobody takes is a ``ConfigError``: systemd keeps it
+    open, so its clients would queue for ever unserved. One handed over that nobody takes
+    (its rule is gone) is closed: its port closes when the old process stops accepting."""
     from gproxy.listeners import Passed
     passed = Passed.from_systemd()
+    if taking is not None:
+        passed = passed or Passed()
+        try:
+            passed.add_handed_over([(entry["fd"], entry["name"], entry["listen"]) for entry in taking.sockets])
+        except ConfigError:
+            passed.close()
+            raise
     if passed is None:
         return None, {}
     try:
@@ -654,7 +718,14 @@ def _activation(args: argparse.Namespace, files: Any, forwarder: Any):
             rules = {args.name: single.rule} if single is not None else {}
         extra = {key: parse_address(value, key) for key, value in (("metrics", args.metrics), ("api", args.api))
                  if value is not None}
+        if args.control_socket is not None:
+            extra["control"] = parse_address("unix:" + args.control_socket, "control_socket")
         taken = passed.match(rules, extra)
+        for left in passed.unused(taken):
+            if left.origin == "handover":
+                log.info("not taking over %s: no rule listens there now; it closes when pid %s stops "
+                         "accepting", left, taking.pid)
+                passed.discard(left)
         unused = passed.unused(taken)
         if unused:
             raise ConfigError("LISTEN_FDS", f"systemd passed {unused[0]}, which no rule listens on: give a "
@@ -671,8 +742,40 @@ def _activation(args: argparse.Namespace, files: Any, forwarder: Any):
         if "api" in taken:
             forwarder.listener = passed.lend_socket(taken["api"])
     elif single is not None and args.name in taken:
-        single.inherit_socket(passed.lend(taken[args.name]))
+        passed.give(taken[args.name], single)
     return passed, taken
+
+
+def _offered(args: argparse.Namespace, forwarder: Any, metrics_server: Any, control: Any) -> list:
+    """Every listening socket this process has, for a takeover (:mod:`gproxy.handover`)."""
+    from gproxy.handover import Offered
+    service = getattr(forwarder, "service", None)
+    if service is not None:
+        rules = service.items()
+    else:
+        rules = [(args.name, forwarder.forwarder)] if isinstance(forwarder, _Single) else []
+    offered = [Offered("rule", name, str(fw.rule.listen), fd) for name, fw in rules
+               for fd in [fw.listening_fileno()] if fd is not None]
+    if metrics_server is not None and metrics_server.socket is not None:
+        offered.append(Offered("metrics", "metrics", str(parse_address(args.metrics, "metrics")),
+                               metrics_server.socket.fileno()))
+    if isinstance(forwarder, _ApiServer) and forwarder.api.listening_fileno() is not None:
+        offered.append(Offered("api", "api", str(forwarder.api.listen), forwarder.api.listening_fileno()))
+    if control is not None and control.socket is not None:
+        offered.append(Offered("control", "control", f"unix:{args.control_socket}", control.fileno()))
+    return offered
+
+
+def _drain_and_stop(forwarder: Any, timeout: Optional[float]) -> None:
+    """After a handover: every rule's connections drain as a reload's old ones do (until they
+    end, or ``timeout``), then the process stops; a SIGTERM meanwhile ends them sooner."""
+    service = getattr(forwarder, "service", None)
+    if service is not None:
+        service.hand_over(timeout)
+    elif isinstance(forwarder, _Single):
+        forwarder.forwarder.release_listener()
+        forwarder.forwarder.retire(timeout)
+    forwarder.stop()
 
 
 def _bad_option(exc: ConfigError) -> int:

@@ -49,7 +49,7 @@ else:  # pragma: no cover - the same parser, from PyPI
 __all__ = ["ConfigFile", "load", "parse", "SETTINGS", "RELOADED_SETTINGS"]
 
 #: process-wide keys (the rest of the top level is [defaults] and [[rule]]), with their checks
-SETTINGS = ("log_format", "metrics", "reload_drain_timeout")
+SETTINGS = ("log_format", "metrics", "reload_drain_timeout", "control_socket")
 
 #: the process-wide keys a reload applies (the others take effect on restart only)
 RELOADED_SETTINGS = ("reload_drain_timeout",)
@@ -270,6 +270,13 @@ def _setting(key: str, value: Any, fail) -> Any:
             unquote = " (numbers go without quotes)" if isinstance(value, str) else ""
             raise fail(key, f"expected a number of seconds >= 0, got {toml_value(value)}{unquote}")
         return float(value)
+    if key == "control_socket":
+        if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+            raise fail(key, f"expected the path of a Unix socket, such as \"/run/gproxy/control.sock\", "
+                            f"got {toml_value(value)}")
+        if len(value.encode()) > 107:
+            raise fail(key, f"a Unix socket path is at most 107 bytes, got {len(value.encode())}")
+        return value
     if key == "log_format":
         if value not in ("text", "json"):
             raise fail(key, f"expected \"text\" or \"json\", got {toml_value(value)}")

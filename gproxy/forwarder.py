@@ -278,8 +278,9 @@ class Forwarder:
     and through nothing else: ``state``, ``bound_address``, ``listening``, ``start_here()``
     (all on one hub), ``inherit_listener()``/``return_listener()`` (a changed rule serves on
     its predecessor's listening socket), ``count_on()``/``show_own_targets()`` (its
-    metrics go on from its predecessor's) and ``retire()`` (a reload's old forwarder: its
-    connections run on until they end).
+    metrics go on from its predecessor's), ``retire()`` (a reload's old forwarder: its
+    connections run on until they end), ``inherit_socket()`` (serve on a socket systemd or a
+    handover passed) and ``listening_fileno()``/``release_listener()`` (hand it to another process).
     """
 
     def __init__(self, listen: AddressLike, target: TargetLike, *,
@@ -350,7 +351,8 @@ class Forwarder:
         self._took_over = None                     # weakref to the one whose listener it serves on
         self._socket_file = None                   # our Unix socket file, removed on stop
         self._keep_listener = False                # another forwarder took it over: leave it
-        self._from_manager = False                 # inherit_socket(): its listener is systemd's
+        self._from_manager: Optional[str] = None   # inherit_socket(): where its listener came from
+        self._handed_over = False                  # release_listener(): another process has it
         self._enabled = True
         self._checks: Optional[Checks] = None      # active health checks, while running
         # while STOPPING: when the drain ends (monotonic; inf: never), whether it is a reload's
@@ -529,15 +531,29 @@ class Forwarder:
         self._inherit_from = old
         self._from_manager = old._from_manager
 
-    def inherit_socket(self, fd: int) -> None:
+    def inherit_socket(self, fd: int, origin: str = "systemd") -> None:
         """Make the next start serve on the listening socket ``fd`` (which this forwarder now
-        owns and closes) instead of binding one: a socket systemd passed (socket activation,
-        :class:`gproxy.listeners.Passed`). Its Unix socket file, if any, is the service
-        manager's: it is never removed. Calling it again replaces what the last call gave."""
+        owns and closes) instead of binding one: a socket systemd passed (socket activation)
+        or another gproxy handed over (``origin`` ``"handover"``), see
+        :class:`gproxy.listeners.Passed`. Its Unix socket file, if any, is not this
+        forwarder's to remove. Calling it again replaces what the last call gave."""
         if self._inherit_fd is not None:
             os.close(self._inherit_fd)
         self._inherit_fd, self._inherit_from = fd, None
-        self._from_manager = True
+        self._from_manager = origin
+
+    def listening_fileno(self) -> Optional[int]:
+        """The fd of the listening socket while it listens (``listening``), else None: what a
+        handover passes to a new process (:mod:`gproxy.handover`)."""
+        if not self.listening:
+            return None
+        return self._server.socket.fileno()
+
+    def release_listener(self) -> None:
+        """The listening socket is another process's now (a handover): ``stop()`` and
+        ``retire()`` close this forwarder's own fd only, and leave a Unix socket file alone."""
+        self._keep_listener = True
+        self._handed_over = True
 
     def return_listener(self, old: "Forwarder") -> None:
         """Undo ``inherit_listener(old)`` once this one has started on ``old``'s listening
@@ -888,9 +904,10 @@ class Forwarder:
         self._next_park = self._swept_at + _PARK_EVERY
         log.info("listening on %s -> %s%s%s", _sockets.describe_address(self._address), self._context.target_name,
                  f" (rule {self.rule.name})" if self.rule.name else "",
-                 ", on a socket from systemd" if self._from_manager else "",
+                 {None: "", "systemd": ", on a socket from systemd",
+                  "handover": ", on a socket taken over"}.get(self._from_manager, ""),
                  extra=self._fields("listening", target=self._context.target_name,
-                                    **({"systemd": True} if self._from_manager else {})))
+                                    **({"socket_from": self._from_manager} if self._from_manager else {})))
 
     def _accepted(self, client: socket.socket, address, upstream: socket.socket) -> None:
         """On the hub (the listener's callback). A client of a plain rule connects from here,
@@ -969,7 +986,11 @@ class Forwarder:
             others = server.running - server.allowance
             where = self._where()
             for_how_long = "until they end" if timeout is None else f"for up to {timeout:g}s"
-            if self._retiring and self._keep_listener:
+            if self._retiring and self._handed_over:
+                log.info("rule %s handed over to another process: it accepts there now%s", where,
+                         f"; {others} connection(s) here drain {for_how_long}" if others else "",
+                         extra=self._fields("handed_over", connections=others, timeout=timeout))
+            elif self._retiring and self._keep_listener:
                 # The listening socket is the successor's now: the port did not close.
                 log.info("rule %s changed: new connections use the new settings%s", where,
                          f"; {others} old connection(s) drain {for_how_long}" if others else "",
@@ -982,8 +1003,9 @@ class Forwarder:
             began = time.monotonic()
             drained = self._drain()
             if drained and self._retiring and others:  # a drain of hours deserves its end said
-                log.info("%s: the %d old connection(s) of a reload have ended (after %.1fs)", where, others,
-                         time.monotonic() - began, extra=self._fields("retired", connections=others))
+                log.info("%s: the %d old connection(s) of a %s have ended (after %.1fs)", where, others,
+                         "handover" if self._handed_over else "reload", time.monotonic() - began,
+                         extra=self._fields("retired", connections=others))
             if not drained:
                 left = server.running - server.allowance
                 timeout = self._drain_timeout_given

@@ -210,13 +210,17 @@ def adopt(fd: int, rule: Rule):
 
 @dataclass(frozen=True)
 class PassedSocket:
-    """One listening socket the service manager passed: its fd, its name (systemd's
-    ``FileDescriptorName=``, default the socket unit's name; None without names), and the
-    address it is bound to, read from the socket itself."""
+    """One listening socket passed to this process: its fd, its name (systemd's
+    ``FileDescriptorName=``, default the socket unit's name; None without names; a rule's
+    name after a handover), the address it is bound to, read from the socket itself, where
+    it came from (``"systemd"`` or ``"handover"``), and after a handover the listen address
+    its rule asked for as written (``spec``: ``127.0.0.1:0`` kept means the same port)."""
 
     fd: int
     name: Optional[str]
     address: Endpoint
+    origin: str = "systemd"
+    spec: Optional[str] = None
 
     def __str__(self) -> str:
         named = f" named {self.name!r}" if self.name is not None else ""
@@ -234,12 +238,28 @@ class Passed:
     serves on a duplicate, so a rule removed by a reload and added again finds it still.
     ``ConfigError`` for an fd that is not a listening stream socket."""
 
-    def __init__(self, fds: Sequence[Tuple[int, Optional[str]]]):
+    def __init__(self, fds: Sequence[Tuple[int, Optional[str]]] = ()):
         self.sockets: List[PassedSocket] = []
         #: names that are not rules' (the metrics and API ports) holding a socket for good
         self.reserved: Dict[str, int] = {}
+        self._closed: set = set()
         for fd, name in fds:
             self.sockets.append(PassedSocket(fd, name, _passed_address(fd, name)))
+
+    def add_handed_over(self, entries: Sequence[Tuple[int, str, str]]) -> None:
+        """Sockets a running gproxy handed over (:mod:`gproxy.handover`): ``(fd, name, listen
+        as its rule wrote it)``. One matches a rule of the same name that asks for the same
+        listen address, or any rule bound to its address."""
+        for fd, name, spec in entries:
+            self.sockets.append(PassedSocket(fd, name, _passed_address(fd, name), "handover", spec))
+
+    def discard(self, passed: PassedSocket) -> None:
+        """Close a socket nobody takes (one handed over whose rule is gone): its port closes
+        once the process that handed it over closes its copy too."""
+        index = self.sockets.index(passed)
+        if index not in self._closed:
+            self._closed.add(index)
+            os.close(passed.fd)
 
     @classmethod
     def from_systemd(cls, environ=None) -> Optional["Passed"]:
@@ -264,11 +284,14 @@ class Passed:
         used = set(taken.values())
         wanted = {name: rule.listen for name, rule in rules.items()}
         wanted.update({name: address for name, address in extra.items() if name not in taken})
+        used |= self._closed
         for index, passed in enumerate(self.sockets):  # by name first: the operator said so
             name = passed.name
             if index in used or name is None or name not in wanted or name in taken:
                 continue
             listen = wanted[name]
+            if passed.spec is not None and passed.spec != str(listen):
+                continue  # handed over, and its rule listens elsewhere now: by address, if at all
             if isinstance(listen, UnixAddress) != isinstance(passed.address, UnixAddress):
                 raise ConfigError(name, f"systemd passed {passed}, but it listens on {listen}: "
                                         "a TCP socket for a Unix one or the other way round")
@@ -293,12 +316,16 @@ class Passed:
 
     def unused(self, taken: Mapping[str, int]) -> List[PassedSocket]:
         """The passed sockets no rule or port takes in ``taken`` (a ``match()`` result)."""
-        used = set(taken.values()) | set(self.reserved.values())
+        used = set(taken.values()) | set(self.reserved.values()) | self._closed
         return [passed for index, passed in enumerate(self.sockets) if index not in used]
 
     def lend(self, index: int) -> int:
         """A duplicate of socket ``index``'s fd, for the taker to own and close."""
         return os.dup(self.sockets[index].fd)
+
+    def give(self, index: int, forwarder) -> None:
+        """Make ``forwarder``'s next start serve on socket ``index`` (a duplicate)."""
+        forwarder.inherit_socket(self.lend(index), self.sockets[index].origin)
 
     def lend_socket(self, index: int):
         """Socket ``index`` as a non-blocking gevent socket of its own (a duplicate), for a
@@ -308,12 +335,10 @@ class Passed:
         return sock
 
     def close(self) -> None:
-        for passed in self.sockets:
-            try:
+        for index, passed in enumerate(self.sockets):
+            if index not in self._closed:
                 os.close(passed.fd)
-            except OSError:
-                pass
-        self.sockets = []
+        self.sockets, self._closed = [], set()
 
 
 def _passed_address(fd: int, name: Optional[str]) -> Endpoint:

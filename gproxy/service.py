@@ -279,7 +279,7 @@ class Service:
                 for name, fw in self._forwarders.items():
                     if fw.state is State.NEW:
                         if name in taken:
-                            fw.inherit_socket(self.passed.lend(taken[name]))
+                            self.passed.give(taken[name], fw)
                         fw.start_here()
                         started.append(fw)
             except BaseException:
@@ -365,9 +365,27 @@ class Service:
                 self._retired.append((fw, gevent.spawn(fw.retire, timeout)))
             if self.passed is not None:
                 for passed in self.passed.unused(taken):
+                    if passed.origin == "handover":  # ours alone: its port closes with it
+                        self.passed.discard(passed)
+                        continue
                     log.warning("systemd passed %s, which no rule listens on now: its clients wait in its "
                                 "queue unserved until a rule takes it again", passed)
             return result
+
+    def hand_over(self, timeout: Optional[float] = None) -> None:
+        """Another process accepts on every listening socket now (a takeover,
+        :mod:`gproxy.handover`): every forwarder closes its copy (never a Unix socket file)
+        and retires, its connections running on until they end or for ``timeout`` seconds
+        (default: no limit), as a reload's old forwarders do. Returns when all have ended; a
+        ``stop()`` meanwhile ends them under ``drain_timeout``. The collection is empty after."""
+        with self._lock:
+            leaving, self._forwarders = list(self._forwarders.values()), {}
+            self._draining()
+            for fw in leaving:
+                fw.release_listener()
+                self._retired.append((fw, gevent.spawn(fw.retire, timeout)))
+            draining = [g for _, g in self._retired]
+        gevent.joinall(draining)
 
     def serve_forever(self) -> None:
         """Start what is not started, then wait until ``stop()``."""
@@ -493,7 +511,7 @@ def _start_all(built: Dict[str, Forwarder], old: Dict[str, Forwarder], leaving: 
             if source is not None:
                 new.inherit_listener(source)
             elif sockets is not None and name in taken:
-                new.inherit_socket(sockets.lend(taken[name]))
+                sockets.give(taken[name], new)
             new.start_here()
             started.append(new)
     except BaseException as exc:

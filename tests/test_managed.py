@@ -22,7 +22,8 @@ PACKAGE = Path(gproxy.__file__).resolve().parent
 
 #: the interface for being managed: each says what it does, its default and what None means
 MANAGED = ("state", "bound_address", "listening", "start_here", "listens_on", "inherit_listener",
-           "inherit_socket", "return_listener", "count_on", "show_own_targets", "retire")
+           "inherit_socket", "return_listener", "count_on", "show_own_targets", "retire",
+           "listening_fileno", "release_listener")
 
 
 def _forwarders_private_names() -> set:
