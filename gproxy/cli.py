@@ -551,7 +551,7 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         return _bad_option(exc)
     taking = None
     if args.takeover is not None:
-        from gproxy import handover
+        from gproxy import _handover as handover
         try:
             taking = handover.take(args.takeover)
         except OSError as exc:
@@ -629,7 +629,7 @@ def _run(args: argparse.Namespace, options: dict) -> int:
 
     try:
         if args.control_socket is not None:
-            from gproxy import handover
+            from gproxy import _handover as handover
             control = handover.ControlServer(args.control_socket, offer, handed_over, listener=(
                 passed.lend_socket(taken["control"]) if "control" in taken else None)).listen()
         if args.metrics is not None:
@@ -747,8 +747,8 @@ def _activation(args: argparse.Namespace, files: Any, forwarder: Any, taking: An
 
 
 def _offered(args: argparse.Namespace, forwarder: Any, metrics_server: Any, control: Any) -> list:
-    """Every listening socket this process has, for a takeover (:mod:`gproxy.handover`)."""
-    from gproxy.handover import Offered
+    """Every listening socket this process has, for a takeover (:mod:`gproxy._handover`)."""
+    from gproxy._handover import Offered
     service = getattr(forwarder, "service", None)
     if service is not None:
         rules = service.items()

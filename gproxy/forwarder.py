@@ -544,7 +544,7 @@ class Forwarder:
 
     def listening_fileno(self) -> Optional[int]:
         """The fd of the listening socket while it listens (``listening``), else None: what a
-        handover passes to a new process (:mod:`gproxy.handover`)."""
+        handover passes to a new process (:mod:`gproxy._handover`)."""
         if not self.listening:
             return None
         return self._server.socket.fileno()

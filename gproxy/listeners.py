@@ -247,7 +247,7 @@ class Passed:
             self.sockets.append(PassedSocket(fd, name, _passed_address(fd, name)))
 
     def add_handed_over(self, entries: Sequence[Tuple[int, str, str]]) -> None:
-        """Sockets a running gproxy handed over (:mod:`gproxy.handover`): ``(fd, name, listen
+        """Sockets a running gproxy handed over (:mod:`gproxy._handover`): ``(fd, name, listen
         as its rule wrote it)``. One matches a rule of the same name that asks for the same
         listen address, or any rule bound to its address."""
         for fd, name, spec in entries:

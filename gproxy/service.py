@@ -374,7 +374,7 @@ class Service:
 
     def hand_over(self, timeout: Optional[float] = None) -> None:
         """Another process accepts on every listening socket now (a takeover,
-        :mod:`gproxy.handover`): every forwarder closes its copy (never a Unix socket file)
+        :mod:`gproxy._handover`): every forwarder closes its copy (never a Unix socket file)
         and retires, its connections running on until they end or for ``timeout`` seconds
         (default: no limit), as a reload's old forwarders do. Returns when all have ended; a
         ``stop()`` meanwhile ends them under ``drain_timeout``. The collection is empty after."""

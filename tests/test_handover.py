@@ -18,7 +18,7 @@ import urllib.request
 import gevent
 import pytest
 
-from gproxy import handover
+from gproxy import _handover as handover
 from peers import TIMEOUT, Gate, Proxy, Server, connect, recv_all, recv_exactly
 from test_configfile import ConfigProxy, first_byte, tagged
 

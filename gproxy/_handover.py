@@ -1,5 +1,7 @@
-"""Handing the listening sockets to a new gproxy over a Unix socket, so that a restart or an
-upgrade refuses no client (HAProxy's ``-x`` with ``expose-fd listeners``, Envoy's hot restart).
+"""Handover: the listening sockets passed to a new gproxy over a Unix socket (SCM_RIGHTS).
+
+A restart or an upgrade that goes through it refuses no client (HAProxy's ``-x`` with
+``expose-fd listeners``, Envoy's hot restart).
 
 Typical use (the command line does both halves)::
 
