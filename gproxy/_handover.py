@@ -88,7 +88,8 @@ def bind(path: str):
         pass
     else:
         if not stat.S_ISSOCK(mode):
-            raise OSError(errno.EEXIST, f"cannot listen on {path} for takeovers: the path exists and is not a socket")
+            raise OSError(errno.EEXIST, f"cannot listen on {path} for takeovers: the path exists and is "
+                                        "not a socket")
         probe = _sockets.raw_socket(socket.AF_UNIX)
         try:
             code = probe.connect_ex(path)
@@ -108,7 +109,8 @@ def bind(path: str):
         sock.listen(8)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {path} for takeovers: {_sockets.describe_error(exc)}") from None
+        raise OSError(exc.errno, f"cannot listen on {path} for takeovers: "
+                                 f"{_sockets.describe_error(exc)}") from None
     return sock
 
 

@@ -466,10 +466,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _file_access(rule) -> str:
     """`` (mode 0660, user redis, group redis)`` for a socket file given any of them."""
-    given = [f"mode {rule.unix_mode:04o}" if rule.unix_mode is not None else None,
-             f"user {rule.unix_user}" if rule.unix_user is not None else None,
-             f"group {rule.unix_group}" if rule.unix_group is not None else None]
-    given = [part for part in given if part]
+    given = [text for text, value in ((f"mode {rule.unix_mode or 0:04o}", rule.unix_mode),
+                                      (f"user {rule.unix_user}", rule.unix_user),
+                                      (f"group {rule.unix_group}", rule.unix_group)) if value is not None]
     return f" ({', '.join(given)})" if given else ""
 
 
@@ -561,7 +560,7 @@ def _run(args: argparse.Namespace, options: dict) -> int:
     except ConfigError as exc:  # LISTEN_FDS and friends, or a socket nobody would serve
         return _fail(2, str(exc))
     handed = False  # this process handed its sockets over: it only drains now
-    control = None  # the control socket's server (control_socket), once listening
+    control: Any = None  # the control socket's server (control_socket), once listening
 
     signals = 0
 
@@ -759,8 +758,9 @@ def _offered(args: argparse.Namespace, forwarder: Any, metrics_server: Any, cont
     if metrics_server is not None and metrics_server.socket is not None:
         offered.append(Offered("metrics", "metrics", str(parse_address(args.metrics, "metrics")),
                                metrics_server.socket.fileno()))
-    if isinstance(forwarder, _ApiServer) and forwarder.api.listening_fileno() is not None:
-        offered.append(Offered("api", "api", str(forwarder.api.listen), forwarder.api.listening_fileno()))
+    api_fd = forwarder.api.listening_fileno() if isinstance(forwarder, _ApiServer) else None
+    if api_fd is not None:
+        offered.append(Offered("api", "api", str(forwarder.api.listen), api_fd))
     if control is not None and control.socket is not None:
         offered.append(Offered("control", "control", f"unix:{args.control_socket}", control.fileno()))
     return offered
