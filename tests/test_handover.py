@@ -79,6 +79,7 @@ def test_a_restart_loop_under_load_refuses_and_cuts_nobody(tmp_path):
         path = tmp_path / "gproxy.toml"
         write(path, config(control, port, a.address[1], metrics))
         proxy = ConfigProxy(str(path), 1)
+        started = [proxy]  # every process, killed at the end whatever happens
         errors, served, stop = [], {b"A": 0, b"B": 0}, threading.Event()
 
         def hammer():
@@ -96,6 +97,7 @@ def test_a_restart_loop_under_load_refuses_and_cuts_nobody(tmp_path):
                 write(path, config(control, port, target.address[1], metrics))
                 before = dict(served)
                 new = Taker(control, str(path))
+                started.append(new)
                 code, output = wait_exit(proxy)
                 assert code == 0 and "Traceback" not in output, output
                 assert "accepts on the listening sockets now: this process stops accepting" in output
@@ -112,6 +114,8 @@ def test_a_restart_loop_under_load_refuses_and_cuts_nobody(tmp_path):
             for client in clients:
                 client.join(TIMEOUT)
             code, output = proxy.stop()
+            for process in started:
+                process.kill()
         assert not errors, errors[:3]
         assert served[b"A"] > 0 and served[b"B"] > 0
         assert code == 0 and "Address already in use" not in output
@@ -134,7 +138,7 @@ def test_the_old_process_keeps_a_quiet_connection_until_its_peers_end_it(tmp_pat
             assert recv_exactly(client, 1) == b"1"
 
             write(path, config(control, port, new_target.address[1], metrics))
-            with Taker(control, str(path)) as new:
+            with Taker(control, str(path)) as new:  # killed on leaving, whatever happens
                 old.wait_for("rule web (127.0.0.1:%d) handed over to another process: it accepts there now; "
                              "1 connection(s) here drain until they end" % port)
                 assert first_byte(("127.0.0.1", port)) == b"N"
