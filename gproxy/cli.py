@@ -476,7 +476,7 @@ def _workers_count(args: argparse.Namespace):
     """``--workers``: the count, or the one-line error (a str)."""
     value = args.workers.strip()
     if value == "auto":
-        from gproxy.workers import auto_count
+        from gproxy._supervisor import auto_count
         count = auto_count()
     elif value.isascii() and value.isdigit() and 1 <= int(value) <= 1024:
         count = int(value)
@@ -501,7 +501,7 @@ def _workers_count(args: argparse.Namespace):
 
 def _supervise(args: argparse.Namespace, options: dict, count: int, argv: List[str]) -> int:
     """``--workers N``: validate here, reserve the port, run and supervise N workers."""
-    from gproxy import workers
+    from gproxy import _supervisor
     if os.environ.get("LISTEN_PID") == str(os.getpid()):
         return _fail(2, "--workers: not with sockets systemd passed (LISTEN_FDS): each worker binds its own")
     target = args.target[0] if len(args.target) == 1 else args.target
@@ -510,15 +510,15 @@ def _supervise(args: argparse.Namespace, options: dict, count: int, argv: List[s
     except ConfigError as exc:
         return _bad_option(exc)
     try:
-        reserved = workers.reserve(rule)
+        reserved = _supervisor.reserve(rule)
     except OSError as exc:
         return _fail(1, exc.strerror or str(exc))
     with reserved:
         address = reserved.getsockname()[:2]
         log.info("listening on %s -> %s with %d workers", _sockets.describe_address(address),
                  ",".join(args.target), count)
-        return workers.Supervisor(lambda _index, lifeline: workers.worker_argv(argv, address[1], lifeline),
-                                  count).run()
+        return _supervisor.Supervisor(
+            lambda _index, lifeline: _supervisor.worker_argv(argv, address[1], lifeline), count).run()
 
 
 def _run(args: argparse.Namespace, options: dict) -> int:
@@ -670,7 +670,7 @@ def _run(args: argparse.Namespace, options: dict) -> int:
     if control is not None:
         control.start()
     if args.worker_lifeline is not None:
-        from gproxy.workers import watch_lifeline
+        from gproxy._supervisor import watch_lifeline
 
         def on_supervisor_gone() -> None:
             if not signals:  # already stopping: the drain goes on

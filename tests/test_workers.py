@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from gproxy import workers
+from gproxy import _supervisor
 from peers import TIMEOUT, Gate, Proxy, Server, connect, echo, recv_exactly
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT workers: Linux")
@@ -56,7 +56,7 @@ def test_a_killed_worker_is_started_again():
         # The supervisor takes a death within _QUICK_DEATH of the start for a failed start (and
         # stops everything): on a loaded machine the workers can be up sooner than that. Kill
         # one that has lived longer, as the test means to.
-        time.sleep(max(0.0, workers._QUICK_DEATH + 0.2 - (time.monotonic() - started)))  # sleep-ok
+        time.sleep(max(0.0, _supervisor._QUICK_DEATH + 0.2 - (time.monotonic() - started)))  # sleep-ok
         os.kill(pids[0], signal.SIGKILL)
         line = proxy.wait_for("started again")
         new_pid = int(line.rsplit("pid ", 1)[1])

@@ -53,7 +53,8 @@ from gproxy.config import Rule
 
 __all__ = ["Supervisor", "auto_count", "reserve", "watch_lifeline", "worker_argv"]
 
-log = logging.getLogger(__name__)
+# The logger keeps the module's old name: logger names are public (docs/operations.md#loggers).
+log = logging.getLogger("gproxy.workers")
 
 #: a worker that lived shorter than this is restarted after a growing delay
 _QUICK_DEATH = 1.0
