@@ -26,7 +26,7 @@ Nothing else in gproxy reaches into gevent's internals; the documented API (``lo
 
 Used directly, on purpose (each covered by the contract test all the same):
 
-- ``hub.switch()`` returning what the greenlet is next switched in with: ``_workers.Workers``
+- ``hub.switch()`` returning what the greenlet is next switched in with: ``_greenlets.Workers``
   receives its jobs that way and ``offload.Offload.run`` sleeps that way until its lane's
   async watcher switches it back. Both are a job hand-over on the path of every connection,
   where a helper would be one more Python call for a single switch. ``_hubthread._Call.result``

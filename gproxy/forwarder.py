@@ -52,8 +52,8 @@ from gevent import getcurrent, monkey
 from gevent.event import Event
 
 from gproxy import _gevent, _lifecycle, _sockets, listeners, loops
+from gproxy._greenlets import Workers
 from gproxy._hubthread import HubEnded, HubHost
-from gproxy._workers import Workers
 from gproxy.config import AddressLike, Rule, TargetLike, check_hook
 from gproxy.health import Checks
 from gproxy.offload import Offload

@@ -68,7 +68,7 @@ move of every connection against it, tests/statecheck.py)::
   right there, in the callback, and the direction stays parked. Anything more (a full read,
   which means bulk; a destination that does not take it all; an error; toxics on this
   direction) moves it to RUNNING (``_resume``); its source's EOF ends it there.
-- ``RUNNING``: a worker greenlet (see ``_workers.py``) runs ``_run_pump``, on the fast path
+- ``RUNNING``: a worker greenlet (see ``_greenlets.py``) runs ``_run_pump``, on the fast path
   (``pump``), waiting only for its destination; it parks again (``_leave``) once its source
   is drained, returning its greenlet to the pool. An idle connection thus costs two
   sockets, four watchers and this object, whether it ever spoke or not.
@@ -131,7 +131,7 @@ import gevent
 from gproxy import _dial, _gevent, _report, _sockets
 from gproxy._chain import Link
 from gproxy._failure import Aborted, Failure, failure, tcp_closed
-from gproxy._workers import Workers
+from gproxy._greenlets import Workers
 from gproxy.access import Access, DeniedLog, client_key, compile_networks
 from gproxy.config import Rule
 from gproxy.offload import STOPPED

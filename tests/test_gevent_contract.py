@@ -85,14 +85,14 @@ class Owner:
 # -- waiting on watchers ----------------------------------------------------------------------
 
 def test_hub_switch_returns_what_the_greenlet_is_switched_in_with(hub):
-    """_workers receives its jobs, offload its lane's answer, every wait its watcher's value
+    """_greenlets receives its jobs, offload its lane's answer, every wait its watcher's value
     this way: hub.switch() from a greenlet returns the arguments of the switch into it."""
     got = []
 
     def job():
         got.append(hub.switch())
 
-    worker = greenlet(job, hub)  # run from hub callbacks, as _workers.Workers runs its jobs
+    worker = greenlet(job, hub)  # run from hub callbacks, as _greenlets.Workers runs its jobs
     done = gevent.event.Event()
     hub.loop.run_callback(worker.switch)  # it waits in hub.switch() after this
     hub.loop.run_callback(lambda: (worker.switch(len, ("ab",)), done.set()))

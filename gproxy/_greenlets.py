@@ -10,6 +10,8 @@ A new greenlet costs about 12 us on CPython 3.11, most of it mapping and unmappi
 fresh frame stack (an mmap and a munmap per greenlet; strace showed three of each per
 proxied connection); handing a job to an idle one costs about 1 us. At most ``keep``
 idle workers are kept, so a burst does not pin memory for ever.
+
+(Worker greenlets, in one hub; the ``--workers`` processes are ``_supervisor``'s.)
 """
 
 from __future__ import annotations
