@@ -51,7 +51,7 @@ import gevent.socket
 from gevent import getcurrent, monkey
 from gevent.event import Event
 
-from gproxy import _gevent, _lifecycle, _sockets, listeners, loops
+from gproxy import _gevent, _lifecycle, _selfloop, _sockets, listeners
 from gproxy._greenlets import Workers
 from gproxy._hubthread import HubEnded, HubHost
 from gproxy.config import AddressLike, Rule, TargetLike, check_hook
@@ -860,7 +860,7 @@ class Forwarder:
             else:
                 listener = listeners.listen(self.rule)
                 try:
-                    loops.refuse_at_start(self.rule, listener)
+                    _selfloop.refuse_at_start(self.rule, listener)
                 except BaseException:
                     listener.close()
                     raise
@@ -876,8 +876,8 @@ class Forwarder:
         else:
             self._address = listener.getsockname()[:2]
         self._context.name = self.name
-        if loops.may_loop(self.rule, self._address):
-            self._context.own_upstreams = loops.OwnUpstreams()
+        if _selfloop.may_loop(self.rule, self._address):
+            self._context.own_upstreams = _selfloop.OwnUpstreams()
         if self._context.targets is not None:
             self._context.targets.label = self.name
         self._stopped = Event()

@@ -256,7 +256,7 @@ class Context:
             counters.health = lambda: {str(e): targets.is_up(e) for e in targets.known()}
         #: the rate-limited "denied" line, for rules that can refuse a client
         self.denied_log = DeniedLog(log) if self.access is not None or self.accept_proxy else None
-        #: local addresses of our upstream sockets (loops.OwnUpstreams), when a target could
+        #: local addresses of our upstream sockets (_selfloop.OwnUpstreams), when a target could
         #: lead back to the listener; None, and no cost, otherwise
         self.own_upstreams = None
         #: called when a connection finds no fd for its upstream socket
