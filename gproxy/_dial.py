@@ -41,8 +41,8 @@ from gevent.socket import getaddrinfo
 from greenlet import getcurrent
 
 from gproxy import _gevent, _sockets, proxyproto
+from gproxy._access import client_key, in_networks
 from gproxy._failure import Aborted, Failure, connect_failure, failure
-from gproxy.access import client_key, in_networks
 from gproxy.stats import Outcome
 from gproxy.targets import TargetError
 

@@ -30,7 +30,7 @@ from typing import Optional
 from greenlet import getcurrent
 
 from gproxy import _sockets
-from gproxy.access import client_key, describe_key
+from gproxy._access import client_key, describe_key
 from gproxy.stats import ConnectionRecord, Outcome
 
 __all__ = ["report", "record", "closed", "call_hook"]

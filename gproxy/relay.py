@@ -129,10 +129,10 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 import gevent
 
 from gproxy import _dial, _gevent, _report, _sockets
+from gproxy._access import Access, DeniedLog, client_key, compile_networks
 from gproxy._chain import Link
 from gproxy._failure import Aborted, Failure, failure, tcp_closed
 from gproxy._greenlets import Workers
-from gproxy.access import Access, DeniedLog, client_key, compile_networks
 from gproxy.config import Rule
 from gproxy.offload import STOPPED
 from gproxy.stats import ConnectionRecord, Counters, Outcome
