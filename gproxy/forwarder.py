@@ -53,9 +53,9 @@ from gevent.event import Event
 
 from gproxy import _gevent, _lifecycle, _selfloop, _sockets, listeners
 from gproxy._greenlets import Workers
+from gproxy._health import Checks
 from gproxy._hubthread import HubEnded, HubHost
 from gproxy.config import AddressLike, Rule, TargetLike, check_hook
-from gproxy.health import Checks
 from gproxy.offload import Offload
 from gproxy.relay import Connection, Context, sweep, toxics_changed
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics

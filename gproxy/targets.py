@@ -24,7 +24,7 @@ until ``fail_timeout`` has passed, when the next client tries it first again. It
 remembered per target, not per client, and logged once per change: one WARNING when a
 target goes down, one INFO when it is up again, each with the reason.
 
-With an active check (``Rule.check``; the checks themselves are :mod:`gproxy.health`'s), each
+With an active check (``Rule.check``; the checks themselves are :mod:`gproxy._health`'s), each
 result comes in through :meth:`Targets.checked`: ``fall`` failures in a row take a target
 down, ``rise`` passes in a row bring it up, and the first result decides at once (the target
 starts up, as HAProxy's do). The two verdicts combine: a target is down while either says
@@ -219,7 +219,7 @@ class Targets:
 
     def checked(self, endpoint: Endpoint, passed: bool, reason: str) -> None:
         """One active check of ``endpoint`` ended: it ``passed`` or not, and ``reason`` says
-        what it found (``gproxy.health`` calls this on the forwarder's hub)."""
+        what it found (``gproxy._health`` calls this on the forwarder's hub)."""
         state = self._health.get(endpoint)
         if state is None:
             state = self._health[endpoint] = _Health()

@@ -49,7 +49,8 @@ from gproxy.config import CHECK_BUFFER, Address, Endpoint, Rule, http_status_ran
 
 __all__ = ["Checks", "probe"]
 
-log = logging.getLogger(__name__)
+# The logger keeps the module's old name: logger names are public (docs/operations.md#loggers).
+log = logging.getLogger("gproxy.health")
 
 _STATUS_LINE = re.compile(rb"HTTP/\d(?:\.\d)? ([1-5]\d\d)(?:[ \r\n]|$)")
 
