@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from gproxy import proxyproto  # noqa: E402
 from gproxy._access import Access, client_key  # noqa: E402
+from gproxy._jsonlog import JsonFormatter  # noqa: E402
 from gproxy.config import Rule  # noqa: E402
-from gproxy.jsonlog import JsonFormatter  # noqa: E402
 from gproxy.stats import Counters, Outcome  # noqa: E402
 
 

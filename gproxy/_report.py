@@ -160,7 +160,7 @@ def _log_line(conn, line: ConnectionRecord) -> None:
 
 class _LogFields(Mapping):
     """A connection line's fields (rule, id, client, target, outcome, duration, bytes each
-    way, error), for a formatter that reads them (gproxy.jsonlog): a read-only mapping made
+    way, error), for a formatter that reads them (gproxy._jsonlog): a read-only mapping made
     when first read, so a text line does not pay for building it."""
 
     __slots__ = ("_rule", "_record", "_fields")

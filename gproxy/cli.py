@@ -40,9 +40,9 @@ from typing import Any, List, Optional
 import gevent
 
 from gproxy import __version__, _sockets, _systemd, metrics
+from gproxy._jsonlog import JsonFormatter
 from gproxy.config import UNIX_FILE_OPTIONS, ConfigError, parse_address
 from gproxy.forwarder import Forwarder
-from gproxy.jsonlog import JsonFormatter
 from gproxy.stats import Statistics
 
 __all__ = ["main", "build_parser"]

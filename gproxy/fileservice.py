@@ -121,7 +121,7 @@ class FileService:
         return True
 
     def _fields(self, event: str, **more) -> dict:
-        """A reload line's fields for a JSON log (gproxy.jsonlog)."""
+        """A reload line's fields for a JSON log (gproxy._jsonlog)."""
         return {"fields": {"event": event, "file": self.path, **more}}
 
     def stop(self, timeout: Optional[float] = None) -> None:

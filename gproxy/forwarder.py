@@ -1037,7 +1037,7 @@ class Forwarder:
         return f"{name} ({address})" if name else address
 
     def _fields(self, event: str, **more) -> dict:
-        """Such a line's fields for a JSON log (gproxy.jsonlog)."""
+        """Such a line's fields for a JSON log (gproxy._jsonlog)."""
         return {"fields": {"event": event, "rule": self.name, "listen": _sockets.describe_address(self._address),
                            **more}}
 

@@ -284,7 +284,7 @@ class Targets:
         return seen
 
     def _fields(self, event: str, endpoint: Endpoint, **more) -> dict:
-        """A health change's fields for a JSON log line (gproxy.jsonlog)."""
+        """A health change's fields for a JSON log line (gproxy._jsonlog)."""
         return {"fields": {"event": event, "rule": self.label, "target": str(endpoint), **more}}
 
     def _call(self, client_address) -> Sequence[_Slot]:

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import gproxy
-from gproxy.jsonlog import JsonFormatter
+from gproxy._jsonlog import JsonFormatter
 from peers import TIMEOUT, Gate, Proxy, Server, connect, echo, free_port, recv_all, recv_exactly
 
 
