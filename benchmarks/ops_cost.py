@@ -21,7 +21,7 @@ import timeit
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from gproxy import proxyproto  # noqa: E402
+from gproxy import _proxyproto  # noqa: E402
 from gproxy._access import Access, client_key  # noqa: E402
 from gproxy._jsonlog import JsonFormatter  # noqa: E402
 from gproxy.config import Rule  # noqa: E402
@@ -65,12 +65,12 @@ def main() -> None:
     for version in (1, 2):
         rows.append((f"proxy_protocol v{version}: getsockname + encode (then one send)",
                      per_call(lambda version=version:
-                              proxyproto.encode(version, peer, listener_side.getsockname()))))
+                              _proxyproto.encode(version, peer, listener_side.getsockname()))))
     for version in (1, 2):
-        header = proxyproto.encode(version, ("192.0.2.7", 50312), ("198.51.100.1", 443))
+        header = _proxyproto.encode(version, ("192.0.2.7", 50312), ("198.51.100.1", 443))
         rows.append((f"accept_proxy_from, v{version} header: header_size + parse"
                      " (after one peek, before one recv)",
-                     per_call(lambda header=header: proxyproto.parse(header[:proxyproto.header_size(header)]))))
+                     per_call(lambda header=header: _proxyproto.parse(header[:_proxyproto.header_size(header)]))))
 
     def syscalls():
         a.send(b"x" * 50)

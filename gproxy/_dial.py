@@ -40,7 +40,7 @@ import gevent
 from gevent.socket import getaddrinfo
 from greenlet import getcurrent
 
-from gproxy import _gevent, _sockets, proxyproto
+from gproxy import _gevent, _proxyproto, _sockets
 from gproxy._access import client_key, in_networks
 from gproxy._failure import Aborted, Failure, connect_failure, failure
 from gproxy.stats import Outcome
@@ -75,7 +75,7 @@ def read_proxy_header(conn) -> None:
     seen, size = b"", None
     try:
         while size is None or len(seen) < size:
-            want = (size if size is not None else proxyproto.V1_MAX) - len(seen)
+            want = (size if size is not None else _proxyproto.V1_MAX) - len(seen)
             try:
                 data = client.recv(want, socket.MSG_PEEK)
             except BlockingIOError:
@@ -86,12 +86,12 @@ def read_proxy_header(conn) -> None:
             if not data:
                 raise Failure(Outcome.DENIED, "closed before sending its PROXY header")
             if size is None:
-                size = proxyproto.header_size(seen + data)
+                size = _proxyproto.header_size(seen + data)
             # what header_size has not placed yet is all header too; never take past it
             take = len(data) if size is None else min(len(data), size - len(seen))
             seen += client.recv(take)
-        conn.proxied = info = proxyproto.parse(seen)
-    except proxyproto.ProxyProtocolError as exc:
+        conn.proxied = info = _proxyproto.parse(seen)
+    except _proxyproto.ProxyProtocolError as exc:
         raise Failure(Outcome.DENIED, f"bad PROXY header: {exc}") from None
     except OSError as exc:
         raise failure(exc, "client") from None
@@ -244,11 +244,11 @@ def _send_proxy_header(conn, upstream: socket.socket) -> None:
     client = conn.client
     try:
         if info is not None and info.family is not None:  # pass on what the trusted proxy said
-            header = proxyproto.encode(version, info.source, info.destination, info.family)
+            header = _proxyproto.encode(version, info.source, info.destination, info.family)
         elif client.family == socket.AF_UNIX:
-            header = proxyproto.encode(version, conn.peer or b"", client.getsockname(), socket.AF_UNIX)
+            header = _proxyproto.encode(version, conn.peer or b"", client.getsockname(), socket.AF_UNIX)
         else:
-            header = proxyproto.encode(version, conn.peer, client.getsockname())
+            header = _proxyproto.encode(version, conn.peer, client.getsockname())
         sent = upstream.send(header)
         if sent != len(header):  # never on a fresh connection: the header is < one MSS
             writable = conn._hub.loop.io(upstream.fileno(), _WRITE)

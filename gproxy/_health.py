@@ -44,7 +44,7 @@ import gevent
 import gevent.socket
 from gevent import getcurrent
 
-from gproxy import _gevent, _sockets, proxyproto
+from gproxy import _gevent, _proxyproto, _sockets
 from gproxy.config import CHECK_BUFFER, Address, Endpoint, Rule, http_status_ranges
 
 __all__ = ["Checks", "probe"]
@@ -122,7 +122,7 @@ class _Request:
         from gproxy import __version__  # not at import: gproxy/__init__ imports this module
         self.agent = f"gproxy-check/{__version__}"
         version = {"off": 0, "v1": 1, "v2": 2}[rule.proxy_protocol]
-        self.header = proxyproto.encode(version, None, None) if version else b""
+        self.header = _proxyproto.encode(version, None, None) if version else b""
         self.expect = re.compile(rule.check_expect.encode("utf-8")) if rule.check_expect else None
         self.statuses = http_status_ranges(rule.check_http_status) if rule.check == "http" else ()
 

@@ -140,7 +140,7 @@ from gproxy.targets import Targets
 from gproxy.toxics import Toxics
 
 if TYPE_CHECKING:
-    from gproxy.proxyproto import ProxyHeader
+    from gproxy._proxyproto import ProxyHeader
 
 __all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "FAIR_READS", "pump",
            "send_rest", "sweep", "toxics_changed", "DirectionState", "MOVES"]

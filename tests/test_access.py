@@ -258,14 +258,14 @@ def test_mapped_networks_are_read_as_ipv4():
 def test_accept_proxy_from_in_either_form_on_either_listener(forwarder_factory, listen, trusted):
     """A trusted proxy named in either form must send a PROXY header, whose address then
     stands for the client; another client's first bytes are payload."""
-    from gproxy import proxyproto
+    from gproxy import _proxyproto
 
     gate = Gate()
     with Server(gate) as upstream:
         fw = forwarder_factory(upstream.address, listen=listen, accept_proxy_from=[trusted])
         address = ("127.0.0.1", fw.address[1])
         trusted_client = connect_from("127.0.0.3", address)
-        trusted_client.sendall(proxyproto.encode_v1(("10.9.8.7", 4242), ("10.0.0.1", 80)) + b"hi")
+        trusted_client.sendall(_proxyproto.encode_v1(("10.9.8.7", 4242), ("10.0.0.1", 80)) + b"hi")
         server = gate.get()
         assert server.recv(16) == b"hi"   # the header was taken, not passed on as payload
         other = connect_from("127.0.0.1", address)

@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from gproxy import proxyproto
+from gproxy import _proxyproto
 from peers import TIMEOUT, Gate, Server, connect, recv_all, recv_exactly
 from test_access import connect_from
 
 
-def read_header(sock: socket.socket) -> proxyproto.ProxyHeader:
+def read_header(sock: socket.socket) -> _proxyproto.ProxyHeader:
     """Read one header off a blocking socket the way a careful receiver does: peek, then take
     exactly the header's bytes."""
     seen, size = b"", None
@@ -21,10 +21,10 @@ def read_header(sock: socket.socket) -> proxyproto.ProxyHeader:
         data = sock.recv(200 if size is None else size - len(seen), socket.MSG_PEEK)
         assert data, f"EOF after {seen!r}"
         if size is None:
-            size = proxyproto.header_size(seen + data)
+            size = _proxyproto.header_size(seen + data)
         take = len(data) if size is None else min(len(data), size - len(seen))
         seen += recv_exactly(sock, take)
-    return proxyproto.parse(seen)
+    return _proxyproto.parse(seen)
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -100,7 +100,7 @@ def test_header_for_an_ipv4_client_of_a_dual_stack_listener_says_tcp4(forwarder_
 def test_a_trusted_header_is_read_exactly_and_passed_on(forwarder_factory, incoming, outgoing):
     gate = Gate()
     claimed = ("192.0.2.7", 50312), ("198.51.100.1", 443)
-    header = proxyproto.encode(int(incoming[1]), *claimed)
+    header = _proxyproto.encode(int(incoming[1]), *claimed)
     with Server(gate) as upstream:
         fw = forwarder_factory(upstream.address, accept_proxy_from=["127.0.0.0/8"], proxy_protocol=outgoing,
                                allow=["192.0.2.0/24"])   # allow/deny judge the claimed address
@@ -122,7 +122,7 @@ def test_a_trusted_header_is_read_exactly_and_passed_on(forwarder_factory, incom
 
 def test_a_header_in_pieces_is_waited_for(forwarder_factory):
     gate = Gate()
-    header = proxyproto.encode(1, ("192.0.2.7", 50312), ("198.51.100.1", 443))
+    header = _proxyproto.encode(1, ("192.0.2.7", 50312), ("198.51.100.1", 443))
     with Server(gate) as upstream:
         fw = forwarder_factory(upstream.address, accept_proxy_from=["127.0.0.1"], proxy_protocol="v2")
         client = connect(fw.address)

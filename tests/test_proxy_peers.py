@@ -165,10 +165,10 @@ def test_receiver_sees_the_real_ipv6_client(forwarder_factory, request, receiver
 @pytest.mark.parametrize("receiver", ["nginx", "haproxy"])
 def test_a_header_passed_on_from_a_trusted_proxy(forwarder_factory, request, receiver):
     """accept_proxy_from + proxy_protocol: the receiver sees the client the first proxy named."""
-    from gproxy import proxyproto
+    from gproxy import _proxyproto
     daemon = request.getfixturevalue(receiver)
     fw = forwarder_factory(daemon.address, proxy_protocol="v2", accept_proxy_from=["127.0.0.1"])
     client = socket.create_connection(fw.address, timeout=TIMEOUT)
-    client.sendall(proxyproto.encode(1, ("203.0.113.9", 4242), ("198.51.100.1", 443)))
+    client.sendall(_proxyproto.encode(1, ("203.0.113.9", 4242), ("198.51.100.1", 443)))
     assert ask(client) == "203.0.113.9 4242", daemon.log()
     forwarder_factory.wait_closed(fw, accepted=1)

@@ -6,19 +6,19 @@ import socket
 
 import pytest
 
-from gproxy import proxyproto
-from gproxy.proxyproto import ProxyProtocolError, header_size, parse
+from gproxy import _proxyproto
+from gproxy._proxyproto import ProxyProtocolError, header_size, parse
 
 SIG = b"\x0D\x0A\x0D\x0A\x00\x0D\x0A\x51\x55\x49\x54\x0A"  # section 2.2, byte by byte
 
 
 def test_signature_is_the_specs():
-    assert proxyproto.SIGNATURE == SIG
+    assert _proxyproto.SIGNATURE == SIG
     assert len(SIG) == 12 and SIG[4] == 0
 
 
 def test_v1_tcp4_is_the_specs_example():
-    line = proxyproto.encode(1, ("192.168.0.1", 56324), ("192.168.0.11", 443))
+    line = _proxyproto.encode(1, ("192.168.0.1", 56324), ("192.168.0.11", 443))
     assert line == b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"
     info = parse(line)
     assert (info.version, info.family) == (1, socket.AF_INET)
@@ -27,19 +27,19 @@ def test_v1_tcp4_is_the_specs_example():
 
 
 def test_v1_longest_lines_fit_the_limits():
-    v4 = proxyproto.encode_v1(("255.255.255.255", 65535), ("255.255.255.255", 65535))
+    v4 = _proxyproto.encode_v1(("255.255.255.255", 65535), ("255.255.255.255", 65535))
     assert len(v4) == 56
     full = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
-    v6 = proxyproto.encode_v1((full, 65535), (full, 65535))
+    v6 = _proxyproto.encode_v1((full, 65535), (full, 65535))
     assert v6 == f"PROXY TCP6 {full} {full} 65535 65535\r\n".encode() and len(v6) == 104
     assert header_size(v6) == 104
     worst = f"PROXY UNKNOWN {full} {full} 65535 65535\r\n".encode()
-    assert len(worst) == proxyproto.V1_MAX == 107
+    assert len(worst) == _proxyproto.V1_MAX == 107
     assert parse(worst).family is None and parse(worst).local
 
 
 def test_v1_tcp6_canonical_form():
-    line = proxyproto.encode(1, ("::1", 40000), ("2001:0db8:0000:0000:0000:0000:0000:0001", 80))
+    line = _proxyproto.encode(1, ("::1", 40000), ("2001:0db8:0000:0000:0000:0000:0000:0001", 80))
     assert line == b"PROXY TCP6 ::1 2001:db8::1 40000 80\r\n"
     assert parse(line).source == ("::1", 40000)
     # upper case hex is allowed on reading
@@ -50,18 +50,18 @@ def test_v1_tcp6_canonical_form():
 def test_an_ipv4_client_of_a_dual_stack_socket_is_sent_as_tcp4(version):
     """A [::] listener reports an IPv4 peer as ::ffff:a.b.c.d; the header says what the client
     is, TCP4, so that the receiver's IPv4 allow lists match it."""
-    header = proxyproto.encode(version, ("::ffff:127.0.0.3", 5000), ("::FFFF:127.0.0.1", 8080))
+    header = _proxyproto.encode(version, ("::ffff:127.0.0.3", 5000), ("::FFFF:127.0.0.1", 8080))
     info = parse(header)
     assert info.family == socket.AF_INET
     assert info.source == ("127.0.0.3", 5000) and info.destination == ("127.0.0.1", 8080)
     # one mapped end and one real IPv6 end cannot both be TCP4: the pair stays TCP6
-    mixed = parse(proxyproto.encode(version, ("::ffff:127.0.0.3", 5000), ("::1", 8080)))
+    mixed = parse(_proxyproto.encode(version, ("::ffff:127.0.0.3", 5000), ("::1", 8080)))
     assert mixed.family == socket.AF_INET6 and mixed.source == ("::ffff:7f00:3", 5000)
 
 
 def test_v1_unknown_for_what_it_cannot_carry():
-    assert proxyproto.encode_v1(b"/run/client.sock", "/run/gproxy.sock") == b"PROXY UNKNOWN\r\n"
-    assert proxyproto.encode(1, None, None) == b"PROXY UNKNOWN\r\n"
+    assert _proxyproto.encode_v1(b"/run/client.sock", "/run/gproxy.sock") == b"PROXY UNKNOWN\r\n"
+    assert _proxyproto.encode(1, None, None) == b"PROXY UNKNOWN\r\n"
     info = parse(b"PROXY UNKNOWN\r\n")
     assert info.family is None and info.source is None and info.length == 15
 
@@ -100,7 +100,7 @@ def test_v1_header_size_stops_at_the_first_crlf():
 
 
 def test_v2_tcp4_bytes():
-    header = proxyproto.encode(2, ("192.168.0.1", 56324), ("192.168.0.11", 443))
+    header = _proxyproto.encode(2, ("192.168.0.1", 56324), ("192.168.0.11", 443))
     assert header == (SIG + b"\x21\x11\x00\x0c"
                       + bytes([192, 168, 0, 1]) + bytes([192, 168, 0, 11])
                       + (56324).to_bytes(2, "big") + (443).to_bytes(2, "big"))
@@ -111,7 +111,7 @@ def test_v2_tcp4_bytes():
 
 
 def test_v2_tcp6_bytes():
-    header = proxyproto.encode(2, ("::1", 40000), ("2001:db8::2", 8443))
+    header = _proxyproto.encode(2, ("::1", 40000), ("2001:db8::2", 8443))
     assert header[:16] == SIG + b"\x21\x21\x00\x24"   # 36 bytes of addresses
     assert header[16:32] == b"\x00" * 15 + b"\x01"
     assert header[32:48] == b"\x20\x01\x0d\xb8" + b"\x00" * 11 + b"\x02"
@@ -122,20 +122,20 @@ def test_v2_tcp6_bytes():
 
 
 def test_v2_unix_bytes():
-    header = proxyproto.encode(2, b"", "/run/gproxy.sock", socket.AF_UNIX)
+    header = _proxyproto.encode(2, b"", "/run/gproxy.sock", socket.AF_UNIX)
     assert header[:16] == SIG + b"\x21\x31\x00\xd8"   # 216 = 2 * 108
     assert header[16:124] == b"\x00" * 108
     assert header[124:] == b"/run/gproxy.sock".ljust(108, b"\x00")
     info = parse(header)
     assert info.family == socket.AF_UNIX and info.source == b"" and info.destination == b"/run/gproxy.sock"
-    abstract = parse(proxyproto.encode_v2(b"\x00client", b"\x00srv", socket.AF_UNIX))
+    abstract = parse(_proxyproto.encode_v2(b"\x00client", b"\x00srv", socket.AF_UNIX))
     assert abstract.source == b"\x00client"
 
 
 def test_v2_local_has_no_addresses():
-    header = proxyproto.encode_v2(local=True)
+    header = _proxyproto.encode_v2(local=True)
     assert header == SIG + b"\x20\x00\x00\x00"
-    assert proxyproto.encode(2, None, None) == header
+    assert _proxyproto.encode(2, None, None) == header
     info = parse(header)
     assert info.local and info.family is None and info.length == 16
 
@@ -187,7 +187,7 @@ def test_v2_header_size_needs_16_bytes_and_checks_early():
 
 
 def test_parse_wants_exactly_one_header():
-    header = proxyproto.encode(2, ("1.2.3.4", 5), ("6.7.8.9", 10))
+    header = _proxyproto.encode(2, ("1.2.3.4", 5), ("6.7.8.9", 10))
     with pytest.raises(ProxyProtocolError):
         parse(header + b"x")
     with pytest.raises(ProxyProtocolError):
@@ -196,7 +196,7 @@ def test_parse_wants_exactly_one_header():
 
 def test_mixed_families_are_sent_as_ipv6():
     # a dual-stack listener: client and local address both IPv6 (IPv4-mapped for v4 clients)
-    line = proxyproto.encode(1, ("::ffff:127.0.0.1", 1234), ("::", 80))
+    line = _proxyproto.encode(1, ("::ffff:127.0.0.1", 1234), ("::", 80))
     assert line == b"PROXY TCP6 ::ffff:7f00:1 :: 1234 80\r\n"
-    mixed = proxyproto.encode(2, ("::1", 1), ("127.0.0.1", 2))
+    mixed = _proxyproto.encode(2, ("::1", 1), ("127.0.0.1", 2))
     assert parse(mixed).destination == ("::ffff:7f00:1", 2)
