@@ -372,7 +372,7 @@ class _ApiServer:
 
     def __init__(self, api: str, name: str, forwarder: Optional[Forwarder], options: dict,
                  files: Any = None):
-        from gproxy.api import Api
+        from gproxy._api import Api
         from gproxy.service import Service
 
         self.files = files  # a FileService (-c): the API then sees and changes the file's rules

@@ -343,7 +343,7 @@ def test_api_disconnects_a_silent_client():  # in this process: a short client_t
     malformed HTTP gets a 400; neither is logged as an error."""
     import gevent.socket
 
-    from gproxy.api import Api
+    from gproxy._api import Api
     from gproxy.service import Service
 
     api = Api(Service(), "127.0.0.1:0", client_timeout=0.2).start()   # on this test's hub

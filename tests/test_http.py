@@ -13,7 +13,7 @@ import gevent.socket
 import pytest
 
 from gproxy import metrics
-from gproxy.api import Api
+from gproxy._api import Api
 from gproxy.service import Service
 from gproxy.stats import Counters
 from peers import TIMEOUT

@@ -329,7 +329,7 @@ def test_a_scrape_lets_the_loop_run_while_it_renders(server):
         http = metrics.serve("127.0.0.1:0", lambda: rules)
         stop, address = (lambda: http.stop(timeout=1)), http.address
     else:
-        from gproxy.api import Api
+        from gproxy._api import Api
         from gproxy.service import Service
         api = Api(Service(), "127.0.0.1:0")
         api.mount("GET", "/metrics", metrics.route(lambda: rules))

@@ -41,7 +41,8 @@ from gproxy.service import DuplicateName, ResetFailed, Service, UnknownName, is_
 
 __all__ = ["Api", "ApiError"]
 
-log = logging.getLogger(__name__)
+# The logger keeps the module's old name: logger names are public (docs/operations.md#loggers).
+log = logging.getLogger("gproxy.api")
 
 #: a mounted route: environ -> (HTTP status, headers, body: bytes or an iterable of bytes)
 Handler = Callable[[dict], Tuple[int, List[Tuple[str, str]], Union[bytes, Iterable[bytes]]]]
