@@ -25,7 +25,7 @@ from gproxy.config import ConfigError, Target
 from gproxy.stats import ConnectionRecord, Outcome, Statistics
 
 if TYPE_CHECKING:
-    from gproxy.fileservice import FileService
+    from gproxy._fileservice import FileService
     from gproxy.forwarder import Forwarder
 
 # The public surface: these names, the public modules (gproxy.cli, .forwarder, .metrics,
@@ -42,7 +42,7 @@ def __getattr__(name: str) -> Any:
         globals()["Forwarder"] = Forwarder
         return Forwarder
     if name == "FileService":   # as in load_config: the TOML reader loads only when wanted
-        from gproxy.fileservice import FileService
+        from gproxy._fileservice import FileService
         return FileService
     if name in _submodules():  # gproxy.toxics after `import gproxy` alone, as before it was lazy
         return importlib.import_module(f"{__name__}.{name}")  # the import binds it here too
@@ -60,7 +60,7 @@ def __dir__() -> List[str]:
 def load_config(path: str) -> FileService:
     """Read and validate a TOML config file (``ConfigError`` naming file, rule and key):
     a :class:`gproxy.FileService` to ``start()``, ``reload()`` and ``stop()``."""
-    from gproxy.fileservice import FileService  # the TOML reader loads only when wanted
+    from gproxy._fileservice import FileService  # the TOML reader loads only when wanted
     return FileService(path)
 
 

@@ -5,7 +5,7 @@ calling thread's hub, or, in a program gevent has not patched, on a hub in a dae
 of its own, so that plain blocking code can go on beside it. Either way its objects belong
 to that hub, and every other OS thread reaches them through ``call``.
 
-Typical use (``gproxy.forwarder`` and ``gproxy.fileservice`` are the callers)::
+Typical use (``gproxy.forwarder`` and ``gproxy._fileservice`` are the callers)::
 
     from gproxy._hubthread import HubEnded, HubHost
 

@@ -525,7 +525,7 @@ def _run(args: argparse.Namespace, options: dict) -> int:
     files = None
     try:
         if args.config_file is not None:
-            from gproxy.fileservice import FileService
+            from gproxy._fileservice import FileService
             files = FileService(args.config, args.config_file)
             forwarder = files
         else:

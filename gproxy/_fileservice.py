@@ -35,7 +35,8 @@ from gproxy.stats import Statistics
 
 __all__ = ["FileService"]
 
-log = logging.getLogger(__name__)
+# The logger keeps the module's old name: logger names are public (docs/operations.md#loggers).
+log = logging.getLogger("gproxy.fileservice")
 
 
 class FileService:
@@ -187,3 +188,7 @@ class FileService:
 def _restart_only(settings: Dict[str, Any]) -> Dict[str, Any]:
     """The settings a reload cannot apply: a change to them waits for a restart."""
     return {key: value for key, value in settings.items() if key not in RELOADED_SETTINGS}
+
+
+# Its public name is gproxy.FileService (what gproxy.load_config returns): say so in reprs and help().
+FileService.__module__ = "gproxy"
