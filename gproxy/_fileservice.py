@@ -26,9 +26,9 @@ from typing import Any, Callable, Dict, Optional
 
 from gevent.event import Event
 
+from gproxy._configfile import RELOADED_SETTINGS, ConfigFile, load
 from gproxy._hubthread import HubEnded, HubHost
 from gproxy.config import ConfigError
-from gproxy.configfile import RELOADED_SETTINGS, ConfigFile, load
 from gproxy.forwarder import Forwarder
 from gproxy.service import Service
 from gproxy.stats import Statistics

@@ -335,7 +335,7 @@ def _describe_target(target) -> str:
 
 def _load_config(args: argparse.Namespace):
     """``-c FILE``: the validated file (ConfigError naming file, rule and key)."""
-    from gproxy.configfile import RELOADED_SETTINGS, load
+    from gproxy._configfile import RELOADED_SETTINGS, load
     config = load(args.config)
     for key, value in config.settings.items():
         if key in RELOADED_SETTINGS:

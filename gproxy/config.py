@@ -87,7 +87,7 @@ def show(value) -> str:
 
 @contextlib.contextmanager
 def spelled(spell: Callable[[object], str]) -> Iterator[None]:
-    """Within this block, messages quote values with ``spell`` (``gproxy.configfile``: TOML)."""
+    """Within this block, messages quote values with ``spell`` (``gproxy._configfile``: TOML)."""
     token = _spelling.set(spell)
     try:
         yield

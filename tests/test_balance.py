@@ -8,8 +8,8 @@ import collections
 import pytest
 
 import gproxy
+from gproxy._configfile import parse
 from gproxy.config import Target
-from gproxy.configfile import parse
 from peers import Server, connect, free_port, recv_exactly
 from test_health import FAST, Changes
 from test_targets import reached, tagged

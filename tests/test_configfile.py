@@ -247,7 +247,7 @@ def test_every_bad_file_is_one_line_naming_file_rule_and_key(tmp_path, text, cul
 ], ids=lambda value: None if value is None or "\n" in value else value[:60])
 def test_config_file_messages(text, says):
     from gproxy import ConfigError
-    from gproxy.configfile import parse
+    from gproxy._configfile import parse
     with pytest.raises(ConfigError) as bad:
         parse(text, "f.toml")
     message = str(bad.value)

@@ -18,8 +18,8 @@ import pytest
 
 import gproxy
 from doctext import DOCS_DIR, ROOT, anchors, documents, fences, links, section
+from gproxy._configfile import SETTINGS, rule_keys
 from gproxy.cli import build_parser
-from gproxy.configfile import SETTINGS, rule_keys
 from gproxy.toxics import TYPES
 
 DOCS = {path.relative_to(ROOT).as_posix(): path for path in documents()}

@@ -20,8 +20,8 @@ import pytest
 import gproxy
 from doctext import ROOT
 from gproxy import metrics
+from gproxy._configfile import parse
 from gproxy.config import Rule
-from gproxy.configfile import parse
 from gproxy.targets import Targets
 from peers import TIMEOUT, Proxy, Server, connect, echo, free_port, recv_all, recv_exactly
 from test_real_clients import need
