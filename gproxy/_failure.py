@@ -32,7 +32,7 @@ import errno
 import os
 import socket
 import traceback
-from typing import Optional, Union
+from typing import Union
 
 from gproxy import _sockets
 from gproxy.stats import Outcome
@@ -43,7 +43,7 @@ __all__ = ["Failure", "Aborted", "failure", "connect_failure", "tcp_closed"]
 class Failure(Exception):
     """A connection ends early: its ``outcome`` and the ``error`` its log line shows."""
 
-    def __init__(self, outcome: Outcome, error: Optional[str] = None) -> None:
+    def __init__(self, outcome: Outcome, error: str) -> None:
         super().__init__(outcome, error)
         self.outcome = outcome
         self.error = error
