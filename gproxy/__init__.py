@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import pkgutil
 from typing import TYPE_CHECKING, Any, List
 
 from gproxy.config import ConfigError, Target
@@ -44,17 +43,18 @@ def __getattr__(name: str) -> Any:
     if name == "FileService":   # as in load_config: the TOML reader loads only when wanted
         from gproxy._fileservice import FileService
         return FileService
-    if name in _submodules():  # gproxy.toxics after `import gproxy` alone, as before it was lazy
+    if name in _PUBLIC_MODULES:  # gproxy.toxics after `import gproxy` alone, as before it was lazy
         return importlib.import_module(f"{__name__}.{name}")  # the import binds it here too
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _submodules() -> List[str]:
-    return [module.name for module in pkgutil.iter_modules(__path__) if not module.name.startswith("__")]
+#: the submodules a user may import; the rest are gproxy's machinery, reached by their full
+#: names only (an attribute of the package would read as an invitation)
+_PUBLIC_MODULES = ("cli", "forwarder", "metrics", "testing", "toxics")
 
 
 def __dir__() -> List[str]:
-    return sorted(set(globals()) | set(__all__) | set(_submodules()))
+    return sorted(set(globals()) | set(__all__) | set(_PUBLIC_MODULES))
 
 
 def load_config(path: str) -> FileService:

@@ -310,3 +310,25 @@ def test_the_loggers_are_the_documented_ones():
     assert set(used) == documented, (f"used, not in docs/operations.md#loggers: "
                                      f"{ {n: w for n, w in used.items() if n not in documented} }; "
                                      f"documented, not used: {sorted(documented - set(used))}")
+
+
+def test_only_public_modules_are_attributes_of_the_package():
+    """`import gproxy` then `gproxy.toxics` works for the public modules (they load lazily);
+    gproxy's machinery is reached by its full name only, never as an attribute that reads as
+    an invitation."""
+    import gproxy
+    assert set(gproxy._PUBLIC_MODULES) == set(_public_modules()) - {"__init__", "__main__"}
+    # (once a public module is imported, Python binds what it imported too: check before)
+    script = ("import gproxy\n"
+              "for name in ('_chain', 'relay', '_greenlets'):\n"
+              "    try:\n"
+              "        getattr(gproxy, name)\n"
+              "    except AttributeError:\n"
+              "        pass\n"
+              "    else:\n"
+              "        raise SystemExit(f'gproxy.{name} is an attribute')\n"
+              "assert gproxy.toxics.__name__ == 'gproxy.toxics'\n"
+              "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=ROOT)
+    assert result.stdout.strip() == "ok", result.stderr
