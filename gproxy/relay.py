@@ -356,11 +356,11 @@ def pump(conn: "Connection", src: socket.socket, dst: socket.socket,
             return _SWITCHED  # at this chunk boundary the caller picks the path again
         if spliced:
             n = None
-            if offload is not None:  # bulk goes to a thread when one is free (offload.py)
+            if offload is not None:  # bulk goes to a thread, in turn (offload.py)
                 states = conn._states
                 states[direction] = LANE
                 try:
-                    n = offload.run(conn, src_fd, dst_fd, direction, version)
+                    n = offload.run(conn, src_fd, dst_fd, direction, version, writable, wait)
                 finally:
                     states[direction] = RUNNING
                 if n == STOPPED:

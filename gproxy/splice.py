@@ -22,7 +22,7 @@ import fcntl
 import os
 from typing import List, Optional, Tuple
 
-__all__ = ["Splicer"]
+__all__ = ["Splicer", "Unfinished"]
 
 _splice = os.splice  # ImportError/AttributeError here means: no splice on this platform
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -32,6 +32,16 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _KEEP_IDLE = 32
 
 Pipe = Tuple[int, int]
+
+
+class Unfinished(Exception):
+    """Raised by a chunk's ``wait`` to give the chunk up mid-way without losing it: chunk()
+    passes it on holding the pipe, the bytes still in it, and the chunk's size, for
+    ``Splicer.finish`` (an offload lane hands the rest of a chunk to the hub this way)."""
+
+    pipe: Optional["Pipe"] = None
+    left = 0
+    n = 0
 
 
 class Splicer:
@@ -50,6 +60,7 @@ class Splicer:
         if pipe is None:
             return None
         pipe_out, pipe_in = pipe
+        left = 0
         try:
             n = _splice(src_fd, pipe_in, self.size, flags=_FLAGS)
             if n > 0:
@@ -62,11 +73,39 @@ class Splicer:
                         wait(writable)
         except BlockingIOError:
             n = -1
+        except Unfinished as unfinished:  # the caller writes the rest: the pipe goes with it
+            unfinished.pipe, unfinished.left, unfinished.n = pipe, left, n
+            raise
         except BaseException:  # an error or abort mid-chunk: the pipe may hold stale bytes
             _close(pipe)
             raise
         self.give(pipe)  # empty: everything read was written
         return n
+
+    def finish(self, unfinished: Unfinished, dst_fd: int, writable, wait) -> int:
+        """Write what an Unfinished chunk left in its pipe to dst, waiting with
+        ``wait(writable)``; the chunk's size, as chunk() would have returned it."""
+        pipe, unfinished.pipe = unfinished.pipe, None
+        pipe_out = pipe[0]
+        left = unfinished.left
+        try:
+            while left:
+                try:
+                    left -= _splice(pipe_out, dst_fd, left, flags=_FLAGS)
+                except BlockingIOError:
+                    wait(writable)
+        except BaseException:
+            _close(pipe)
+            raise
+        self.give(pipe)
+        return unfinished.n
+
+    @staticmethod
+    def drop(unfinished: Unfinished) -> None:
+        """Close an Unfinished chunk's pipe, bytes and all (its connection is ending)."""
+        pipe, unfinished.pipe = unfinished.pipe, None
+        if pipe is not None:
+            _close(pipe)
 
     def take(self) -> Optional[Pipe]:
         """An empty pipe (pooled or new), or None when no fd is left. Safe from any thread."""

@@ -13,6 +13,7 @@ import queue
 import random
 import re
 import select
+import selectors
 import signal
 import socket
 import struct
@@ -176,6 +177,46 @@ def echo(sock: socket.socket) -> None:
         sock.sendall(data)
     sock.shutdown(socket.SHUT_WR)
     recv_all(sock)
+
+
+def bulk_streams(forwarder: Callable, count: int, goal: int) -> List[int]:
+    """``count`` clients of ``forwarder(upstream address)`` (which returns the address to
+    connect to), each sent an endless stream by its own upstream socket, all driven by this
+    one thread, so the test serves every stream alike and only the forwarder can favour one:
+    each pass writes to every upstream socket that has room and reads every client that has
+    bytes. Returns the bytes each client had when the first reached ``goal``."""
+    block = payload(1 << 18, seed=11)
+    gate = Gate()
+    with Server(gate) as upstream:
+        try:
+            address = forwarder(upstream.address)
+            clients, sources = [], []
+            for _ in range(count):
+                clients.append(connect(address))
+                sources.append(gate.get())
+            received = {c: 0 for c in clients}
+            selector = selectors.DefaultSelector()
+            for sock in clients + sources:
+                sock.setblocking(False)
+                selector.register(sock, selectors.EVENT_READ if sock in received else selectors.EVENT_WRITE)
+            while max(received.values()) < goal:
+                events = selector.select(TIMEOUT)
+                assert events, f"no stream moved for {TIMEOUT}s: {sorted(received.values())}"
+                for key, _ in events:
+                    sock = key.fileobj
+                    try:
+                        if sock in received:
+                            received[sock] += len(sock.recv(1 << 18))
+                        else:
+                            sock.send(block)
+                    except BlockingIOError:
+                        pass
+            selector.close()
+            for sock in clients + sources:
+                sock.close()
+            return [received[c] for c in clients]
+        finally:
+            gate.release()
 
 
 class Exchange:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
 import struct
 import threading
@@ -20,6 +21,7 @@ from peers import (
     Exchange,
     Gate,
     Server,
+    bulk_streams,
     connect,
     payload,
     recv_all,
@@ -418,3 +420,126 @@ def test_a_reset_a_thread_met_first_is_not_passed_on_as_eof(forwarder_factory, m
         finally:
             go_on.set()
             gate.release()
+
+
+@pytest.mark.timeout(60)
+def test_bulk_streams_take_turns_in_a_lane_slower_than_the_event_loop(forwarder_factory, monkeypatch):
+    """Three bulk streams, one lane, and a lane that works slower than the event loop, as a
+    thread at nice +5 does on a loaded machine: the streams must still share the bandwidth.
+    When a job that found every lane busy spliced on the event loop instead, the stream in the
+    lane was resumed by its own pump quantum after quantum while the others went at the event
+    loop's pace: it starved (a flaky test_parallel_bulk_streams_share_the_bandwidth on a busy
+    machine). Every bulk job now waits for a lane in turn."""
+    splice = offload_module.Offload._splice
+
+    def slow_splice(self, lane, *job):
+        time.sleep(0.002)  # sleep-ok: the lane gets less CPU than the event loop
+        return splice(self, lane, *job)
+    monkeypatch.setattr(offload_module.Offload, "_splice", slow_splice)
+    holder = {}
+
+    def forwarder(target):
+        fw = holder["fw"] = forwarder_factory(target, bulk_threads=1, buffer_size=SMALL)
+        return fw.address
+    goal = 32 << 20
+    received = bulk_streams(forwarder, 3, goal)
+    assert min(received) >= goal // 4, sorted(received)
+    forwarder_factory.wait_closed(holder["fw"], accepted=3)
+
+
+class _Endless:
+    """Upstream that sends an endless stream until told to stop (or the socket fails)."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.socks = []
+
+    def __call__(self, sock):
+        self.socks.append(sock)
+        block = b"e" * (1 << 20)
+        try:
+            while not self.stop.is_set():
+                sock.sendall(block)
+        except OSError:
+            pass
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_does_not_read_does_not_keep_the_lane_from_others(forwarder_factory, monkeypatch):
+    """The only lane splices for a client that stopped reading, waiting for it to take bytes,
+    when another bulk connection wants a lane: the stalled job hands over (the rest of its
+    chunk is written by the event loop when the client reads again) and the other's bytes all
+    arrive, while the stalled connection stays open and loses nothing."""
+    sizes = {b"stal": 48_000_013, b"goes": 12_000_017}  # the first is more than the buffers hold
+    waits_for_destination = threading.Event()
+    wait = offload_module.Offload._wait
+
+    def noting_wait(lane, fd, events, timeout_ms):
+        if events == select.POLLOUT:
+            waits_for_destination.set()
+        return wait(lane, fd, events, timeout_ms)
+    monkeypatch.setattr(offload_module.Offload, "_wait", staticmethod(noting_wait))
+
+    def upstream_serve(sock):
+        kind = recv_exactly(sock, 4)
+        sock.sendall(payload(sizes[kind], seed=len(kind) + sizes[kind]))
+        sock.shutdown(socket.SHUT_WR)
+        recv_all(sock)
+
+    with Server(upstream_serve) as upstream:
+        fw = forwarder_factory(upstream.address, bulk_threads=1, buffer_size=SMALL)
+        stalled = connect(fw.address, timeout=TIMEOUT * 2)
+        stalled.sendall(b"stal")
+        assert waits_for_destination.wait(TIMEOUT), "the lane never waited for the stalled client"
+        (stalled_id,) = [c.id for c in fw.connections()]
+        other = connect(fw.address)
+        other.sendall(b"goes")
+        assert recv_all(other, 1 << 20) == payload(sizes[b"goes"], seed=4 + sizes[b"goes"])
+        other.close()
+        assert stalled_id in [c.id for c in fw.connections()], "the stalled connection ended"
+        assert recv_all(stalled, 1 << 20) == payload(sizes[b"stal"], seed=4 + sizes[b"stal"])
+        stalled.close()
+        forwarder_factory.wait_closed(fw, accepted=2)
+    assert [r.outcome for r in forwarder_factory.records] == [Outcome.EOF, Outcome.EOF]
+
+
+def test_a_job_waiting_for_a_lane_ends_when_its_connection_is_aborted(forwarder_factory, monkeypatch):
+    """While the only lane is busy, a second bulk connection waits for it; aborting that one
+    ends it at once, not when the lane comes free, and the busy one goes on unharmed."""
+    hold, held = threading.Event(), threading.Event()
+    splice = offload_module.Offload._splice
+    first = []
+
+    def splice_holding_the_first(self, lane, conn, *job):
+        if not first:
+            first.append(conn)
+        if conn is first[0] and not hold.is_set():
+            held.set()
+            hold.wait(TIMEOUT)  # the lane stays busy with the first connection meanwhile
+        return splice(self, lane, conn, *job)
+    monkeypatch.setattr(offload_module.Offload, "_splice", splice_holding_the_first)
+    endless = _Endless()
+    with Server(endless) as upstream:
+        try:
+            fw = forwarder_factory(upstream.address, bulk_threads=1, buffer_size=SMALL)
+            busy = connect(fw.address)
+            assert held.wait(TIMEOUT)
+            waiting = connect(fw.address)
+            deadline = time.monotonic() + TIMEOUT
+            while not fw._context.offload._queue:  # white box: the second job waits for the lane
+                assert time.monotonic() < deadline, "the second connection never waited for a lane"
+                time.sleep(0.01)  # sleep-ok: polling a white-box state with a deadline
+            (waiting_id,) = [c.id for c in fw.connections() if c.id != first[0].id]
+            assert fw.abort_connection(waiting_id)
+            with pytest.raises(ConnectionResetError):
+                recv_all(waiting)
+            waiting.close()
+            assert not fw._context.offload._queue
+            assert fw.statistics().active == 1
+        finally:
+            hold.set()
+            endless.stop.set()
+        busy.close()
+        forwarder_factory.wait_closed(fw, accepted=2)
+    outcomes = {r.id: r.outcome for r in forwarder_factory.records}
+    assert outcomes[waiting_id] is Outcome.RESET
