@@ -229,10 +229,10 @@ class Offload:
         if self._closed or not self._lanes:
             return None
         turn = _Turn(conn, getcurrent())
-        if not queue:  # lanes that wait (for more, or for a destination) hand over now
-            for lane in self._busy:
-                os.eventfd_write(lane.wake, 1)
         queue.append(turn)
+        if len(queue) == 1:  # lanes that wait (for more, or for a destination) hand over now;
+            for lane in self._busy:  # after the append: a woken lane must see the queue filled
+                os.eventfd_write(lane.wake, 1)
         try:
             while turn.lane is None and not turn.stopped and turn in queue:
                 self._hub.switch()  # until _resume switches back
