@@ -51,7 +51,7 @@ import gevent.socket
 from gevent import getcurrent, monkey
 from gevent.event import Event
 
-from gproxy import _gevent, _lifecycle, _selfloop, _sockets, listeners
+from gproxy import _gevent, _lifecycle, _selfloop, _sockets, _sweeps, listeners
 from gproxy._greenlets import Workers
 from gproxy._health import Checks
 from gproxy._hubthread import HubEnded, HubHost
@@ -897,8 +897,7 @@ class Forwarder:
         _lifecycle.inert_after_fork(self, Forwarder._inert_after_fork)
         timeouts = [t for t in (self.rule.idle_timeout, self.rule.half_close_timeout) if t is not None]
         interval = min([max(t / 8, 0.01) for t in timeouts] + [_PARK_EVERY])
-        self._sweeper = self._server.loop.timer(interval, interval)
-        self._sweeper.start(self._sweep)
+        self._sweeper = _sweeps.every(gevent.get_hub(), interval, self._sweep)  # shared by the hub's rules
         self._sweep_every = interval
         self._swept_at = time.monotonic()
         self._next_park = self._swept_at + _PARK_EVERY
@@ -937,9 +936,11 @@ class Forwarder:
         self._server.connection_closed()
 
     def _sweep(self) -> None:
-        """The periodic watch, one timer for all connections: idle timeouts and parking.
+        """The periodic watch, one for all connections: idle timeouts and parking; called by
+        the hub's shared sweeps (_sweeps.py), in turn with the other forwarders on the hub.
         It runs in a worker, not in the timer's callback: an abort may close connections,
-        and on_close hooks must be free to use gevent, which the hub itself may not."""
+        and on_close hooks must be free to use gevent, which the hub itself may not. A
+        forwarder with no connection has nothing to walk and takes no worker."""
         now = time.monotonic()
         gap, self._swept_at = now - self._swept_at, now
         context = self._context
@@ -951,7 +952,8 @@ class Forwarder:
         park = now >= self._next_park
         if park:
             self._next_park = now + _PARK_EVERY
-        context.workers.run(sweep, context, now - context.stalled, park)
+        if context.active:
+            context.workers.run(sweep, context, now - context.stalled, park)
 
     def _stop_on_hub(self, timeout: Optional[float], retiring: bool = False) -> None:
         # Called from a hook, stop() cannot wait for the hook's own connection: it is ending

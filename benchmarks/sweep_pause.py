@@ -1,0 +1,133 @@
+"""What the periodic sweeps of 1,000 idle rules do to forwarding on one rule.
+
+    python benchmarks/sweep_pause.py                                     # this checkout
+    python benchmarks/sweep_pause.py --gproxy before=/tmp/old --gproxy after=. --reps 3
+
+Each gproxy checkout runs ``python -m gproxy -q -c RULES`` with ``--rules`` rules on one hub
+(metrics_pause.py's rules file: the first forwards to a local echo server, the others are
+idle). A client sends a 64-byte message through the first rule every ``--pace`` ms and times
+each round trip for ``--seconds``. Every rule sweeps its connections once a second (idle
+timeouts, parking); when those sweeps run in one loop pass, the round trip that comes during
+that pass waits for all of them: about one round trip a second, so the pause shows in the
+tail (p99.9, max, the count of slow round trips), not in the median or the p99. Also prints
+the process's CPU time per second while it does this. Checkouts run interleaved, each
+repetition afresh; cells are medians over repetitions, ranges min-max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from metrics_pause import ECHO, HOST, MESSAGE, REPO, free_port, percentile, start_gproxy, write_rules
+
+#: a round trip slower than this is counted as one that met a pause of the loop
+SLOW = 0.002
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ping_pong(port: int, seconds: float, pace: float) -> list:
+    times = []
+    with socket.create_connection((HOST, port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            sock.sendall(MESSAGE)
+            got = 0
+            while got < len(MESSAGE):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise SystemExit("the rule closed the round-trip connection")
+                got += len(chunk)
+            times.append(time.perf_counter() - t0)
+            if pace:
+                time.sleep(pace)  # sleep-ok: pacing, so samples spread evenly over time
+    return times
+
+
+def run_once(repo: str, rules: int, seconds: float, pace: float, echo_port: int, workdir: str) -> dict:
+    rules_path = os.path.join(workdir, "rules.toml")
+    write_rules(rules_path, rules, echo_port)
+    proc, first = start_gproxy(repo, rules_path, free_port(), rules)
+    try:
+        ping_pong(first, 1.5, pace)  # warm up, and past the first sweeps
+        cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        times = ping_pong(first, seconds, pace)
+        cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
+    finally:
+        proc.terminate()
+        proc.wait()
+    return {"times": times, "cpu": cpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gproxy", action="append", metavar="NAME=PATH",
+                        help="a checkout to run (repeatable; default: this one as 'this')")
+    parser.add_argument("--rules", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per repetition (default 10)")
+    parser.add_argument("--pace", type=float, default=1.0, help="ms between round trips (default 1)")
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    checkouts = []
+    for spec in args.gproxy or [f"this={REPO}"]:
+        name, _, path = spec.partition("=")
+        checkouts.append((name, os.path.abspath(path or name)))
+
+    echo = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+    echo_port = int(echo.stdout.readline())
+    reps = {name: [] for name, _ in checkouts}
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            for rep in range(args.reps):
+                order = checkouts if rep % 2 == 0 else checkouts[::-1]
+                for name, path in order:
+                    print(f"rep {rep + 1}/{args.reps}: {name}", file=sys.stderr)
+                    reps[name].append(run_once(path, args.rules, args.seconds, args.pace / 1e3, echo_port, workdir))
+    finally:
+        echo.kill()
+
+    import gevent
+    print(f"# round trips on one rule beside {args.rules - 1} idle rules; {time.strftime('%Y-%m-%d')}")
+    print(f"Python {platform.python_version()}, gevent {gevent.__version__}, {platform.machine()}, "
+          f"{os.cpu_count()} CPUs; load average at end {os.getloadavg()[0]:.2f}; {args.reps} reps x "
+          f"{args.seconds:g} s, one 64-byte round trip every {args.pace:g} ms")
+    print()
+    print(f"| gproxy | round trips | p50 | p99 | p99.9 | max | over {SLOW * 1e3:g} ms, per s | CPU ms per s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+
+    def cell(values, fmt):
+        mid = statistics.median(values)
+        return f"{fmt(mid)} ({fmt(min(values))}-{fmt(max(values))})" if len(values) > 1 else fmt(mid)
+    ms = lambda s: f"{s * 1e3:.2f}"  # noqa: E731
+    for name, _ in checkouts:
+        runs = reps[name]
+        count = sum(len(r["times"]) for r in runs)
+        row = [
+            cell([statistics.median(r["times"]) for r in runs], ms),
+            cell([percentile(r["times"], 0.99) for r in runs], ms),
+            cell([percentile(r["times"], 0.999) for r in runs], ms),
+            cell([max(r["times"]) for r in runs], ms),
+            cell([sum(t > SLOW for t in r["times"]) / args.seconds for r in runs], lambda v: f"{v:.1f}"),
+            cell([r["cpu"] * 1e3 for r in runs], lambda v: f"{v:.1f}"),
+        ]
+        print(f"| {name} | {count} | " + " | ".join(row) + " |")
+    print()
+    print("times in ms: median over repetitions (min-max)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The periodic sweeps of many forwarders on one hub (gproxy/_sweeps.py): one timer per hub,
+the sweeps taken in turn, a slice per loop pass. Checked by counting loop passes (libev's
+iteration number), not by timing them."""
+
+from __future__ import annotations
+
+import collections
+
+import gevent
+import pytest
+
+from gproxy import _sweeps
+from gproxy.forwarder import Forwarder
+from gproxy.service import Service
+from peers import TIMEOUT, free_port
+
+RULES = 100
+
+
+def _run_until(done, timeout: float = TIMEOUT) -> None:
+    """Let the test's hub run (its timers fire) until ``done()``."""
+    with gevent.Timeout(timeout, AssertionError("timed out")):
+        while not done():
+            gevent.sleep(0.01)  # sleep-ok: the hub runs the sweeps meanwhile
+
+
+@pytest.mark.timeout(30)
+def test_the_sweeps_of_many_forwarders_do_not_run_in_one_loop_pass(monkeypatch):
+    """A hundred rules started together on one hub: their sweeps (idle timeouts, parking) come
+    due together, but run at most a slice per loop pass, the loop polling for I/O between
+    slices, and in turn: no forwarder is swept twice before every other was swept once.
+    With a timer per forwarder, all of them ran in the pass where their timers expired."""
+    loop = gevent.get_hub().loop
+    passes = collections.Counter()  # loop pass -> sweeps run in it
+    swept = collections.Counter()   # forwarder -> its sweeps
+    spread = []                     # max - min of the sweep counts, after each sweep
+    sweep = Forwarder._sweep
+
+    def counting_sweep(fw):
+        passes[loop.iteration] += 1
+        swept[fw] += 1
+        if len(swept) == RULES:
+            spread.append(max(swept.values()) - min(swept.values()))
+        sweep(fw)
+    monkeypatch.setattr(Forwarder, "_sweep", counting_sweep)
+    service = Service(drain_timeout=0)
+    try:
+        target = ("127.0.0.1", free_port())
+        for i in range(RULES):  # idle_timeout 0.8 s: swept every 0.1 s
+            service.create(f"rule-{i}", "127.0.0.1:0", target, idle_timeout=0.8)
+        _run_until(lambda: len(swept) == RULES and min(swept.values()) >= 3)
+    finally:
+        service.stop()
+    assert max(passes.values()) <= _sweeps.SLICE, passes
+    assert len(passes) >= 3 * RULES // _sweeps.SLICE
+    assert max(spread) <= 1, "a forwarder was swept twice while another waited"
+
+
+def test_one_timer_per_hub_and_none_once_its_forwarders_stop():
+    """The hub's sweeps are one object with one timer, shared by its forwarders; when the
+    last one stops, no timer of ours is left on the hub."""
+    hub = gevent.get_hub()
+    service = Service(drain_timeout=0)
+    try:
+        target = ("127.0.0.1", free_port())
+        for i in range(3):
+            service.create(f"rule-{i}", "127.0.0.1:0", target)
+        sweeps = _sweeps._by_hub[hub]  # white box
+        assert sweeps._live == 3 and sweeps._timer is not None
+    finally:
+        service.stop()
+    assert hub not in _sweeps._by_hub and sweeps._timer is None
+
+
+def test_a_sweep_that_raises_does_not_stop_the_others():
+    """A callback that raises is reported by the hub; the other sweeps go on."""
+    hub = gevent.get_hub()
+    calls = collections.Counter()
+
+    def good():
+        calls["good"] += 1
+
+    def bad():
+        calls["bad"] += 1
+        raise RuntimeError("a bug in one sweep")
+
+    printed = []
+    original = hub.print_exception
+    hub.print_exception = lambda *args: printed.append(args)  # expected: not a test failure
+    handles = [_sweeps.every(hub, 0.01, bad), _sweeps.every(hub, 0.01, good)]
+    try:
+        _run_until(lambda: calls["good"] >= 3 and calls["bad"] >= 3)
+    finally:
+        for handle in handles:
+            handle.close()
+        del hub.print_exception
+        assert hub.print_exception == original
+    assert printed and all(isinstance(args[2], RuntimeError) for args in printed)
