@@ -143,6 +143,9 @@ class Offload:
         lane = self._take(conn)
         if lane is None or lane is STOPPED:
             return lane
+        if conn.context.toxic_version != version:  # changed while it waited: the pump picks its path
+            self._release(lane)
+            return self._splicer.size
         lane.job = (conn, src_fd, dst_fd, direction, version)
         lane.result = _PENDING
         lane.waiter = getcurrent()
