@@ -50,7 +50,6 @@ from typing import Deque, List, Optional
 from greenlet import getcurrent
 
 from gproxy import _gevent
-from gproxy.splice import Unfinished
 
 __all__ = ["Offload", "STOPPED"]
 
@@ -171,11 +170,12 @@ class Offload:
                 pass
             self._release(lane)
         result, lane.result = lane.result, _PENDING
+        unfinished = self._splicer.Unfinished  # splice.py is not imported here: it needs fcntl
         if thrown is not None:
-            if isinstance(result, Unfinished):
+            if isinstance(result, unfinished):
                 self._splicer.drop(result)
             raise thrown
-        if isinstance(result, Unfinished):  # handed over with bytes in the pipe: ours now
+        if isinstance(result, unfinished):  # handed over with bytes in the pipe: ours now
             self._splicer.finish(result, dst_fd, writable, wait)
             result = self._splicer.size
         if isinstance(result, BaseException):
@@ -329,12 +329,13 @@ class Offload:
         context = conn.context
         budget = self._quantum * size
         queue = self._queue  # read here, written on the hub: only whether anyone waits
+        unfinished = splicer.Unfinished
         moved = 0
 
         def wait_writable(fd: int) -> None:
             while True:
                 if queue:  # the rest of the chunk is written on the hub; the lane goes on
-                    raise Unfinished
+                    raise unfinished
                 seen = self._wait(lane, fd, select.POLLOUT, None)
                 if seen == _READY:
                     return

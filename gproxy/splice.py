@@ -47,6 +47,9 @@ class Unfinished(Exception):
 class Splicer:
     """Moves chunks with splice(2) through pooled pipes; one per forwarder (per hub)."""
 
+    #: for offload.py, which must import on platforms without this module's fcntl
+    Unfinished = Unfinished
+
     def __init__(self, buffer_size: int):
         self.size = buffer_size
         self._idle: List[Pipe] = []
