@@ -71,7 +71,8 @@ def _check_upstream(exchange: Exchange, sent: dict) -> None:
 
 def test_bulk_both_ways_goes_through_threads_byte_exact(forwarder_factory):
     """Several bulk connections at once, both directions: more than the threads can take, so
-    some directions are spliced in threads and some on the event loop; every byte arrives."""
+    some directions wait for a thread while others are spliced, and a thread may hand the rest of
+    a chunk to the event loop when a destination is slow; every byte arrives."""
     size = 12_000_017
     exchange = Exchange(lambda stream: size)
     with Server(exchange) as upstream:
