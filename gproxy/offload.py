@@ -127,6 +127,9 @@ class Offload:
         #: jobs waiting for a lane, first come first served; read by the threads too (whether
         #: anyone waits), written on the hub only
         self._queue: Deque[_Turn] = deque()
+        #: (conn, writable) of jobs whose greenlet writes the rest of a handed-back chunk on the
+        #: hub, waiting on the pump's writable watcher: an abort is thrown into that wait
+        self._finishing: List[tuple] = []
         self._closed = False
 
     def run(self, conn, src_fd: int, dst_fd: int, direction: int, version: int,
@@ -176,7 +179,14 @@ class Offload:
                 self._splicer.drop(result)
             raise thrown
         if isinstance(result, unfinished):  # handed over with bytes in the pipe: ours now
-            self._splicer.finish(result, dst_fd, writable, wait)
+            entry = (conn, writable)
+            self._finishing.append(entry)
+            try:
+                self._splicer.finish(result, dst_fd, writable, wait)
+            except _Stopped:
+                return STOPPED
+            finally:
+                self._finishing.remove(entry)
             result = self._splicer.size
         if isinstance(result, BaseException):
             raise result
@@ -184,7 +194,7 @@ class Offload:
 
     def wake(self, conn) -> None:
         """conn was aborted: a thread splicing for it stops now, even mid-chunk; a job of it
-        waiting for a lane stops waiting."""
+        waiting for a lane, or writing the rest of a chunk a lane handed back, stops waiting."""
         for lane in self._busy:
             if lane.job is not None and lane.job[0] is conn:
                 os.eventfd_write(lane.wake, 1)
@@ -192,6 +202,15 @@ class Offload:
             self._queue.remove(turn)
             turn.stopped = True
             self._hub.loop.run_callback(self._resume, turn)
+        for entry in self._finishing:
+            if entry[0] is conn:
+                self._hub.loop.run_callback(self._stop_finishing, entry)
+
+    def _stop_finishing(self, entry) -> None:
+        """Hub callback: an aborted job that still writes a chunk's rest stops waiting (one
+        that is not waiting now finds the outcome before its next wait)."""
+        if any(entry is finishing for finishing in self._finishing):
+            _gevent.throw_into_waiter(entry[1], _Stopped())
 
     def holds(self, conn) -> bool:
         """Whether a thread splices for conn now (or has, and its greenlet has not yet taken

@@ -504,6 +504,62 @@ def test_a_client_that_does_not_read_does_not_keep_the_lane_from_others(forwarde
     assert [r.outcome for r in forwarder_factory.records] == [Outcome.EOF, Outcome.EOF]
 
 
+@pytest.mark.timeout(60)
+def test_an_abort_reaches_a_connection_that_handed_its_lane_over_mid_chunk(forwarder_factory):
+    """A client stopped reading while the only lane spliced for it; another bulk connection
+    took the lane, and the rest of the stalled chunk waits, on the event loop, for the client to
+    read. Aborting the stalled connection then ends it at once (both sides reset), not never.
+    The stalled path's buffers are made small and fixed (no autotuning), so the client's
+    socket never has room again."""
+    go = threading.Event()
+
+    def upstream_serve(sock):
+        kind = recv_exactly(sock, 4)
+        if kind == b"stal":
+            go.wait(TIMEOUT)
+        try:
+            sock.sendall(b"s" * (8 << 20))
+        except OSError:
+            pass
+
+    with Server(upstream_serve) as upstream:
+        try:
+            fw = forwarder_factory(upstream.address, bulk_threads=1, buffer_size=SMALL)
+            offload = fw._context.offload  # white box
+            stalled = socket.socket()
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.settimeout(TIMEOUT)
+            stalled.connect(fw.address)
+            stalled.sendall(b"stal")
+            deadline = time.monotonic() + TIMEOUT
+            while not fw._context.active:
+                assert time.monotonic() < deadline, "never accepted"
+                time.sleep(0.01)  # sleep-ok: polling a white-box state with a deadline
+            (conn,) = fw._context.active.values()
+            go.set()
+            _wait_for_thread_stall(fw)
+            # white box: what the socket holds already is more than that, so it stays unwritable
+            conn.client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            other = connect(fw.address)
+            other.sendall(b"goes")
+            assert len(recv_all(other, 1 << 20)) == 8 << 20
+            other.close()
+            while not offload._finishing:  # the stalled job handed over; its rest waits on the hub
+                assert time.monotonic() < deadline, "the stalled job never handed its lane over"
+                time.sleep(0.01)  # sleep-ok: polling a white-box state with a deadline
+            assert fw.abort_connection(conn.id)
+            # ends while its client still reads nothing (a read would wake the wait by itself)
+            forwarder_factory.wait_closed(fw, accepted=2)
+            with pytest.raises(ConnectionResetError):
+                recv_all(stalled, 1 << 20)
+            stalled.close()
+        finally:
+            go.set()
+    outcomes = {r.id: r.outcome for r in forwarder_factory.records}
+    assert outcomes[conn.id] is Outcome.RESET
+    assert not offload._finishing
+
+
 def test_a_job_waiting_for_a_lane_ends_when_its_connection_is_aborted(forwarder_factory, monkeypatch):
     """While the only lane is busy, a second bulk connection waits for it; aborting that one
     ends it at once, not when the lane comes free, and the busy one goes on unharmed."""
