@@ -28,11 +28,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
 import sys
-import re
 import tempfile
 import threading
 import time
@@ -155,7 +155,8 @@ def main() -> None:
                 order = checkouts if rep % 2 == 0 else checkouts[::-1]
                 for name, path in order:
                     print(f"rep {rep + 1}/{args.reps}: {name}", file=sys.stderr)
-                    reps[name].append(run_once(path, args.rules, args.seconds, args.pace / 1e3, echo_port, workdir))
+                    one = run_once(path, args.rules, args.seconds, args.pace / 1e3, echo_port, workdir)
+                    reps[name].append(one)
     finally:
         echo.kill()
 

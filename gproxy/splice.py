@@ -44,6 +44,9 @@ class Unfinished(Exception):
     n = 0
 
 
+_Chunk = Unfinished  # for the annotations in Splicer, whose own ``Unfinished`` is a class attribute
+
+
 class Splicer:
     """Moves chunks with splice(2) through pooled pipes; one per forwarder (per hub)."""
 
@@ -85,10 +88,11 @@ class Splicer:
         self.give(pipe)  # empty: everything read was written
         return n
 
-    def finish(self, unfinished: Unfinished, dst_fd: int, writable, wait) -> int:
+    def finish(self, unfinished: _Chunk, dst_fd: int, writable, wait) -> int:
         """Write what an Unfinished chunk left in its pipe to dst, waiting with
         ``wait(writable)``; the chunk's size, as chunk() would have returned it."""
         pipe, unfinished.pipe = unfinished.pipe, None
+        assert pipe is not None, "finished twice"
         pipe_out = pipe[0]
         left = unfinished.left
         try:
@@ -104,7 +108,7 @@ class Splicer:
         return unfinished.n
 
     @staticmethod
-    def drop(unfinished: Unfinished) -> None:
+    def drop(unfinished: _Chunk) -> None:
         """Close an Unfinished chunk's pipe, bytes and all (its connection is ending)."""
         pipe, unfinished.pipe = unfinished.pipe, None
         if pipe is not None:
