@@ -231,7 +231,7 @@ class Offload:
         self._closed = True
         for lane in self._lanes:  # their watchers belong to a hub that may not have survived
             os.close(lane.wake)
-        self._lanes, self._free, self._busy = [], [], []
+        self._lanes, self._free, self._busy, self._finishing = [], [], [], []
         self._queue.clear()
 
     # -- the hub's side ------------------------------------------------------------
