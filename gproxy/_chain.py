@@ -73,10 +73,18 @@ What a stage may implement (each has a default that passes everything on, in ord
   the head and lower ``size``), or a ``_Marker("close"|"reset", reason)``; None when nothing
   leaves after all.
 - ``drain()``: the stage is removed; everything it holds, in order (reset per-chunk state).
+- ``lingers()``: its toxic removed, whether it must stay a while (a protocol toxic finishing
+  a request it answered); it is drained at a later sync, after it calls ``link.restructure()``.
 
 A stage that places each item at its own time and may end the connection at a planned time
 (a Python toxic's ``Delay(..., action=RESET)``, ``trigger``) derives from ``_Timed``, which
 keeps the order and the give-back rules for it.
+
+A toxic may be two stages, one on each direction of a connection: a stage class with a
+``reverse`` class gets an entry in the other chain too (first there, as its own is last), and
+the two stages share state through ``link.sessions`` (one dict for a connection's two links).
+One wakes the other's pump with ``link.wake()``: a hub callback, so neither ever runs the
+other's pump nor waits for it. The protocol toxics are built so (``_protocol.py``).
 
 The rules every stage keeps (``tests/test_toxic_chain.py`` checks them as a property):
 
@@ -740,6 +748,11 @@ class Link:
         self.version = -1
         self.waiting = None                 # the pump's greenlet while it waits
         self.eof = False                    # the source's EOF was read
+        # what the two stages of one toxic on this connection share (a protocol toxic's halves,
+        # one on each direction), by toxic entry: one dict for both of the connection's links
+        links = getattr(conn, "links", None)
+        sibling = links[1 - direction] if links else None
+        self.sessions: Dict[object, object] = sibling.sessions if sibling is not None else {}
 
     # -- following the collection ------------------------------------------------------
 
@@ -758,9 +771,10 @@ class Link:
         carry: list = []
         for stage in self.stages:
             if stage.entry.removed:
-                carry[:0] = stage.drain()
-                continue
-            if stage.toxic is not stage.entry.toxic:
+                if not stage.lingers():
+                    carry[:0] = stage.drain()
+                    continue
+            elif stage.toxic is not stage.entry.toxic:
                 stage.configure(stage.entry.toxic, now)   # first: what it is handed arrives after the change
             for item in carry:
                 stage.admit(item, now)
@@ -770,11 +784,26 @@ class Link:
             self.out.append(item)
             self.out_size += _size(item)
         present = {id(stage.entry) for stage in stages}
+        first: List[_Stage] = []   # new halves of toxics on the other stream: they go first
         for entry in chain:
             if id(entry) not in present:
                 kind = _Python if entry.toxic.type == PYTHON else BUILTIN[entry.toxic.type]
-                stages.append(kind(entry, self, now))
-        self.stages = stages
+                if entry.main is not None:
+                    first.append(kind.reverse(entry, self, now))
+                else:
+                    stages.append(kind(entry, self, now))
+        self.stages = first + stages
+
+    def restructure(self) -> None:
+        """A stage's place in the chain changed (a lingering one is done): sync at the pump's
+        next chunk boundary, as after a change to the toxics."""
+        self.version = -1
+
+    def wake(self) -> None:
+        """Something outside this link (the other direction's half of a protocol toxic) gave
+        a stage something to do: make the pump run the chain soon, whatever it waits for."""
+        conn = self.conn
+        conn._hub.loop.run_callback(conn.kick, self.direction)
 
     def fail(self, message: str, exc_info=None) -> None:
         """A toxic written in Python failed: report it and end the connection (outcome ERROR),

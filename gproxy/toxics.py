@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Protocol, Tuple, Type, Union
 
-from gproxy import _trigger  # noqa: F401  (a toxic type in a module of its own registers itself)
+# toxic types in modules of their own: importing one registers it (TYPES lists them in this order)
+from gproxy import _trigger  # noqa: F401  isort: skip
+from gproxy import _proto_redis  # noqa: F401  isort: skip
 from gproxy._chain import BUILTIN, CLOSE, PYTHON, RESET, Action, Delay
 from gproxy.config import ConfigError
 from gproxy.stats import ConnectionRecord
@@ -43,7 +45,8 @@ from gproxy.stats import ConnectionRecord
 __all__ = ["Toxic", "TYPES", "STREAMS", "Delay", "CLOSE", "RESET", "ToxicExists", "ToxicNotFound",
            "ToxicSpec", "ToxicType", "StreamName", "PythonToxic", "PerConnectionToxic", "ToxicResult",
            "AttributeValue", "TriggerAction",
-           "latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data", "trigger"]
+           "latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data", "trigger",
+           "redis_error"]
 
 # Defined with the chain that acts on them; their public home is here.
 for _public in (Delay, Action):
@@ -59,7 +62,7 @@ STREAMS = ("upstream", "downstream")
 StreamName = Literal["upstream", "downstream"]
 #: every built-in type's name (``TYPES`` at run time; a test keeps the two the same)
 ToxicType = Literal["latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data",
-                    "trigger"]
+                    "trigger", "redis_error"]
 #: what a Python toxic may return: pass the chunk (None), these bytes instead (empty drops
 #: it), ``Delay``, ``CLOSE`` or ``RESET``
 ToxicResult = Union[None, bytes, bytearray, memoryview, Delay, Action]
@@ -237,13 +240,17 @@ def _updated(toxic: Toxic, changes: Dict[str, Any]) -> Toxic:
 # -- the per-forwarder collection ---------------------------------------------------------
 
 class _Entry:
-    """A toxic's place in a chain; stages of open connections follow it by identity."""
+    """A toxic's place in a chain; stages of open connections follow it by identity. A toxic
+    whose stage has a ``reverse`` half also has an entry in the other chain (``main`` is then
+    its entry, and that one's ``reverse`` this one): hidden from listings, following it."""
 
-    __slots__ = ("toxic", "removed")
+    __slots__ = ("toxic", "removed", "main", "reverse")
 
-    def __init__(self, toxic: Toxic):
+    def __init__(self, toxic: Toxic, main: Optional["_Entry"] = None):
         self.toxic = toxic
         self.removed = False
+        self.main = main
+        self.reverse: Optional[_Entry] = None
 
 
 class Toxics:
@@ -254,11 +261,11 @@ class Toxics:
         self.chains: Tuple[List[_Entry], List[_Entry]] = ([], [])
 
     def __len__(self) -> int:
-        return len(self.chains[0]) + len(self.chains[1])
+        return len(self.list())
 
     def list(self) -> List[Toxic]:
         """Upstream first, then downstream, each in the order added (as toxiproxy lists them)."""
-        return [entry.toxic for chain in self.chains for entry in chain]
+        return [entry.toxic for chain in self.chains for entry in chain if entry.main is None]
 
     def get(self, name: str) -> Toxic:
         return self._find(name).toxic
@@ -267,18 +274,31 @@ class Toxics:
         for chain in self.chains:
             if any(entry.toxic.name == toxic.name for entry in chain):
                 raise ToxicExists(f"toxic {toxic.name}", "a toxic with this name exists already")
-        self.chains[STREAMS.index(toxic.stream)].append(_Entry(toxic))
+        direction = STREAMS.index(toxic.stream)
+        entry = _Entry(toxic)
+        self.chains[direction].append(entry)
+        if toxic.function is None and BUILTIN[toxic.type].reverse is not None:
+            # first on the other stream, as its own is last: the toxic added last is the one
+            # next to the target on both, so each reply half counts the replies to exactly
+            # the requests its own half passed on (not another toxic's answers)
+            entry.reverse = _Entry(toxic, main=entry)
+            self.chains[1 - direction].insert(0, entry.reverse)
         return toxic
 
     def update(self, name: str, changes: Dict[str, Any]) -> Toxic:
         entry = self._find(name)
         entry.toxic = _updated(entry.toxic, changes)
+        if entry.reverse is not None:
+            entry.reverse.toxic = entry.toxic
         return entry.toxic
 
     def remove(self, name: str) -> Toxic:
         entry = self._find(name)
-        self.chains[STREAMS.index(entry.toxic.stream)].remove(entry)
-        entry.removed = True
+        direction = STREAMS.index(entry.toxic.stream)
+        for chain, each in ((self.chains[direction], entry), (self.chains[1 - direction], entry.reverse)):
+            if each is not None:
+                chain.remove(each)
+                each.removed = True
         return entry.toxic
 
     def clear(self) -> None:
@@ -290,7 +310,7 @@ class Toxics:
     def _find(self, name: str) -> _Entry:
         for chain in self.chains:
             for entry in chain:
-                if entry.toxic.name == name:
+                if entry.toxic.name == name and entry.main is None:
                     return entry
         raise ToxicNotFound(f"toxic {name}", "no toxic with this name")
 
@@ -386,3 +406,10 @@ def trigger(match: str = "", after_bytes: int = 0, action: TriggerAction = "rese
     time (gproxy's own type: see gproxy._trigger)."""
     return _spec("trigger", {"match": match, "after_bytes": after_bytes, "action": action,
                              "delay": delay, "once": once}, name, stream, toxicity)
+
+
+def redis_error(command: str = "", error: str = "ERR injected by gproxy", *, name: Optional[str] = None,
+                stream: StreamName = "upstream", toxicity: Optional[float] = None) -> ToxicSpec:
+    """Redis commands named ``command`` (any case; empty: all) get ``-error`` in place of the
+    server's reply, in order; upstream only (gproxy's own type: see gproxy._proto_redis)."""
+    return _spec("redis_error", {"command": command, "error": error}, name, stream, toxicity)

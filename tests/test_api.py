@@ -769,6 +769,7 @@ MOST = {  # every attribute of each type at its bound: what a connection must ru
     "slicer": {"average_size": MAX_ATTRIBUTE, "size_variation": MAX_ATTRIBUTE - 1, "delay": MAX_ATTRIBUTE},
     "limit_data": {"bytes": MAX_ATTRIBUTE},
     "trigger": {"after_bytes": MAX_ATTRIBUTE, "delay": MAX_ATTRIBUTE, "action": "delay", "once": False},
+    "redis_error": {},   # no number: "ping" with no line end is a command not read whole (held)
 }
 PASSES = {"bandwidth", "slicer", "limit_data", "slow_close", "trigger"}  # the others hold the chunk (for ever)
 

@@ -24,13 +24,21 @@ STREAMS = ("upstream", "downstream")
 
 
 class FakeConn:
-    """What a Link asks of its connection: an id, a record for Python toxics, and abort()."""
+    """What a Link asks of its connection: an id, a record for Python toxics, abort(), its
+    links (the two halves of a protocol toxic meet through them) and a hub to wake a link on
+    (noted in ``woken``: the fake clock runs both directions at every step anyway)."""
 
     id = 1
 
     def __init__(self):
         self.outcome = None
         self.error = None
+        self.links = [None, None]
+        self.woken = []
+        self._hub = SimpleNamespace(loop=SimpleNamespace(run_callback=lambda f, *args: self.woken.append(args)))
+
+    def kick(self, direction):
+        pass
 
     def record(self):
         return SimpleNamespace(id=self.id)
@@ -45,7 +53,7 @@ class Direction:
 
     def __init__(self, conn, direction, toxics, seed):
         self.conn = conn
-        self.link = Link(conn, direction, toxics, 0, random.Random(seed))
+        self.link = conn.links[direction] = Link(conn, direction, toxics, 0, random.Random(seed))
         self.sent = bytearray()
         self.got = bytearray()
         self.eof_sent = False
@@ -107,7 +115,7 @@ def first_difference(sent: bytes, got: bytes) -> str:
 def passing_toxic(rng: random.Random):
     """A toxic that passes every byte, in order, however late: (type or callable, attributes)."""
     kind = rng.choice(["latency", "bandwidth", "slicer", "slow_close", "tap", "copy", "delay",
-                       "trigger", "per_connection"])
+                       "trigger", "per_connection", "redis_error"])
     if kind == "latency":
         latency = rng.choice([0, 1, 20, 100])
         return kind, {"latency": latency, "jitter": rng.randint(0, latency)}
@@ -128,6 +136,8 @@ def passing_toxic(rng: random.Random):
         return kind, trigger_attributes(rng, "delay", fire=True)
     if kind == "per_connection":
         return per_connection_toxic(rng), {}
+    if kind == "redis_error":   # words are no RESP: held until the EOF or its removal, then passed
+        return kind, {"command": rng.choice(["", "GET"])}
     seconds, replace = rng.choice([0, 0.001, 0.05]), rng.random() < 0.5
     return (lambda chunk, record: Delay(seconds, bytearray(chunk) if replace else None)), {}
 
@@ -250,6 +260,8 @@ def check(seed: int, may_fire: bool, steps: int = 300) -> None:
         elif action < 0.75:   # add
             stream = rng.choice(STREAMS)
             kind, attributes = ending_toxic(rng, may_fire) if rng.random() < 0.3 else passing_toxic(rng)
+            if kind == "redis_error":
+                stream = "upstream"
             lossy = lossy or (may_fire and kind == "trigger")
             toxics.add(make_toxic(kind, name=f"t{made}", stream=stream,
                                   toxicity=rng.choice([1.0, 1.0, 0.5, 0.0]), attributes=attributes))

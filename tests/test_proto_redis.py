@@ -1,0 +1,599 @@
+"""The ``redis_error`` toxic: RESP parsed at every cut, a property test on the fake clock (a client
+and a server exchanging commands and replies through the chain while toxics come and go), and
+real clients: redis-py against redis-server, and raw sockets that send one byte at a time.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from gproxy import ConfigError
+from gproxy._chain import _EOF
+from gproxy._proto_redis import RespReplies, RespRequests
+from gproxy._protocol import EARLY
+from gproxy.toxics import Toxics, make_toxic
+from peers import TIMEOUT, free_port, recv_exactly
+from test_real_clients import need
+from test_toxic_chain import Direction, FakeConn
+
+UPSTREAM, DOWNSTREAM = 0, 1
+
+
+# -- the parsers, cut everywhere --------------------------------------------------------------------
+
+REQUESTS = (b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"             # an array of bulk strings
+            b"PING\r\n"                                   # inline
+            b"\r\n*0\r\n"                                 # filler: no reply
+            b"*3\r\n$3\r\nset\r\n$1\r\nk\r\n$7\r\nhe\r\nllo\r\n"   # CRLF inside a value
+            b"  client   reply  off\n"                    # inline, spaces, no CR
+            b"*1\r\n$9\r\nSUBSCRIBE\r\n")
+
+
+def request_events(chunks):
+    parser, events, offset = RespRequests(), [], 0
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while len(view):
+            consumed, found = parser.feed(view)
+            offset += consumed
+            view = view[consumed:]
+            events.extend((offset, event) for event in found)
+    return events
+
+
+def test_requests_parse_the_same_however_they_are_cut():
+    whole = request_events([REQUESTS])
+    assert [(offset, event[0], event[1] if event[0] == "key" else None) for offset, event in whole] == [
+        (20, "key", (b"GET", b"K")), (20, "end", None),
+        (26, "key", (b"PING", None)), (26, "end", None),
+        (28, "end", None), (32, "end", None),
+        (52, "key", (b"SET", b"K")), (65, "end", None),
+        (87, "key", (b"CLIENT", b"REPLY")), (87, "end", None),
+        (106, "key", (b"SUBSCRIBE", None)), (106, "end", None)]
+    assert [event[3] for _o, event in whole if event[0] == "key"] == [False, False, False, True, True]
+    for cut in range(len(REQUESTS)):
+        assert request_events([REQUESTS[:cut], REQUESTS[cut:]]) == whole, cut
+    assert request_events([REQUESTS[i:i + 1] for i in range(len(REQUESTS))]) == whole
+
+
+@pytest.mark.parametrize("garbage", [b"*x\r\n", b"*2\r\n+GET\r\n", b"*1\r\n$-5\r\n", b"*1\n", b"A" * 70_000])
+def test_what_is_not_resp_turns_the_parser_off(garbage):
+    events = request_events([garbage])
+    assert events and events[-1][1] == ("off",)
+
+
+REPLIES = (b"+OK\r\n-ERR no\r\n:5\r\n$5\r\nhe\r\no\r\n$-1\r\n*-1\r\n*0\r\n"
+           b"*2\r\n:1\r\n*1\r\n$0\r\n\r\n"
+           b">2\r\n+invalidate\r\n+k\r\n"             # a push message: no reply
+           b"%1\r\n+a\r\n|1\r\n+ttl\r\n:3\r\n:2\r\n"  # a map whose value carries an attribute
+           b"_\r\n#t\r\n,1.5\r\n(12\r\n!3\r\nbad\r\n=7\r\ntxt:abc\r\n~1\r\n+s\r\n"
+           b"|1\r\n+key\r\n+v\r\n:9\r\n")             # an attribute, then the reply it is about
+REPLY_COUNT = 17
+
+
+def test_replies_count_the_same_however_they_are_cut():
+    def count(chunks):
+        counter = RespReplies(None)
+        total = 0
+        for chunk in chunks:
+            total += counter.feed(chunk)
+        return total, counter.between()
+    assert count([REPLIES]) == (REPLY_COUNT, True)
+    for cut in range(1, len(REPLIES)):
+        counter = RespReplies(None)
+        first = counter.feed(REPLIES[:cut])
+        assert first == count([REPLIES[:cut]])[0]
+        assert first + counter.feed(REPLIES[cut:]) == REPLY_COUNT and counter.between(), cut
+    assert count([REPLIES[i:i + 1] for i in range(len(REPLIES))]) == (REPLY_COUNT, True)
+
+
+# -- the property: a client and a server through the chain, toxics changing ---------------------------
+
+NAMES = [b"GET", b"SET", b"PING", b"INCR", b"del", b"Echo"]
+
+
+def make_commands(rng: random.Random, count: int):
+    """(encoded, id or None for filler) per command: each carries its id as its first argument,
+    and the server's reply to it is +id."""
+    commands = []
+    for i in range(count):
+        shape = rng.random()
+        name = rng.choice(NAMES)
+        if shape < 0.08:
+            commands.append((rng.choice([b"\r\n", b"*0\r\n"]), None))
+            continue
+        ident = b"%d" % i
+        if shape < 0.25:
+            commands.append((name + b" " + ident + b"\r\n", ident))
+            continue
+        args = [name, ident]
+        if rng.random() < 0.5:
+            size = rng.choice([0, 3, 100, 2000]) if rng.random() < 0.99 else rng.randint(EARLY, 3 * EARLY)
+            args.append(bytes(rng.getrandbits(8) for _ in range(min(size, 64))) * (size // 64 + 1))
+            args[-1] = args[-1][:size]
+        encoded = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+        commands.append((encoded, ident))
+    return commands
+
+
+def server_parse(buffer: bytes, pos: int):
+    """One whole command at ``pos``: (args, next position), or None if it is not all there."""
+    if pos >= len(buffer):
+        return None
+    if buffer[pos:pos + 1] != b"*":
+        end = buffer.find(b"\n", pos)
+        return None if end < 0 else (buffer[pos:end].split(), end + 1)
+    end = buffer.find(b"\r\n", pos)
+    if end < 0:
+        return None
+    count, pos, args = int(buffer[pos + 1:end]), end + 2, []
+    for _ in range(max(count, 0)):
+        end = buffer.find(b"\r\n", pos)
+        if end < 0:
+            return None
+        assert buffer[pos:pos + 1] == b"$", (pos, buffer[pos:pos + 20])
+        size = int(buffer[pos + 1:end])
+        if len(buffer) < end + 2 + size + 2:
+            return None
+        args.append(buffer[end + 2:end + 2 + size])
+        assert buffer[end + 2 + size:end + 4 + size] == b"\r\n"
+        pos = end + 4 + size
+    return args, pos
+
+
+def client_replies(buffer: bytes):
+    """The replies the client got, push messages left out: +id or -error, each as bytes."""
+    replies, pos = [], 0
+    while pos < len(buffer):
+        end = buffer.index(b"\r\n", pos)
+        if buffer[pos:pos + 1] == b">":
+            for _ in range(int(buffer[pos + 1:end])):
+                end = buffer.index(b"\r\n", end + 2)
+        else:
+            assert buffer[pos:pos + 1] in (b"+", b"-"), buffer[pos:pos + 30]
+            replies.append(buffer[pos:end])
+        pos = end + 2
+    return replies
+
+
+def other_toxic(rng: random.Random):
+    kind = rng.choice(["latency", "slicer", "bandwidth"])
+    if kind == "latency":
+        return kind, {"latency": rng.choice([0, 5, 50])}
+    if kind == "slicer":
+        return kind, {"average_size": rng.randint(1, 30), "delay": rng.choice([0, 100])}
+    return kind, {"rate": rng.choice([1, 100, 10_000])}
+
+
+def redis_toxic(rng: random.Random) -> dict:
+    return {"command": rng.choice(["", "GET", "set", "PING", "Echo", "GET 7", "INCR 12"]),
+            "error": rng.choice(["ERR injected", "LOADING Redis is loading", "OOM no"])}
+
+
+class Exchange:
+    """A client and a RESP server (+id to each command, push messages now and then) on the fake
+    clock, through one connection's chain."""
+
+    def __init__(self, seed: int):
+        self.rng = rng = random.Random(seed)
+        self.toxics = Toxics()
+        self.conn = FakeConn()
+        self.up = Direction(self.conn, UPSTREAM, self.toxics, seed * 2)
+        self.down = Direction(self.conn, DOWNSTREAM, self.toxics, seed * 2 + 1)
+        self.commands = make_commands(rng, rng.randint(20, 120))
+        self.stream = b"".join(encoded for encoded, _ in self.commands)
+        self.ends = [0]   # where each command ends in the stream
+        for encoded, _ in self.commands:
+            self.ends.append(self.ends[-1] + len(encoded))
+        self.fed = 0
+        self.parsed = 0            # what the server parsed of what it got
+        self.received = []         # the ids the server got
+        self.out = bytearray()     # the server's replies not yet sent
+        self.now, self.version, self.made = 0.0, 0, 0
+
+    def quiet(self) -> bool:
+        """Between requests with every reply in: where a redis_error may start acting."""
+        sent = sum(1 for i, (_e, ident) in enumerate(self.commands) if ident and self.ends[i + 1] <= self.fed)
+        return (self.fed in self.ends and not self.out and self.parsed == len(self.up.got)
+                and not self.up.link.held() and not self.down.link.held()
+                and len(client_replies(bytes(self.down.got))) == sent)
+
+    def serve(self) -> None:
+        got = bytes(self.up.got)
+        while True:
+            found = server_parse(got, self.parsed)
+            if found is None:
+                return
+            args, self.parsed = found
+            if args:
+                self.received.append(args[1])
+                self.out += b"+%s\r\n" % args[1]
+                if self.rng.random() < 0.1:
+                    self.out += b">2\r\n+invalidate\r\n+%d\r\n" % self.rng.randint(0, 99)
+
+    def run(self) -> None:
+        for end in (self.up, self.down):
+            end.run(self.now, self.version)
+        self.serve()
+
+    def step(self) -> None:
+        rng, toxics = self.rng, self.toxics
+        action = rng.random()
+        if action < 0.35 and self.fed < len(self.stream):
+            # like a client: mostly a command whole and then its reply; now and then a pipeline,
+            # or a command cut anywhere
+            if self.fed in self.ends and rng.random() < 0.7 and not self.quiet():
+                return self.run()
+            at = next(i for i, end in enumerate(self.ends) if end > self.fed) - 1   # the command it is in
+            ahead = self.ends[min(at + rng.choice([1, 1, 1, 1, 1, 1, 2, 5]), len(self.commands))] - self.fed
+            n = ahead if rng.random() < 0.8 else min(ahead, rng.choice([1, 1, 3, 17, 200, 5000, 70000]))
+            self.up.feed(self.stream[self.fed:self.fed + n], self.now, self.version)
+            self.fed = min(self.fed + n, len(self.stream))
+        elif action < 0.6 and self.out:
+            n = rng.choice([1, 2, 9, 100, len(self.out), len(self.out)])
+            self.down.feed(bytes(self.out[:n]), self.now, self.version)
+            del self.out[:n]
+        elif action < 0.7:
+            self.now += rng.choice([0.0, 0.001, 0.01, 0.1])
+        elif action < 0.85:
+            if rng.random() < 0.7:
+                if self.quiet():
+                    toxics.add(make_toxic("redis_error", name=f"t{self.made}", stream="upstream",
+                                          toxicity=rng.choice([1.0, 1.0, 0.5]), attributes=redis_toxic(rng)))
+                    self.made += 1
+                    self.version += 1
+            else:
+                kind, attributes = other_toxic(rng)
+                toxics.add(make_toxic(kind, name=f"t{self.made}", stream=rng.choice(["upstream", "downstream"]),
+                                      attributes=attributes))
+                self.made += 1
+                self.version += 1
+        elif action < 0.92:
+            present = toxics.list()
+            if present:
+                toxic = rng.choice(present)
+                if toxic.type == "redis_error":   # an update rolls again: it may start acting
+                    changes = rng.choice([{"toxicity": 0.0}] +
+                                         ([{"toxicity": 1.0}, redis_toxic(rng)] if self.quiet() else []))
+                else:
+                    changes = {"toxicity": rng.choice([0.0, 1.0])}
+                toxics.update(toxic.name, changes)
+                self.version += 1
+        elif action < 0.985:
+            present = toxics.list()
+            if present:
+                toxics.remove(rng.choice(present).name)
+                self.version += 1
+        else:
+            toxics.clear()
+            self.version += 1
+        self.run()
+
+    def finish(self) -> None:
+        self.up.feed(self.stream[self.fed:], self.now, self.version)
+        self.fed = len(self.stream)
+        self.up.feed(_EOF, self.now, self.version)
+        self.toxics.clear()
+        self.version += 1
+        for _ in range(100_000):
+            self.run()
+            if self.out:
+                self.down.feed(bytes(self.out), self.now, self.version)
+                self.out.clear()
+            if self.up.eof and not self.down.eof_sent and not self.out and self.parsed == len(self.up.got):
+                self.down.feed(_EOF, self.now, self.version)
+            if self.up.eof and self.down.eof:
+                return
+            self.now += 0.05
+        raise AssertionError("the exchange never ended")
+
+
+def check_exchange(seed: int, steps: int = 400) -> None:
+    exchange = Exchange(seed)
+    for _ in range(steps):
+        exchange.step()
+    exchange.finish()
+    where = f"seed {seed}"
+    assert exchange.conn.outcome is None, (where, exchange.conn.error)
+    assert exchange.parsed == len(exchange.up.got), f"{where}: the server got the start of a command only"
+    ids = [ident for _e, ident in exchange.commands if ident is not None]
+    received = exchange.received
+    assert [i for i in ids if i in set(received)] == received, f"{where}: the server got commands out of order"
+    replies = client_replies(bytes(exchange.down.got))
+    assert len(replies) == len(ids), (where, len(replies), len(ids))
+    for ident, reply in zip(ids, replies):
+        if ident in set(received):
+            assert reply == b"+" + ident, (where, ident, reply)
+        else:
+            assert reply.startswith(b"-"), (where, ident, reply)
+
+
+def test_commands_answered_or_passed_always_line_up_with_their_replies():
+    answered = 0
+    for seed in range(150):
+        check_exchange(seed)
+    # the property is only worth something if the toxic answered: count it on a few seeds
+    for seed in range(20):
+        exchange = Exchange(seed)
+        for _ in range(400):
+            exchange.step()
+        exchange.finish()
+        answered += len(exchange.received) < sum(1 for _e, i in exchange.commands if i)
+    assert answered >= 10, answered
+
+
+# -- each rule on its own, on the fake clock ----------------------------------------------------------
+
+def through(command: str = "SET", **attributes):
+    """A connection's two ends with one redis_error toxic (named t) on the fake clock."""
+    toxics = Toxics()
+    conn = FakeConn()
+    up = Direction(conn, UPSTREAM, toxics, 1)
+    down = Direction(conn, DOWNSTREAM, toxics, 2)
+    toxics.add(make_toxic("redis_error", name="t", stream="upstream",
+                          attributes={"command": command, "error": "ERR no", **attributes}))
+    for end in (up, down):
+        end.sync(0.0, 1)
+
+    def run(version=1):
+        for _ in range(3):   # each end runs after the other woke it
+            up.run(0.0, version)
+            down.run(0.0, version)
+    return toxics, up, down, run
+
+
+def resp(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def test_an_answer_waits_for_the_replies_to_the_commands_before_it():
+    toxics, up, down, run = through()
+    up.feed(resp(b"GET", b"a") + resp(b"SET", b"a", b"1") + resp(b"GET", b"b"), 0.0, 1)
+    run()
+    assert up.got == resp(b"GET", b"a") and down.got == b""   # SET and what follows wait
+    down.feed(b"$1\r\nx", 0.0, 1)
+    run()
+    assert up.got == resp(b"GET", b"a") and down.got == b"$1\r\nx"   # a reply half way: not yet
+    down.feed(b"\r\n", 0.0, 1)
+    run()
+    assert up.got == resp(b"GET", b"a") + resp(b"GET", b"b")
+    assert down.got == b"$1\r\nx\r\n-ERR no\r\n"
+
+
+def test_a_command_removed_before_it_was_read_whole_reaches_the_server_whole():
+    toxics, up, down, run = through()
+    command = resp(b"SET", b"k", b"v" * 1000)
+    up.feed(command[:500], 0.0, 1)
+    run()
+    assert up.got == b""
+    toxics.remove("t")
+    run(2)
+    up.feed(command[500:], 0.0, 2)
+    run(2)
+    assert up.got == command and down.got == b""
+
+
+def test_a_toxic_removed_while_it_swallows_a_large_command_stays_until_its_end():
+    toxics, up, down, run = through()
+    command = resp(b"SET", b"k", b"v" * (3 * EARLY))
+    up.feed(command[:EARLY + 100], 0.0, 1)
+    run()
+    assert down.got == b"-ERR no\r\n" and up.got == b""   # answered once EARLY bytes came
+    toxics.remove("t")
+    run(2)
+    up.feed(command[EARLY + 100:-5], 0.0, 2)
+    run(2)
+    assert up.got == b"" and toxics.list() == []
+    up.feed(command[-5:] + resp(b"PING"), 0.0, 2)
+    run(2)
+    assert up.got == resp(b"PING")   # the rest swallowed, then everything passes
+    assert not any(stage.lingers() for stage in up.link.stages)
+    assert up.link.version == -1 or not up.link.stages   # it asked to be synced away
+
+
+def test_rolled_out_while_swallowing_it_finishes_that_command_first():
+    toxics, up, down, run = through()
+    command = resp(b"SET", b"k", b"v" * (2 * EARLY))
+    up.feed(command[:EARLY], 0.0, 1)
+    run()
+    assert down.got == b"-ERR no\r\n"
+    toxics.update("t", {"toxicity": 0.0})
+    run(2)
+    up.feed(command[EARLY:] + resp(b"SET", b"x", b"y"), 0.0, 2)
+    run(2)
+    assert up.got == resp(b"SET", b"x", b"y") and down.got == b"-ERR no\r\n"
+
+
+def test_a_stream_that_ends_inside_a_command_passes_it_on():
+    toxics, up, down, run = through()
+    up.feed(resp(b"SET", b"k", b"v")[:10], 0.0, 1)
+    up.feed(_EOF, 0.0, 1)
+    run()
+    assert up.got == resp(b"SET", b"k", b"v")[:10] and up.eof
+
+
+@pytest.mark.parametrize("first", [b"*1\r\n$9\r\nSUBSCRIBE\r\n", b"garbage\x00\r\n*1\r\n+X\r\n"])
+def test_after_a_mode_change_or_garbage_everything_passes(first):
+    toxics, up, down, run = through("SET")
+    up.feed(first, 0.0, 1)
+    run()
+    up.feed(resp(b"SET", b"k", b"v"), 0.0, 1)
+    run()
+    assert up.got == first + resp(b"SET", b"k", b"v") and down.got == b""
+
+
+def test_more_replies_than_commands_turn_it_off_rather_than_answer_out_of_order():
+    toxics, up, down, run = through()
+    down.feed(b"+OK\r\n", 0.0, 1)   # a reply to a command sent before the toxic came
+    run()
+    up.feed(resp(b"SET", b"k", b"v"), 0.0, 1)
+    run()
+    assert up.got == resp(b"SET", b"k", b"v") and down.got == b"+OK\r\n"
+
+
+def test_push_messages_are_not_replies():
+    toxics, up, down, run = through()
+    up.feed(resp(b"GET", b"a") + resp(b"SET", b"a", b"1"), 0.0, 1)
+    run()
+    down.feed(b">2\r\n+invalidate\r\n+a\r\n", 0.0, 1)
+    run()
+    assert down.got == b">2\r\n+invalidate\r\n+a\r\n"   # still waiting for GET's reply
+    down.feed(b"$-1\r\n", 0.0, 1)
+    run()
+    assert down.got == b">2\r\n+invalidate\r\n+a\r\n$-1\r\n-ERR no\r\n"
+
+
+@pytest.mark.parametrize("command, key, matches", [
+    ("get", (b"GET", b"K"), True), ("GET", (b"GETSET", None), False), ("", (b"ANY", None), True),
+    ("client setname", (b"CLIENT", b"SETNAME"), True), ("CLIENT SETNAME", (b"CLIENT", b"KILL"), False),
+])
+def test_command_matching(command, key, matches):
+    toxics, up, down, run = through(command)
+    stage = up.link.stages[0]
+    assert (stage.answer(key) is not None) is matches
+
+
+@pytest.mark.parametrize("attributes, culprit", [
+    ({"error": "ERR a\r\nb"}, "error: must be one line"),
+    ({"command": "CONFIG SET X"}, "command: a command name, or a name and its first argument"),
+    ({"command": 5}, "command: must be a string"),
+])
+def test_bad_redis_error_attributes_name_the_culprit(attributes, culprit):
+    with pytest.raises(ConfigError) as info:
+        make_toxic("redis_error", stream="upstream", attributes=attributes)
+    assert f"toxic redis_error_upstream: {culprit}" in str(info.value)
+
+
+def test_redis_error_is_for_the_upstream_stream():
+    with pytest.raises(ConfigError, match="stream: must be 'upstream' for a redis_error toxic"):
+        make_toxic("redis_error")
+
+
+# -- real clients: redis-py against redis-server -------------------------------------------------------
+
+@pytest.fixture
+def redis_port():
+    server = need("redis-server")
+    port = free_port()
+    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--protected-mode", "no"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:  # ready by its own word, not by sleeping
+            if "Ready to accept connections" in line:
+                break
+        else:
+            pytest.fail(f"redis-server exited with {process.wait()}")
+        threading.Thread(target=process.stdout.read, daemon=True).start()
+        yield port
+    finally:
+        process.terminate()
+        process.wait(TIMEOUT)
+
+
+def client(port: int, **options):
+    redis = pytest.importorskip("redis")
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    # no retries: redis-py 8 retries connection errors (LOADING is one) on a new connection
+    return redis.Redis(port=port, socket_timeout=TIMEOUT, retry=Retry(NoBackoff(), 0), **options)
+
+
+def calls(direct, command: str) -> int:
+    """How many times redis-server ran ``command`` (INFO commandstats), asked directly."""
+    return direct.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+
+def test_redis_py_gets_the_error_and_the_server_never_the_command(forwarder_factory, redis_port):
+    import redis
+    fw = forwarder_factory(("127.0.0.1", redis_port))
+    direct = client(redis_port)
+    app = client(fw.address[1])
+    app.set("k", "before")                      # a pooled connection, idle when the toxic comes
+    with fw.toxic("redis_error", stream="upstream", command="set", error="OOM command not allowed"):
+        with pytest.raises(redis.exceptions.OutOfMemoryError, match="command not allowed"):
+            app.set("k", "during")
+        assert app.get("k") == b"before"       # other commands pass, on the same connection
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            app.set("k", "x" * (3 * EARLY))    # a large one is swallowed as it comes
+        assert app.get("k") == b"before"
+        [record] = fw.connections()
+    assert calls(direct, "set") == 1
+    app.set("k", "after")
+    assert direct.get("k") == b"after" and [c.id for c in fw.connections()] == [record.id]
+    app.close()
+    direct.close()
+
+
+@pytest.mark.parametrize("slice_it", [False, True], ids=["whole", "sliced-both-ways"])
+def test_a_pipeline_gets_each_answer_in_its_place(forwarder_factory, redis_port, slice_it):
+    import redis
+    fw = forwarder_factory(("127.0.0.1", redis_port))
+    direct = client(redis_port)
+    app = client(fw.address[1])
+    if slice_it:   # every command and reply cut into pieces of 1 to 3 bytes
+        fw.add_toxic("slicer", stream="upstream", average_size=2, size_variation=1)
+        fw.add_toxic("slicer", stream="downstream", average_size=2, size_variation=1)
+    fw.add_toxic("redis_error", stream="upstream", command="GET", error="READONLY You can't write")
+    pipe = app.pipeline(transaction=False)
+    for i in range(50):
+        pipe.set(f"k{i}", i).get(f"k{i}").incr("n")
+    results = pipe.execute(raise_on_error=False)
+    for i in range(50):
+        ok, error, count = results[3 * i:3 * i + 3]
+        assert ok is True and count == i + 1, (i, results[3 * i:3 * i + 3])
+        assert isinstance(error, redis.exceptions.ReadOnlyError), error
+    assert calls(direct, "get") == 0 and calls(direct, "set") == 50
+    fw.reset()
+    assert app.get("k49") == b"49"
+    app.close()
+    direct.close()
+
+
+def test_loading_makes_redis_py_reconnect_and_every_connection_gets_it(forwarder_factory, redis_port):
+    """LOADING is a ConnectionError to redis-py: with its retries it reconnects and asks again,
+    and the toxic answers the new connection too (so a retry does not hide this toxic)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    fw = forwarder_factory(("127.0.0.1", redis_port))
+    app = redis.Redis(port=fw.address[1], socket_timeout=TIMEOUT, retry=Retry(NoBackoff(), 2))
+    with fw.toxic("redis_error", stream="upstream", command="ping", error="LOADING Redis is loading"):
+        with pytest.raises(redis.exceptions.BusyLoadingError):
+            app.ping()
+        assert fw.statistics().accepted == 3   # the first try and two retries, each answered
+    assert app.ping() is True
+    app.close()
+
+
+def test_one_byte_at_a_time_from_a_raw_socket(forwarder_factory, redis_port):
+    fw = forwarder_factory(("127.0.0.1", redis_port))
+    fw.add_toxic("redis_error", stream="upstream", command="", error="ERR every command")
+    with socket.create_connection(fw.address, timeout=TIMEOUT) as sock:
+        requests = resp(b"SET", b"a", b"1") + b"PING\r\n" + b"\r\n" + resp(b"GET", b"a")
+        for byte in requests:
+            sock.sendall(bytes([byte]))
+        assert recv_exactly(sock, 3 * 20) == b"-ERR every command\r\n" * 3
+        fw.reset()
+        sock.sendall(b"PING\r\n")
+        assert recv_exactly(sock, 7) == b"+PONG\r\n"
+
+
+def test_an_idle_pooled_connection_is_answered_by_a_toxic_added_later(forwarder_factory, redis_port):
+    import redis
+    fw = forwarder_factory(("127.0.0.1", redis_port))
+    app = client(fw.address[1])
+    assert app.ping() is True
+    fw.add_toxic("redis_error", name="boom", stream="upstream", command="PING", error="ERR boom")
+    with pytest.raises(redis.exceptions.ResponseError, match="boom"):
+        app.ping()
+    fw.update_toxic("boom", toxicity=0.0)
+    assert app.ping() is True
+    fw.remove_toxic("boom")
+    assert app.ping() is True and fw.statistics().accepted == 1
+    app.close()
