@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, List
 
 from gproxy.config import ConfigError, Target
 from gproxy.stats import ConnectionRecord, Outcome, Statistics
+from gproxy.targets import CheckResult, TargetNotFound, TargetState, TargetStatus
 
 if TYPE_CHECKING:
     from gproxy._fileservice import FileService
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 # The public surface: these names, the public modules (gproxy.cli, .forwarder, .metrics,
 # .testing, .toxics) and the logger names; docs/embedding.md#what-is-public lists them all.
 __all__ = ["Forwarder", "ConfigError", "ConnectionRecord", "Outcome", "Statistics", "Target",
-           "FileService", "load_config", "__version__"]
+           "TargetState", "TargetStatus", "CheckResult", "TargetNotFound", "FileService", "load_config",
+           "__version__"]
 __version__ = "0.1.0"
 
 

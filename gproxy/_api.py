@@ -38,6 +38,7 @@ from gproxy._sockets import describe_address, describe_error
 from gproxy.config import AddressLike, ConfigError, parse_address
 from gproxy.forwarder import Forwarder
 from gproxy.service import DuplicateName, ResetFailed, Service, UnknownName, is_enabled, listen_address
+from gproxy.targets import TargetNotFound
 
 __all__ = ["Api", "ApiError"]
 
@@ -80,6 +81,7 @@ _TOXIC_NOT_FOUND = ("toxic not found", 404)
 _TOXIC_EXISTS = ("toxic already exists", 409)
 _INVALID_STREAM = ("stream was invalid, can be either upstream or downstream", 400)
 _INVALID_TYPE = ("invalid toxic type", 400)
+_TARGET_NOT_FOUND = ("target not found", 404)
 
 
 class Api:
@@ -327,6 +329,34 @@ class Api:
         self._toxic(fw, toxic_name)
         fw.remove_toxic(toxic_name)
 
+    # -- gproxy's own: the targets of a proxy ----------------------------------------------------
+
+    def _targets_get(self, body, name):
+        return 200, [target.as_dict() for target in self._proxy(name).targets()]
+
+    def _target_get(self, body, name, address):
+        fw = self._proxy(name)
+        try:
+            return 200, fw.set_target(address).as_dict()  # no change: only the lookup
+        except TargetNotFound:
+            raise ApiError(*_TARGET_NOT_FOUND) from None
+
+    def _target_post(self, body, name, address):
+        fw = self._proxy(name)
+        body = _object(_json(body))
+        unknown = sorted(set(body) - {"state", "weight"})
+        if unknown:  # unlike toxiproxy's routes: a misspelt field must not pass for a change
+            raise _bad_body(f"unknown field {unknown[0]!r} (a target takes state and weight)")
+        if body.get("state") is None and body.get("weight") is None:
+            raise _bad_body("expected state or weight")
+        try:
+            target = fw.set_target(address, state=body.get("state"), weight=body.get("weight"))
+        except TargetNotFound:
+            raise ApiError(*_TARGET_NOT_FOUND) from None
+        except ConfigError as exc:
+            raise ApiError(str(exc), 400) from None
+        return 200, target.as_dict()
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _proxy(self, name: str) -> Forwarder:
@@ -362,6 +392,12 @@ def _route(parts: List[str]):
             return "toxics", (parts[1],)
         if len(parts) == 4 and parts[2] == "toxics" and parts[3]:
             return "toxic", (parts[1], parts[3])
+        if parts[2:] == ["targets"]:  # gproxy's own, beside toxiproxy's
+            return "targets", (parts[1],)
+        if len(parts) >= 4 and parts[2] == "targets" and parts[3]:
+            # the rest of the path: a unix:/PATH target, whose slashes came percent-encoded
+            # (%2F) or not, is one address (PATH_INFO arrives decoded either way)
+            return "target", (parts[1], "/".join(parts[3:]))
     return None
 
 

@@ -108,13 +108,13 @@ def connect_upstream(conn, spare: Optional[socket.socket] = None) -> socket.sock
     upstream = None
     context = conn.context
     try:
-        if context.targets is None:  # one fixed target: the plain path
+        if not context.routed:  # one fixed target: the plain path
             try:
                 upstream = _connect_to(conn, context.rule.target, spare)
-            except Failure:
-                context.counters.connected(context.target_name, False)
+            except Failure as exc:
+                context.counters.connected(context.target_name, False, exc.reason, exc.error)
                 raise
-            context.counters.connected(context.target_name, True)
+            conn.target_counts = context.counters.connected(context.target_name, True)
         else:
             upstream = _connect_targets(conn, spare)
         if context.proxy_version:
@@ -140,6 +140,8 @@ def _connect_targets(conn, spare: Optional[socket.socket]) -> socket.socket:
         order = targets.order(conn.client_address)
     except TargetError as exc:
         raise Failure(Outcome.CONNECT_FAILED, str(exc)) from None
+    if not order:  # every target drained or disabled (gproxy.targets.TargetState)
+        raise Failure(Outcome.CONNECT_FAILED, targets.none_open())
     failures = []
     for endpoint in order:
         try:
@@ -148,13 +150,13 @@ def _connect_targets(conn, spare: Optional[socket.socket]) -> socket.socket:
             raise
         except Failure as exc:
             targets.failed(endpoint, exc.error)
-            context.counters.connected(str(endpoint), False)
+            context.counters.connected(str(endpoint), False, exc.reason, exc.error)
             failures.append(exc)
             continue
         finally:
             spare = None  # used or closed by the first attempt
         targets.succeeded(endpoint)
-        context.counters.connected(str(endpoint), True)
+        conn.target_counts = context.counters.connected(str(endpoint), True)
         conn.target = endpoint
         return sock
     if len(failures) == 1:
@@ -200,7 +202,7 @@ def _connect_to(conn, target, spare: Optional[socket.socket]) -> socket.socket:
             return sock
         sock.close()
         failed = connect_failure(code, _where(target, sockaddr))
-    raise failed if failed is not None else Failure(Outcome.CONNECT_FAILED, f"{target}: no address")
+    raise failed if failed is not None else Failure(Outcome.CONNECT_FAILED, f"{target}: no address", "resolve")
 
 
 def _new_socket(conn, family: int) -> socket.socket:
@@ -228,9 +230,11 @@ def _resolve(conn, host: str, port: int, timeout: Optional[float]) -> list:
     except gevent.Timeout as exc:
         if exc is not deadline:
             raise
-        raise Failure(Outcome.CONNECT_TIMEOUT, f"cannot resolve {host}: no answer within {timeout:g}s") from None
+        raise Failure(Outcome.CONNECT_TIMEOUT, f"cannot resolve {host}: no answer within {timeout:g}s",
+                      "resolve") from None
     except OSError as exc:
-        raise Failure(Outcome.CONNECT_FAILED, f"cannot resolve {host}: {_sockets.describe_error(exc)}") from None
+        raise Failure(Outcome.CONNECT_FAILED, f"cannot resolve {host}: {_sockets.describe_error(exc)}",
+                      "resolve") from None
     finally:
         conn._dialing = None
         if deadline is not None:
@@ -320,11 +324,12 @@ def _connect_ended(conn, code: int) -> None:
     """The end of start()'s connect: the pumps, or the failure."""
     context = conn.context
     if code == 0:
-        context.counters.connected(context.target_name, True)
+        conn.target_counts = context.counters.connected(context.target_name, True)
         conn._start_pumps(conn.upstream)
         return
-    context.counters.connected(context.target_name, False)
-    conn._connect_failed(connect_failure(code, _where(context.rule.target, context.direct[1])))
+    failed = connect_failure(code, _where(context.rule.target, context.direct[1]))
+    context.counters.connected(context.target_name, False, failed.reason, failed.error)
+    conn._connect_failed(failed)
 
 
 def cancel(conn) -> None:

@@ -32,7 +32,7 @@ import errno
 import os
 import socket
 import traceback
-from typing import Union
+from typing import Optional, Union
 
 from gproxy import _sockets
 from gproxy.stats import Outcome
@@ -41,12 +41,15 @@ __all__ = ["Failure", "Aborted", "failure", "connect_failure", "tcp_closed"]
 
 
 class Failure(Exception):
-    """A connection ends early: its ``outcome`` and the ``error`` its log line shows."""
+    """A connection ends early: its ``outcome`` and the ``error`` its log line shows; a failed
+    connect also says why in one word, ``reason`` (one of ``stats.CONNECT_REASONS``; None:
+    ``other``), for the per-target metrics."""
 
-    def __init__(self, outcome: Outcome, error: str) -> None:
+    def __init__(self, outcome: Outcome, error: str, reason: Optional[str] = None) -> None:
         super().__init__(outcome, error)
         self.outcome = outcome
         self.error = error
+        self.reason = reason
 
 
 class Aborted(Exception):
@@ -58,6 +61,13 @@ class Aborted(Exception):
 #: errors that mean the peer reset (or closed under our write); the other errors of a peer
 #: that is gone (a timeout, an unreachable host) say "failed"
 _RESETS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+
+#: a failed connect's errno -> its reason (stats.CONNECT_REASONS); any other is "other". A
+#: Unix socket whose file is gone (ENOENT) or whose queue is full (EAGAIN) refuses too.
+_CONNECT_REASONS = {errno.ECONNREFUSED: "refused", errno.ENOENT: "refused", errno.EAGAIN: "refused",
+                    errno.ETIMEDOUT: "timeout", errno.EHOSTUNREACH: "unreachable",
+                    errno.ENETUNREACH: "unreachable", errno.EHOSTDOWN: "unreachable",
+                    errno.ENETDOWN: "unreachable"}
 
 #: tcpi_state of a TCP socket whose connection ended under it (linux/tcp_states.h TCP_CLOSE)
 _TCP_CLOSE = 7
@@ -82,7 +92,8 @@ def connect_failure(error: Union[int, BaseException], where: str) -> Failure:
     else:
         described = _sockets.describe_error(error)
     timed_out = code == errno.ETIMEDOUT or isinstance(error, socket.timeout)
-    return Failure(Outcome.CONNECT_TIMEOUT if timed_out else Outcome.CONNECT_FAILED, f"{where}: {described}")
+    return Failure(Outcome.CONNECT_TIMEOUT if timed_out else Outcome.CONNECT_FAILED, f"{where}: {described}",
+                   "timeout" if timed_out else _CONNECT_REASONS.get(code or 0, "other"))
 
 
 def tcp_closed(sock: socket.socket) -> bool:

@@ -11,8 +11,10 @@ Typical use (the forwarder does this when its rule has ``check``, on the hub tha
 
 Each target's greenlet runs a check every ``check_interval`` seconds (start to start; the
 first at a random point of the first interval, so that a thousand rules do not check at once)
-and hands the result to :meth:`gproxy.targets.Targets.checked`, which keeps the health state
-that clients, statistics and metrics read: this module decides nothing, it only looks.
+and hands the result, with how long it took, to :meth:`gproxy.targets.Targets.checked`, which
+keeps the health state that clients, statistics and metrics read: this module decides
+nothing, it only looks. A target disabled at run time (``TargetState.DISABLED``) is not
+checked until it is enabled again.
 
 A check is ordinary gevent I/O on the hub's loop: it waits only on its own socket, so no
 client waits for it, and a whole check (resolving, connecting, sending, reading) is bounded by
@@ -104,6 +106,9 @@ class Checks:
         gevent.sleep(random.uniform(0, interval))  # spread the first checks over one interval
         while True:
             started = time.monotonic()
+            if not self.targets.checking(endpoint):  # disabled: under maintenance, left alone
+                gevent.sleep(interval)
+                continue
             try:
                 passed, reason = probe(self.rule, endpoint, self.request, self.sockets)
             except Exception:  # a bug here must not end the checks, nor spin, nor flood the log
@@ -111,7 +116,7 @@ class Checks:
                     self._reported_bug = True
                     log.exception("%s: checking target %s failed (reported once)", self.targets.label, endpoint)
                 passed, reason = False, "the check itself failed (see the error logged)"
-            self.targets.checked(endpoint, passed, reason)
+            self.targets.checked(endpoint, passed, reason, time.monotonic() - started)
             gevent.sleep(max(0.0, started + interval - time.monotonic()))
 
 

@@ -7,8 +7,8 @@ Typical use::
     record = _report.record(conn)           # what hooks, statistics() and Python toxics see
     report(log, f"conn#{conn.id}: on_close hook {hook!r} failed", sys.exc_info())
 
-A connection's report is its counters (moved into the totals and out of ``active`` under
-the context's lock, so ``statistics()`` counts every byte once), its one log line (HAProxy's
+A connection's report is its counters (moved into the totals, its rule's and its target's,
+and out of ``active`` under the context's lock, so ``statistics()`` counts every byte once), its one log line (HAProxy's
 tcplog is the model: id, client, upstream, outcome, duration, bytes each way; the logger is
 ``gproxy.relay``, a name hosts configure) and its hooks. Everything here runs once the
 connection's sockets are closed, or before its connect, in a greenlet: a hook may block.
@@ -96,6 +96,8 @@ def closed(conn) -> None:
     outcome = conn.outcome
     with context.lock:  # counted and removed at once: statistics() never goes backwards
         counters.ended(outcome, time.monotonic() - conn._t0, conn.counts[0], conn.counts[1])
+        if conn.target_counts is not None:  # connected: its target's totals too
+            conn.target_counts.ended(outcome, conn.counts[0], conn.counts[1])
         context.active.pop(conn.id, None)
     failed = outcome is Outcome.CONNECT_FAILED or outcome is Outcome.CONNECT_TIMEOUT
     if failed:

@@ -59,6 +59,7 @@ from gproxy.config import AddressLike, Rule, TargetLike, check_hook
 from gproxy.offload import Offload
 from gproxy.relay import Connection, Context, sweep, toxics_changed
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
+from gproxy.targets import TargetState, TargetStatus, parse_state, parse_weight
 from gproxy.toxics import (
     AttributeValue,
     PythonToxic,
@@ -574,14 +575,15 @@ class Forwarder:
         name (a reload's changed rule, an API update) keeps its totals, the old forwarder's
         draining connections included, and Prometheus sees no counter reset. The target
         gauges stay ``old``'s until ``show_own_targets()``, once this one has replaced it.
-        The health of the targets both have is carried over too: a target down stays down."""
+        The health and runtime state (``set_target``) of the targets both have are carried
+        over too: a target down stays down, a drained one stays drained."""
         mine = self._counters
         self._own_targets = (mine.target_up, mine.health)
         self._counters = self._context.counters = old._counters
-        if self._context.targets is not None and old._context.targets is not None:
-            # the new forwarder's first check, or first client, must not find out again (and
-            # log again) what the old one knew
-            self._context.targets.inherit(old._context.targets)
+        # the new forwarder's first check, or first client, must not find out again (and log
+        # again) what the old one knew; a target drained at run time stays drained
+        if self._context.targets.inherit(old._context.targets) and not self._context.routed:
+            self._context.route_by_targets()
 
     def show_own_targets(self) -> None:
         """After ``count_on(old)``, once this one has replaced ``old``: the shared counters'
@@ -595,6 +597,41 @@ class Forwarder:
         counters.target_up = {name: counters.target_up.get(name, up) for name, up in target_up.items()}
         counters.health = health
         self._own_targets = None
+
+    # -- its targets, at run time -------------------------------------------------------
+
+    def targets(self) -> List[TargetStatus]:
+        """Each target (the fixed ones in the order given, then any a target function named so
+        far) with its state, weight, health, open connections and last check: a snapshot."""
+        return self._on_hub(lambda: self._context.targets.statuses(self._counters))
+
+    def set_target(self, address: Union[AddressLike, str], *, state: Union[TargetState, str, None] = None,
+                   weight: Optional[int] = None) -> TargetStatus:
+        """Change one target at run time; returns it as ``targets()`` shows it afterwards.
+
+        ``address`` names the target as configured (``"10.0.0.5:6379"``, ``"[::1]:6379"``,
+        ``"unix:/run/redis.sock"``, or a ``(host, port)``); :class:`gproxy.targets.TargetNotFound`
+        (a ``KeyError``) if the rule has no such target. ``state`` (default ``None``: unchanged)
+        is ``"enabled"``, ``"drain"`` (no new clients; open connections go on until they end)
+        or ``"disabled"`` (the same, and no active checks: maintenance), or a
+        :class:`gproxy.TargetState`. ``weight`` (default ``None``: unchanged) is 1 to 256, the
+        target's share from the next client on. Bad values raise :class:`gproxy.ConfigError`
+        naming ``state`` or ``weight``, and change nothing; with neither, nothing changes
+        (a lookup). One INFO line says each change. A drained or disabled target gets
+        no client at all, not even when every other target is down; with every target so, new
+        clients are refused (outcome ``connect_failed``). The state carries over to the rule's
+        next forwarder when a reload or an update replaces it (``count_on``)."""
+        new_state = None if state is None else parse_state(state)
+        new_weight = None if weight is None else parse_weight(weight)
+        return self._on_hub(self._set_target, address, new_state, new_weight)
+
+    def _set_target(self, address, state: Optional[TargetState], weight: Optional[int]) -> TargetStatus:
+        targets = self._context.targets
+        endpoint = targets.find(address)
+        targets.set(endpoint, state, weight)
+        if state is not None and state is not TargetState.ENABLED and not self._context.routed:
+            self._context.route_by_targets()  # the plain path would not ask
+        return targets.status(endpoint, self._counters)
 
     # -- fault injection ---------------------------------------------------------------
 
@@ -878,8 +915,7 @@ class Forwarder:
         self._context.name = self.name
         if _selfloop.may_loop(self.rule, self._address):
             self._context.own_upstreams = _selfloop.OwnUpstreams()
-        if self._context.targets is not None:
-            self._context.targets.label = self.name
+        self._context.targets.label = self.name
         self._stopped = Event()
         self._context.workers = Workers(gevent.get_hub())
         threads = _bulk_threads() if self.rule.bulk_threads is None else self.rule.bulk_threads

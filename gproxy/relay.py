@@ -230,11 +230,13 @@ class Context:
         self.splicer = splicer
         #: threads that splice bulk off the hub (offload.Offload), or None; set on the hub
         self.offload = None
-        #: several targets, a function or an active check: their order and health (targets.py);
-        #: None for one fixed target without a check, whose clients need none of it
-        self.targets: Optional[Targets] = \
-            Targets(rule) if len(rule.targets) != 1 or getattr(rule, "check", None) else None
-        self.target_name = str(rule.target) if self.targets is None else \
+        #: the rule's targets: their order per client, health and state (targets.py)
+        self.targets = Targets(rule)
+        #: whether clients connect through ``targets`` (several targets, a function, an active
+        #: check, or a target drained or disabled at run time: ``route_by_targets``); False for
+        #: one fixed target, whose clients need none of it
+        self.routed = len(rule.targets) != 1 or bool(getattr(rule, "check", None))
+        self.target_name = str(rule.target) if not self.routed else \
             ",".join(map(str, rule.targets)) or getattr(rule.target, "__name__", "function")
         #: the rule's name in logs and metrics; the forwarder sets it to the bound address
         self.name = str(rule.listen)
@@ -247,13 +249,13 @@ class Context:
         self.accept_proxy = compile_networks(rule.accept_proxy_from) or None
         #: PROXY protocol version to send upstream; 0: none
         self.proxy_version = {"off": 0, "v1": 1, "v2": 2}[rule.proxy_protocol]
-        # what gproxy_target_up shows: one fixed target is up until a connect to it fails;
-        # several, or a checked one, take their health from Targets
-        if self.targets is None:
+        # what gproxy_target_up shows: one fixed target is up until a connect to it fails
+        # (counters.target_up); several, or a checked one, take their health from Targets
+        # (Targets.tracks_health says which; a rule routed at run time keeps what it showed)
+        if not self.routed:
             counters.target_up.setdefault(self.target_name, True)
-        else:
-            targets = self.targets
-            counters.health = lambda: {str(e): targets.is_up(e) for e in targets.known()}
+        targets = self.targets
+        counters.health = lambda: targets.views(self.counters)
         #: the rate-limited "denied" line, for rules that can refuse a client
         self.denied_log = DeniedLog(log) if self.access is not None or self.accept_proxy else None
         #: local addresses of our upstream sockets (_selfloop.OwnUpstreams), when a target could
@@ -272,12 +274,18 @@ class Context:
         #: (family, sockaddr) of the one fixed target when nothing needs a greenlet before the
         #: connect (no PROXY header either way, no access rules, no resolver, no on_open
         #: hook), else None; see dials_on_hub
-        target = rule.target if self.targets is None else None
+        target = rule.target if not self.routed else None
         self.direct = (target.family, target.sockaddr) \
             if target is not None and target.family is not None and not self.proxy_version \
             and self.accept_proxy is None and self.access is None and on_open is None else None
         #: the id of the last connection accepted: ids count from 1 (Forwarder.mark reads it)
         self.last_id = 0
+
+    def route_by_targets(self) -> None:
+        """From the next client on, connect through ``targets`` (a fixed target was drained or
+        disabled at run time, which only ``Targets.order`` knows); on the hub, or before start."""
+        self.routed = True
+        self.direct = None
 
     def dials_on_hub(self, spare: socket.socket) -> bool:
         """Whether a client connects in callbacks on the hub (``Connection.start``) rather
@@ -418,7 +426,7 @@ class Connection:
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
         "_states", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target", "links",
-        "own_key", "_dialing", "spoke", "_upstream_writable", "_upstream_ends",
+        "own_key", "_dialing", "spoke", "_upstream_writable", "_upstream_ends", "target_counts",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -435,6 +443,8 @@ class Connection:
         self.access_key = None
         self.upstream: Optional[socket.socket] = None
         self.target = None            # the endpoint connected to, when the rule has several
+        #: the counters of the target it connected to (stats.TargetCounters), once connected
+        self.target_counts = None
         self.own_key = None           # our upstream's local address, noted in own_upstreams
         self.counts = [0, 0]
         self.started = time.time()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import enum
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
-__all__ = ["Outcome", "ConnectionRecord", "Statistics", "Counters", "DURATION_BUCKETS", "SocketAddress"]
+__all__ = ["Outcome", "ConnectionRecord", "Statistics", "Counters", "TargetCounters", "TargetView",
+           "DURATION_BUCKETS", "CONNECT_REASONS", "SocketAddress"]
 
 #: an end of a connection: ``(host, port)`` for IPv4 and IPv6, the path (or, abstract, the
 #: name after a NUL: bytes) for a Unix socket; ``""`` for a Unix client socket with no name
@@ -85,6 +86,50 @@ class Statistics:
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
+#: why a connect to a target failed, as ``gproxy_target_connect_failures_total`` says it:
+#: ``refused`` (nobody listens: ECONNREFUSED; a Unix socket file missing, or its queue full),
+#: ``timeout`` (no answer within ``connect_timeout``), ``unreachable`` (no route to the host or
+#: network), ``resolve`` (the name did not resolve), ``other`` (anything else)
+CONNECT_REASONS = ("refused", "timeout", "unreachable", "resolve", "other")
+
+
+class TargetCounters:
+    """One target's totals (its name as configured), shared by every forwarder that counts into
+    the same :class:`Counters`: its connections by how they ended, its failed connects by
+    reason, and the connections open to it now. Fed once per connect and once per teardown."""
+
+    __slots__ = ("active", "outcomes", "bytes_upstream", "bytes_downstream", "failures", "last_error")
+
+    def __init__(self) -> None:
+        #: connections whose connect to this target worked and that have not ended yet
+        self.active = 0
+        #: such connections once ended, by outcome
+        self.outcomes = dict.fromkeys(Outcome, 0)
+        #: bytes of those ended connections, each way (counted when a connection ends)
+        self.bytes_upstream = 0
+        self.bytes_downstream = 0
+        #: failed connects by reason (CONNECT_REASONS)
+        self.failures = dict.fromkeys(CONNECT_REASONS, 0)
+        #: what the last failed connect said, or None
+        self.last_error: Optional[str] = None
+
+    def ended(self, outcome: "Outcome", bytes_upstream: int, bytes_downstream: int) -> None:
+        """A connection that :meth:`Counters.connected` gave this object to has ended."""
+        self.active -= 1
+        self.outcomes[outcome] += 1
+        self.bytes_upstream += bytes_upstream
+        self.bytes_downstream += bytes_downstream
+
+
+class TargetView(NamedTuple):
+    """A target as metrics and the target routes show it (``Counters.health``)."""
+
+    up: bool                #: not marked down (see gproxy_target_up)
+    state: str = "enabled"  #: "enabled", "drain" or "disabled" (gproxy.targets.TargetState)
+    weight: int = 1         #: its weight now
+    check_duration: Optional[float] = None  #: seconds the last active check took; None: none yet
+
+
 class Counters:
     """Totals of connections that ended; the forwarder adds the open ones on demand.
 
@@ -93,7 +138,7 @@ class Counters:
     open connections."""
 
     __slots__ = ("accepted", "connect_failed", "bytes_upstream", "bytes_downstream", "active",
-                 "outcomes", "durations", "duration_sum", "target_failures", "target_up", "health")
+                 "outcomes", "durations", "duration_sum", "target_failures", "target_up", "health", "targets")
 
     def __init__(self) -> None:
         self.accepted = 0
@@ -111,9 +156,11 @@ class Counters:
         self.target_failures: Dict[str, int] = {}
         #: per target: whether its last connect worked
         self.target_up: Dict[str, bool] = {}
-        #: for several targets: a function giving {target: up} from their passive health, which
-        #: metrics shows instead of ``target_up``; None for one fixed target
-        self.health: Optional[Callable[[], Dict[str, bool]]] = None
+        #: a function giving {target: TargetView} for the rule's targets (gproxy.targets), which
+        #: metrics shows; None: ``target_up``'s targets, each enabled with weight 1
+        self.health: Optional[Callable[[], Dict[str, TargetView]]] = None
+        #: per target (its name as configured): its own totals
+        self.targets: Dict[str, TargetCounters] = {}
 
     def ended(self, outcome: "Outcome", duration: float, bytes_upstream: int, bytes_downstream: int) -> None:
         """One connection's teardown."""
@@ -124,8 +171,25 @@ class Counters:
         self.durations[bisect_left(DURATION_BUCKETS, duration)] += 1
         self.duration_sum += duration
 
-    def connected(self, target: str, ok: bool) -> None:
-        """The end of one connect to ``target``: it worked, or it failed (refused, timed out...)."""
+    def connected(self, target: str, ok: bool, reason: Optional[str] = None,
+                  error: Optional[str] = None) -> Optional[TargetCounters]:
+        """The end of one connect to ``target``: it worked (the target's counters are returned,
+        counting the connection open until their ``ended()``), or it failed, ``reason`` being
+        one of CONNECT_REASONS (None: ``other``) and ``error`` its line."""
         self.target_up[target] = ok
-        if not ok:
-            self.target_failures[target] = self.target_failures.get(target, 0) + 1
+        counts = self.targets.get(target)
+        if counts is None:
+            counts = self.targets[target] = TargetCounters()
+        if ok:
+            counts.active += 1
+            return counts
+        self.target_failures[target] = self.target_failures.get(target, 0) + 1
+        counts.failures[reason if reason in counts.failures else "other"] += 1
+        counts.last_error = error
+        return None
+
+    def views(self) -> Dict[str, TargetView]:
+        """The rule's targets as metrics shows them (``health``, else ``target_up``)."""
+        if self.health is not None:
+            return self.health()
+        return {target: TargetView(up) for target, up in self.target_up.copy().items()}

@@ -32,19 +32,33 @@ so. A target that passive health took down needs ``rise`` passing checks in a ro
 that (or a client's connect that works) to be up again, so a quiet rule's target comes back
 without any client, and ``gproxy_target_up`` is always current.
 
-A rule with one fixed target and no check does not use this module at all: its clients
-connect the way they always did, with no work per connection here.
+Runtime control (``Forwarder.set_target``, the HTTP API's target routes) sets a target's
+:class:`TargetState` and weight here. ``DRAIN`` and ``DISABLED`` targets get no new client,
+not even as a last resort, while the connections they have go on; backups take over when
+every other target is drained, disabled or down. A ``DISABLED`` target is not checked either
+(HAProxy's maintenance mode: a backend being worked on sees no traffic from gproxy), and its
+first check once enabled again decides at once, as at start. A weight set at run time
+applies to the next client. :meth:`Targets.statuses` is what ``Forwarder.targets()`` shows.
+
+A rule with one fixed target and no check does not route its clients through this module:
+they connect the way they always did, with no work per connection here, until its target is
+drained or disabled (``relay.Context.route_by_targets``).
 """
 
 from __future__ import annotations
 
+import enum
+import ipaddress
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from gproxy.config import ConfigError, Endpoint, Rule, Target, parse_target_list
+from gproxy.config import (MAX_WEIGHT, Address, ConfigError, Endpoint, Rule, Target, parse_address,
+                           parse_target_list, show)
+from gproxy.stats import Counters, TargetView
 
-__all__ = ["Targets", "TargetError"]
+__all__ = ["Targets", "TargetError", "TargetState", "TargetStatus", "CheckResult", "TargetNotFound"]
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +67,105 @@ class TargetError(Exception):
     """The rule's target function failed or returned something that is not an address."""
 
 
+class TargetNotFound(KeyError):
+    """No target of the rule has this address (the HTTP API: 404 "target not found")."""
+
+    def __init__(self, address: object):
+        super().__init__(address)
+        self.address = address
+
+    def __str__(self) -> str:
+        return f"no target {self.address}"
+
+
+class TargetState(enum.Enum):
+    """What a target takes, as set at run time (``Forwarder.set_target``); ``str()`` gives
+    the value. HAProxy's server states are the model: ``ready``, ``drain``, ``maint``."""
+
+    #: new clients as ``balance`` gives them (the state every target starts in)
+    ENABLED = "enabled"
+    #: no new client; its open connections go on until they end; still checked
+    DRAIN = "drain"
+    #: no new client, and not checked; its open connections go on until they end
+    DISABLED = "disabled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The last active health check of a target."""
+
+    passed: bool     #: whether it passed
+    reason: str      #: what it found: ``"connected"``, ``"HTTP status 503, expected 200-399"``...
+    at: float        #: ``time.time()`` when it ended
+    duration: float  #: seconds it took
+    passes: int      #: checks passed in a row (0 after a failure)
+    failures: int    #: checks failed in a row (0 after a pass)
+    checks: int      #: checks made since the rule started (or since it was enabled after being disabled)
+
+
+@dataclass(frozen=True)
+class TargetStatus:
+    """One target of a rule as ``Forwarder.targets()`` shows it (a snapshot)."""
+
+    address: str          #: as configured: ``10.0.0.5:6379``, ``[::1]:6379``, ``unix:/run/redis.sock``
+    state: TargetState    #: ``ENABLED``, ``DRAIN`` or ``DISABLED``
+    weight: int           #: its weight now (the configured one unless set at run time)
+    backup: bool          #: a backup: clients only while no other target is up
+    up: bool              #: not marked down (what ``gproxy_target_up`` says)
+    reason: Optional[str]  #: why it is down, or why it came back up last; None: no change seen
+    active: int           #: connections open to it now (a reload's old connections included)
+    check: Optional[CheckResult]  #: its last active check; None: no check, or none ended yet
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The JSON the HTTP API answers with."""
+        check = self.check
+        return {"address": self.address, "state": str(self.state), "weight": self.weight, "backup": self.backup,
+                "up": self.up, "reason": self.reason, "active": self.active,
+                "check": None if check is None else {
+                    "result": "passed" if check.passed else "failed", "reason": check.reason,
+                    "time": round(check.at, 3), "duration": round(check.duration, 6),
+                    "passes": check.passes, "failures": check.failures, "checks": check.checks}}
+
+
+_ENABLED, _DISABLED = TargetState.ENABLED, TargetState.DISABLED
+
+
+def parse_state(value: Union[TargetState, str]) -> TargetState:
+    """A TargetState from itself or its value; ConfigError naming ``state`` otherwise."""
+    if isinstance(value, TargetState):
+        return value
+    if isinstance(value, str):
+        for state in TargetState:
+            if state.value == value:
+                return state
+    raise ConfigError("state", f"expected enabled, drain or disabled, got {show(value)}")
+
+
+def parse_weight(value: int) -> int:
+    """A weight set at run time: the config file's range; ConfigError naming ``weight``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WEIGHT:
+        raise ConfigError("weight", f"expected a whole number from 1 to {MAX_WEIGHT}, got {show(value)}")
+    return value
+
+
 class _Health:
     __slots__ = ("fails", "down_until", "down", "active", "checked_down", "passes", "failures",
-                 "checks", "check_reason", "current")
+                 "checks", "check_reason", "current", "name", "admin", "weight", "given_weight", "backup",
+                 "reason", "check_passed", "check_at", "check_duration")
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name        # the target as configured, as logs and metrics name it
+        self.admin = _ENABLED   # its state set at run time
+        self.weight: Optional[int] = None  # its weight set at run time; None: as configured
+        self.given_weight = 1   # its configured weight
+        self.backup = False     # configured a backup
+        self.reason: Optional[str] = None  # why it went down, or came back, last
+        self.check_passed = False   # the last check's result, its end (time.time()) and length
+        self.check_at = 0.0
+        self.check_duration: Optional[float] = None
         self.fails = 0          # connects failed in a row
         self.down = False       # passive health says down
         self.down_until = 0.0   # monotonic time a down target becomes worth trying again
@@ -78,7 +186,8 @@ class _Health:
 _Slot = Tuple[Endpoint, int, bool, _Health]
 
 #: what an active check keeps per target, carried over a reload only to a rule that checks
-_CHECKED = ("checked_down", "passes", "failures", "checks", "check_reason")
+_CHECKED = ("checked_down", "passes", "failures", "checks", "check_reason", "check_passed", "check_at",
+            "check_duration")
 
 
 class Targets:
@@ -95,6 +204,9 @@ class Targets:
         self.check = rule.check
         self.rise = rule.rise
         self.fall = rule.fall
+        #: whether up and down are this module's to say (several targets, a function, a
+        #: check); else gproxy_target_up is the last connect's result (``Counters.target_up``)
+        self.tracks_health = len(rule.targets) != 1 or bool(rule.check)
         self._health: Dict[Endpoint, _Health] = {}
         #: per fixed target (address, weight, backup, health): what order() reads, prebuilt
         self._slots: Tuple[_Slot, ...] = self._slots_of(self.entries)
@@ -103,7 +215,7 @@ class Targets:
     def order(self, client_address) -> List[Endpoint]:
         """Every target, in the order this client should try them."""
         slots = self._slots if self.function is None else self._call(client_address)
-        if len(slots) == 1:
+        if len(slots) == 1 and slots[0][3].admin is _ENABLED:
             return [slots[0][0]]
         now = time.monotonic()
         primaries: List[_Slot] = []
@@ -111,6 +223,8 @@ class Targets:
         down: List[_Slot] = []
         for slot in slots:
             state = slot[3]
+            if state.admin is not _ENABLED:
+                continue  # drained or disabled: no new client at all
             if state.checked_down or state.down and now < state.down_until:
                 down.append(slot)
             elif slot[2]:
@@ -165,12 +279,17 @@ class Targets:
         return best
 
     def _slots_of(self, entries: Sequence[Target]) -> Tuple[_Slot, ...]:
-        return tuple((entry.address, entry.weight, entry.backup, self._state(entry.address)) for entry in entries)
+        slots = []
+        for entry in entries:
+            state = self._state(entry.address)
+            state.given_weight, state.backup = entry.weight, entry.backup
+            slots.append((entry.address, state.weight or entry.weight, entry.backup, state))
+        return tuple(slots)
 
     def _state(self, endpoint: Endpoint) -> _Health:
         state = self._health.get(endpoint)
         if state is None:
-            state = self._health[endpoint] = _Health()
+            state = self._health[endpoint] = _Health(str(endpoint))
         return state
 
     def _restart_rotation(self) -> None:
@@ -183,7 +302,7 @@ class Targets:
         """A connect to ``endpoint`` worked; it counts as open until :meth:`released`."""
         state = self._health.get(endpoint)
         if state is None:
-            state = self._health[endpoint] = _Health()
+            state = self._state(endpoint)
         elif state.down:
             state.down = False
             if not state.checked_down:
@@ -199,9 +318,7 @@ class Targets:
 
     def failed(self, endpoint: Endpoint, error: str) -> None:
         """A connect to ``endpoint`` failed (refused, unreachable, timed out)."""
-        state = self._health.get(endpoint)
-        if state is None:
-            state = self._health[endpoint] = _Health()
+        state = self._state(endpoint)
         state.fails += 1
         if not self.max_fails or state.fails < self.max_fails:
             if log.isEnabledFor(logging.DEBUG):
@@ -217,14 +334,14 @@ class Targets:
                                f"; skipping it for {self.fail_timeout:g}s", fails=state.fails, error=error,
                                skipped_for=self.fail_timeout)
 
-    def checked(self, endpoint: Endpoint, passed: bool, reason: str) -> None:
-        """One active check of ``endpoint`` ended: it ``passed`` or not, and ``reason`` says
-        what it found (``gproxy._health`` calls this on the forwarder's hub)."""
-        state = self._health.get(endpoint)
-        if state is None:
-            state = self._health[endpoint] = _Health()
+    def checked(self, endpoint: Endpoint, passed: bool, reason: str, duration: Optional[float] = None) -> None:
+        """One active check of ``endpoint`` ended: it ``passed`` or not, ``reason`` says what
+        it found, and it took ``duration`` seconds (``gproxy._health`` calls this on the
+        forwarder's hub)."""
+        state = self._state(endpoint)
         state.checks += 1
         state.check_reason = reason
+        state.check_passed, state.check_at, state.check_duration = passed, time.time(), duration
         if passed:
             state.failures = 0
             state.passes += 1
@@ -249,15 +366,114 @@ class Targets:
             self._log_down(endpoint, f"its {self.check} check failed {_times(state.failures)}: {reason}",
                            check=self.check, failures=state.failures)
 
-    def inherit(self, old: "Targets") -> None:
-        """Take over ``old``'s health of the targets both have (a rule replaced by a reload):
-        down stays down, checks go on counting; open connections stay ``old``'s."""
-        kept = ("fails", "down_until", "down") + (_CHECKED if self.check else ())
+    def inherit(self, old: "Targets") -> bool:
+        """Take over ``old``'s health and state of the targets both have (a rule replaced by a
+        reload): down stays down, checks go on counting, a drained target stays drained; a
+        weight set at run time stays unless the new rule gives the target another weight.
+        Open connections stay ``old``'s. True if a target is now drained or disabled."""
+        kept = ("fails", "down_until", "down", "reason", "admin") + (_CHECKED if self.check else ())
+        reweighted = False
         for endpoint, state in old._health.items():
             if endpoint in self.static or self.function is not None:
                 mine = self._state(endpoint)  # the very object order() reads
                 for name in kept:
                     setattr(mine, name, getattr(state, name))
+                if state.weight is not None and state.given_weight == mine.given_weight:
+                    mine.weight, reweighted = state.weight, True
+        if reweighted:
+            self._slots = self._slots_of(self.entries)
+        return self.restricted()
+
+    def restricted(self) -> bool:
+        """Whether a target is drained or disabled."""
+        return any(state.admin is not _ENABLED for state in self._health.values())
+
+    def checking(self, endpoint: Endpoint) -> bool:
+        """Whether ``endpoint`` is to be checked now (not while it is disabled)."""
+        state = self._health.get(endpoint)
+        return state is None or state.admin is not _DISABLED
+
+    def none_open(self) -> str:
+        """Why a client has no target to try: the line of its connect failure."""
+        states = ", ".join(f"{state.name} {state.admin}" for state in self._health.values())
+        return f"no target takes new clients ({states})"
+
+    # -- runtime control ---------------------------------------------------------------------
+
+    def find(self, address: Union[str, Endpoint, Any]) -> Endpoint:
+        """The target at ``address`` (a string as configured, ``"[::1]:6379"``,
+        ``"unix:/run/redis.sock"``, or anything ``parse_address`` takes); TargetNotFound."""
+        for endpoint, state in self._health.items():
+            if address == endpoint or address == state.name:
+                return endpoint
+        try:
+            wanted = parse_address(address, "target")
+        except (ConfigError, TypeError):
+            raise TargetNotFound(address) from None
+        for endpoint in self._health:
+            if wanted == endpoint or _same_ip(wanted, endpoint):
+                return endpoint
+        raise TargetNotFound(address)
+
+    def set(self, endpoint: Endpoint, state: Optional[TargetState] = None, weight: Optional[int] = None) -> None:
+        """Set ``endpoint``'s state and weight (None: unchanged); one INFO line if that changed
+        anything. New clients see it at once; open connections are left alone."""
+        health = self._health[endpoint]
+        changes = []
+        if state is not None and state is not health.admin:
+            changes.append(f"{state} (was {health.admin})")
+            if health.admin is _DISABLED:  # back from maintenance: its first check decides
+                health.checks = health.passes = health.failures = 0
+            health.admin = state
+        if weight is not None and weight != (health.weight or health.given_weight):
+            changes.append(f"weight {weight} (was {health.weight or health.given_weight})")
+        if weight is not None:
+            health.weight = weight
+            self._slots = self._slots_of(self.entries)
+            self._parsed.clear()
+        if not changes:
+            return
+        self._restart_rotation()
+        log.info("%s: target %s set to %s", self.label, health.name, ", ".join(changes),
+                 extra=self._fields("target_state", endpoint, state=str(health.admin),
+                                    weight=health.weight or health.given_weight))
+        if state is not None and state is not _ENABLED and self.function is None \
+                and all(other.admin is not _ENABLED for other in self._health.values()):
+            log.warning("%s: every target is drained or disabled: new clients are refused", self.label,
+                        extra={"fields": {"event": "no_target", "rule": self.label}})
+
+    def views(self, counters: Counters) -> Dict[str, TargetView]:
+        """Each known target as metrics shows it, by name (``Counters.health``)."""
+        views = {}
+        for endpoint in self.known():  # (each has its _Health: known() reads them)
+            state = self._health[endpoint]
+            views[state.name] = TargetView(self._up(state, counters), state.admin.value,
+                                     state.weight or state.given_weight, state.check_duration)
+        return views
+
+    def statuses(self, counters: Counters) -> List[TargetStatus]:
+        """Each known target as ``Forwarder.targets()`` shows it."""
+        return [self.status(endpoint, counters) for endpoint in self.known()]
+
+    def status(self, endpoint: Endpoint, counters: Counters) -> TargetStatus:
+        """One target as ``Forwarder.targets()`` shows it."""
+        state = self._state(endpoint)
+        counts = counters.targets.get(state.name)
+        up = self._up(state, counters)
+        reason = state.reason
+        if not self.tracks_health and not up and counts is not None:
+            reason = f"its last connect failed: {counts.last_error}"
+        check = None
+        if state.checks:
+            check = CheckResult(state.check_passed, state.check_reason, state.check_at,
+                                state.check_duration or 0.0, state.passes, state.failures, state.checks)
+        return TargetStatus(state.name, state.admin, state.weight or state.given_weight, state.backup, up,
+                            reason, counts.active if counts is not None else 0, check)
+
+    def _up(self, state: _Health, counters: Counters) -> bool:
+        if self.tracks_health:
+            return not state.is_down
+        return counters.target_up.get(state.name, True)
 
     def is_up(self, endpoint: Endpoint) -> bool:
         """False while ``endpoint`` is marked down, by passive health or by its check (for
@@ -267,12 +483,14 @@ class Targets:
 
     def _log_down(self, endpoint: Endpoint, reason: str, more: str = "", **fields) -> None:
         """The one line a target's going down makes: WARNING, with the reason."""
+        self._state(endpoint).reason = reason
         self._restart_rotation()
         log.warning("%s: target %s is down after %s%s", self.label, endpoint, reason, more,
                     extra=self._fields("target_down", endpoint, reason=reason, **fields))
 
     def _log_up(self, endpoint: Endpoint, reason: str, **fields) -> None:
         """The one line a target's coming back makes: INFO, with the reason."""
+        self._state(endpoint).reason = reason
         self._restart_rotation()
         log.info("%s: target %s is up again: %s", self.label, endpoint, reason,
                  extra=self._fields("target_up", endpoint, reason=reason, **fields))
@@ -280,7 +498,9 @@ class Targets:
     def known(self) -> List[Endpoint]:
         """The fixed targets, then any a target function returned so far."""
         seen = list(self.static)
-        seen.extend(endpoint for endpoint in self._health if endpoint not in self.static)
+        # (a list of the keys first: metrics may call this from another thread while a
+        # target function's answer adds one)
+        seen.extend(endpoint for endpoint in list(self._health) if endpoint not in self.static)
         return seen
 
     def _fields(self, event: str, endpoint: Endpoint, **more) -> dict:
@@ -306,6 +526,14 @@ class Targets:
             if key is not None and len(self._parsed) < 1024:
                 self._parsed[key] = parsed
         return parsed
+
+
+def _same_ip(one: Endpoint, other: Endpoint) -> bool:
+    """Two spellings of one IP address and port (``[::1]:80``, ``[0:0::1]:80``)."""
+    if not (isinstance(one, Address) and isinstance(other, Address)) or one.port != other.port \
+            or one.family is None or other.family is None:
+        return False
+    return ipaddress.ip_address(one.host) == ipaddress.ip_address(other.host)
 
 
 def _times(count: int) -> str:

@@ -103,8 +103,17 @@ def test_every_outcome_is_in_the_metrics_docs():
     row = next(r for r in _table_rows(metrics) if r[0] == "`gproxy_connections_total`")
     assert set(re.findall(r"`(\w+)`", row[2])) - {"rule", "outcome"} == labels
     outcomes = {r[0].strip("`") for r in _table_rows(metrics) if r[0] != "outcome"
-                and not r[0].startswith("`gproxy_") and r[0] != "metric"}
+                and not r[0].startswith(("`gproxy_", "`process_")) and r[0] != "metric"}
     assert outcomes == labels
+
+
+def test_every_metric_family_is_in_the_metrics_docs():
+    from gproxy import metrics as page
+    families = {name for name, _kind, _help in page._HEADERS.values()} | {"gproxy_build_info"} \
+        | {name for name, _kind, _help in page._PROCESS_HEADERS}
+    table = _table_rows(section(DOCS_DIR / "operations.md", "Metrics"))
+    documented = {name for row in table for name in re.findall(r"`((?:gproxy|process)_\w+)`", row[0])}
+    assert documented == families
 
 
 def test_every_option_is_in_the_configuration_docs():

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gproxy import metrics
-from peers import TIMEOUT, Proxy, Server, connect, echo, free_port, recv_exactly
+from peers import TIMEOUT, Proxy, Server, connect, echo, free_port, recv_exactly, unanswered_listener
 from test_access import refused
 
 
@@ -296,11 +298,13 @@ class _Marked:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("server", ["metrics", "api"])
-def test_a_scrape_lets_the_loop_run_while_it_renders(server):
+def test_a_scrape_lets_the_loop_run_while_it_renders(server, monkeypatch):
     """A ping-pong on the same hub goes on while one scrape of 1,000 rules is made: between
     the page reading its first rule and its last, the loop made passes (a round trip over a
     socketpair takes two; 1,000 rules are 62 slices). Before, the page was made in one go:
-    no round trip at all."""
+    no round trip at all. (The process's own figures, CPU time first, change between two
+    pages: they are held still, so that the two pages compared can be the same.)"""
+    monkeypatch.setattr(metrics, "_process_text", lambda: "# TYPE process_open_fds gauge\nprocess_open_fds 7\n")
     import gevent
     import gevent.socket
 
@@ -352,3 +356,142 @@ def test_a_scrape_lets_the_loop_run_while_it_renders(server):
     assert body.decode() == metrics.render(rules)  # the same page, made in slices
     assert len(marks) == 4  # each marked rule read once per page
     assert marks[1] - marks[0] >= 5, marks  # the loop ran while the page was made (some 30 times)
+
+
+# -- per target, the build and the process (issue 18 part 4) ---------------------------------------
+
+_IMPORTED = time.time()  # this process started before this
+
+
+def target_series(found: dict, name: str, rule: str, target: str) -> dict:
+    """{the one other label's value: sample} of a per-target family for one target."""
+    series = {}
+    for (sample, labels), number in found.items():
+        labels = dict(labels)
+        if sample == name and labels.pop("rule") == rule and labels.pop("target") == target:
+            series[next(iter(labels.values()), None)] = number
+    return series
+
+
+def test_per_target_connections_bytes_failures_weight_and_state(forwarder_factory):
+    with Server(echo) as upstream, unanswered_listener() as silent:
+        live, dead = f"127.0.0.1:{upstream.address[1]}", f"127.0.0.1:{free_port()}"
+        several = forwarder_factory([dead, live])  # failover: the dead one first, once
+        for size in (1, 1000, 300_001):
+            echo_through(several.address, size)
+        held = connect(several.address)
+        held.sendall(b"h")
+        assert recv_exactly(held, 1) == b"h"
+        plain = forwarder_factory(upstream.address)  # one target: the connect on the hub
+        echo_through(plain.address, 5)
+        hung = forwarder_factory(silent, connect_timeout=0.2)
+        with connect(hung.address) as client:
+            assert client.recv(1) == b""
+        forwarder_factory.wait_closed(plain, accepted=1)
+        forwarder_factory.wait_closed(hung, accepted=1)
+        several.set_target(live, weight=4)
+        several.set_target(dead, state="drain")
+        found = samples(metrics.render([several, plain, hung]))
+        held.shutdown(socket.SHUT_WR)
+        assert held.recv(1) == b""
+        held.close()
+        forwarder_factory.wait_closed(several, accepted=4)
+        after = samples(metrics.render([several]))
+
+    rule = several.name
+    connections = target_series(found, "gproxy_target_connections_total", rule, live)
+    assert connections == {"eof": 3, "reset": 0, "idle_timeout": 0, "shutdown": 0, "closed": 0, "error": 0}
+    assert target_series(found, "gproxy_target_connections_total", rule, dead) == dict.fromkeys(connections, 0)
+    assert target_series(found, "gproxy_target_active_connections", rule, live) == {None: 1}
+    assert target_series(found, "gproxy_target_bytes_total", rule, live) == {"upstream": 301_002,
+                                                                             "downstream": 301_002}
+    assert target_series(found, "gproxy_target_connect_failures_total", rule, dead) == {
+        "refused": 1, "timeout": 0, "unreachable": 0, "resolve": 0, "other": 0}
+    assert sum(target_series(found, "gproxy_target_connect_failures_total", rule, live).values()) == 0
+    assert target_series(found, "gproxy_target_weight", rule, live) == {None: 4}
+    assert target_series(found, "gproxy_target_state", rule, dead) == {"enabled": 0, "drain": 1, "disabled": 0}
+    assert target_series(found, "gproxy_target_state", rule, live) == {"enabled": 1, "drain": 0, "disabled": 0}
+    assert not any(name == "gproxy_target_check_duration_seconds" for name, _ in found)  # no check
+    assert target_series(after, "gproxy_target_connections_total", rule, live)["eof"] == 4
+    assert target_series(after, "gproxy_target_active_connections", rule, live) == {None: 0}
+    assert target_series(after, "gproxy_target_bytes_total", rule, live) == {"upstream": 301_003,
+                                                                             "downstream": 301_003}
+
+    assert target_series(found, "gproxy_target_connections_total", plain.name, live)["eof"] == 1
+    assert target_series(found, "gproxy_target_bytes_total", plain.name, live)["upstream"] == 5
+    silent_name = "127.0.0.1:%d" % silent[1]
+    assert target_series(found, "gproxy_target_connect_failures_total", hung.name, silent_name)["timeout"] == 1
+    assert target_series(found, "gproxy_target_active_connections", hung.name, silent_name) == {None: 0}
+
+
+def test_the_last_checks_duration_per_target(forwarder_factory):
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address, check="tcp", check_interval=0.05, check_timeout=2)
+        target = "127.0.0.1:%d" % upstream.address[1]
+        deadline = time.monotonic() + TIMEOUT
+        while not fw.targets()[0].check:
+            assert time.monotonic() < deadline, "never checked"
+            time.sleep(0.01)  # sleep-ok: polling the first check
+        found = samples(metrics.render([fw]))
+    duration = target_series(found, "gproxy_target_check_duration_seconds", fw.name, target)[None]
+    assert 0 < duration < 2
+
+
+def test_build_info_and_the_process_read_from_proc():
+    import os
+    import platform
+    import resource
+
+    import gevent
+
+    import gproxy
+    before = sum(os.times()[:2])
+    text = metrics.render([])
+    after = sum(os.times()[:2])
+    found = samples(text)
+    assert value(found, "gproxy_build_info", version=gproxy.__version__, python=platform.python_version(),
+                 gevent=gevent.__version__) == 1
+    assert before - 0.01 <= value(found, "process_cpu_seconds_total") <= after + 0.01
+    assert _IMPORTED - 7 * 86400 < value(found, "process_start_time_seconds") < _IMPORTED
+    assert 1 << 20 < value(found, "process_resident_memory_bytes") <= value(found, "process_virtual_memory_bytes")
+    assert value(found, "process_max_fds") == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert abs(value(found, "process_open_fds") - len(os.listdir("/proc/self/fd"))) <= 5
+    without = metrics.render([], process=False)
+    assert "gproxy_build_info{" in without and "process_" not in without
+
+
+def test_promtool_accepts_the_page(tmp_path):
+    """The page of a gproxy with every kind of target (several, weighted, a backup, a Unix socket,
+    IPv6, checked, drained over the API, a name that needs escaping) passes ``promtool check
+    metrics``, Prometheus's own linter."""
+    from test_real_clients import need
+    from test_target_control import call
+    from test_api import ApiProcess
+    promtool = need("promtool")
+    with Server(echo) as upstream:
+        live = f"127.0.0.1:{upstream.address[1]}"
+        path = tmp_path / "gproxy.toml"
+        path.write_text(
+            f'[[rule]]\nname = "weird \\"name\\" \\\\ here"\nlisten = "127.0.0.1:0"\ntarget = "{live}"\n'
+            f'[[rule]]\nname = "r"\nlisten = "127.0.0.1:0"\nbalance = "round-robin"\n'
+            f'targets = ["{live}", {{address = "[::1]:{free_port()}", weight = 3}}, '
+            f'{{address = "unix:/run/gproxy-test/x.sock", backup = true}}]\n'
+            f'check = "tcp"\ncheck_interval = 0.05\ncheck_timeout = 2\n')
+        api = ApiProcess("-c", str(path))
+        try:
+            status, proxies = call(api, "GET", "/proxies")
+            assert status == 200 and set(proxies) == {'weird "name" \\ here', "r"}, proxies
+            for proxy in proxies.values():
+                host, _, port = proxy["listen"].rpartition(":")
+                echo_through((host, int(port)), 100)
+            assert call(api, "POST", f"/proxies/r/targets/{live}", {"state": "drain"})[0] == 200
+            api.wait_for("is down after its tcp check failed")  # a check has ended
+            _, _, page = get(api.url + "/metrics")
+        finally:
+            code, log = api.stop()
+        assert code == 0, log
+    assert 'gproxy_target_state{rule="r",target="%s",state="drain"} 1' % live in page
+    assert "gproxy_target_check_duration_seconds{" in page and "process_open_fds " in page
+    result = subprocess.run([promtool, "check", "metrics"], input=page, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), result
