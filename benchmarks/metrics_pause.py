@@ -2,9 +2,13 @@
 
     python benchmarks/metrics_pause.py                                   # this checkout
     python benchmarks/metrics_pause.py --gproxy before=/tmp/old --gproxy after=. --reps 3
+    python benchmarks/metrics_pause.py --connections 9000               # and that many open
 
 Each gproxy checkout runs ``python -m gproxy -q -c RULES --metrics ...`` with ``--rules``
-rules on one hub: the first forwards to a local echo server, the others are idle. A client
+rules on one hub: the first forwards to a local echo server, the others are idle. With
+``--connections N``, the others forward to a server that accepts and holds every connection,
+and N clients connect through them (spread evenly) and stay open, silent, through both
+phases: a scrape must not walk them (it lists gproxy's fds once, for ``process_open_fds``). A client
 sends a 64-byte message through the first rule every millisecond and times each round trip,
 first with no scrape (``quiet``), then while a second process fetches ``/metrics`` in a
 loop, one scrape after another (``scraped``). Checkouts run in an interleaved order, each
@@ -71,38 +75,48 @@ while True:
 """
 
 
+# Accepts and holds every connection, never reading; prints its port.
+HOLD = r"""
+import socket
+srv = socket.create_server(("127.0.0.1", 0), backlog=4096)
+print(srv.getsockname()[1], flush=True)
+held = []
+while True:
+    held.append(srv.accept()[0])
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
 
 
-def write_rules(path: str, rules: int, echo_port: int) -> None:
-    """A config file: rule-0 -> the echo server, the rest idle; each on a port of its own."""
+def write_rules(path: str, rules: int, echo_port: int, hold_port: int = 9) -> None:
+    """A config file: rule-0 -> the echo server, the rest idle (to the hold server, or to the
+    discard port); each on a port of its own."""
     with open(path, "w") as f:
         for i in range(rules):
-            target = f"{HOST}:{echo_port}" if i == 0 else f"{HOST}:9"
+            target = f"{HOST}:{echo_port}" if i == 0 else f"{HOST}:{hold_port}"
             f.write(f'[[rule]]\nname = "rule-{i}"\nlisten = "{HOST}:0"\ntarget = "{target}"\n')
 
 
 def start_gproxy(repo: str, rules_path: str, metrics_port: int, rules: int):
-    """gproxy serving every rule, and rule-0's port (from its "listening on" line)."""
+    """gproxy serving every rule, and each rule's port by index (from the "listening on" lines)."""
     env = dict(os.environ, PYTHONPATH=repo)
     proc = subprocess.Popen([sys.executable, "-m", "gproxy", "-q", "-c", rules_path,
                              "--metrics", f"{HOST}:{metrics_port}"],
                             cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    listening, first, line, last = 0, None, "", ""
-    while listening < rules:  # every rule bound
+    ports, line, last = {}, "", ""
+    while len(ports) < rules:  # every rule bound
         line, last = proc.stderr.readline(), line
         if not line:
             raise SystemExit(f"gproxy in {repo} exited with {proc.wait()}: {last.strip()}")
-        found = re.search(r"listening on \S+:(\d+) -> (.*)", line)
+        found = re.search(r"listening on \S+:(\d+) -> .*\(rule rule-(\d+)\)", line)
         if found:
-            listening += 1
-            if "rule-0)" in found.group(2):
-                first = int(found.group(1))
+            ports[int(found.group(2))] = int(found.group(1))
     threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # drain
-    return proc, first
+    return proc, ports
 
 
 def ping_pong(port: int, seconds: float) -> list:
@@ -130,12 +144,35 @@ def percentile(values: list, q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run_once(repo: str, rules: int, seconds: float, echo_port: int, workdir: str) -> dict:
+def open_connections(proc, ports: dict, count: int) -> list:
+    """``count`` connections through the idle rules, spread evenly, once gproxy holds them all
+    (both its sockets each: its fd count says so)."""
+    idle = [port for index, port in sorted(ports.items()) if index]
+    before = len(os.listdir(f"/proc/{proc.pid}/fd"))
+    clients = [socket.create_connection((HOST, idle[i % len(idle)])) for i in range(count)]
+    deadline = time.monotonic() + 60
+    while len(os.listdir(f"/proc/{proc.pid}/fd")) < before + 2 * count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"gproxy holds {len(os.listdir(f'/proc/{proc.pid}/fd')) - before} fds "
+                             f"of the {2 * count} expected")
+        time.sleep(0.1)  # sleep-ok: waiting for gproxy to connect every client
+    return clients
+
+
+def run_once(repo: str, rules: int, seconds: float, echo_port: int, workdir: str,
+             connections: int = 0) -> dict:
+    hold, hold_port = None, 9
+    if connections:  # afresh each time: it holds what it accepted until killed
+        hold = subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE, text=True)
+        hold_port = int(hold.stdout.readline())
     rules_path = os.path.join(workdir, "rules.toml")
-    write_rules(rules_path, rules, echo_port)
+    write_rules(rules_path, rules, echo_port, hold_port)
     metrics_port = free_port()
-    proc, first = start_gproxy(repo, rules_path, metrics_port, rules)
+    proc, ports = start_gproxy(repo, rules_path, metrics_port, rules)
+    first = ports[0]
+    clients = []
     try:
+        clients = open_connections(proc, ports, connections) if connections else []
         ping_pong(first, 0.5)  # warm up
         quiet = ping_pong(first, seconds)
         scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, HOST, str(metrics_port)],
@@ -148,6 +185,11 @@ def run_once(repo: str, rules: int, seconds: float, echo_port: int, workdir: str
     finally:
         proc.terminate()
         proc.wait()
+        for client in clients:
+            client.close()
+        if hold is not None:
+            hold.kill()
+            hold.wait()
     return {"quiet": quiet, "scraped": scraped, "scrapes": scrapes, "size": size}
 
 
@@ -158,6 +200,9 @@ def main() -> None:
     parser.add_argument("--rules", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=5.0, help="per phase (default 5)")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=0,
+                        help="connections held open through the idle rules (default 0); gproxy needs "
+                             "two fds each, so the fd limit bounds it")
     args = parser.parse_args()
     checkouts = []
     for spec in args.gproxy or [f"this={REPO}"]:
@@ -173,7 +218,7 @@ def main() -> None:
                 order = checkouts if rep % 2 == 0 else checkouts[::-1]
                 for name, path in order:
                     print(f"rep {rep + 1}/{args.reps}: {name}", file=sys.stderr)
-                    one = run_once(path, args.rules, args.seconds, echo_port, workdir)
+                    one = run_once(path, args.rules, args.seconds, echo_port, workdir, args.connections)
                     for key in ("quiet", "scraped", "scrapes"):
                         results[name][key].extend(one[key])
                     results[name]["size"] = one["size"]
@@ -181,7 +226,8 @@ def main() -> None:
         echo.kill()
 
     import gevent
-    print(f"# /metrics scrape vs forwarding, {args.rules} rules; {time.strftime('%Y-%m-%d')}")
+    print(f"# /metrics scrape vs forwarding, {args.rules} rules, {args.connections} connections open; "
+          f"{time.strftime('%Y-%m-%d')}")
     print(f"Python {platform.python_version()}, gevent {gevent.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs; {args.reps} reps x {args.seconds:g} s per phase, "
           "one 64-byte round trip per ms")
