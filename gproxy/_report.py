@@ -8,10 +8,11 @@ Typical use::
     report(log, f"conn#{conn.id}: on_close hook {hook!r} failed", sys.exc_info())
 
 A connection's report is its counters (moved into the totals, its rule's and its target's,
-and out of ``active`` under the context's lock, so ``statistics()`` counts every byte once), its one log line (HAProxy's
-tcplog is the model: id, client, upstream, outcome, duration, bytes each way; the logger is
-``gproxy.relay``, a name hosts configure) and its hooks. Everything here runs once the
-connection's sockets are closed, or before its connect, in a greenlet: a hook may block.
+and out of ``active`` under the context's lock, so ``statistics()`` counts every byte once),
+its one log line (HAProxy's tcplog is the model: id, client, upstream, outcome, duration,
+bytes each way; the logger is ``gproxy.relay``, a name hosts configure) and its hooks.
+Everything here runs once the connection's sockets are closed, or before its connect, in a
+greenlet: a hook may block.
 
 A failure of the host's own code that runs inside gproxy (a hook, a Python toxic) is a bug in
 the host's program, and the host may have configured no logging at all: ``report`` then

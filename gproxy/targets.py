@@ -54,8 +54,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from gproxy.config import (MAX_WEIGHT, Address, ConfigError, Endpoint, Rule, Target, parse_address,
-                           parse_target_list, show)
+from gproxy.config import (
+    MAX_WEIGHT,
+    Address,
+    ConfigError,
+    Endpoint,
+    Rule,
+    Target,
+    parse_address,
+    parse_target_list,
+    show,
+)
 from gproxy.stats import Counters, TargetView
 
 __all__ = ["Targets", "TargetError", "TargetState", "TargetStatus", "CheckResult", "TargetNotFound"]

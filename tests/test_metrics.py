@@ -464,9 +464,9 @@ def test_promtool_accepts_the_page(tmp_path):
     """The page of a gproxy with every kind of target (several, weighted, a backup, a Unix socket,
     IPv6, checked, drained over the API, a name that needs escaping) passes ``promtool check
     metrics``, Prometheus's own linter."""
+    from test_api import ApiProcess
     from test_real_clients import need
     from test_target_control import call
-    from test_api import ApiProcess
     promtool = need("promtool")
     with Server(echo) as upstream:
         live = f"127.0.0.1:{upstream.address[1]}"
