@@ -454,8 +454,7 @@ class Targets:
     def views(self, counters: Counters) -> Dict[str, TargetView]:
         """Each known target as metrics shows it, by name (``Counters.health``)."""
         views = {}
-        for endpoint in self.known():  # (each has its _Health: known() reads them)
-            state = self._health[endpoint]
+        for state in list(self._health.values()):  # known()'s order: the fixed targets first
             views[state.name] = TargetView(self._up(state, counters), state.admin.value,
                                      state.weight or state.given_weight, state.check_duration)
         return views
