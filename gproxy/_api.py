@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union, cast
 
 from gevent.pywsgi import WSGIServer
 
 from gproxy import __version__, _http
 from gproxy._sockets import describe_address, describe_error
-from gproxy.config import AddressLike, ConfigError, parse_address
+from gproxy.config import AddressLike, ConfigError, parse_tcp_address
 from gproxy.forwarder import Forwarder
 from gproxy.service import DuplicateName, ResetFailed, Service, UnknownName, is_enabled, listen_address
 from gproxy.targets import TargetNotFound
@@ -94,7 +94,7 @@ class Api:
     def __init__(self, service: Service, listen: AddressLike = "127.0.0.1:8474", *,
                  drop_timeout: float = 0.0, client_timeout: float = _CLIENT_TIMEOUT):
         self.service = service
-        self.listen = parse_address(listen, "api")
+        self.listen = parse_tcp_address(listen, "api")
         self.drop_timeout = drop_timeout
         self.client_timeout = client_timeout
         self._server: Optional[WSGIServer] = None
@@ -294,7 +294,8 @@ class Api:
             raise ApiError(*_TOXIC_EXISTS)
         toxicity = body.get("toxicity")
         try:
-            toxic = fw.add_toxic(kind, name=toxic_name, stream=stream,
+            # kind and stream are the client's strings: add_toxic checks them (ConfigError below)
+            toxic = fw.add_toxic(cast(Any, kind), name=toxic_name, stream=cast(Any, stream),
                                  toxicity=1.0 if toxicity is None else toxicity,
                                  **(body.get("attributes") or {}))
         except ConfigError as exc:

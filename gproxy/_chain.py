@@ -326,6 +326,7 @@ class _Stage:
     def take(self):
         """The next output, at ``due()``; None if it was dropped."""
         t = self.next
+        assert t is not None, "take() before due()"
         self.next = None
         self.last = t
         if not self.active:
@@ -612,6 +613,7 @@ class _Timed(_Stage):
 
     def schedule(self):
         if self._ending():
+            assert self.end is not None  # (_ending says so)
             return max(self.end[0], self.last)
         return max(self.queue[0][0], self.last) if self.queue else None
 
@@ -624,6 +626,7 @@ class _Timed(_Stage):
 
     def fire(self):
         """The planned end is due: what is held dies with the connection."""
+        assert self.end is not None  # fire() follows _ending()
         kind, reason = self.end[1], self.end[2]
         self.drop_all()
         self.end, self.ended = None, True
@@ -789,7 +792,9 @@ class Link:
             if id(entry) not in present:
                 kind = _Python if entry.toxic.type == PYTHON else BUILTIN[entry.toxic.type]
                 if entry.main is not None:
-                    first.append(kind.reverse(entry, self, now))
+                    reverse = kind.reverse
+                    assert reverse is not None  # an entry with a main half is of a kind with a reverse
+                    first.append(reverse(entry, self, now))
                 else:
                     stages.append(kind(entry, self, now))
         self.stages = first + stages

@@ -101,7 +101,7 @@ def read_proxy_header(conn) -> None:
         conn.client_address = info.source
 
 
-def connect_upstream(conn, spare: Optional[socket.socket] = None) -> socket.socket:
+def connect_upstream(conn, spare: Optional[_sockets.RawSocket] = None) -> _sockets.RawSocket:
     """The connected upstream socket, its PROXY header sent if the rule sends one; raises
     Failure when no target answered, Aborted when the connection was aborted meanwhile.
     ``spare`` (an unconnected socket made at accept) is used if its family fits, else closed."""
@@ -131,7 +131,7 @@ def connect_upstream(conn, spare: Optional[socket.socket] = None) -> socket.sock
             spare.close()  # unused, or failed (closing twice is harmless)
 
 
-def _connect_targets(conn, spare: Optional[socket.socket]) -> socket.socket:
+def _connect_targets(conn, spare: Optional[_sockets.RawSocket]) -> _sockets.RawSocket:
     """Several targets, or a function: each in the order the balance gives, the next one after
     a failure, so the client notices nothing unless every one fails."""
     context = conn.context
@@ -163,10 +163,10 @@ def _connect_targets(conn, spare: Optional[socket.socket]) -> socket.socket:
         raise failures[0]
     timed_out = all(f.outcome is Outcome.CONNECT_TIMEOUT for f in failures)
     raise Failure(Outcome.CONNECT_TIMEOUT if timed_out else Outcome.CONNECT_FAILED,
-                  f"all {len(failures)} targets failed: " + "; ".join(f.error for f in failures))
+                  f"all {len(failures)} targets failed: " + "; ".join(str(f.error) for f in failures))
 
 
-def _connect_to(conn, target, spare: Optional[socket.socket]) -> socket.socket:
+def _connect_to(conn, target, spare: Optional[_sockets.RawSocket]) -> _sockets.RawSocket:
     """Try each address of one target in turn: the connected socket; Failure when none
     answered; Aborted when the connection was aborted meanwhile."""
     context = conn.context
@@ -205,7 +205,7 @@ def _connect_to(conn, target, spare: Optional[socket.socket]) -> socket.socket:
     raise failed if failed is not None else Failure(Outcome.CONNECT_FAILED, f"{target}: no address", "resolve")
 
 
-def _new_socket(conn, family: int) -> socket.socket:
+def _new_socket(conn, family: int) -> _sockets.RawSocket:
     try:
         return _sockets.raw_socket(family)
     except OSError as exc:  # out of fds or memory: this client cannot be served now
@@ -242,7 +242,7 @@ def _resolve(conn, host: str, port: int, timeout: Optional[float]) -> list:
     return [(info[0], info[4]) for info in infos]
 
 
-def _send_proxy_header(conn, upstream: socket.socket) -> None:
+def _send_proxy_header(conn, upstream: _sockets.RawSocket) -> None:
     """The PROXY header for this client, in one write; Failure if it could not be sent."""
     version, info = conn.context.proxy_version, conn.proxied
     client = conn.client
@@ -352,7 +352,7 @@ def _throw(conn, dialing) -> None:
 
 # -- both ---------------------------------------------------------------------------------------
 
-def _connect_result(conn, sock: socket.socket, writable, ready: bool) -> int:
+def _connect_result(conn, sock: _sockets.RawSocket, writable, ready: bool) -> int:
     """A non-blocking connect's errno (0: connected) once its watcher fired (``ready``) or
     its time ran out. A connected socket's writable watcher is kept for its pumps (one
     fewer to make); a failed one's is closed."""
@@ -372,7 +372,7 @@ def _forget_writable(conn) -> None:
         writable.close()
 
 
-def _connected(sock: socket.socket) -> bool:
+def _connected(sock: _sockets.RawSocket) -> bool:
     """Whether a non-blocking connect has completed, whatever the watchers said: after a
     stall of the loop, the connect timer and the socket's readiness fire in the same pass,
     and the timer's callback may run first."""

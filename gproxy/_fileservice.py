@@ -78,9 +78,9 @@ class FileService:
 
     def serve_forever(self) -> None:
         """Start if not started, then wait until ``stop()``."""
-        if self._host is None:
-            self._begin(here=True)
-        if not self._host.join():
+        host = self._host if self._host is not None else self._begin(here=True)
+        if not host.join():
+            assert self._done is not None  # made on the hub before start returned
             self._done.wait()
 
     def reload(self) -> bool:
@@ -141,7 +141,7 @@ class FileService:
 
     # -- on the hub -------------------------------------------------------------------------
 
-    def _begin(self, here: bool) -> None:
+    def _begin(self, here: bool) -> HubHost:
         host = self._host = HubHost()
         try:
             host.start(self._start_here, here=here, name=lambda: f"gproxy {self.path}",
@@ -149,6 +149,7 @@ class FileService:
         except BaseException:
             self._host = self._done = None  # nothing runs: it may be started again
             raise
+        return host
 
     def _start_here(self) -> None:
         self._done = Event()
@@ -165,6 +166,7 @@ class FileService:
                                    owned=self.config.rules)
 
     def _stop_here(self, timeout: Optional[float]) -> None:
+        assert self._host is not None and self._done is not None  # stop() calls it once started
         try:
             self.service.stop(timeout)
         finally:

@@ -259,7 +259,7 @@ def destroy_hub(hub) -> None:
     """
     pool = getattr(hub, "_threadpool", None)
     stuck = pool is not None and pool.task_queue.unfinished_tasks > 0
-    if stuck:
+    if stuck and pool is not None:  # (mypy cannot see that stuck implies a pool)
         hub._threadpool = None
         for _ in range(pool.size):
             pool.task_queue.put(None)

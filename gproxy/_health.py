@@ -46,7 +46,7 @@ import gevent
 import gevent.socket
 from gevent import getcurrent
 
-from gproxy import _gevent, _proxyproto, _sockets
+from gproxy import _proxyproto, _sockets
 from gproxy.config import CHECK_BUFFER, Address, Endpoint, Rule, http_status_ranges
 
 __all__ = ["Checks", "probe"]
@@ -95,7 +95,7 @@ class Checks:
         (never their watchers, which belong to the parent's hub)."""
         for sock in self.sockets.values():
             try:
-                _gevent.unwrap(sock).close()  # gevent's close would call into the dead hub
+                getattr(sock, "_sock", sock).close()
             except (OSError, AttributeError):
                 pass
         self.sockets.clear()
@@ -163,7 +163,9 @@ def probe(rule: Rule, endpoint: Endpoint, request: Optional[_Request] = None,
         if rule.check == "tcp":
             return True, "connected"
         if rule.check == "send-expect":
-            _read_until(sock, answer, lambda: request.expect.search(answer) is not None,
+            expect = request.expect
+            assert expect is not None  # config requires check_expect for send-expect
+            _read_until(sock, answer, lambda: expect.search(answer) is not None,
                         f"a match for {rule.check_expect}")
             return True, f"answered {_snippet(answer)}"
         _read_until(sock, answer, lambda: b"\n" in answer, "a status line")
@@ -193,6 +195,7 @@ def _connect(endpoint: Endpoint, sockets: Optional[Dict[Endpoint, socket.socket]
     if endpoint.family is not None:
         candidates = [(endpoint.family, endpoint.sockaddr)]
     else:
+        assert isinstance(endpoint, Address)  # a name to resolve: a Unix address has its family
         try:
             infos = gevent.socket.getaddrinfo(endpoint.host, endpoint.port, 0, socket.SOCK_STREAM)
         except OSError as exc:
@@ -216,7 +219,7 @@ def _connect(endpoint: Endpoint, sockets: Optional[Dict[Endpoint, socket.socket]
                 sockets.pop(endpoint, None)
             sock.close()
             raise
-    raise error if error is not None else _Failed(f"{endpoint.host} has no address")
+    raise error if error is not None else _Failed(f"{endpoint} has no address")
 
 
 def _read_until(sock: socket.socket, answer: bytearray, done, wanted: str) -> None:

@@ -86,7 +86,7 @@ class _Call:
         #: held while ``_wake`` is sent to or closed, so it is never sent to once closed
         self._guard = _gevent.real_lock()
         #: the async watcher of a caller waiting on its own hub, else None
-        self._wake = None
+        self._wake: Any = None  # a gevent async watcher while a caller waits
 
     def settle(self, ok: bool, value: Any) -> None:
         """Under the host's lock, once: the answer, and the waiting caller woken."""
@@ -120,7 +120,7 @@ class _Call:
         raise self.value
 
 
-def _cooperative_hub():
+def _cooperative_hub() -> Any:
     """The calling thread's hub when a caller should wait for a call on it rather than block
     its OS thread: gevent patched ``threading`` (the program's threads are greenlets, stalled
     by a blocked OS thread) and the caller is not that hub itself. Else None."""
@@ -172,7 +172,7 @@ class HubHost:
     named ``name()``."""
 
     def __init__(self) -> None:
-        self.hub = None
+        self.hub: Any = None  # gevent's Hub (gevent has no type information)
         self.thread_id: Optional[int] = None
         self.thread: Optional[Union[threading.Thread, _OSThread]] = None
         self._lock = _gevent.real_lock()  # guards _ended and every call's state

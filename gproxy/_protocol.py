@@ -49,7 +49,7 @@ replies than requests), it stops acting on that connection for good and passes e
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Deque, Optional
+from typing import Any, Deque, Optional, cast
 
 from gproxy._chain import _EOF, _INF, _Marker, _Stage
 
@@ -109,7 +109,7 @@ def _session(stage: _Stage) -> Session:
     session = stage.link.sessions.get(key)
     if session is None:
         session = stage.link.sessions[key] = Session()
-    return session
+    return cast(Session, session)  # link.sessions holds this module's Sessions only
 
 
 class _Unit:
@@ -173,7 +173,7 @@ class Requests(_Stage):
                                               if item.__class__ is not _Marker)
         self.offset = 0            # the stream offset of the first byte held
         self.fed = 0               # bytes given to the parser
-        self.pass_until = 0        # bytes before this offset are passed on
+        self.pass_until: float = 0  # bytes before this offset are passed on (_INF: all)
         self.unit = _Unit(0)       # the request at pass_until
         self.eof = any(item is _EOF for _t, item in self.queue)
 
@@ -197,16 +197,17 @@ class Requests(_Stage):
             self.offset += len(item)
         return item
 
-    def _take(self, n: int):
+    def _take(self, n: float):
         """At most ``n`` bytes off the head chunk."""
         head = self.queue[0]
         item = head[1]
         if len(item) <= n:
             return self.pop()
-        head[1] = item[n:]
-        self.size -= n
-        self.offset += n
-        return item[:n]
+        cut = int(n)  # finite here: an allowance of _INF took the whole chunk above
+        head[1] = item[cut:]
+        self.size -= cut
+        self.offset += cut
+        return item[:cut]
 
     def drain(self):
         unit = getattr(self, "unit", None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 __all__ = [
     "ProxyHeader", "ProxyProtocolError", "SIGNATURE", "V1_MAX", "encode", "encode_v1", "encode_v2",
@@ -34,7 +34,7 @@ _V1_PREFIX = b"PROXY "
 _V2_FIXED = 16                      # signature, version/command, family/protocol, length
 _UNIX_PATH = 108                    # sizeof(sun_path), the width of each AF_UNIX address
 _LOCAL, _PROXY = 0x0, 0x1           # v2 commands (low nibble of byte 13)
-_FAMILIES = {socket.AF_INET: 0x1, socket.AF_INET6: 0x2, socket.AF_UNIX: 0x3}
+_FAMILIES: Dict[int, int] = {socket.AF_INET: 0x1, socket.AF_INET6: 0x2, socket.AF_UNIX: 0x3}
 _ADDRESS_LENGTH = {0x1: 12, 0x2: 36, 0x3: 216}
 
 Endpoint = Union[Tuple[str, int], str, bytes]

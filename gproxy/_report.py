@@ -169,11 +169,13 @@ class _LogFields(Mapping):
     __slots__ = ("_rule", "_record", "_fields")
 
     def __init__(self, rule: str, line: ConnectionRecord) -> None:
-        self._rule, self._record, self._fields = rule, line, None
+        self._rule, self._record = rule, line
+        self._fields: Optional[dict] = None
 
     def _get(self) -> dict:
         if self._fields is None:
             line = self._record
+            assert line.outcome is not None and line.duration is not None  # a closed connection's
             self._fields = {
                 "rule": self._rule, "id": line.id, "client": line.client, "target": line.upstream,
                 "outcome": line.outcome.name.lower(), "duration": round(line.duration, 6),

@@ -32,6 +32,7 @@ import gevent
 import gevent.socket
 
 from gproxy import _gevent
+from gproxy._sockets import RawSocket
 from gproxy.config import Address, ConfigError, Rule
 
 __all__ = ["refuse_at_start", "may_loop", "OwnUpstreams", "address_key"]
@@ -85,7 +86,7 @@ def _resolve(target: Address) -> Iterable[str]:
             infos = gevent.socket.getaddrinfo(target.host, target.port, 0, socket.SOCK_STREAM)
     except (OSError, gevent.Timeout):
         return []  # not resolvable now: each connection resolves again, and the guard sees it
-    return [address_key(info[4])[0] for info in infos]
+    return [key[0] for info in infos if (key := address_key(info[4])) is not None]  # all IP addresses
 
 
 def _same(host: str, bound_host: str, listener: socket.socket) -> bool:
@@ -136,7 +137,7 @@ class OwnUpstreams:
     def __init__(self) -> None:
         self._keys: Dict[Key, None] = {}
 
-    def note(self, sock: socket.socket, previous: Optional[Key] = None) -> Optional[Key]:
+    def note(self, sock: RawSocket, previous: Optional[Key] = None) -> Optional[Key]:
         if previous is not None:
             self._keys.pop(previous, None)
         try:

@@ -9,9 +9,8 @@ Typical use::
 
 gproxy moves bytes on the interpreter's own socket objects, not gevent's
 wrappers: the pumps wait for readiness on their own watchers (see relay.py),
-so they need nothing from gevent's socket but its event loop. ``_socket.socket``
-is the original after ``patch_all()`` too: gevent patches ``socket``, never
-``_socket`` (tests/test_gevent_contract.py checks it).
+so they need nothing from gevent's socket but its event loop. The original
+class is taken from gevent.monkey so this works after ``patch_all()`` too.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import errno
 import os
 import socket
 import struct
+from typing import Any
 
 __all__ = [
     "RawSocket", "raw_socket", "tune", "half_close", "abort", "describe_error", "describe_address",
@@ -54,7 +54,7 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 _KEEPALIVE = (60, 10, 9)
 
 
-def raw_socket(family: int, fileno: int | None = None) -> socket.socket:
+def raw_socket(family: int, fileno: int | None = None) -> RawSocket:
     """A non-blocking stream socket of the interpreter's own C class (``fileno``: wrap that fd)."""
     if fileno is None:
         sock = RawSocket(family, _STREAM_NONBLOCK)
@@ -66,7 +66,7 @@ def raw_socket(family: int, fileno: int | None = None) -> socket.socket:
     return sock
 
 
-def tune(sock: socket.socket) -> None:
+def tune(sock: RawSocket) -> None:
     """No Nagle delay (a forwarder must not add latency) and keepalive to find dead peers.
     A Unix socket has neither, and needs neither."""
     if sock.family == _AF_UNIX:
@@ -83,7 +83,7 @@ def tune(sock: socket.socket) -> None:
         pass  # a peer that reset before we got here; the pump will find out
 
 
-def half_close(sock: socket.socket) -> None:
+def half_close(sock: RawSocket) -> None:
     """Send our FIN; reading goes on. A peer already gone is not an error here."""
     try:
         sock.shutdown(socket.SHUT_WR)
@@ -91,7 +91,7 @@ def half_close(sock: socket.socket) -> None:
         pass
 
 
-def abort(sock: socket.socket) -> None:
+def abort(sock: RawSocket) -> None:
     """Close with RST (SO_LINGER 0), so the peer learns the connection failed."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
@@ -111,7 +111,7 @@ def describe_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def endpoint(address):
+def endpoint(address: Any) -> Any:
     """A socket address as records give it: ``(host, port)`` for IP (an IPv6 address's flow
     info and scope id dropped), the path or abstract name (str or bytes) for a Unix socket."""
     if isinstance(address, tuple) and len(address) > 2:
@@ -119,7 +119,7 @@ def endpoint(address):
     return address
 
 
-def describe_address(address) -> str:
+def describe_address(address: Any) -> str:
     """'127.0.0.1:80' or '[::1]:80' from a socket address tuple; 'unix:/path', 'unix:@name'
     or 'unix' (a client socket with no name) from a Unix socket's."""
     if isinstance(address, tuple) and len(address) >= 2:

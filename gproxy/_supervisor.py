@@ -49,7 +49,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from gproxy import _sockets
-from gproxy.config import Rule
+from gproxy.config import Address, Rule
 
 __all__ = ["Supervisor", "auto_count", "reserve", "watch_lifeline", "worker_argv"]
 
@@ -73,6 +73,7 @@ def reserve(rule: Rule) -> socket.socket:
     """Bind the rule's address with SO_REUSEPORT and no listen(): it picks the port for port 0
     and holds it for the workers. OSError names the address."""
     listen = rule.listen
+    assert isinstance(listen, Address)  # the command line refuses --workers for a Unix socket
     try:
         infos = socket.getaddrinfo(listen.host, listen.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
         family, sockaddr = infos[0][0], infos[0][4]
@@ -154,8 +155,9 @@ class Supervisor:
         return 1 if self.failed else 0
 
     def _start(self, index: int) -> None:
-        proc = subprocess.Popen(self.command(index, self.lifeline), stdin=subprocess.DEVNULL,
-                                pass_fds=(self.lifeline,))
+        lifeline = self.lifeline
+        assert lifeline is not None  # run() made it before starting any worker
+        proc = subprocess.Popen(self.command(index, lifeline), stdin=subprocess.DEVNULL, pass_fds=(lifeline,))
         self.procs[index] = proc
         self.started[index] = time.monotonic()
 

@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import time
-from typing import List, Optional, Tuple
+from typing import List, MutableMapping, Optional, Tuple
 
 from gproxy import _gevent
 
@@ -67,7 +67,7 @@ def reloading() -> bool:
     return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
 
-def listen_fds(environ=None) -> List[Tuple[int, Optional[str]]]:
+def listen_fds(environ: Optional[MutableMapping[str, str]] = None) -> List[Tuple[int, Optional[str]]]:
     """The listening sockets the service manager passed: ``[(fd, name), ...]`` from fd 3 on
     (``name`` from ``$LISTEN_FDNAMES``, None without it), or ``[]``. Unsets the variables in
     ``environ`` (default ``os.environ``) in every case; ``ActivationError`` if they are

@@ -182,6 +182,7 @@ class _Trigger(_Timed):
         return super().schedule()
 
     def fire(self):
+        assert self.end is not None  # fire() follows _ending()
         if self.end[1] != "drop":
             return super().fire()
         self.end = None

@@ -35,15 +35,18 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union, cast
 
 import gevent
 
 from gproxy import __version__, _sockets, _systemd, metrics
 from gproxy._jsonlog import JsonFormatter
-from gproxy.config import UNIX_FILE_OPTIONS, ConfigError, parse_address
+from gproxy.config import UNIX_FILE_OPTIONS, ConfigError, Endpoint, parse_address, parse_tcp_address
 from gproxy.forwarder import Forwarder
 from gproxy.stats import Statistics
+
+if TYPE_CHECKING:
+    from gproxy._fileservice import FileService  # imported when a config file is given
 
 __all__ = ["main", "build_parser"]
 
@@ -128,7 +131,7 @@ class _StderrLog(logging.Handler):
             done = batch[-1] is None
             if done:
                 batch.pop()
-            self._write("".join(batch))
+            self._write("".join(cast(List[str], batch)))  # the None that ends the queue is popped
             dropped = self.dropped - self._reported
             if dropped:
                 self._reported += dropped
@@ -522,7 +525,8 @@ def _supervise(args: argparse.Namespace, options: dict, count: int, argv: List[s
 
 
 def _run(args: argparse.Namespace, options: dict) -> int:
-    files = None
+    files: Optional[FileService] = None
+    forwarder: Union[FileService, _Single, _ApiServer, None]
     try:
         if args.config_file is not None:
             from gproxy._fileservice import FileService
@@ -532,7 +536,7 @@ def _run(args: argparse.Namespace, options: dict) -> int:
             target = args.target[0] if len(args.target) == 1 else args.target
             listen = args.listen
             if args.worker_port is not None:  # a worker: the port its parent reserved
-                listen = (parse_address(listen, "listen").host, args.worker_port)
+                listen = (parse_tcp_address(listen, "listen").host, args.worker_port)
             forwarder = _Single(Forwarder(listen, target, **options)) if args.listen is not None else None
         if args.api is not None:
             single = forwarder.forwarder if isinstance(forwarder, _Single) else None
@@ -545,9 +549,10 @@ def _run(args: argparse.Namespace, options: dict) -> int:
             defaults = {key: value for key, value in options.items() if key not in UNIX_FILE_OPTIONS}
             forwarder = _ApiServer(args.api, args.name, single, defaults, files=files)
         if args.metrics is not None:
-            parse_address(args.metrics, "metrics")
+            parse_tcp_address(args.metrics, "metrics")
     except ConfigError as exc:
         return _bad_option(exc)
+    assert forwarder is not None  # main() takes no LISTEN only with --api
     taking = None
     if args.takeover is not None:
         from gproxy import _handover as handover
@@ -584,6 +589,7 @@ def _run(args: argparse.Namespace, options: dict) -> int:
             log.info("SIGHUP: not reloading, the listening sockets were handed over to another gproxy")
             return
         _systemd.reloading()
+        assert files is not None  # on_reload spawns this only with a config file
         try:
             files.reload()
         except Exception:  # a bug: said once, with its traceback, and the old rules stay
@@ -715,7 +721,8 @@ def _activation(args: argparse.Namespace, files: Any, forwarder: Any, taking: An
             rules = {name: fw.rule for name, fw in service.items()}
         else:
             rules = {args.name: single.rule} if single is not None else {}
-        extra = {key: parse_address(value, key) for key, value in (("metrics", args.metrics), ("api", args.api))
+        extra: Dict[str, Endpoint] = {key: parse_tcp_address(value, key)
+                 for key, value in (("metrics", args.metrics), ("api", args.api))
                  if value is not None}
         if args.control_socket is not None:
             extra["control"] = parse_address("unix:" + args.control_socket, "control_socket")

@@ -24,7 +24,7 @@ import re
 import socket
 import sys
 from dataclasses import dataclass, fields
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 try:
     import resource
@@ -38,8 +38,8 @@ except ImportError:  # Windows: no users or groups to own a socket file
     grp = pwd = None  # type: ignore[assignment]
 
 __all__ = ["Address", "UnixAddress", "Endpoint", "Target", "ConfigError", "Rule", "parse_address",
-           "parse_targets", "parse_target_list", "check_hook", "owner_id", "AddressLike", "TargetLike",
-           "BALANCES", "CHECKS", "MAX_WEIGHT", "UNIX_FILE_OPTIONS"]
+           "parse_tcp_address", "parse_targets", "parse_target_list", "check_hook", "owner_id", "AddressLike",
+           "TargetLike", "BALANCES", "CHECKS", "MAX_WEIGHT", "UNIX_FILE_OPTIONS"]
 
 AddressLike = Union[str, int, Tuple[str, int], "Address", "UnixAddress"]
 #: one of several targets: an address, a :class:`Target`, or a mapping with ``address`` and
@@ -300,6 +300,14 @@ def _is_one_address(value) -> bool:
     second = value[1]
     return not isinstance(second, (str, Address, UnixAddress, tuple, Target, Mapping)) or \
         (isinstance(second, str) and ":" not in second)
+
+
+def parse_tcp_address(value: AddressLike, field: str) -> Address:
+    """``parse_address`` for what listens on TCP only (the HTTP API, /metrics, a worker's port)."""
+    address = parse_address(value, field)
+    if isinstance(address, UnixAddress):
+        raise ConfigError(field, f"expected HOST:PORT, got a Unix socket: {show(str(address))}")
+    return address
 
 
 _TARGET_KEYS = ("address", "weight", "backup")
@@ -727,7 +735,7 @@ class Rule:
     """
 
     listen: Endpoint
-    target: Union[Endpoint, Tuple[Endpoint, ...], Callable]
+    target: Union[Endpoint, Tuple[Union[Endpoint, "Target"], ...], Callable]
     name: Optional[str] = None
     balance: str = "failover"
     max_fails: int = 1
@@ -812,7 +820,7 @@ class Rule:
         max_connections = opt["max_connections"]
         if max_connections is None:
             max_connections = default_max_connections()
-        unix_file = {"unix_mode": _unix_mode(opt["unix_mode"], "unix_mode"),
+        unix_file: Dict[str, Any] = {"unix_mode": _unix_mode(opt["unix_mode"], "unix_mode"),
                      "unix_user": _owner(opt["unix_user"], "unix_user", "user"),
                      "unix_group": _owner(opt["unix_group"], "unix_group", "group")}
         for key, value in unix_file.items():
@@ -875,7 +883,7 @@ def _check_options(opt: dict, function: bool) -> dict:
     if interval < 0.01:
         raise ConfigError("check_interval", f"must be at least 0.01 s, got {show(opt['check_interval'])}")
     timeout = opt["check_timeout"]
-    checks = dict(
+    checks: Dict[str, Any] = dict(
         check=_check_type(opt["check"]),
         check_send=_check_bytes(opt["check_send"], "check_send"),
         check_expect=_check_regex(opt["check_expect"], "check_expect"),

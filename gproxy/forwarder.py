@@ -44,7 +44,21 @@ import os
 import socket
 import time
 import weakref
-from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple, Union, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    cast,
+    overload,
+)
 
 import gevent
 import gevent.socket
@@ -70,6 +84,9 @@ from gproxy.toxics import (
     ToxicType,
     make_toxic,
 )
+
+if TYPE_CHECKING:
+    from gproxy.splice import Splicer  # Linux only: imported when a rule splices
 
 __all__ = ["Forwarder", "State"]
 
@@ -103,11 +120,11 @@ class _Server(_gevent.InlineServer):
     about 1 KiB per connection and a new greenlet ~12 us), stops accepting at
     ``max_connections`` and survives fd exhaustion."""
 
-    def __init__(self, listener, handle, max_connections: int, upstream_family: int):
+    def __init__(self, listener: Any, handle: Callable[..., None], max_connections: int, upstream_family: int):
         super().__init__(listener, handle)
         self.max_connections = max_connections
         self.upstream_family = upstream_family
-        self._spare = None          # the next client's upstream socket
+        self._spare: Optional[_sockets.RawSocket] = None  # the next client's upstream socket
         self.running = 0            # connections accepted and not yet closed
         self.idle = Event()         # set while at most `allowance` run: what a drain waits for
         self.idle.set()
@@ -115,8 +132,8 @@ class _Server(_gevent.InlineServer):
         self.allowance = 0
         self._full = False
         self._pause = _PAUSE_MIN
-        self._resume_timer = None
-        self._warned_at = None
+        self._resume_timer: Any = None  # a gevent timer
+        self._warned_at: Optional[float] = None
         self._suppressed = 0
         self.disabled = False       # Forwarder.disable(): the listener is closed
 
@@ -128,7 +145,7 @@ class _Server(_gevent.InlineServer):
         self._full = self.running >= self.max_connections
         return self._full
 
-    def do_handle(self, *args) -> None:
+    def do_handle(self, *args: Any) -> None:
         """On the hub, in the listener's watcher callback: the connection owns its sockets
         from here and closes them itself, after its last pump."""
         self.running += 1
@@ -143,7 +160,7 @@ class _Server(_gevent.InlineServer):
             self._full = False
             self.resume_accepting()
 
-    def do_read(self):
+    def do_read(self) -> Optional[Tuple[_sockets.RawSocket, Any, _sockets.RawSocket]]:
         """Accept one client, with its upstream socket already open: a client is accepted
         only when it can be served, so running out of fds leaves clients queued in the
         kernel instead of accepted and dropped."""
@@ -343,13 +360,14 @@ class Forwarder:
         self._context = Context(self.rule, self._counters, on_open, on_close, _splicer(self.rule))
         self._state = State.NEW
         self._server: Optional[_Server] = None
-        self._sweeper = None
+        self._sweeper: Any = None  # a gevent timer
         self._stopped: Optional[Event] = None     # set on the hub when fully stopped
         self._host = HubHost()                     # the hub that serves, and its thread
-        self._address: Optional[Tuple[str, int]] = None
+        self._address: Union[Tuple[str, int], str, None] = None
         self._inherit_fd: Optional[int] = None     # a listening socket to serve on (takeover)
         self._inherit_from: Optional["Forwarder"] = None
-        self._took_over = None                     # weakref to the one whose listener it serves on
+        #: a weakref to the one whose listener it serves on
+        self._took_over: Optional["weakref.ReferenceType[Forwarder]"] = None
         self._socket_file = None                   # our Unix socket file, removed on stop
         self._keep_listener = False                # another forwarder took it over: leave it
         self._from_manager: Optional[str] = None   # inherit_socket(): where its listener came from
@@ -362,7 +380,7 @@ class Forwarder:
         self._drain_timeout_given: Optional[float] = None
         self._retiring = False
         self._drain_changed: Optional[Event] = None
-        self._own_targets = None                   # count_on(): target gauges to show later
+        self._own_targets: Optional[tuple] = None  # count_on(): target gauges to show later
 
     # -- public surface -------------------------------------------------------------
 
@@ -372,7 +390,9 @@ class Forwarder:
         path, or NUL and the name when abstract); valid once started."""
         if self._address is None:
             raise RuntimeError("the forwarder has not been started")
-        return self._address
+        # typed for TCP, what `fw.address[1]` and create_connection(fw.address) need; a Unix
+        # socket's rule gives its path (the docstring says so; bound_address is typed for both)
+        return cast(Tuple[str, int], self._address)
 
     @property
     def host(self) -> str:
@@ -483,7 +503,7 @@ class Forwarder:
         return self._state
 
     @property
-    def bound_address(self) -> Optional[Tuple[str, int]]:
+    def bound_address(self) -> Union[Tuple[str, int], str, None]:
         """What ``address`` gives, or ``None`` until started (never raises). A stopped forwarder
         keeps the address it had."""
         return self._address
@@ -509,7 +529,7 @@ class Forwarder:
             raise
         return self
 
-    def listens_on(self, listen) -> bool:
+    def listens_on(self, listen: object) -> bool:
         """Whether ``listen`` (an Address) is what this forwarder was asked to listen on, or
         the address it really has (port 0 asked for, the port it got)."""
         if listen == self.rule.listen:
@@ -625,7 +645,7 @@ class Forwarder:
         new_weight = None if weight is None else parse_weight(weight)
         return self._on_hub(self._set_target, address, new_state, new_weight)
 
-    def _set_target(self, address, state: Optional[TargetState], weight: Optional[int]) -> TargetStatus:
+    def _set_target(self, address: Any, state: Optional[TargetState], weight: Optional[int]) -> TargetStatus:
         targets = self._context.targets
         endpoint = targets.find(address)
         targets.set(endpoint, state, weight)
@@ -791,7 +811,7 @@ class Forwarder:
     def __enter__(self) -> "Forwarder":
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def __repr__(self) -> str:
@@ -859,7 +879,7 @@ class Forwarder:
         if self._enabled:
             return
         server = self._server
-        server.socket = listeners.listen(self.rule, self._address)
+        server.socket = listeners.listen(self.rule, self._address if isinstance(self._address, tuple) else None)
         server.disabled = False
         self._enabled = True
         server.start_accepting()
@@ -944,7 +964,7 @@ class Forwarder:
                  extra=self._fields("listening", target=self._context.target_name,
                                     **({"socket_from": self._from_manager} if self._from_manager else {})))
 
-    def _accepted(self, client: socket.socket, address, upstream: socket.socket) -> None:
+    def _accepted(self, client: socket.socket, address: Any, upstream: socket.socket) -> None:
         """On the hub (the listener's callback). A client of a plain rule connects from here,
         in callbacks (``Context.dials_on_hub`` says which: one fixed address, nothing to read,
         check or send first); any other client runs ``_handle`` in a worker."""
@@ -954,14 +974,14 @@ class Forwarder:
         else:
             context.workers.run(self._handle, client, address, upstream)
 
-    def _handle(self, client: socket.socket, address, upstream: socket.socket) -> None:
+    def _handle(self, client: socket.socket, address: Any, upstream: socket.socket) -> None:
         own = self._context.own_upstreams
         if own is not None and address in own:  # None unless a target can reach our port
             self._refuse_self(client, address, upstream)
             return
         Connection(self._context, client, address).run(upstream)
 
-    def _refuse_self(self, client: socket.socket, address, upstream: socket.socket) -> None:
+    def _refuse_self(self, client: socket.socket, address: Any, upstream: socket.socket) -> None:
         """A client that is one of our own upstream sockets: the target leads back here.
         Reset it, which ends the connection that dialled it, and so the loop."""
         log.warning("%s: refused a connection from %s, this forwarder's own upstream socket: "
@@ -1074,7 +1094,7 @@ class Forwarder:
         name = getattr(self.rule, "name", None)
         return f"{name} ({address})" if name else address
 
-    def _fields(self, event: str, **more) -> dict:
+    def _fields(self, event: str, **more: Any) -> dict:
         """Such a line's fields for a JSON log (gproxy._jsonlog)."""
         return {"fields": {"event": event, "rule": self.name, "listen": _sockets.describe_address(self._address),
                            **more}}
@@ -1105,7 +1125,7 @@ class Forwarder:
         from a pause in a server's stream: a download that pauses briefly is not cut short.
         A reload's drain (``retire``) closes nothing: only its own deadline ends it."""
         idle = self._server.idle
-        resting = {}  # connection -> (its byte total, since when) while at rest
+        resting: Dict[Connection, Tuple[int, float]] = {}  # connection -> (its byte total, since when) at rest
         while True:
             now = time.monotonic()
             if self._retiring:
@@ -1190,7 +1210,7 @@ def _bulk_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def _splicer(rule: Rule):
+def _splicer(rule: Rule) -> Optional["Splicer"]:
     """A Splicer where the platform has splice(2) and the rule allows it; else None (copy)."""
     if not rule.splice:
         return None

@@ -29,7 +29,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import gevent.socket
 
@@ -46,8 +46,9 @@ def listen(rule: Rule, bound: Optional[Tuple[str, int]] = None):
     again); OSError names the address on failure."""
     listen = rule.listen
     if isinstance(listen, UnixAddress):
-        return _listen_unix(rule)
+        return _listen_unix(rule, listen)
     family = listen.family
+    sockaddr: Tuple[Any, ...]
     if bound is not None:
         family, sockaddr = (socket.AF_INET6 if ":" in bound[0] else socket.AF_INET), bound
     elif family is None:
@@ -74,13 +75,12 @@ def listen(rule: Rule, bound: Optional[Tuple[str, int]] = None):
     return sock
 
 
-def _listen_unix(rule: Rule):
+def _listen_unix(rule: Rule, listen: UnixAddress):
     """Like listen, for a Unix socket. A socket file left by a process that died is replaced;
     one that a live process listens on is an error, as a TCP port in use would be."""
-    listen = rule.listen
     path = listen.sockaddr
 
-    def failure(code: int, why: str) -> OSError:
+    def failure(code: Optional[int], why: Optional[str]) -> OSError:
         return OSError(code, f"cannot listen on {listen}: {why}")
 
     if not listen.abstract:
@@ -137,6 +137,7 @@ def set_file_access(rule: Rule) -> None:
     user, group, mode = rule.unix_user, rule.unix_group, rule.unix_mode
     if user is None and group is None and mode is None:
         return
+    assert isinstance(rule.listen, UnixAddress), "unix_* options on a TCP rule"  # config refuses them
     path = rule.listen.path
     if user is not None or group is not None:
         try:
@@ -391,4 +392,4 @@ def _same_address(listen: Endpoint, bound: Endpoint) -> bool:
             infos = socket.getaddrinfo(listen.host, listen.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
         except OSError:
             return False
-        return any(ipaddress.ip_address(info[4][0].split("%")[0]) == ip for info in infos)
+        return any(ipaddress.ip_address(str(info[4][0]).split("%")[0]) == ip for info in infos)

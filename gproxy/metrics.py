@@ -35,7 +35,7 @@ from gevent import get_hub
 from gevent.pywsgi import WSGIServer
 
 from gproxy import __version__, _http
-from gproxy.config import AddressLike, parse_address
+from gproxy.config import AddressLike, parse_tcp_address
 from gproxy.stats import CONNECT_REASONS, DURATION_BUCKETS, Outcome, TargetCounters
 from gproxy.targets import TargetState
 
@@ -366,7 +366,7 @@ def serve(address: AddressLike, sources: Callable[[], Iterable], *,
     A client silent for ``client_timeout`` seconds (default 60) is disconnected; malformed
     requests get a 400 (the HTTP API's rules: ``gproxy._http``). ``listener``: a listening
     gevent socket to serve on instead of binding ``address`` (one systemd passed)."""
-    where = parse_address(address, "metrics")
+    where = parse_tcp_address(address, "metrics")
     server = _http.server((where.host, where.port) if listener is None else listener, app(sources), log,
                           client_timeout=client_timeout)
     try:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import os
 import select
 from collections import deque
-from typing import Deque, List, Optional
+from typing import Any, Deque, List, Optional
 
 from greenlet import getcurrent
 
@@ -96,7 +96,7 @@ class _Lane:
         self.poll = _gevent.real_poll()
         self.poll.register(self.wake, select.POLLIN)
         self.job = None
-        self.result = _PENDING
+        self.result: Any = _PENDING  # what the job returned or raised; _PENDING while it runs
         self.waiter = None
         self.stop = False  # its greenlet was thrown an exception: let go of the job at once
 
@@ -172,6 +172,7 @@ class Offload:
             except BlockingIOError:
                 pass
             self._release(lane)
+        result: Any  # the job's (mypy would read the wait loop's test as its type)
         result, lane.result = lane.result, _PENDING
         unfinished = self._splicer.Unfinished  # splice.py is not imported here: it needs fcntl
         if thrown is not None:
@@ -339,7 +340,7 @@ class Offload:
                 lane.result = exc
             lane.done.send()
 
-    def _splice(self, lane: _Lane, conn, src_fd: int, dst_fd: int, direction: int, version: int) -> int:
+    def _splice(self, lane: _Lane, conn, src_fd: int, dst_fd: int, direction: int, version: int) -> Optional[int]:
         """The job: Splicer.chunk after chunk, waiting in this thread (poll) where the hub's
         pump would wait in the event loop; handing over, while a job waits for a lane, rather
         than waiting for a quiet source or a destination that does not read."""

@@ -124,7 +124,7 @@ import os
 import socket
 import time
 import traceback
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 import gevent
 
@@ -133,7 +133,7 @@ from gproxy._access import Access, DeniedLog, client_key, compile_networks
 from gproxy._chain import Link
 from gproxy._failure import Aborted, Failure, failure, tcp_closed
 from gproxy._greenlets import Workers
-from gproxy.config import Rule
+from gproxy.config import Address, Rule, UnixAddress
 from gproxy.offload import STOPPED
 from gproxy.stats import ConnectionRecord, Counters, Outcome
 from gproxy.targets import Targets
@@ -141,6 +141,8 @@ from gproxy.toxics import Toxics
 
 if TYPE_CHECKING:
     from gproxy._proxyproto import ProxyHeader
+    from gproxy._selfloop import OwnUpstreams
+    from gproxy.offload import Offload
 
 __all__ = ["Connection", "Context", "UPSTREAM", "DOWNSTREAM", "FAIR_SHARE", "FAIR_READS", "pump",
            "send_rest", "sweep", "toxics_changed", "DirectionState", "MOVES"]
@@ -229,7 +231,7 @@ class Context:
         #: moves bulk chunks with splice(2) (splice.Splicer), or None: always copy
         self.splicer = splicer
         #: threads that splice bulk off the hub (offload.Offload), or None; set on the hub
-        self.offload = None
+        self.offload: Optional[Offload] = None
         #: the rule's targets: their order per client, health and state (targets.py)
         self.targets = Targets(rule)
         #: whether clients connect through ``targets`` (several targets, a function, an active
@@ -260,7 +262,7 @@ class Context:
         self.denied_log = DeniedLog(log) if self.access is not None or self.accept_proxy else None
         #: local addresses of our upstream sockets (_selfloop.OwnUpstreams), when a target could
         #: lead back to the listener; None, and no cost, otherwise
-        self.own_upstreams = None
+        self.own_upstreams: Optional[OwnUpstreams] = None
         #: called when a connection finds no fd for its upstream socket
         self.on_fd_exhausted: Optional[Callable[[OSError], None]] = None
         #: called after each connection's teardown
@@ -274,7 +276,7 @@ class Context:
         #: (family, sockaddr) of the one fixed target when nothing needs a greenlet before the
         #: connect (no PROXY header either way, no access rules, no resolver, no on_open
         #: hook), else None; see dials_on_hub
-        target = rule.target if not self.routed else None
+        target = rule.target if not self.routed and isinstance(rule.target, (Address, UnixAddress)) else None
         self.direct = (target.family, target.sockaddr) \
             if target is not None and target.family is not None and not self.proxy_version \
             and self.accept_proxy is None and self.access is None and on_open is None else None
@@ -440,8 +442,8 @@ class Connection:
         #: the PROXY header a trusted client sent (accept_proxy_from), or None
         self.proxied: Optional[ProxyHeader] = None
         #: what access counted this connection under (max_connections_per_client), or None
-        self.access_key = None
-        self.upstream: Optional[socket.socket] = None
+        self.access_key: Optional[bytes] = None
+        self.upstream: Optional[_sockets.RawSocket] = None
         self.target = None            # the endpoint connected to, when the rule has several
         #: the counters of the target it connected to (stats.TargetCounters), once connected
         self.target_counts = None
@@ -530,7 +532,7 @@ class Connection:
         self._finish(failed.outcome, failed.error)
         self._end_unstarted(in_callback=True)
 
-    def _start_pumps(self, upstream: socket.socket) -> None:
+    def _start_pumps(self, upstream: _sockets.RawSocket) -> None:
         """Connected: both directions start parked (NEW -> PARKED). A greenlet is taken when
         a source has data, so a connection that never speaks never costs one."""
         context = self.context
@@ -568,7 +570,7 @@ class Connection:
         read; the source's EOF ends the direction here."""
         src, dst, readable, _writable = self._ends[direction]
         context = self.context
-        carry = None
+        carry: Union[None, Tuple[int, int], BaseException] = None
         links = self.links
         if not spliced and not context.toxics.chains[direction] and (links is None or links[direction] is None):
             scratch = context.scratch

@@ -33,13 +33,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, cast
 
 import gevent
 from gevent.event import Event
 from gevent.lock import RLock
 
-from gproxy.config import Address, ConfigError, Rule, parse_address
+from gproxy.config import Address, ConfigError, Endpoint, Rule, parse_address
 from gproxy.forwarder import Forwarder, State
 from gproxy.listeners import Passed
 from gproxy.stats import Statistics
@@ -84,7 +84,7 @@ def is_enabled(fw: Forwarder) -> bool:
     return fw.listening
 
 
-def listen_address(fw: Forwarder) -> Address:
+def listen_address(fw: Forwarder) -> Endpoint:
     """Where ``fw`` listens: the real bound address once started, else what was asked for."""
     bound = fw.bound_address
     if isinstance(bound, tuple):  # a Unix socket's address is its path: the rule says it
@@ -93,7 +93,7 @@ def listen_address(fw: Forwarder) -> Address:
     return fw.rule.listen
 
 
-def _same_listen(fw: Forwarder, wanted: Address) -> bool:
+def _same_listen(fw: Forwarder, wanted: Endpoint) -> bool:
     """``wanted`` is what ``fw`` was asked for, or where it really listens (so asking again
     for port 0 and asking for the port it got both mean "the same")."""
     return wanted == fw.rule.listen or (fw.bound_address is not None and wanted == listen_address(fw))
@@ -279,6 +279,7 @@ class Service:
                 for name, fw in self._forwarders.items():
                     if fw.state is State.NEW:
                         if name in taken:
+                            assert self.passed is not None  # sockets are taken only from what was passed
                             self.passed.give(taken[name], fw)
                         fw.start_here()
                         started.append(fw)
@@ -476,7 +477,8 @@ class Service:
 def _copy_toxics(old: Forwarder, new: Forwarder) -> None:
     """Give ``new`` the toxics ``old`` has, same names, streams and attributes."""
     for toxic in old.toxics():
-        new.add_toxic(toxic.function or toxic.type, name=toxic.name, stream=toxic.stream,
+        # a copy of a toxic it has: its type and stream are valid (typed as str here)
+        new.add_toxic(cast(Any, toxic.function or toxic.type), name=toxic.name, stream=cast(Any, toxic.stream),
                       toxicity=toxic.toxicity, **toxic.attributes)
 
 
@@ -504,14 +506,14 @@ def _start_all(built: Dict[str, Forwarder], old: Dict[str, Forwarder], leaving: 
                 claimed.add(id(fw))
                 break
     started: List[Forwarder] = []
-    name = None
+    starting: Optional[str] = None
     try:
-        for name, new in built.items():
-            source = sources.get(name)
+        for starting, new in built.items():
+            source = sources.get(starting)
             if source is not None:
                 new.inherit_listener(source)
-            elif sockets is not None and name in taken:
-                sockets.give(taken[name], new)
+            elif sockets is not None and starting in taken:
+                sockets.give(taken[starting], new)
             new.start_here()
             started.append(new)
     except BaseException as exc:
@@ -521,7 +523,7 @@ def _start_all(built: Dict[str, Forwarder], old: Dict[str, Forwarder], leaving: 
                 new.return_listener(source)
         _stop_all(started, 0)
         if label is not None and isinstance(exc, OSError):
-            raise OSError(exc.errno, f'{label} "{name}": {exc.strerror or exc}') from None
+            raise OSError(exc.errno, f'{label} "{starting}": {exc.strerror or exc}') from None
         raise
 
 

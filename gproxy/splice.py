@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 __all__ = ["Splicer", "Unfinished"]
 
@@ -57,7 +57,8 @@ class Splicer:
         self.size = buffer_size
         self._idle: List[Pipe] = []
 
-    def chunk(self, conn, src_fd: int, dst_fd: int, writable, direction: int, wait) -> Optional[int]:
+    def chunk(self, conn: Any, src_fd: int, dst_fd: int, writable: Any, direction: int,
+              wait: Callable[[Any], None]) -> Optional[int]:
         """Splice once from src into a pipe and all of it on to dst: the bytes moved, 0 at EOF,
         -1 if src had nothing, None if no pipe could be had. Waits with ``wait(writable)`` (the
         pump's wait in the event loop, or a lane thread's poll in offload.py) only while dst
@@ -88,7 +89,7 @@ class Splicer:
         self.give(pipe)  # empty: everything read was written
         return n
 
-    def finish(self, unfinished: _Chunk, dst_fd: int, writable, wait) -> int:
+    def finish(self, unfinished: _Chunk, dst_fd: int, writable: Any, wait: Callable[[Any], None]) -> int:
         """Write what an Unfinished chunk left in its pipe to dst, waiting with
         ``wait(writable)``; the chunk's size, as chunk() would have returned it."""
         pipe, unfinished.pipe = unfinished.pipe, None

@@ -204,7 +204,7 @@ class Targets:
 
     def __init__(self, rule: Rule, label: str = "") -> None:
         self.label = label or str(rule.listen)
-        self.function: Optional[Callable] = None if rule.targets else rule.target
+        self.function: Optional[Callable] = rule.target if callable(rule.target) else None
         self.static: Tuple[Endpoint, ...] = rule.targets
         self.entries: Tuple[Target, ...] = rule.target_list  # with their weights and backups
         self.balance = rule.balance
@@ -516,8 +516,10 @@ class Targets:
         return {"fields": {"event": event, "rule": self.label, "target": str(endpoint), **more}}
 
     def _call(self, client_address) -> Sequence[_Slot]:
+        function = self.function
+        assert function is not None  # only a rule whose target is a function calls it
         try:
-            answer = self.function(client_address)
+            answer = function(client_address)
         except Exception as exc:
             raise TargetError(f"the target function raised {type(exc).__name__}: {exc}") from None
         try:

@@ -83,7 +83,7 @@ class _Lock:
     """Guards _marks (forwarders come and go from any thread): an OS lock, patched or not,
     made with the first forwarder, so that the plugin alone never imports gevent."""
 
-    _lock = None
+    _lock: Any = None  # a real lock, made at first use
 
     def __enter__(self) -> None:
         if self._lock is None:

@@ -181,7 +181,7 @@ def _stream(stream: Any) -> StreamName:
     raise ConfigError("stream", f"must be 'upstream' or 'downstream', not {stream!r}")
 
 
-def _toxicity(value, label: str) -> float:
+def _toxicity(value: object, label: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ConfigError(f"{label}: toxicity", f"must be a number from 0 to 1, not {value!r}")
     return float(value)

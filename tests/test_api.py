@@ -384,6 +384,7 @@ def test_command_line_rule_is_a_named_proxy(upstream):
 
 @pytest.mark.parametrize("args, culprit", [
     (["--api", "127.0.0.1:99999"], "--api"),
+    (["--api", "unix:@gproxy-test-api"], "--api: expected HOST:PORT, got a Unix socket"),  # was a traceback
     (["--api", "127.0.0.1:0", "127.0.0.1:0"], "TARGET"),
     (["--api", "127.0.0.1:0", "--name", "a/b", "127.0.0.1:0", "127.0.0.1:1"], "--name"),
     ([], "LISTEN"),

@@ -34,3 +34,9 @@ def check(tool: str, *args: str) -> None:
 @pytest.mark.timeout(120)
 def test_ruff_finds_nothing():
     check("ruff", "check", "gproxy", "tests", "benchmarks", "tools")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="mypy 2 runs on Python 3.10 or later")
+def test_mypy_finds_nothing():
+    check("mypy", "gproxy")

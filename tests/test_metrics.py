@@ -156,6 +156,18 @@ def test_cli_metrics_port_in_use_is_one_line_exit_1():
     assert "Traceback" not in result.stderr
 
 
+def test_cli_metrics_on_a_unix_socket_is_one_line_exit_2():
+    """/metrics is served on TCP only: a Unix socket address is bad input (it was a traceback)."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "gproxy", "--metrics", "unix:@gproxy-test-metrics",
+                             "127.0.0.1:0", "127.0.0.1:9"], capture_output=True, text=True, timeout=TIMEOUT,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result
+    said = "gproxy: error: --metrics: expected HOST:PORT, got a Unix socket: 'unix:@gproxy-test-metrics'"
+    assert result.stderr.strip().splitlines() == [said], result.stderr
+
+
 def test_several_targets_are_counted_one_by_one(forwarder_factory):
     with Server(echo) as upstream:
         dead = ("127.0.0.1", free_port())
