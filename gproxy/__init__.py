@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["Forwarder", "ConfigError", "ConnectionRecord", "Outcome", "Statistics", "Target",
            "TargetState", "TargetStatus", "CheckResult", "TargetNotFound", "FileService", "load_config",
            "__version__"]
-__version__ = "0.1.0"
+__version__ = "0.4.0"
 
 
 
