@@ -48,8 +48,9 @@ _START, _INLINE, _COUNT, _LENGTH, _BULK = range(5)
 
 
 class RespRequests:
-    """Parses a client's commands, any cut: ``feed(data)`` -> (bytes consumed, events): it
-    stops after the first byte that makes events (a tuple of them, in order), else takes all."""
+    """Parses a client's commands, any cut: ``feed(data, position)`` -> (where it stopped,
+    events): it stops after the first byte that makes events (a tuple of them, in order), else
+    at the end of ``data`` (bytes, searched in place)."""
 
     def __init__(self) -> None:
         self.state = _START
@@ -60,16 +61,19 @@ class RespRequests:
         self.words: List[Optional[bytes]] = []   # the name and first argument, as read
         self.keep: Optional[bytearray] = None     # the bulk being kept for words
 
-    def feed(self, data) -> Tuple[int, tuple]:
-        pos, size = 0, len(data)
+    def feed(self, data: bytes, pos: int) -> Tuple[int, tuple]:
+        size = len(data)
         while pos < size:
             state = self.state
             if state == _START:
-                if data[pos] == 0x2A:   # '*'
+                first = data[pos]
+                if first == 0x2A:   # '*'
                     self.state = _COUNT
                     pos += 1
-                else:
+                elif 0x20 <= first < 0x7F or first in (0x09, 0x0A, 0x0D):
                     self.state = _INLINE
+                else:   # TLS or any binary: at once, rather than hold it waiting for a line
+                    return pos, ((OFF,),)
                 continue
             if state == _BULK:
                 n = min(self.skip, size - pos)
@@ -84,14 +88,14 @@ class RespRequests:
                     return pos, events
                 continue
             # a line: up to its "\n"
-            end = bytes(data[pos:min(size, pos + INLINE_MAX + 2)]).find(b"\n")
+            end = data.find(b"\n", pos, pos + INLINE_MAX + 2 - len(self.line))
             if end < 0:
                 self.line += data[pos:]
                 if len(self.line) > INLINE_MAX:
                     return size, ((OFF,),)
                 return size, ()
-            self.line += data[pos:pos + end]
-            pos += end + 1
+            self.line += data[pos:end]
+            pos = end + 1
             line = bytes(self.line)
             self.line.clear()
             if len(line) > INLINE_MAX:
@@ -171,7 +175,7 @@ class RespReplies:
     def between(self) -> bool:
         return not self.stack and not self.skip and not self.line
 
-    def feed(self, data) -> int:
+    def feed(self, data: bytes) -> int:
         count, pos, size = 0, 0, len(data)
         while pos < size:
             if self.skip:
@@ -181,14 +185,14 @@ class RespReplies:
                 if not self.skip:
                     count += self._value()
                 continue
-            end = bytes(data[pos:min(size, pos + INLINE_MAX + 2)]).find(b"\n")
+            end = data.find(b"\n", pos, pos + INLINE_MAX + 2 - len(self.line))
             if end < 0:
                 self.line += data[pos:]
                 if len(self.line) > INLINE_MAX:
                     raise Off("a reply line too long")
                 return count
-            self.line += data[pos:pos + end]
-            pos += end + 1
+            self.line += data[pos:end]
+            pos = end + 1
             line = bytes(self.line)
             self.line.clear()
             count += self._line(line)

@@ -63,7 +63,8 @@ class Off(Exception):
     """Raised by a reply counter: the stream does not follow the protocol (any more)."""
 
 
-# The events a request parser's feed() returns with the bytes it consumed (they happen there):
+# The events a request parser's feed(data, position) returns with where it stopped (they happen
+# there: it stops after the first byte that makes events, else at the end of data):
 #   ("key", key, info, last): enough of the request is read to decide on it; it gets one reply;
 #       ``info`` goes to the reply counter in order (None: nothing); ``last``: after it, the
 #       connection may switch protocol, so the toxic stops acting once it is passed on
@@ -128,8 +129,9 @@ class _Unit:
 
 class Requests(_Stage):
     """The request half: a stage on the toxic's stream. Subclasses set ``parser_class`` (one
-    parser per connection: ``feed(data)`` returns (bytes consumed, event or None)) and
-    ``reverse``, and implement ``answer``."""
+    parser per connection: ``feed(data, position)`` reads the bytes ``data`` from
+    ``position``, and returns where it stopped and the events there) and ``reverse``, and
+    implement ``answer``."""
 
     stream = "upstream"
     parser_class: Any = None
@@ -169,8 +171,8 @@ class Requests(_Stage):
 
     def _fresh(self) -> None:
         self.parser = self.parser_class()
-        self.unfed: Deque[memoryview] = deque(memoryview(item) for _t, item in self.queue
-                                              if item.__class__ is not _Marker)
+        self.unfed: Deque[list] = deque([item, 0] for _t, item in self.queue
+                                        if item.__class__ is not _Marker)   # [chunk, parsed up to]
         self.offset = 0            # the stream offset of the first byte held
         self.fed = 0               # bytes given to the parser
         self.pass_until: float = 0  # bytes before this offset are passed on (_INF: all)
@@ -184,9 +186,11 @@ class Requests(_Stage):
     # -- the queue ---------------------------------------------------------------------------
 
     def accept(self, item, t):
+        if item.__class__ is not _Marker and item.__class__ is not bytes:
+            item = bytes(item)   # parsers search bytes in place
         self.push(item, t)
         if item.__class__ is not _Marker:
-            self.unfed.append(memoryview(item))
+            self.unfed.append([item, 0])
         elif item is _EOF:
             self.eof = True
         self.next = None
@@ -248,13 +252,14 @@ class Requests(_Stage):
                         self._off()
                     continue
                 return
-            view = self.unfed[0]
-            consumed, events = self.parser.feed(view)
-            if consumed >= len(view):
+            piece = self.unfed[0]
+            chunk, start = piece
+            position, events = self.parser.feed(chunk, start)
+            if position >= len(chunk):
                 self.unfed.popleft()
             else:
-                self.unfed[0] = view[consumed:]
-            self.fed += consumed
+                piece[1] = position
+            self.fed += position - start
             if unit.keyed and unit.answer is None:
                 self.pass_until = self.fed
             for event in events:
@@ -376,6 +381,8 @@ class Replies(_Stage):
     def accept(self, item, t):
         session = self.session
         if item.__class__ is not _Marker and not session.off:
+            if item.__class__ is not bytes:
+                item = bytes(item)   # counters search bytes in place
             try:
                 counted = self.counter.feed(item)
             except Off:

@@ -151,7 +151,7 @@ def make_toxic(type: Union[str, PythonToxic, "ToxicSpec"], *, name: Optional[str
     stream = _stream(stream)
     only = BUILTIN[type].stream if function is None else None
     if only is not None and stream != only:
-        raise ConfigError("stream", f"must be {only!r} for a {type} toxic, not {stream!r}")
+        raise ConfigError("stream", f"must be {only!r} for {type} toxics, not {stream!r}")
     if name is None or name == "":
         name = f"{default_name}_{stream}"
     if not isinstance(name, str):
