@@ -1,6 +1,6 @@
 """Protocol-aware toxics: answer some requests of a request/response protocol in place of the server.
 
-A protocol is a module of its own (``_proto_redis.py``) with three parts: an incremental
+A protocol is a module of its own (``_proto_redis.py``, ``_proto_http.py``) with three parts: an incremental
 request parser, an incremental reply counter, and a toxic: a subclass of ``Requests``
 (registered with ``@_builtin``) whose ``answer(key)`` says, for each request, pass it on
 (None) or answer it (the reply's bytes), and whose ``reverse`` is a subclass of ``Replies``.

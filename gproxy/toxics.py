@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Protoc
 # toxic types in modules of their own: importing one registers it (TYPES lists them in this order)
 from gproxy import _trigger  # noqa: F401  isort: skip
 from gproxy import _proto_redis  # noqa: F401  isort: skip
+from gproxy import _proto_http  # noqa: F401  isort: skip
 from gproxy._chain import BUILTIN, CLOSE, PYTHON, RESET, Action, Delay
 from gproxy.config import ConfigError
 from gproxy.stats import ConnectionRecord
@@ -46,7 +47,7 @@ __all__ = ["Toxic", "TYPES", "STREAMS", "Delay", "CLOSE", "RESET", "ToxicExists"
            "ToxicSpec", "ToxicType", "StreamName", "PythonToxic", "PerConnectionToxic", "ToxicResult",
            "AttributeValue", "TriggerAction",
            "latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data", "trigger",
-           "redis_error"]
+           "redis_error", "http_response"]
 
 # Defined with the chain that acts on them; their public home is here.
 for _public in (Delay, Action):
@@ -62,7 +63,7 @@ STREAMS = ("upstream", "downstream")
 StreamName = Literal["upstream", "downstream"]
 #: every built-in type's name (``TYPES`` at run time; a test keeps the two the same)
 ToxicType = Literal["latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data",
-                    "trigger", "redis_error"]
+                    "trigger", "redis_error", "http_response"]
 #: what a Python toxic may return: pass the chunk (None), these bytes instead (empty drops
 #: it), ``Delay``, ``CLOSE`` or ``RESET``
 ToxicResult = Union[None, bytes, bytearray, memoryview, Delay, Action]
@@ -413,3 +414,11 @@ def redis_error(command: str = "", error: str = "ERR injected by gproxy", *, nam
     """Redis commands named ``command`` (any case; empty: all) get ``-error`` in place of the
     server's reply, in order; upstream only (gproxy's own type: see gproxy._proto_redis)."""
     return _spec("redis_error", {"command": command, "error": error}, name, stream, toxicity)
+
+
+def http_response(status: int = 503, body: str = "", path: str = "", *, name: Optional[str] = None,
+                  stream: StreamName = "upstream", toxicity: Optional[float] = None) -> ToxicSpec:
+    """HTTP/1.x requests whose target starts with ``path`` (empty: all) get ``status`` and
+    ``body`` in place of the target's response, in order, on a connection that goes on;
+    upstream only (gproxy's own type: see gproxy._proto_http)."""
+    return _spec("http_response", {"status": status, "body": body, "path": path}, name, stream, toxicity)

@@ -463,6 +463,21 @@ def test_a_trigger_over_http_with_string_and_boolean_attributes(api, upstream):
     assert api.call("GET", "/proxies/t/toxics")[1] == [toxic]
 
 
+def test_protocol_toxics_over_http(api, upstream):
+    address = address_of(create(api, "web", upstream.address)["listen"])   # an echo server
+    status, answer = api.call("POST", "/proxies/web/toxics", {"type": "http_response", "attributes": {}})
+    assert status == 400 and answer["error"] == (
+        "bad request body: stream: must be 'upstream' for http_response toxics, not 'downstream'"), answer
+    status, toxic = api.call("POST", "/proxies/web/toxics", {"type": "http_response", "stream": "upstream",
+                                                             "attributes": {"status": 418, "body": "tea"}})
+    assert status == 200 and toxic["attributes"] == {"status": 418, "body": "tea", "path": ""}, toxic
+    reply = exchange(address, b"GET /pot HTTP/1.1\r\nHost: x\r\n\r\n")   # the echo never sees it
+    assert reply.startswith(b"HTTP/1.1 418 ") and reply.endswith(b"\r\nContent-Length: 3\r\n\r\ntea"), reply
+    status, answer = api.call("POST", "/proxies/web/toxics/http_response_upstream",
+                              {"attributes": {"status": 100}})
+    assert status == 400 and "status: must be a final status, from 200 to 599, not 100" in answer["error"]
+
+
 TOXIC_BAD = [
     ({"type": "nonsense"}, 400, "invalid toxic type"),
     ({"attributes": {}}, 400, "invalid toxic type"),
@@ -734,6 +749,10 @@ ATTRIBUTES = [(kind, key) for kind, keys in NUMBERS.items() for key in keys]
 MAX_ATTRIBUTE = 2**63 - 1   # toxiproxy's: its attributes are Go int64s
 
 
+LIMITS = {("slicer", "size_variation"): MAX_ATTRIBUTE - 1,   # below average_size
+          ("http_response", "status"): 599}                 # a status code
+
+
 def at_most(kind: str, key: str, value) -> dict:
     """The attributes of a valid ``kind`` toxic with ``key`` set to ``value``."""
     if kind != "slicer":
@@ -753,7 +772,7 @@ def test_toxic_numbers_over_the_bound_are_refused_naming_the_attribute(api, upst
                                                               "attributes": at_most(kind, key, value)})
         assert status == 400 and error["error"].startswith(f"bad request body: toxic {name}: {key}: "), error
     assert api.call("GET", "/proxies/t/toxics") == (200, [])
-    limit = MAX_ATTRIBUTE - 1 if key == "size_variation" else MAX_ATTRIBUTE
+    limit = LIMITS.get((kind, key), MAX_ATTRIBUTE)
     status, toxic = api.call("POST", "/proxies/t/toxics", {"type": kind, "stream": "upstream",
                                                           "attributes": at_most(kind, key, limit)})
     assert status == 200 and toxic["attributes"][key] == limit, toxic
@@ -771,6 +790,7 @@ MOST = {  # every attribute of each type at its bound: what a connection must ru
     "limit_data": {"bytes": MAX_ATTRIBUTE},
     "trigger": {"after_bytes": MAX_ATTRIBUTE, "delay": MAX_ATTRIBUTE, "action": "delay", "once": False},
     "redis_error": {},   # no number: "ping" with no line end is a command not read whole (held)
+    "http_response": {"status": 599},   # "ping" with no line end: a request line not read whole
 }
 PASSES = {"bandwidth", "slicer", "limit_data", "slow_close", "trigger"}  # the others hold the chunk (for ever)
 
