@@ -49,7 +49,13 @@ def proxy(gproxy_module_forwarder: ForwarderFactory, upstream: Tuple[str, int]) 
 def round_trip(fw: Forwarder, data: bytes = b"ping") -> bytes:
     with socket.create_connection((fw.host, fw.port), timeout=5) as sock:
         sock.sendall(data)
-        return sock.recv(len(data))
+        got = b""
+        while len(got) < len(data):   # a slicer may cut the echo: one recv may get part of it
+            chunk = sock.recv(len(data) - len(got))
+            if not chunk:
+                break
+            got += chunk
+        return got
 
 
 def shout(chunk: bytes, record: ConnectionRecord) -> toxics.ToxicResult:
