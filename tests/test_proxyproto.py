@@ -50,13 +50,13 @@ def test_v1_tcp6_canonical_form():
 def test_an_ipv4_client_of_a_dual_stack_socket_is_sent_as_tcp4(version):
     """A [::] listener reports an IPv4 peer as ::ffff:a.b.c.d; the header says what the client
     is, TCP4, so that the receiver's IPv4 allow lists match it."""
-    header = _proxyproto.encode(version, ("::ffff:127.0.0.3", 5000), ("::FFFF:127.0.0.1", 8080))
+    header = _proxyproto.encode(version, ("::ffff:127.0.0.3", 999), ("::FFFF:127.0.0.1", 443))
     info = parse(header)
     assert info.family == socket.AF_INET
-    assert info.source == ("127.0.0.3", 5000) and info.destination == ("127.0.0.1", 8080)
+    assert info.source == ("127.0.0.3", 999) and info.destination == ("127.0.0.1", 443)
     # one mapped end and one real IPv6 end cannot both be TCP4: the pair stays TCP6
-    mixed = parse(_proxyproto.encode(version, ("::ffff:127.0.0.3", 5000), ("::1", 8080)))
-    assert mixed.family == socket.AF_INET6 and mixed.source == ("::ffff:7f00:3", 5000)
+    mixed = parse(_proxyproto.encode(version, ("::ffff:127.0.0.3", 999), ("::1", 443)))
+    assert mixed.family == socket.AF_INET6 and mixed.source == ("::ffff:7f00:3", 999)
 
 
 def test_v1_unknown_for_what_it_cannot_carry():
