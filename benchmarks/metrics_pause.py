@@ -119,8 +119,9 @@ def start_gproxy(repo: str, rules_path: str, metrics_port: int, rules: int):
     return proc, ports
 
 
-def ping_pong(port: int, seconds: float) -> list:
-    """Round trips through the rule, one every millisecond, for ``seconds``: their seconds."""
+def ping_pong(port: int, seconds: float, pace: float = 0.001) -> list:
+    """Round trips through the rule for ``seconds``, ``pace`` seconds apart (0: back to back):
+    their seconds. sweep_pause.py measures with it too."""
     times = []
     with socket.create_connection((HOST, port), timeout=10) as sock:  # a broken run fails, not hangs
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -135,7 +136,8 @@ def ping_pong(port: int, seconds: float) -> list:
                     raise SystemExit("the rule closed the round-trip connection")
                 got += len(chunk)
             times.append(time.perf_counter() - t0)
-            time.sleep(0.001)  # sleep-ok: pacing, so samples spread evenly over time
+            if pace:
+                time.sleep(pace)  # sleep-ok: pacing, so samples spread evenly over time
     return times
 
 

@@ -29,7 +29,6 @@ import argparse
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import tempfile
 import threading
 import time
 
-from metrics_pause import ECHO, HOST, MESSAGE, REPO, percentile, write_rules
+from metrics_pause import ECHO, REPO, percentile, ping_pong, write_rules
 
 # Put on gproxy's path as sitecustomize.py: times the sweeps per loop pass (see above).
 PROBE = r"""
@@ -69,26 +68,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def ping_pong(port: int, seconds: float, pace: float) -> list:
-    times = []
-    with socket.create_connection((HOST, port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            t0 = time.perf_counter()
-            sock.sendall(MESSAGE)
-            got = 0
-            while got < len(MESSAGE):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise SystemExit("the rule closed the round-trip connection")
-                got += len(chunk)
-            times.append(time.perf_counter() - t0)
-            if pace:
-                time.sleep(pace)  # sleep-ok: pacing, so samples spread evenly over time
-    return times
 
 
 def start_gproxy(repo: str, rules_path: str, rules: int, probe_dir: str, probe_out: str):
