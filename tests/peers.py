@@ -88,6 +88,20 @@ def recv_all(sock: socket.socket, chunk: int = 1 << 16) -> bytes:
         parts.append(data)
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """All a peer gets until the connection ends, by FIN or by RST (a toxic that ends a
+    connection may do either)."""
+    got = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+    except ConnectionResetError:
+        return got
+
+
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
     parts, got = [], 0
     while got < n:

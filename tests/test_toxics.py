@@ -19,7 +19,17 @@ import pytest
 import gproxy
 from gproxy import ConfigError, Outcome
 from gproxy.toxics import CLOSE, RESET, Delay, ToxicExists, ToxicNotFound
-from peers import TIMEOUT, Server, connect, echo, payload, recv_all, recv_exactly, send_in_odd_chunks
+from peers import (
+    TIMEOUT,
+    Server,
+    connect,
+    echo,
+    payload,
+    read_until_closed,
+    recv_all,
+    recv_exactly,
+    send_in_odd_chunks,
+)
 
 SLACK = 2.0  # the most a loaded machine may add to any timing here
 
@@ -580,19 +590,6 @@ def test_python_toxic_delays_closes_and_resets(forwarder_factory):
         client.sendall(b"x")
         with pytest.raises(ConnectionResetError):
             recv_all(server)
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    """All a client gets until the connection ends, by FIN or by RST."""
-    got = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return got
-            got += chunk
-    except ConnectionResetError:
-        return got
 
 
 def test_python_toxic_may_return_any_bytes_like(forwarder_factory):

@@ -13,22 +13,9 @@ import pytest
 
 from gproxy import ConfigError
 from gproxy.toxics import CLOSE, RESET, Delay
-from peers import TIMEOUT, Server, connect, echo, recv_all, recv_exactly
+from peers import TIMEOUT, Server, connect, echo, read_until_closed, recv_all, recv_exactly
 
 SLACK = 2.0
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    """All of it until the connection ends, by FIN or by RST."""
-    got = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return got
-            got += chunk
-    except ConnectionResetError:
-        return got
 
 
 def test_a_match_sent_byte_by_byte_resets_right_after_it(forwarder_factory):
