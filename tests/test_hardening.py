@@ -262,8 +262,9 @@ def test_stop_does_not_wait_for_a_silent_resolver(forwarder_factory, silent_reso
 
 # -- defect 3: a program that forgets stop() exits cleanly ------------------------------------------
 
-FORGETS_STOP = '''
-import socket, threading
+# What both programs below start with: an echo server on threads, in the same process as gproxy.
+ECHO_SERVER = '''
+import os, socket, sys, tempfile, threading
 import gproxy
 
 def echo(sock):
@@ -279,13 +280,16 @@ def echo(sock):
 
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
-listener.listen(64)
+listener.listen(256)
 
 def accept():
     while True:
         threading.Thread(target=echo, args=(listener.accept()[0],), daemon=True).start()
 
 threading.Thread(target=accept, daemon=True).start()
+'''
+
+FORGETS_STOP = ECHO_SERVER + '''
 fw = gproxy.Forwarder("127.0.0.1:0", listener.getsockname()).start()
 CLIENTS = 12
 going = threading.Barrier(CLIENTS + 1)
@@ -326,30 +330,7 @@ def test_a_program_that_forgets_stop_exits_cleanly():
 # the hub makes greenlets right up to the exit: without the stop at exit this crashed about one
 # run in eight, for forwarders and for a config file's service alike (SIGSEGV, or glibc's
 # "corrupted double-linked list"), where the program above no longer does.
-FORGETS_STOP_UNDER_CHURN = '''
-import os, socket, sys, tempfile, threading
-import gproxy
-
-def echo(sock):
-    with sock:
-        try:
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                sock.sendall(data)
-        except OSError:
-            pass
-
-listener = socket.socket()
-listener.bind(("127.0.0.1", 0))
-listener.listen(256)
-
-def accept():
-    while True:
-        threading.Thread(target=echo, args=(listener.accept()[0],), daemon=True).start()
-
-threading.Thread(target=accept, daemon=True).start()
+FORGETS_STOP_UNDER_CHURN = ECHO_SERVER + '''
 port = listener.getsockname()[1]
 if sys.argv[1] == "file":
     path = os.path.join(tempfile.mkdtemp(), "gproxy.toml")
