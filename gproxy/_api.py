@@ -20,6 +20,11 @@ request was arriving is looked up as it is when the request is complete: 404 if 
 gone, and a toxic acknowledged is on the proxy that serves, never on one that went away.
 Paths are UTF-8, percent-encoded (``/proxies/caf%C3%A9``).
 
+gproxy's own routes sit beside toxiproxy's, under a proxy's path, and leave toxiproxy's as
+they are: ``/proxies/NAME/targets...`` (run-time target control) and
+``/proxies/NAME/connections...`` (list, reset or close its open connections; the only routes
+that read a query string, ``?since=MARK``).
+
 Whoever can reach this port can make the host connect anywhere: it listens on loopback
 unless told otherwise. Requests from web browsers (a ``User-Agent`` starting ``Mozilla/``)
 are refused, as toxiproxy refuses them, so a web page cannot drive it either.
@@ -29,6 +34,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
+import urllib.parse
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union, cast
 
 from gevent.pywsgi import WSGIServer
@@ -38,6 +46,7 @@ from gproxy._sockets import describe_address, describe_error
 from gproxy.config import AddressLike, ConfigError, parse_tcp_address
 from gproxy.forwarder import Forwarder
 from gproxy.service import DuplicateName, ResetFailed, Service, UnknownName, is_enabled, listen_address
+from gproxy.stats import ConnectionRecord
 from gproxy.targets import TargetNotFound
 
 __all__ = ["Api", "ApiError"]
@@ -82,6 +91,10 @@ _TOXIC_EXISTS = ("toxic already exists", 409)
 _INVALID_STREAM = ("stream was invalid, can be either upstream or downstream", 400)
 _INVALID_TYPE = ("invalid toxic type", 400)
 _TARGET_NOT_FOUND = ("target not found", 404)
+_CONNECTION_NOT_FOUND = ("connection not found", 404)
+
+#: a connection id or a mark: ASCII digits only (int() would take " 1", "+1", "١")
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)
 
 
 class Api:
@@ -178,6 +191,8 @@ class Api:
         # The body first: reading it waits on the client, and nothing looked up may be
         # held across a wait. Then lookup, change and answer in one step.
         body = _read_body(environ) if method in ("POST", "PATCH") else None
+        if name.startswith("connection"):  # gproxy's own: the only routes that read a query
+            args = (*args, _since(environ.get("QUERY_STRING") or ""))
         with self.service.locked():
             result = handler(body, *args)
         if result is None:
@@ -358,6 +373,43 @@ class Api:
             raise ApiError(str(exc), 400) from None
         return 200, target.as_dict()
 
+    # -- gproxy's own: the open connections of a proxy ----------------------------------------------
+
+    def _connections_get(self, body, name, since):
+        fw = self._proxy(name)
+        mark = fw.mark()  # before the list: a connection accepted meanwhile is at or after it
+        now = time.time()
+        return 200, {"mark": mark, "connections": [_connection_json(r, now) for r in fw.connections(since)]}
+
+    def _connections_reset_post(self, body, name, since):
+        return 200, {"ids": self._cut_all(name, since, Forwarder.abort_connection)}
+
+    def _connections_close_post(self, body, name, since):
+        return 200, {"ids": self._cut_all(name, since, Forwarder.close_connection)}
+
+    def _connection_get(self, body, name, id, since):
+        fw = self._proxy(name)
+        number = _connection_id(id, since)
+        for record in fw.connections(number):
+            if record.id == number:
+                return 200, _connection_json(record, time.time())
+        raise ApiError(*_CONNECTION_NOT_FOUND)
+
+    def _connection_reset_post(self, body, name, id, since):
+        self._cut(name, id, since, Forwarder.abort_connection)
+
+    def _connection_close_post(self, body, name, id, since):
+        self._cut(name, id, since, Forwarder.close_connection)
+
+    def _cut(self, name: str, id: str, since: Optional[int], cut: Callable[[Forwarder, int], bool]) -> None:
+        fw = self._proxy(name)
+        if not cut(fw, _connection_id(id, since)):
+            raise ApiError(*_CONNECTION_NOT_FOUND)
+
+    def _cut_all(self, name: str, since: Optional[int], cut: Callable[[Forwarder, int], bool]) -> List[int]:
+        fw = self._proxy(name)
+        return [record.id for record in fw.connections(since) if cut(fw, record.id)]
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _proxy(self, name: str) -> Forwarder:
@@ -393,6 +445,8 @@ def _route(parts: List[str]):
             return "toxics", (parts[1],)
         if len(parts) == 4 and parts[2] == "toxics" and parts[3]:
             return "toxic", (parts[1], parts[3])
+        if parts[2] == "connections":  # gproxy's own, beside toxiproxy's
+            return _connection_route(parts[1], parts[3:])
         if parts[2:] == ["targets"]:  # gproxy's own, beside toxiproxy's
             return "targets", (parts[1],)
         if len(parts) >= 4 and parts[2] == "targets" and parts[3]:
@@ -400,6 +454,64 @@ def _route(parts: List[str]):
             # (%2F) or not, is one address (PATH_INFO arrives decoded either way)
             return "target", (parts[1], "/".join(parts[3:]))
     return None
+
+
+def _connection_route(name: str, rest: List[str]):
+    """``/proxies/NAME/connections[/reset|/close|/ID[/reset|/close]]``: an id is a number, so
+    the words ``reset`` and ``close`` are never one."""
+    if not rest:
+        return "connections", (name,)
+    if len(rest) == 1 and rest[0] in ("reset", "close"):
+        return f"connections_{rest[0]}", (name,)
+    if rest[0] and rest[0] not in ("reset", "close"):
+        if len(rest) == 1:
+            return "connection", (name, rest[0])
+        if len(rest) == 2 and rest[1] in ("reset", "close"):
+            return f"connection_{rest[1]}", (name, rest[0])
+    return None
+
+
+def _since(query: str) -> Optional[int]:
+    """The ``since`` mark of a connections route's query (None without one)."""
+    try:
+        fields = urllib.parse.parse_qs(query, keep_blank_values=True, strict_parsing=bool(query),
+                                       max_num_fields=10)
+    except ValueError as exc:
+        raise ApiError(f"bad query: {exc}", 400) from None
+    unknown = sorted(set(fields) - {"since"})
+    if unknown:  # a misspelt parameter must not widen what a reset reaches
+        raise ApiError(f"bad query: unknown parameter {unknown[0]!r} (these routes take since)", 400)
+    if "since" not in fields:
+        return None
+    values = fields["since"]
+    if len(values) != 1 or not _DIGITS.fullmatch(values[0]) or len(values[0]) > 20:
+        raise ApiError(f"since: expected a mark, a whole number from 0, got {','.join(values)!r}", 400)
+    return int(values[0])
+
+
+def _connection_id(text: str, since: Optional[int]) -> int:
+    if since is not None:
+        raise ApiError("bad query: a connection by its id takes no since", 400)
+    if not _DIGITS.fullmatch(text) or len(text) > 20:
+        raise ApiError(f"bad connection id: expected a whole number, got {text!r}", 400)
+    return int(text)
+
+
+def _connection_json(record: ConnectionRecord, now: float) -> Dict[str, Any]:
+    """A connection as gproxy's own routes show it: its ends as ``[host, port]`` (a Unix
+    socket's in words, ``"unix:/path"``), null until the upstream is connected."""
+    return {"id": record.id, "client": _end(record.client_address), "upstream": _end(record.upstream_address),
+            "upstream_local": _end(record.upstream_local_address), "target": record.upstream,
+            "state": record.state, "age": round(max(0.0, now - record.started), 6),
+            "bytes_upstream": record.bytes_upstream, "bytes_downstream": record.bytes_downstream}
+
+
+def _end(address: Any) -> Any:
+    if address is None:
+        return None
+    if isinstance(address, tuple):
+        return [address[0], address[1]]
+    return describe_address(address)
 
 
 def _toxics_of(fw: Forwarder) -> list:

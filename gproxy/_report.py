@@ -85,6 +85,7 @@ def record(conn) -> ConnectionRecord:
         duration=time.monotonic() - conn._t0 if done else None,
         outcome=conn.outcome if done else None,
         error=conn.error if done else None,
+        state="closed" if done else conn.phase(),
     )
 
 

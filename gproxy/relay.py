@@ -915,6 +915,19 @@ class Connection:
             self._upstream_ends = ends
         return ends
 
+    def phase(self) -> str:
+        """Where this open connection is, as a record's ``state`` says it
+        (``stats.CONNECTION_STATES``; ``closed`` is the report's to say)."""
+        if self.outcome is not None:
+            return "closing"
+        states = self._states
+        if states[UPSTREAM] is NEW:
+            return "connecting"
+        # a direction ends before the outcome is decided only at its source's clean EOF
+        if states[UPSTREAM] is ENDED:
+            return "client_eof"
+        return "upstream_eof" if states[DOWNSTREAM] is ENDED else "open"
+
     def record(self) -> ConnectionRecord:
         """What this connection is, or was (see _report.record)."""
         return _report.record(self)

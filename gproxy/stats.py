@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 __all__ = ["Outcome", "ConnectionRecord", "Statistics", "Counters", "TargetCounters", "TargetView",
-           "DURATION_BUCKETS", "CONNECT_REASONS", "SocketAddress"]
+           "DURATION_BUCKETS", "CONNECT_REASONS", "CONNECTION_STATES", "SocketAddress"]
 
 #: an end of a connection: ``(host, port)`` for IPv4 and IPv6, the path (or, abstract, the
 #: name after a NUL: bytes) for a Unix socket; ``""`` for a Unix client socket with no name
@@ -40,6 +40,14 @@ class Outcome(enum.Enum):
     # Enum hashes a member by its name, in Python, at every dict lookup (Counters.outcomes,
     # once per connection); its members are singletons, compared by identity: hash them so.
     __hash__ = object.__hash__
+
+
+#: a record's ``state``: ``connecting`` (the upstream is not connected yet), ``open`` (both
+#: ways flow), ``client_eof`` (the client sent its EOF, passed on to the target, which may
+#: still send), ``upstream_eof`` (the target sent its EOF, passed on to the client, which may
+#: still send), ``closing`` (it ends: the outcome is decided, the sockets are being closed),
+#: ``closed`` (it ended: an ``on_close`` record)
+CONNECTION_STATES = ("connecting", "open", "client_eof", "upstream_eof", "closing", "closed")
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,8 @@ class ConnectionRecord:
     #: the forwarder's end of the upstream connection, which the target sees as its client:
     #: None until connected (and in an ``on_close`` record of a connection that never was)
     upstream_local_address: Optional[SocketAddress] = None
+    #: where the connection is (``CONNECTION_STATES``): ``"open"`` while both ways flow
+    state: str = "open"
 
 
 @dataclass(frozen=True)
