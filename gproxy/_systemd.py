@@ -9,6 +9,8 @@ Typical use (the command line does this)::
     notify("READY=1")                 # every listener is bound
     notify("RELOADING=1")             # a reload begins ... then READY=1 again
     notify("STOPPING=1")
+    notify(f"MAINPID={os.getpid()}\nREADY=1")  # took over a running gproxy: the service is ours now
+    hand_over()                       # handed over: this process speaks for the service no more
 
 Outside systemd (no ``$NOTIFY_SOCKET``) every notify does nothing. A leading ``@`` in the
 variable means Linux's abstract namespace (sd_notify(3)). ``listen_fds`` follows
@@ -27,7 +29,7 @@ from typing import List, MutableMapping, Optional, Tuple
 
 from gproxy import _gevent
 
-__all__ = ["notify", "reloading", "listen_fds", "LISTEN_FDS_START", "ActivationError"]
+__all__ = ["notify", "reloading", "hand_over", "listen_fds", "LISTEN_FDS_START", "ActivationError"]
 
 #: the first fd systemd passes (sd_listen_fds(3)'s SD_LISTEN_FDS_START)
 LISTEN_FDS_START = 3
@@ -59,6 +61,13 @@ def notify(state: str) -> bool:
         log.warning("cannot notify the service manager at %s: %s", os.environ.get("NOTIFY_SOCKET"),
                     os.strerror(exc.errno).lower() if exc.errno else exc)
         return False
+
+
+def hand_over() -> None:
+    """This process has handed its sockets to another gproxy, which now speaks for the service
+    (``MAINPID=``): send nothing more. A ``STOPPING=1`` from a process that only drains would
+    make systemd (``NotifyAccess=all``) stop the whole service, the new process with it."""
+    os.environ.pop("NOTIFY_SOCKET", None)
 
 
 def reloading() -> bool:

@@ -622,6 +622,7 @@ def _run(args: argparse.Namespace, options: dict) -> int:
     def handed_over(pid) -> None:
         nonlocal handed
         handed = True
+        _systemd.hand_over()  # the new process is the service's main one now (it sent MAINPID=)
         timeout = files.config.settings.get("reload_drain_timeout") if files is not None else None
         log.info("pid %s accepts on the listening sockets now: this process stops accepting, its "
                  "connections drain %s", pid, "until they end" if timeout is None else f"for up to {timeout:g}s")
@@ -685,7 +686,9 @@ def _run(args: argparse.Namespace, options: dict) -> int:
 
         watch_lifeline(args.worker_lifeline, on_supervisor_gone)
     try:
-        _systemd.notify("READY=1")  # every listener is bound
+        # every listener is bound; after a takeover this process is the service's main one
+        # (systemd needs NotifyAccess=all to take that from a process it did not start)
+        _systemd.notify(f"MAINPID={os.getpid()}\nREADY=1" if taking is not None else "READY=1")
         forwarder.serve_forever()
     finally:
         if metrics_server is not None:

@@ -6,8 +6,10 @@ configuration differs, and the metrics port moves along instead of failing to bi
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
@@ -294,3 +296,51 @@ def test_a_rule_the_new_process_drops_closes_its_port(tmp_path):
                 with pytest.raises(ConnectionRefusedError):
                     connect(("127.0.0.1", port))
                 assert new.stop()[0] == 0
+
+
+def received(manager) -> tuple:
+    """The next datagram on a fake systemd's notify socket, with the sender's pid (SO_PASSCRED:
+    systemd tells its processes apart the same way)."""
+    message, ancillary, _, _ = manager.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("3i")))
+    pids = [struct.unpack("3i", data)[0] for level, kind, data in ancillary
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS]
+    return (pids[0] if pids else None), message
+
+
+def test_under_systemd_the_new_process_becomes_the_main_one_and_the_old_one_falls_silent(tmp_path):
+    """A takeover's new process tells systemd it is the main process now (MAINPID=, accepted with
+    NotifyAccess=all): otherwise systemd takes the old one's exit, once drained, for the service's
+    end and kills the new one. The old one, once it has handed over, sends nothing: a STOPPING=1
+    from it, on a SIGTERM meant for it alone, would stop the whole service."""
+    control = str(tmp_path / "control.sock")
+    port, metrics = free_ports(2)
+    gate = Gate()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager, Server(gate) as held:
+        manager.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        manager.bind(str(tmp_path / "notify.sock"))
+        manager.settimeout(TIMEOUT)
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+        path = tmp_path / "gproxy.toml"
+        write(path, config(control, port, held.address[1], metrics))
+        old = ConfigProxy(str(path), 1, env=env)
+        client = server = None
+        try:
+            assert received(manager) == (old.process.pid, b"READY=1")
+            client = connect(("127.0.0.1", port))
+            server = gate.get()  # the old process drains this one after the handover
+            with ConfigProxy(str(path), 1, env=env, extra=("--takeover", control)) as new:
+                pid = new.process.pid
+                assert received(manager) == (pid, b"MAINPID=%d\nREADY=1" % pid)
+                old.wait_for("1 connection(s) here drain until they end")
+                old.signal(signal.SIGTERM)  # ends the old one's drain, not the service
+                code, output = wait_exit(old)
+                assert code == 0, output
+                code, output = new.stop()
+                assert code == 0, output
+                assert received(manager) == (pid, b"STOPPING=1")  # nothing from the old one before it
+        finally:
+            for sock in (client, server):
+                if sock is not None:
+                    sock.close()
+            gate.release()
+            old.kill()
