@@ -8,7 +8,7 @@
 # PYTHON=/path/to/python selects the interpreter (default: python, else python3).
 set -euo pipefail
 
-pkgs=(socat haproxy iperf3 sockperf redis-server redis-tools)
+pkgs=(socat haproxy iperf3 sockperf redis-server redis-tools nginx libnginx-mod-stream wrk)
 
 missing=()
 for p in "${pkgs[@]}"; do
@@ -44,7 +44,7 @@ if ! "$py" -c 'import uvloop' >/dev/null 2>&1; then
     "$py" -m pip install uvloop
 fi
 
-for t in socat haproxy iperf3 sockperf redis-server redis-benchmark; do
+for t in socat haproxy iperf3 sockperf redis-server redis-benchmark nginx wrk; do
     command -v "$t" >/dev/null || { echo "setup: $t still missing" >&2; exit 1; }
 done
 echo "setup: done; run: $py benchmarks/bench.py"
