@@ -108,7 +108,10 @@ def connect_upstream(conn, spare: Optional[_sockets.RawSocket] = None) -> _socke
     upstream = None
     context = conn.context
     try:
-        if not context.routed:  # one fixed target: the plain path
+        sni = conn.sni
+        if sni is not None and sni.endpoint is not None:  # route_sni chose it
+            upstream = _connect_routed(conn, sni.endpoint, spare)
+        elif not context.routed:  # one fixed target: the plain path
             try:
                 upstream = _connect_to(conn, context.rule.target, spare)
             except Failure as exc:
@@ -129,6 +132,24 @@ def connect_upstream(conn, spare: Optional[_sockets.RawSocket] = None) -> _socke
     finally:
         if spare is not None and spare is not upstream:
             spare.close()  # unused, or failed (closing twice is harmless)
+
+
+def _connect_routed(conn, endpoint, spare: Optional[_sockets.RawSocket]) -> _sockets.RawSocket:
+    """The one target a route (route_sni) chose: counted, and its health kept, like any target;
+    no other target stands in for it (the client asked for that name)."""
+    context = conn.context
+    try:
+        sock = _connect_to(conn, endpoint, spare)
+    except _NoSocket:
+        raise
+    except Failure as exc:
+        context.targets.failed(endpoint, exc.error)
+        context.counters.connected(str(endpoint), False, exc.reason, exc.error)
+        raise
+    context.targets.succeeded(endpoint)
+    conn.target_counts = context.counters.connected(str(endpoint), True)
+    conn.target = endpoint
+    return sock
 
 
 def _connect_targets(conn, spare: Optional[_sockets.RawSocket]) -> _sockets.RawSocket:

@@ -32,6 +32,7 @@ from greenlet import getcurrent
 
 from gproxy import _sockets
 from gproxy._access import client_key, describe_key
+from gproxy._sni import describe as describe_sni
 from gproxy.stats import ConnectionRecord, Outcome
 
 __all__ = ["report", "record", "closed", "call_hook"]
@@ -79,13 +80,16 @@ def record(conn) -> ConnectionRecord:
         client_address=_sockets.endpoint(conn.client_address),
         upstream_address=None if ends is None else ends[0],
         upstream_local_address=None if ends is None else ends[1],
-        upstream=conn.context.target_name if conn.target is None else str(conn.target),
+        upstream=str(conn.target) if conn.target is not None else conn.context.target_name
+        if conn.sni is None or conn.sni.endpoint is None else str(conn.sni.endpoint),
         started=conn.started,
         bytes_upstream=conn.counts[0], bytes_downstream=conn.counts[1],
         duration=time.monotonic() - conn._t0 if done else None,
         outcome=conn.outcome if done else None,
         error=conn.error if done else None,
         state="closed" if done else conn.phase(),
+        sni=None if conn.sni is None else conn.sni.name,
+        route=None if conn.sni is None else conn.sni.route,
     )
 
 
@@ -139,15 +143,16 @@ def _log_line(conn, line: ConnectionRecord) -> None:
     context = conn.context
     outcome = line.outcome
     # the fields a JSON log line carries, so no formatter has to parse the text
-    extra = {"connection": _LogFields(context.name, line)}
+    extra = {"connection": _LogFields(context.name, line, conn.sni)}
     if outcome is Outcome.ERROR:
         _conn_log.error("%sconn#%d %s -> %s failed after %.3fs, up %d B, down %d B:\n%s",
                         context.log_prefix, line.id, line.client, line.upstream, line.duration,
                         line.bytes_upstream, line.bytes_downstream, line.error, extra=extra)
         return
     if outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT):
-        _conn_log.warning("%sconn#%d %s -> %s %s after %.3fs: %s", context.log_prefix, line.id,
-                          line.client, line.upstream, outcome, line.duration, line.error, extra=extra)
+        routed = "" if conn.sni is None else f" ({describe_sni(conn.sni)})"
+        _conn_log.warning("%sconn#%d %s -> %s%s %s after %.3fs: %s", context.log_prefix, line.id,
+                          line.client, line.upstream, routed, outcome, line.duration, line.error, extra=extra)
         return
     if outcome is Outcome.DENIED:  # one line per client address per minute at most
         key = client_key(conn.client_address)
@@ -157,20 +162,22 @@ def _log_line(conn, line: ConnectionRecord) -> None:
         return
     if _conn_log.isEnabledFor(logging.INFO):
         why = f" ({line.error})" if line.error else ""
-        _conn_log.info("%sconn#%d %s -> %s %s%s, %.3fs, up %d B, down %d B", context.log_prefix,
+        routed = "" if conn.sni is None else ", " + describe_sni(conn.sni)
+        _conn_log.info("%sconn#%d %s -> %s %s%s, %.3fs, up %d B, down %d B%s", context.log_prefix,
                        line.id, line.client, line.upstream, outcome, why, line.duration,
-                       line.bytes_upstream, line.bytes_downstream, extra=extra)
+                       line.bytes_upstream, line.bytes_downstream, routed, extra=extra)
 
 
 class _LogFields(Mapping):
     """A connection line's fields (rule, id, client, target, outcome, duration, bytes each
-    way, error), for a formatter that reads them (gproxy._jsonlog): a read-only mapping made
-    when first read, so a text line does not pay for building it."""
+    way, error; on a rule with route_sni, sni and route, "default" when none matched), for a
+    formatter that reads them (gproxy._jsonlog): a read-only mapping made when first read, so
+    a text line does not pay for building it."""
 
-    __slots__ = ("_rule", "_record", "_fields")
+    __slots__ = ("_rule", "_record", "_fields", "_choice")
 
-    def __init__(self, rule: str, line: ConnectionRecord) -> None:
-        self._rule, self._record = rule, line
+    def __init__(self, rule: str, line: ConnectionRecord, choice=None) -> None:
+        self._rule, self._record, self._choice = rule, line, choice
         self._fields: Optional[dict] = None
 
     def _get(self) -> dict:
@@ -182,6 +189,9 @@ class _LogFields(Mapping):
                 "outcome": line.outcome.name.lower(), "duration": round(line.duration, 6),
                 "bytes_upstream": line.bytes_upstream, "bytes_downstream": line.bytes_downstream,
                 "error": line.error}
+            if self._choice is not None:  # a rule with route_sni
+                self._fields["sni"] = line.sni
+                self._fields["route"] = line.route or "default"
         return self._fields
 
     def __getitem__(self, key: str):

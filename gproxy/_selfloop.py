@@ -61,7 +61,12 @@ def may_loop(rule: Rule, bound) -> bool:
         return False
     if callable(rule.target) and not isinstance(rule.target, tuple):
         return True
-    return any(isinstance(t, Address) and t.port == bound_key[1] for t in rule.targets)
+    return any(isinstance(t, Address) and t.port == bound_key[1] for t in _every_target(rule))
+
+
+def _every_target(rule: Rule) -> tuple:
+    """The rule's fixed targets, and route_sni's."""
+    return rule.targets + tuple(endpoint for _name, endpoint in rule.route_sni or ())
 
 
 def refuse_at_start(rule: Rule, listener: socket.socket) -> None:
@@ -69,7 +74,7 @@ def refuse_at_start(rule: Rule, listener: socket.socket) -> None:
     bound = address_key(listener.getsockname())
     if bound is None:
         return
-    for target in rule.targets:
+    for target in _every_target(rule):
         if not isinstance(target, Address) or target.port != bound[1]:
             continue
         for host in _resolve(target):

@@ -272,6 +272,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-connections-per-client", metavar="N", default=None,
                         help="refuse a client address's connections beyond this many open ones "
                              "(default: no limit)")
+    parser.add_argument("--route-sni", metavar="NAME=HOST:PORT", action="append", default=None,
+                        help="route a TLS client whose ClientHello names NAME (or matches *.DOMAIN: one "
+                             "label) to HOST:PORT, without terminating TLS (repeatable); TARGET serves "
+                             "other names, no name, and clients not speaking TLS")
     parser.add_argument("--metrics", metavar="HOST:PORT", default=None,
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "
                              "with --api they are at its /metrics too)")
@@ -318,7 +322,7 @@ _RULE_OPTIONS = (
     "allow", "deny", "max_connections_per_client", "balance", "max_fails", "fail_timeout",
     "max_connections", "health_check", "check_send", "check_expect", "check_http_path",
     "check_http_method", "check_http_status", "check_http_host", "check_interval", "check_timeout",
-    "rise", "fall", *UNIX_FILE_OPTIONS)
+    "rise", "fall", "route_sni", *UNIX_FILE_OPTIONS)
 _KEYS = {flag: key for key, flag in _FLAGS.items()}  # argparse's names -> Forwarder keywords
 
 
@@ -435,7 +439,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 targets = ", ".join(_describe_target(t) for t in rule.target_list) or "a function"
                 balance = f" ({rule.balance})" if len(rule.targets) > 1 else ""
                 check = f", {rule.check} check every {rule.check_interval:g}s" if rule.check else ""
-                print(f"  {name}: {rule.listen}{_file_access(rule)} -> {targets}{balance}{check}")
+                routes = "".join(f", sni {route} -> {endpoint}" for route, endpoint in rule.route_sni or ())
+                print(f"  {name}: {rule.listen}{_file_access(rule)} -> {targets}{balance}{check}{routes}")
             return 0
     elif not args.target and (args.listen is not None or args.api is None):
         parser.error("the following arguments are required: " + ("TARGET" if args.listen else "LISTEN, TARGET"))

@@ -364,6 +364,59 @@ def parse_targets(value, field: str = "target") -> Tuple[Endpoint, ...]:
     return tuple(target.address for target in parse_target_list(value, field))
 
 
+def parse_route_sni(value, field: str = "route_sni") -> Optional[Tuple[Tuple[str, Endpoint], ...]]:
+    """``{"db.example": "10.0.0.5:5432", "*.cache.example": "10.0.0.6:6379"}`` (or its items)
+    -> ((name, endpoint), ...), names lower case in their ASCII (IDNA) form with no trailing
+    dot, a wildcard only as the whole first label; None for None or an empty mapping."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(i, (tuple, str)) for i in value):
+        # (name, address) pairs, or the command line's "NAME=HOST:PORT"
+        items = []
+        for item in value:
+            if isinstance(item, str):
+                name, equals, address = item.partition("=")
+                if not equals:
+                    raise ConfigError(field, f"expected NAME=HOST:PORT, got {show(item)}")
+                item = (name, address)
+            if len(item) != 2:
+                raise ConfigError(field, f"expected (name, address), got {show(item)}")
+            items.append(item)
+        if len({normal for normal in (str(name).strip().lower().rstrip(".") for name, _a in items)}) \
+                != len(items):
+            raise ConfigError(field, "a server name is routed twice")
+    else:
+        raise ConfigError(field, f"expected a table of server names to addresses "
+                                 f"({{ \"db.example\" = \"10.0.0.5:5432\" }}), got {show(value)}")
+    routes: Dict[str, Endpoint] = {}
+    for name, address in items:
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(field, f"expected a server name, got {show(name)}")
+        pattern = name.strip()
+        wild = pattern.startswith("*.")
+        host = pattern[2:] if wild else pattern
+        if "*" in host:
+            raise ConfigError(field, f"{show(name)}: a wildcard is only a whole first label (*.example.com)")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            pass
+        else:
+            raise ConfigError(field, f"{show(name)}: SNI carries host names, never IP addresses")
+        _check_host_name(host, f"{field}: {name}")
+        host = host.encode("idna").decode("ascii").lower().rstrip(".")
+        key = "*." + host if wild else host
+        if key in routes:
+            raise ConfigError(field, f"{show(name)} is routed twice")
+        endpoint = parse_address(address, f"{field}: {name}")
+        if endpoint.port == 0:
+            raise ConfigError(f"{field}: {name}", f"port 0 cannot be connected to: {endpoint}")
+        routes[key] = endpoint
+    return tuple(routes.items()) or None
+
+
 def _seconds(value, field: str, *, zero_is_off: bool) -> Optional[float]:
     if value is None:
         return None
@@ -732,6 +785,12 @@ class Rule:
       a listen address's Unix socket file, set before it accepts anyone (HAProxy's ``bind
       unix@... mode user group``). Only for ``unix:/PATH``; a config file's ``[defaults]``
       apply them to its ``unix:/PATH`` rules only.
+    - ``route_sni`` (default ``None``: no routing by name): server names (``"db.example"``, or
+      ``"*.cache.example"`` for exactly one more label) to addresses: a client's TLS
+      ClientHello is read, without terminating TLS, and a name that matches goes to that
+      address; a name that matches none, no name, or bytes that are not TLS go to ``target``.
+      Stored as a tuple of (name, endpoint), names lower case, no trailing dot. The client
+      has ``proxy_header_timeout`` to send its ClientHello (see gproxy/_sni.py).
     """
 
     listen: Endpoint
@@ -770,6 +829,7 @@ class Rule:
     unix_mode: Optional[int] = None
     unix_user: Optional[Union[str, int]] = None
     unix_group: Optional[Union[str, int]] = None
+    route_sni: Optional[Tuple[Tuple[str, Endpoint], ...]] = None
 
     @property
     def targets(self) -> Tuple[Endpoint, ...]:
@@ -835,6 +895,9 @@ class Rule:
         if buffer_size > 64 << 20:
             raise ConfigError("buffer_size", f"must be at most 64 MiB, got {buffer_size}")
         checks = _check_options(opt, function=not targets)
+        route_sni = parse_route_sni(opt["route_sni"])
+        if route_sni is not None and listen_address in {endpoint for _name, endpoint in route_sni}:
+            raise ConfigError("route_sni", f"{listen_address} is the listening address: a forwarding loop")
         return cls(
             listen=listen_address,
             target=target,
@@ -861,6 +924,7 @@ class Rule:
             max_connections_per_client=None if opt["max_connections_per_client"] is None else
             _count(opt["max_connections_per_client"], "max_connections_per_client", minimum=1),
             reuse_port=_flag(opt["reuse_port"], "reuse_port"),
+            route_sni=route_sni,
             **checks,
             **unix_file,
         )

@@ -52,6 +52,7 @@ from typing import (
     Dict,
     Iterator,
     List,
+    Mapping,
     Optional,
     Sequence,
     Tuple,
@@ -285,6 +286,10 @@ class Forwarder:
       says so.
     - ``unix_mode`` (``"0660"`` or ``0o660``), ``unix_user``, ``unix_group`` (names or ids;
       default ``None``: as created, gproxy's own): a ``unix:/PATH`` listener's socket file.
+    - ``route_sni`` (``None``: off): ``{"db.example": "10.0.0.5:5432", "*.cache.example":
+      "10.0.0.6:6379"}``: each client's TLS ClientHello is read (not terminated) and its server
+      name picks the target; ``target`` serves a name that matches none, no name, or a client
+      that is not speaking TLS (gproxy/_sni.py).
 
     Bad values raise :class:`gproxy.ConfigError` (a ``ValueError``) naming the field.
 
@@ -336,6 +341,7 @@ class Forwarder:
                  unix_mode: Union[str, int, None] = None,
                  unix_user: Union[str, int, None] = None,
                  unix_group: Union[str, int, None] = None,
+                 route_sni: Optional[Mapping[str, AddressLike]] = None,
                  on_open: Optional[Hook] = None,
                  on_close: Optional[Hook] = None) -> None:
         # Rule.build is the one place options are validated; the names above are only
@@ -353,7 +359,7 @@ class Forwarder:
             check_http_path=check_http_path, check_http_method=check_http_method,
             check_http_status=check_http_status, check_http_host=check_http_host,
             check_interval=check_interval, check_timeout=check_timeout, rise=rise, fall=fall,
-            unix_mode=unix_mode, unix_user=unix_user, unix_group=unix_group)
+            unix_mode=unix_mode, unix_user=unix_user, unix_group=unix_group, route_sni=route_sni)
         on_open = check_hook(on_open, "on_open")
         on_close = check_hook(on_close, "on_close")
         self._counters = Counters()

@@ -12,9 +12,10 @@ Theory of operation
 A connection lives in three rooms, read in this order:
 
 1. The connect phase (``_dial.py``): ``run()``, the handler, reads a trusted client's PROXY
-   header, calls ``on_open``, checks access, then connects to the target (every address the
-   name has, in turn, each attempt bounded by ``connect_timeout``) and sends our PROXY
-   header. A client of a plain rule (``Context.dials_on_hub``: one fixed IP or Unix address;
+   header, calls ``on_open``, checks access, reads the ClientHello on a rule that routes by
+   its server name (``_sni.py``: those bytes go to the target first), then connects to the
+   target (every address the name has, in turn, each attempt bounded by ``connect_timeout``)
+   and sends our PROXY header. A client of a plain rule (``Context.dials_on_hub``: one fixed IP or Unix address;
    no hook, access rule or PROXY header before the connect) takes ``start()`` instead, which
    does the same in callbacks on the hub: a greenlet to wait for one connect would cost more
    than the rest of the connect. A connect that fails raises a ``Failure`` (``_failure.py``:
@@ -128,7 +129,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 import gevent
 
-from gproxy import _dial, _gevent, _report, _sockets
+from gproxy import _dial, _gevent, _report, _sni, _sockets
 from gproxy._access import Access, DeniedLog, client_key, compile_networks
 from gproxy._chain import Link
 from gproxy._failure import Aborted, Failure, failure, tcp_closed
@@ -249,6 +250,11 @@ class Context:
         self.access = Access.from_rule(rule)
         #: networks whose clients must send a PROXY header first, or None
         self.accept_proxy = compile_networks(rule.accept_proxy_from) or None
+        #: route_sni's names (_sni.Routes), or None: the rule routes by no name
+        self.sni_routes = _sni.Routes(rule.route_sni) if rule.route_sni else None
+        if rule.route_sni:  # shown in metrics and targets() from the start, as fixed targets are
+            for _name, endpoint in rule.route_sni:
+                self.targets.note(endpoint)
         #: PROXY protocol version to send upstream; 0: none
         self.proxy_version = {"off": 0, "v1": 1, "v2": 2}[rule.proxy_protocol]
         # what gproxy_target_up shows: one fixed target is up until a connect to it fails
@@ -259,7 +265,8 @@ class Context:
         targets = self.targets
         counters.health = lambda: targets.views(self.counters)
         #: the rate-limited "denied" line, for rules that can refuse a client
-        self.denied_log = DeniedLog(log) if self.access is not None or self.accept_proxy else None
+        self.denied_log = DeniedLog(log) \
+            if self.access is not None or self.accept_proxy or self.sni_routes is not None else None
         #: local addresses of our upstream sockets (_selfloop.OwnUpstreams), when a target could
         #: lead back to the listener; None, and no cost, otherwise
         self.own_upstreams: Optional[OwnUpstreams] = None
@@ -279,7 +286,8 @@ class Context:
         target = rule.target if not self.routed and isinstance(rule.target, (Address, UnixAddress)) else None
         self.direct = (target.family, target.sockaddr) \
             if target is not None and target.family is not None and not self.proxy_version \
-            and self.accept_proxy is None and self.access is None and on_open is None else None
+            and self.accept_proxy is None and self.access is None and on_open is None \
+            and self.sni_routes is None else None
         #: the id of the last connection accepted: ids count from 1 (Forwarder.mark reads it)
         self.last_id = 0
 
@@ -428,7 +436,7 @@ class Connection:
         "context", "id", "client", "client_address", "upstream", "counts",
         "started", "_t0", "outcome", "error", "_hub", "_watchers", "_ends", "_eof_count",
         "_states", "seen", "seen_total", "seen_at", "peer", "proxied", "access_key", "target", "links",
-        "own_key", "_dialing", "spoke", "_upstream_writable", "_upstream_ends", "target_counts",
+        "own_key", "_dialing", "spoke", "_upstream_writable", "_upstream_ends", "target_counts", "sni",
     )
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
@@ -476,6 +484,8 @@ class Connection:
         #: (peer, local) addresses of the connected upstream socket, asked for only when a
         #: record is made (upstream_ends), or None
         self._upstream_ends: Optional[tuple] = None
+        #: what the ClientHello chose (_sni.Choice), on a rule with route_sni; else None
+        self.sni: Optional[_sni.Choice] = None
 
     # -- the life, top to bottom ------------------------------------------------
 
@@ -496,7 +506,10 @@ class Connection:
                 why, self.access_key = context.access.admit(client_key(self.client_address))
                 if why is not None:  # refused before anything is dialled
                     raise Failure(Outcome.DENIED, why)
+            held = _sni.read_hello(self) if context.sni_routes is not None else None
             self.upstream, spare = _dial.connect_upstream(self, spare), None
+            if held:  # the bytes read to route by, ahead of everything else
+                _sni.replay(self, self.upstream, held)
             if self.outcome is None:  # (not aborted while the connect was counted)
                 self._start_pumps(self.upstream)
         except Failure as exc:

@@ -79,6 +79,12 @@ class ConnectionRecord:
     upstream_local_address: Optional[SocketAddress] = None
     #: where the connection is (``CONNECTION_STATES``): ``"open"`` while both ways flow
     state: str = "open"
+    #: the server name of the client's TLS ClientHello, on a rule with ``route_sni``; None
+    #: when it sent none (or no ClientHello, or the rule routes by no name)
+    sni: Optional[str] = None
+    #: the ``route_sni`` name that chose the target (``"*.cache.example"``), or None: the
+    #: rule's ``target`` served it (or the rule routes by no name)
+    route: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -307,6 +307,11 @@ class Targets:
         for state in self._health.values():
             state.current = 0
 
+    def note(self, endpoint: Endpoint) -> None:
+        """Know ``endpoint`` from now on (a route_sni target), as the fixed targets are known:
+        metrics and ``statuses()`` show it before any client went there."""
+        self._state(endpoint)
+
     def succeeded(self, endpoint: Endpoint) -> None:
         """A connect to ``endpoint`` worked; it counts as open until :meth:`released`."""
         state = self._health.get(endpoint)
