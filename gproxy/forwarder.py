@@ -606,6 +606,7 @@ class Forwarder:
         mine = self._counters
         self._own_targets = (mine.target_up, mine.health)
         self._counters = self._context.counters = old._counters
+        old._counters.watch(self._context)
         # the new forwarder's first check, or first client, must not find out again (and log
         # again) what the old one knew; a target drained at run time stays drained
         if self._context.targets.inherit(old._context.targets) and not self._context.routed:

@@ -11,7 +11,9 @@ Typical use::
     app = metrics.app(lambda: service.forwarders())
 
 Counting lives in ``stats.Counters`` (fed by relay once per connection); this module
-only reads it. A scrape costs one pass over the rules, never over the connections.
+only reads it. A scrape costs one pass over the rules, and one over the open connections'
+byte counts (``Counters.bytes_now``: bytes are counted as they move, by the pumps' own
+per-connection counters, and summed only here).
 Written by hand rather than with ``prometheus_client``: see ``benchmarks/metrics_cost.py``
 for the measurement behind that choice.
 
@@ -55,7 +57,7 @@ _HEADERS = {
                     "Connections that ended, by rule and how they ended."),
     "active": ("gproxy_connections_active", "gauge", "Connections open now."),
     "bytes": ("gproxy_bytes_total", "counter",
-              "Bytes relayed by connections that ended, upstream (client to target) and downstream."),
+              "Bytes relayed, open connections' included, upstream (client to target) and downstream."),
     "failures": ("gproxy_connect_failures_total", "counter",
                  "Connect attempts to a target that failed (refused, unreachable, timed out)."),
     "up": ("gproxy_target_up", "gauge",
@@ -68,8 +70,8 @@ _HEADERS = {
     "target_active": ("gproxy_target_active_connections", "gauge",
                       "Connections open to the target now (its connect worked, not ended yet)."),
     "target_bytes": ("gproxy_target_bytes_total", "counter",
-                     "Bytes relayed by the target's connections that ended, upstream (client to "
-                     "target) and downstream."),
+                     "Bytes relayed by the target's connections, open ones' included, upstream "
+                     "(client to target) and downstream."),
     "target_failures": ("gproxy_target_connect_failures_total", "counter",
                         "Connect attempts to the target that failed, by reason: refused, timeout, "
                         "unreachable, resolve, other."),
@@ -93,6 +95,7 @@ _REASON_ENDS = {reason: f',reason="{reason}"}} ' for reason in CONNECT_REASONS}
 _STATE_ENDS = {state: [f',state="{other}"}} {1 if other == state else 0}' for other in _STATES]
                for state in _STATES}
 _NO_COUNTS = TargetCounters()  # a target nothing was counted for yet
+_NO_BYTES = (0, 0)
 
 
 def _escape(value: str) -> str:
@@ -212,9 +215,9 @@ def _render(sources: Iterable, encode: bool, process: bool = True) -> Generator[
         for outcome, count in counters.outcomes.items():
             out.append(f'gproxy_connections_total{{{rule},outcome="{_OUTCOME_LABELS[outcome]}"}} {count}')
         sections["active"].append(f"gproxy_connections_active{{{rule}}} {counters.active}")
-        sections["bytes"].append(f'gproxy_bytes_total{{{rule},direction="upstream"}} {counters.bytes_upstream}')
-        sections["bytes"].append(
-            f'gproxy_bytes_total{{{rule},direction="downstream"}} {counters.bytes_downstream}')
+        upstream, downstream, moved = counters.bytes_now()  # the open connections' bytes too
+        sections["bytes"].append(f'gproxy_bytes_total{{{rule},direction="upstream"}} {upstream}')
+        sections["bytes"].append(f'gproxy_bytes_total{{{rule},direction="downstream"}} {downstream}')
         failures = counters.target_failures.copy()
         views = counters.views()
         per_target = counters.targets
@@ -231,8 +234,9 @@ def _render(sources: Iterable, encode: bool, process: bool = True) -> Generator[
                     connections_out.append(f"{head}{_OUTCOME_ENDS[outcome]}{count}")
             target_active_out.append(f"gproxy_target_active_connections{{{label}}} {counts.active}")
             head = "gproxy_target_bytes_total{" + label
-            target_bytes_out.append(f'{head},direction="upstream"}} {counts.bytes_upstream}')
-            target_bytes_out.append(f'{head},direction="downstream"}} {counts.bytes_downstream}')
+            both = moved.get(counts) or _NO_BYTES
+            target_bytes_out.append(f'{head},direction="upstream"}} {both[0]}')
+            target_bytes_out.append(f'{head},direction="downstream"}} {both[1]}')
             head = "gproxy_target_connect_failures_total{" + label
             for reason, count in counts.failures.items():
                 target_failures_out.append(f"{head}{_REASON_ENDS[reason]}{count}")

@@ -264,6 +264,7 @@ class Context:
             counters.target_up.setdefault(self.target_name, True)
         targets = self.targets
         counters.health = lambda: targets.views(self.counters)
+        counters.watch(self)  # its open connections' bytes count there as they move
         #: the rate-limited "denied" line, for rules that can refuse a client
         self.denied_log = DeniedLog(log) \
             if self.access is not None or self.accept_proxy or self.sni_routes is not None else None

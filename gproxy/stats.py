@@ -9,9 +9,10 @@ Typical use::
 from __future__ import annotations
 
 import enum
+import weakref
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = ["Outcome", "ConnectionRecord", "Statistics", "Counters", "TargetCounters", "TargetView",
            "DURATION_BUCKETS", "CONNECT_REASONS", "CONNECTION_STATES", "SocketAddress"]
@@ -121,7 +122,8 @@ class TargetCounters:
         self.active = 0
         #: such connections once ended, by outcome
         self.outcomes = dict.fromkeys(Outcome, 0)
-        #: bytes of those ended connections, each way (counted when a connection ends)
+        #: bytes of those ended connections, each way (moved here when a connection ends;
+        #: ``Counters.bytes_now`` adds the open ones)
         self.bytes_upstream = 0
         self.bytes_downstream = 0
         #: failed connects by reason (CONNECT_REASONS)
@@ -147,14 +149,17 @@ class TargetView(NamedTuple):
 
 
 class Counters:
-    """Totals of connections that ended; the forwarder adds the open ones on demand.
+    """Totals of connections that ended; the open ones' bytes are added when read.
 
     Fed by relay once per connection (at accept, at the end of each connect, at teardown),
-    never per chunk; read by ``statistics()`` and ``metrics.render`` without walking the
-    open connections."""
+    never per chunk. Bytes move as they are read into each open connection's own
+    ``counts`` (which the pumps keep anyway); ``bytes_now`` adds those of the open
+    connections of every context counting here to the totals, under the contexts' locks,
+    so what it says only grows, whether a connection is open or has just ended."""
 
     __slots__ = ("accepted", "connect_failed", "bytes_upstream", "bytes_downstream", "active",
-                 "outcomes", "durations", "duration_sum", "target_failures", "target_up", "health", "targets")
+                 "outcomes", "durations", "duration_sum", "target_failures", "target_up", "health", "targets",
+                 "contexts")
 
     def __init__(self) -> None:
         self.accepted = 0
@@ -177,6 +182,45 @@ class Counters:
         self.health: Optional[Callable[[], Dict[str, TargetView]]] = None
         #: per target (its name as configured): its own totals
         self.targets: Dict[str, TargetCounters] = {}
+        #: weak references to the contexts (relay.Context: ``.lock``, ``.active``) whose
+        #: connections count here: a rule's forwarder, and a reload's old ones while they
+        #: drain. Replaced, never changed in place, so a reader on another thread may take it.
+        self.contexts: Tuple[Any, ...] = ()
+
+    def watch(self, context: Any) -> None:
+        """``context``'s open connections count here too (``bytes_now``), until it is gone."""
+        alive = [ref for ref in self.contexts if ref() is not None and ref() is not context]
+        self.contexts = tuple(alive) + (weakref.ref(context),)
+
+    def bytes_now(self) -> Tuple[int, int, Dict[TargetCounters, List[int]]]:
+        """Bytes so far, each way, the open connections' included: ``(upstream, downstream,
+        {target's counters: [upstream, downstream]})``. One pass over the open connections,
+        holding every watched context's lock (a teardown moves a connection's bytes into the
+        totals under it), so a connection's bytes are counted once, open or ended."""
+        contexts = [context for context in (ref() for ref in self.contexts) if context is not None]
+        for context in contexts:  # (only this takes more than one: no order to deadlock on)
+            context.lock.acquire()
+        try:
+            upstream, downstream = self.bytes_upstream, self.bytes_downstream
+            per_target = {counts: [counts.bytes_upstream, counts.bytes_downstream]
+                          for counts in list(self.targets.values())}
+            for context in contexts:
+                for conn in list(context.active.values()):  # (list(): one step, safe from any thread)
+                    up, down = conn.counts
+                    if up or down:
+                        upstream += up
+                        downstream += down
+                        target = conn.target_counts
+                        if target is not None:
+                            pair = per_target.get(target)
+                            if pair is None:
+                                pair = per_target[target] = [target.bytes_upstream, target.bytes_downstream]
+                            pair[0] += up
+                            pair[1] += down
+        finally:
+            for context in contexts:
+                context.lock.release()
+        return upstream, downstream, per_target
 
     def ended(self, outcome: "Outcome", duration: float, bytes_upstream: int, bytes_downstream: int) -> None:
         """One connection's teardown."""

@@ -415,8 +415,9 @@ def test_per_target_connections_bytes_failures_weight_and_state(forwarder_factor
     assert connections == {"eof": 3, "reset": 0, "idle_timeout": 0, "shutdown": 0, "closed": 0, "error": 0}
     assert target_series(found, "gproxy_target_connections_total", rule, dead) == dict.fromkeys(connections, 0)
     assert target_series(found, "gproxy_target_active_connections", rule, live) == {None: 1}
-    assert target_series(found, "gproxy_target_bytes_total", rule, live) == {"upstream": 301_002,
-                                                                             "downstream": 301_002}
+    # the held connection's byte each way is counted while it is open (bytes count as they move)
+    assert target_series(found, "gproxy_target_bytes_total", rule, live) == {"upstream": 301_003,
+                                                                             "downstream": 301_003}
     assert target_series(found, "gproxy_target_connect_failures_total", rule, dead) == {
         "refused": 1, "timeout": 0, "unreachable": 0, "resolve": 0, "other": 0}
     assert sum(target_series(found, "gproxy_target_connect_failures_total", rule, live).values()) == 0
@@ -507,3 +508,59 @@ def test_promtool_accepts_the_page(tmp_path):
     result = subprocess.run([promtool, "check", "metrics"], input=page, capture_output=True, text=True,
                             timeout=TIMEOUT)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), result
+
+
+@pytest.mark.parametrize("path", ["plain", "routed"])
+def test_bytes_show_while_the_connection_is_open_and_stay_when_it_ends(forwarder_factory, path):
+    """A long-lived connection's bytes are on the page as they move, not all at its end, and
+    the totals never go back when it ends (its bytes move from the open ones to the totals)."""
+    with Server(echo) as upstream:
+        target = f"127.0.0.1:{upstream.address[1]}"
+        fw = forwarder_factory(upstream.address if path == "plain" else [target, f"127.0.0.1:{free_port()}"])
+        rule = fw.name
+        echo_through(fw.address, 10)  # one ended connection
+        forwarder_factory.wait_closed(fw, accepted=1)
+        pages = []
+        with connect(fw.address) as client:
+            for size in (1000, 300_000):
+                client.sendall(b"y" * size)
+                assert recv_exactly(client, size) == b"y" * size
+                pages.append(samples(metrics.render([fw])))
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(1) == b""
+        forwarder_factory.wait_closed(fw, accepted=2)
+        pages.append(samples(metrics.render([fw])))
+
+    for found, total in zip(pages, (10 + 1000, 10 + 301_000, 10 + 301_000)):
+        for direction in ("upstream", "downstream"):
+            assert value(found, "gproxy_bytes_total", rule=rule, direction=direction) == total
+            assert value(found, "gproxy_target_bytes_total", rule=rule, target=target, direction=direction) == total
+    assert value(pages[1], "gproxy_connections_active", rule=rule) == 1
+    assert value(pages[2], "gproxy_connections_active", rule=rule) == 0
+
+
+def test_bytes_of_a_reloads_draining_connection_count_as_they_move():
+    """A rule replaced under its name (count_on) shows the old forwarder's open connections'
+    bytes too, once: they count into the same totals."""
+    from gproxy import Forwarder
+    with Server(echo) as upstream:
+        old = Forwarder("127.0.0.1:0", upstream.address, name="r").start()
+        new = Forwarder("127.0.0.1:0", upstream.address, name="r", idle_timeout=300)
+        try:
+            held = connect(old.address)
+            held.sendall(b"z" * 5)
+            assert recv_exactly(held, 5) == b"z" * 5
+            new.count_on(old)
+            new.start()
+            echo_through(new.address, 7)  # (counted whether its teardown has run or not)
+            found = samples(metrics.render([("r", new)]))
+            held.sendall(b"z" * 3)
+            assert recv_exactly(held, 3) == b"z" * 3
+            later = samples(metrics.render([("r", new)]))
+            held.close()
+        finally:
+            new.stop()
+            old.stop()
+    assert value(found, "gproxy_bytes_total", rule="r", direction="upstream") == 5 + 7
+    assert value(later, "gproxy_bytes_total", rule="r", direction="upstream") == 5 + 7 + 3
+    assert value(later, "gproxy_bytes_total", rule="r", direction="downstream") == 5 + 7 + 3
