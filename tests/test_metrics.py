@@ -534,7 +534,8 @@ def test_bytes_show_while_the_connection_is_open_and_stay_when_it_ends(forwarder
     for found, total in zip(pages, (10 + 1000, 10 + 301_000, 10 + 301_000)):
         for direction in ("upstream", "downstream"):
             assert value(found, "gproxy_bytes_total", rule=rule, direction=direction) == total
-            assert value(found, "gproxy_target_bytes_total", rule=rule, target=target, direction=direction) == total
+            assert value(found, "gproxy_target_bytes_total", rule=rule, target=target,
+                         direction=direction) == total
     assert value(pages[1], "gproxy_connections_active", rule=rule) == 1
     assert value(pages[2], "gproxy_connections_active", rule=rule) == 0
 
