@@ -326,13 +326,14 @@ class Gproxy(Forwarder):
         self._scraping = threading.Event()
         self._scraper: Optional[threading.Thread] = None
         self.parents: List[subprocess.Popen] = []
+        self.served_by: Dict[int, set] = {}  # port -> the processes (start times) that answered
 
     def write(self, index: int) -> None:
         v = variant(index, self.backends)
         head = ""
         if self.mode.startswith("handover"):
             head = f'control_socket = "{self.control}"\n'
-        if self.mode != "reload":
+        if self.mode not in ("reload", "workers"):
             head += f'metrics = "127.0.0.1:{self.metrics_port}"\n'
         text = head
         for name, port, targets, balance in self.services(v):
@@ -366,7 +367,26 @@ class Gproxy(Forwarder):
             self._scraper.start()
 
     def _start_workers(self) -> None:
-        # --workers takes LISTEN TARGET (not yet -c): one supervisor per service
+        self.write(0)
+        self.count += 1
+        parent = self.procs.start([sys.executable, "-m", "gproxy", "-q", "--workers", "2", "-c", self.config],
+                                  "gproxy-workers-1.log")
+        try:
+            parent.wait(3)  # a --workers that refuses -c does so at once
+        except subprocess.TimeoutExpired:
+            self.parents.append(parent)
+            self.notes.append("one supervisor, -c FILE")
+        else:
+            os.remove(parent.log_path)  # its one line of refusal is not the loop's
+            self._start_workers_without_file()
+        for parent in self.parents:
+            wait_for(lambda parent=parent: len(children(parent.pid)) == 2, 30, "gproxy's workers")
+        wait_for(lambda: listening(self.redis_port) and listening(self.http_port), 30, "the workers to listen")
+        time.sleep(1.0)  # the workers' imports: each listens once it is ready
+
+    def _start_workers_without_file(self) -> None:
+        """A --workers that takes LISTEN TARGET only: one supervisor per service."""
+        self.notes.append("--workers without -c: one supervisor per service, a worker of each killed")
         v = variant(0, self.backends)
         for service, port, targets, _ in self.services(v):
             target = targets[0]
@@ -374,21 +394,25 @@ class Gproxy(Forwarder):
             self.parents.append(self.procs.start(
                 [sys.executable, "-m", "gproxy", "-q", "--workers", "2", "--drain-timeout", "2",
                  f"127.0.0.1:{port}", f"127.0.0.1:{target}"], f"gproxy-workers-{service}.log"))
-        for parent in self.parents:
-            wait_for(lambda parent=parent: len(children(parent.pid)) == 2, 30, "gproxy's workers")
-        wait_for(lambda: listening(self.redis_port) and listening(self.http_port), 30, "the workers to listen")
-        time.sleep(1.0)  # the workers' imports: each listens once it is ready
 
     def _scrape(self) -> None:
+        """Both ports serve /metrics (the API's too): a page's process_start_time_seconds tells
+        which process answered, so each port is seen to move to every new process."""
+        for port in (self.metrics_port, self.api_port):
+            self.served_by[port] = set()
         while not self._scraping.is_set():
-            for url in (f"http://127.0.0.1:{self.metrics_port}/metrics", f"http://127.0.0.1:{self.api_port}/proxies"):
+            for port in (self.metrics_port, self.api_port):
                 try:
-                    with urllib.request.urlopen(url, timeout=5) as page:
-                        page.read()
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+                        text = page.read().decode()
                         if page.status != 200:
                             raise OSError(f"status {page.status}")
                 except Exception:
                     self.scrape_failed += 1
+                    continue
+                started = re.search(r"^process_start_time_seconds (\S+)$", text, re.MULTILINE)
+                if started:
+                    self.served_by[port].add(started.group(1))
             self._scraping.wait(0.1)
 
     def operate(self, index: int) -> None:
@@ -437,6 +461,10 @@ class Gproxy(Forwarder):
             self._scraper.join(10)
         logs = [read(os.path.join(self.logs, name)) for name in os.listdir(self.logs)
                 if name.startswith(f"gproxy-{self.mode}")]
+        if self.served_by:
+            self.notes.append("/metrics answered by %d processes on the metrics port, %d on the API port, of %d"
+                              % (len(self.served_by[self.metrics_port]), len(self.served_by[self.api_port]),
+                                 self.count))
         in_use = sum(text.count("Address already in use") for text in logs)
         if in_use:
             self.notes.append(f"'Address already in use' {in_use} time(s) in the logs")
@@ -511,7 +539,7 @@ class Nginx(Forwarder):
         self.config = os.path.join(self.logs, f"nginx-{self.loop}.conf")
         self.pid_file = os.path.join(self.logs, f"nginx-{self.loop}.pid")
         self.master: Optional[subprocess.Popen] = None
-        self.upgraded = 0
+        self.upgraded = self.ignored = 0
 
     def write(self, index: int) -> None:
         v = variant(index, self.backends)
@@ -565,7 +593,7 @@ class Nginx(Forwarder):
             except RuntimeError:
                 # a new master ignores USR2 while its parent, the old master, still runs (its
                 # workers drain the long-lived connections): no second upgrade until then
-                self.notes.append(f"round {index}: USR2 ignored (the previous old master still drains)")
+                self.ignored += 1
                 return
             os.kill(old, signal.SIGQUIT)
             self.upgraded += 1
@@ -579,17 +607,20 @@ class Nginx(Forwarder):
 
     def finish(self) -> None:
         if self.loop == "restart":
-            self.notes.insert(0, f"{self.upgraded} upgrade(s) done")
+            self.notes.insert(0, f"{self.upgraded} upgrade(s) done, USR2 ignored {self.ignored} time(s): a new "
+                                 "master ignores it while the old one (its parent) drains")
 
 
 # -- the load ------------------------------------------------------------------------------------
 
 class Load:
-    def __init__(self, procs: Processes, forwarder: Forwarder, logs: str, tag: str):
+    def __init__(self, procs: Processes, forwarder: Forwarder, logs: str, tag: str, churn: int = 0):
         self.procs = procs
-        self.bench_log = os.path.join(logs, f"redis-benchmark-{tag}.log")
-        self.bench = procs.start(["redis-benchmark", "-p", str(forwarder.redis_port), "-c", str(REDIS_CLIENTS),
-                                  "-n", "1000000000", "-t", "get", "-q"], f"redis-benchmark-{tag}.log")
+        bench = ["redis-benchmark", "-p", str(forwarder.redis_port), "-n", "1000000000", "-t", "get", "-q"]
+        self.benches = [("", procs.start([*bench, "-c", str(REDIS_CLIENTS)], f"redis-benchmark-{tag}.log"))]
+        if churn:
+            self.benches.append(("-k 0: ", procs.start([*bench, "-c", str(churn), "-k", "0"],
+                                                       f"redis-benchmark-churn-{tag}.log")))
         self.wrk = procs.start(["wrk", "-t1", f"-c{WRK_CONNECTIONS}", "-d3600s", "--timeout", "10s",
                                 f"http://127.0.0.1:{forwarder.http_port}/index.html"], f"wrk-{tag}.log")
         self.client = procs.start([sys.executable, os.path.abspath(__file__), "--client",
@@ -597,15 +628,18 @@ class Load:
 
     def stop(self) -> dict:
         result: dict = {}
-        bench_code = self.bench.poll()
-        result["bench"] = "lived" if bench_code is None else f"died ({bench_code})"
-        text = read(self.bench_log).replace("\r", "\n")
-        errors = [line.strip() for line in text.splitlines()
-                  if re.search(r"error|could not|closed|reset", line, re.IGNORECASE)]
-        if errors:
-            result["bench"] += ": " + errors[0][:80]
-        if bench_code is None:
-            self.bench.send_signal(signal.SIGTERM)
+        said = []
+        for label, bench in self.benches:
+            code = bench.poll()
+            said.append(label + ("lived" if code is None else f"died ({code})"))
+            text = read(bench.log_path).replace("\r", "\n")
+            errors = [line.strip() for line in text.splitlines()
+                      if re.search(r"error|could not|closed|reset", line, re.IGNORECASE)]
+            if errors:
+                said[-1] += ": " + errors[0][:80]
+            if code is None:
+                bench.send_signal(signal.SIGTERM)
+        result["bench"] = "; ".join(said)
         self.wrk.send_signal(signal.SIGINT)
         self.client.send_signal(signal.SIGTERM)
         try:
@@ -626,9 +660,9 @@ class Load:
 
 # -- one measurement ---------------------------------------------------------------------------
 
-def measure(forwarder: Forwarder, rounds: int, every: float, logs: str, tag: str) -> dict:
+def measure(forwarder: Forwarder, rounds: int, every: float, logs: str, tag: str, churn: int = 0) -> dict:
     forwarder.start()
-    load = Load(forwarder.procs, forwarder, logs, tag)
+    load = Load(forwarder.procs, forwarder, logs, tag, churn)
     time.sleep(WARMUP)
     began = time.monotonic()
     for index in range(rounds):
@@ -652,9 +686,9 @@ def row(loop: str, r: dict) -> str:
     wc, wr, ww, wt = r["wrk_errors"]
     scrape = "" if r["scrape_failed"] is None else str(r["scrape_failed"])
     notes = "; ".join(r["notes"])
-    return (f"| {loop} | {r['name']} | {r['rounds']} | {refused} | {cut} (held {c['held']['cut']}, quiet "
-            f"{c['quiet']['cut']}, new {c['new']['cut']}) | {slow} | {ok} | {r['bench']} | {r['wrk_requests']}: "
-            f"{wc}/{wr}/{ww}/{wt}, {r['wrk_non2xx']} | {scrape} | {notes} |")
+    return (f"| {loop} | {r['name']} | {r['rounds']} in {r['took']:.0f} s | {refused} | {cut} (held "
+            f"{c['held']['cut']}, quiet {c['quiet']['cut']}, new {c['new']['cut']}) | {slow} | {ok} | "
+            f"{r['bench']} | {r['wrk_requests']}: {wc}/{wr}/{ww}/{wt}, {r['wrk_non2xx']} | {scrape} | {notes} |")
 
 
 def versions() -> str:
@@ -691,7 +725,8 @@ def forwarders_for(loop: str, only: List[str], args) -> List[tuple]:
         if loop == "restart":
             out.append((Gproxy, {"mode": "handover"}, args.rounds))
             out.append((Gproxy, {"mode": "handover-changed"}, args.rounds))
-            out.append((Gproxy, {"mode": "naive"}, args.naive_rounds))
+            if args.naive_rounds:
+                out.append((Gproxy, {"mode": "naive"}, args.naive_rounds))
         else:
             out.append((Gproxy, {"mode": loop}, args.rounds))
     if "haproxy" in only and loop != "workers":
@@ -710,6 +745,8 @@ def main() -> None:
     parser.add_argument("--naive-rounds", type=int, default=3, help="rounds of gproxy's naive stop/start")
     parser.add_argument("--every", type=float, default=1.0, help="seconds between rounds")
     parser.add_argument("--loops", default=",".join(LOOPS))
+    parser.add_argument("--churn", type=int, default=0,
+                        help="N: also a redis-benchmark with N clients opening a connection per request (-k 0)")
     parser.add_argument("--only", default="gproxy,haproxy,nginx")
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args()
@@ -733,7 +770,7 @@ def main() -> None:
                 tag = f"{loop}-{len(results)}"
                 print(f"{loop}: {forwarder.name}, {rounds} rounds", file=sys.stderr, flush=True)
                 try:
-                    results.append((loop, measure(forwarder, rounds, args.every, logs, tag)))
+                    results.append((loop, measure(forwarder, rounds, args.every, logs, tag, args.churn)))
                 except Exception as exc:
                     print(f"  failed: {exc!r}", file=sys.stderr)
                 finally:
