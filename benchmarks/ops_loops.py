@@ -287,6 +287,10 @@ def variant(index: int, backends: Backends) -> dict:
 
 # -- the forwarders ---------------------------------------------------------------------------
 
+class Skip(Exception):
+    """This forwarder cannot run this loop (said in the report)."""
+
+
 class Forwarder:
     """One forwarder under test: ``start()``, then ``operate(round)`` per round, then ``ports``."""
 
@@ -317,7 +321,8 @@ class Gproxy(Forwarder):
         self.name = {"handover": "gproxy handover (--takeover)",
                      "handover-changed": "gproxy handover (--takeover), the file changed each time",
                      "naive": "gproxy naive stop/start (SIGTERM, wait, start)",
-                     "reload": "gproxy SIGHUP", "workers": "gproxy --workers 2, SIGKILL a worker"}[mode]
+                     "reload": "gproxy SIGHUP", "workers": "gproxy --workers 2, SIGKILL a worker",
+                     "reload-workers": "gproxy --workers 2 -c FILE, SIGHUP to the parent"}[mode]
         self.metrics_port, self.api_port = free_ports(2)
         self.config = os.path.join(logs_of(self), f"gproxy-{mode}.toml")
         self.control = os.path.join(logs_of(self), f"gproxy-{mode}.sock")
@@ -333,7 +338,7 @@ class Gproxy(Forwarder):
         head = ""
         if self.mode.startswith("handover"):
             head = f'control_socket = "{self.control}"\n'
-        if self.mode not in ("reload", "workers"):
+        if not self.mode.startswith(("reload", "workers")):
             head += f'metrics = "127.0.0.1:{self.metrics_port}"\n'
         text = head
         for name, port, targets, balance in self.services(v):
@@ -354,7 +359,7 @@ class Gproxy(Forwarder):
         return self.procs.start(argv, f"gproxy-{self.mode}-{self.count}.log")
 
     def start(self) -> None:
-        if self.mode == "workers":
+        if self.mode in ("workers", "reload-workers"):
             self._start_workers()
             return
         self.write(0)
@@ -370,7 +375,7 @@ class Gproxy(Forwarder):
         self.write(0)
         self.count += 1
         parent = self.procs.start([sys.executable, "-m", "gproxy", "-q", "--workers", "2", "-c", self.config],
-                                  "gproxy-workers-1.log")
+                                  f"gproxy-{self.mode}-1.log")
         try:
             parent.wait(3)  # a --workers that refuses -c does so at once
         except subprocess.TimeoutExpired:
@@ -378,6 +383,8 @@ class Gproxy(Forwarder):
             self.notes.append("one supervisor, -c FILE")
         else:
             os.remove(parent.log_path)  # its one line of refusal is not the loop's
+            if self.mode == "reload-workers":
+                raise Skip("--workers takes no -c FILE (yet)")
             self._start_workers_without_file()
         for parent in self.parents:
             wait_for(lambda parent=parent: len(children(parent.pid)) == 2, 30, "gproxy's workers")
@@ -393,7 +400,7 @@ class Gproxy(Forwarder):
             self.count += 1
             self.parents.append(self.procs.start(
                 [sys.executable, "-m", "gproxy", "-q", "--workers", "2", "--drain-timeout", "2",
-                 f"127.0.0.1:{port}", f"127.0.0.1:{target}"], f"gproxy-workers-{service}.log"))
+                 f"127.0.0.1:{port}", f"127.0.0.1:{target}"], f"gproxy-{self.mode}-{service}.log"))
 
     def _scrape(self) -> None:
         """Both ports serve /metrics (the API's too): a page's process_start_time_seconds tells
@@ -416,7 +423,7 @@ class Gproxy(Forwarder):
             self._scraping.wait(0.1)
 
     def operate(self, index: int) -> None:
-        assert self.current is not None or self.mode == "workers"
+        assert self.current is not None or self.parents
         if self.mode.startswith("handover"):
             if self.mode == "handover-changed":
                 self.write(index + 1)
@@ -438,12 +445,14 @@ class Gproxy(Forwarder):
                      and listening(self.http_port) or self.current.poll() is not None, 60, "gproxy to start")
             if self.current.poll() is not None:
                 self.notes.append(f"round {index}: gproxy exited {self.current.returncode}")
-        elif self.mode == "reload":
-            before = read(self.current.log_path).count("reloaded ")
+        elif self.mode.startswith("reload"):
+            process = self.current if self.mode == "reload" else self.parents[0]
+            done = re.compile(r"reloaded .*worker\(s\)" if self.mode == "reload-workers" else "reloaded ")
+            before = len(done.findall(read(process.log_path)))
             self.write(index + 1)
-            self.current.send_signal(signal.SIGHUP)
-            wait_for(lambda: read(self.current.log_path).count("reloaded ") > before
-                     or "reload failed" in read(self.current.log_path), 30, "the reload")
+            process.send_signal(signal.SIGHUP)
+            wait_for(lambda: len(done.findall(read(process.log_path))) > before
+                     or "reload failed" in read(process.log_path), 30, "the reload")
         elif self.mode == "workers":
             victims = []
             for parent in self.parents:
@@ -460,7 +469,7 @@ class Gproxy(Forwarder):
         if self._scraper is not None:
             self._scraper.join(10)
         logs = [read(os.path.join(self.logs, name)) for name in os.listdir(self.logs)
-                if name.startswith(f"gproxy-{self.mode}")]
+                if re.fullmatch(rf"gproxy-{self.mode}-(\d+|redis|http)\.log", name)]
         if self.served_by:
             self.notes.append("/metrics answered by %d processes on the metrics port, %d on the API port, of %d"
                               % (len(self.served_by[self.metrics_port]), len(self.served_by[self.api_port]),
@@ -729,6 +738,8 @@ def forwarders_for(loop: str, only: List[str], args) -> List[tuple]:
                 out.append((Gproxy, {"mode": "naive"}, args.naive_rounds))
         else:
             out.append((Gproxy, {"mode": loop}, args.rounds))
+            if loop == "reload":
+                out.append((Gproxy, {"mode": "reload-workers"}, args.rounds))
     if "haproxy" in only and loop != "workers":
         out.append((Haproxy, {}, args.rounds))
     if "nginx" in only:
@@ -737,6 +748,7 @@ def forwarders_for(loop: str, only: List[str], args) -> List[tuple]:
 
 
 def main() -> None:
+    global ROOT
     if len(sys.argv) == 3 and sys.argv[1] == "--client":
         client_main(int(sys.argv[2]))
         return
@@ -749,7 +761,9 @@ def main() -> None:
                         help="N: also a redis-benchmark with N clients opening a connection per request (-k 0)")
     parser.add_argument("--only", default="gproxy,haproxy,nginx")
     parser.add_argument("--keep-logs", action="store_true")
+    parser.add_argument("--root", default=None, help="the gproxy checkout to run (default: this one)")
     args = parser.parse_args()
+    ROOT = os.path.abspath(args.root or ROOT)  # every process starts there (Processes.start)
     for tool in ("redis-server", "redis-cli", "redis-benchmark", "haproxy", "nginx", "wrk"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed (bash benchmarks/setup.sh)")
@@ -760,6 +774,7 @@ def main() -> None:
     os.chmod(logs, 0o755)  # nginx's workers run as nobody and serve a file from here
     shared = Processes(logs)
     results = []
+    skipped: List[str] = []
     began = time.monotonic()
     try:
         backends = Backends(shared, logs)
@@ -771,8 +786,12 @@ def main() -> None:
                 print(f"{loop}: {forwarder.name}, {rounds} rounds", file=sys.stderr, flush=True)
                 try:
                     results.append((loop, measure(forwarder, rounds, args.every, logs, tag, args.churn)))
+                except Skip as exc:
+                    print(f"  skipped: {exc}", file=sys.stderr)
+                    skipped.append(f"{loop}, {forwarder.name}: skipped, {exc}")
                 except Exception as exc:
                     print(f"  failed: {exc!r}", file=sys.stderr)
+                    skipped.append(f"{loop}, {forwarder.name}: failed, {exc!r}")
                 finally:
                     procs.kill_all()
                     time.sleep(0.5)
@@ -791,6 +810,8 @@ def main() -> None:
     for loop, result in results:
         print(row(loop, result))
     print()
+    for line in skipped:
+        print(f"- {line}")
     for loop, result in results:
         errors = result["client"]["errors"]
         if errors:
