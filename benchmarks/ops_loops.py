@@ -17,7 +17,8 @@ Each forwarder carries two services, both on 127.0.0.1: ``redis`` (to redis-serv
   connection: quiet longer than the second after which a stop closes a connection at rest),
   and 2 loops opening a new connection for each PING (100 per second), each answer awaited for
   at most 10 s. ``refused``: a connect refused (or failed otherwise); ``cut``: a connection
-  reset or closed before its answer; ``slow``: no answer within 10 s.
+  reset or closed before its answer; ``slow``: no answer within 10 s; and the longest wait for
+  an answer on a held connection (a stall while the forwarder changes).
 
 After 2 s of load the loop runs ``--rounds`` times, ``--every`` seconds apart once each round's
 operation has finished; 2 s after the last, the load stops and the counts are read.
@@ -79,6 +80,7 @@ def client_main(port: int) -> None:
     stop = threading.Event()
     kinds = ("ok", "refused", "cut", "slow")
     counts = {group: dict.fromkeys(kinds, 0) for group in ("held", "quiet", "new")}
+    longest = dict.fromkeys(counts, 0.0)  # group -> the longest wait for an answer that came, s
     lock = threading.Lock()
     errors: Dict[str, int] = {}
 
@@ -113,6 +115,7 @@ def client_main(port: int) -> None:
         except OSError as exc:
             count(group, "refused", exc)
             return None
+        began = time.monotonic()
         try:
             ping(sock)
         except socket.timeout as exc:
@@ -121,6 +124,8 @@ def client_main(port: int) -> None:
             count(group, "cut", exc)
         else:
             count(group, "ok")
+            with lock:
+                longest[group] = max(longest[group], time.monotonic() - began)
             return sock
         sock.close()
         return None
@@ -147,7 +152,7 @@ def client_main(port: int) -> None:
         pass
     for thread in threads:
         thread.join(ANSWER_TIMEOUT + 1)
-    print(json.dumps({"counts": counts, "errors": errors}), flush=True)
+    print(json.dumps({"counts": counts, "errors": errors, "longest": longest}), flush=True)
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -597,7 +602,7 @@ class Nginx(Forwarder):
             old = self.pid()
             os.kill(old, signal.SIGUSR2)
             try:
-                wait_for(lambda: self.pid() not in (0, old) and len(children(self.pid())) >= 1, 5,
+                wait_for(lambda: self.pid() not in (0, old) and len(children(self.pid())) >= 1, 3,
                          "the new nginx master")
             except RuntimeError:
                 # a new master ignores USR2 while its parent, the old master, still runs (its
@@ -695,8 +700,10 @@ def row(loop: str, r: dict) -> str:
     wc, wr, ww, wt = r["wrk_errors"]
     scrape = "" if r["scrape_failed"] is None else str(r["scrape_failed"])
     notes = "; ".join(r["notes"])
+    longest = r["client"]["longest"]["held"] * 1000
     return (f"| {loop} | {r['name']} | {r['rounds']} in {r['took']:.0f} s | {refused} | {cut} (held "
-            f"{c['held']['cut']}, quiet {c['quiet']['cut']}, new {c['new']['cut']}) | {slow} | {ok} | "
+            f"{c['held']['cut']}, quiet {c['quiet']['cut']}, new {c['new']['cut']}) | {slow} | {ok}, "
+            f"{longest:.0f} ms | "
             f"{r['bench']} | {r['wrk_requests']}: {wc}/{wr}/{ww}/{wt}, {r['wrk_non2xx']} | {scrape} | {notes} |")
 
 
@@ -804,8 +811,9 @@ def main() -> None:
     print(versions())
     print(f"- {args.rounds} rounds per loop ({args.naive_rounds} for the naive restart), {args.every:g} s apart; "
           f"run took {time.monotonic() - began:.0f} s\n")
-    print("| loop | forwarder | rounds | refused | cut | slow | PINGs ok | redis-benchmark (32 clients) | "
-          "wrk requests: errors connect/read/write/timeout, non-2xx | scrapes failed | notes |")
+    print("| loop | forwarder | rounds | refused | cut | slow | PINGs ok, longest wait (held) | "
+          "redis-benchmark (32 clients) | wrk requests: errors connect/read/write/timeout, non-2xx | "
+          "scrapes failed | notes |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for loop, result in results:
         print(row(loop, result))
