@@ -751,6 +751,9 @@ class Link:
         self.version = -1
         self.waiting = None                 # the pump's greenlet while it waits
         self.eof = False                    # the source's EOF was read
+        #: a capture's tap on this connection (_capture.Tap), or None; it keeps the direction
+        #: on this path, where every byte read and written passes through Python
+        self.tap = None
         # what the two stages of one toxic on this connection share (a protocol toxic's halves,
         # one on each direction), by toxic entry: one dict for both of the connection's links
         links = getattr(conn, "links", None)
@@ -818,8 +821,13 @@ class Link:
         conn.abort(Outcome.ERROR, message)
 
     def plain(self) -> bool:
-        """Nothing to do: no toxic acts on this connection (none, or toxicity said no) and
-        nothing is held, so the fast path may take over."""
+        """Nothing to do: no toxic acts on this connection (none, or toxicity said no),
+        nothing is held and no capture listens, so the fast path may take over."""
+        tap = self.tap
+        if tap is not None:
+            if tap.capture is not None:
+                return False
+            self.tap = None   # its capture stopped
         return not self.out and not any(stage.active or stage.queue for stage in self.stages)
 
     def busy(self) -> bool:
@@ -883,6 +891,8 @@ class Link:
                 if item.__class__ is _Marker:
                     out.popleft()
                     if item is _EOF:
+                        if self.tap is not None:
+                            self.tap.passed_eof(direction)
                         return True
                     raise Failure(Outcome.RESET if item.kind == "reset" else Outcome.CLOSED, item.reason)
                 try:
@@ -891,6 +901,8 @@ class Link:
                     sent = 0
                 budget -= sent
                 self.out_size -= sent
+                if sent and self.tap is not None:
+                    self.tap.wrote(direction, item if sent == len(item) else memoryview(item)[:sent])
                 if sent < len(item):
                     out[0] = item[sent:]
                     blocked = True
@@ -904,6 +916,11 @@ class Link:
                 except BlockingIOError:
                     data = None
                 if data is not None:
+                    if self.tap is not None:
+                        if data:
+                            self.tap.read(direction, data)
+                        else:
+                            self.tap.eof(direction)
                     if data:
                         counts[direction] += len(data)
                         budget -= len(data)

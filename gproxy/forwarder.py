@@ -49,6 +49,7 @@ from typing import (
     Any,
     Callable,
     ContextManager,
+    IO,
     Dict,
     Iterator,
     List,
@@ -67,6 +68,7 @@ from gevent import getcurrent, monkey
 from gevent.event import Event
 
 from gproxy import _gevent, _lifecycle, _selfloop, _sockets, _sweeps, listeners
+from gproxy._capture import Capture
 from gproxy._greenlets import Workers
 from gproxy._health import Checks
 from gproxy._hubthread import HubEnded, HubHost
@@ -476,6 +478,9 @@ class Forwarder:
             return
         if not self._host.stop(self._stop_if_running, timeout, False):  # its hub ended first: a bug
             self._state = State.STOPPED
+        capture = self._context.capture
+        if capture is not None:  # after the teardowns: their ends are in the file
+            capture.stop()
 
     def retire(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, as a reload's old forwarder: open connections run on untouched
@@ -725,6 +730,48 @@ class Forwarder:
                 self.remove_toxic(toxic.name)
             except ToxicNotFound:
                 pass  # removed inside the block
+
+    # -- captures ---------------------------------------------------------------------------
+
+    def capture(self, file: Union[str, "os.PathLike[str]", IO[bytes]], *,
+                connection: Optional[int] = None) -> Capture:
+        """Write what crosses this forwarder to ``file`` (a path, or a writable binary file
+        object) as a pcap file that Wireshark and tcpdump read: each connection as two TCP
+        conversations, client <-> listener and proxy <-> target, with real addresses, ports
+        and timestamps (docs/captures.md). ``with fw.capture("run.pcap"):`` captures inside
+        the block; else ``stop()`` the ``Capture`` returned (``stop()`` of the forwarder stops
+        it too). Connections accepted from now on are captured from their start; open ones
+        join at their next chunk. ``connection``: only the connection with this id (an open
+        one, or ``mark()``'s next one). One capture at a time: ``RuntimeError`` if one runs.
+        While it runs, captured connections move every byte through Python (no splice)."""
+        if self._context.capture is not None:
+            raise RuntimeError(f"{self!r} is capturing already: stop that capture first")
+        capture = Capture(file, connection, on_stop=lambda capture: self._on_hub(self._end_capture, capture))
+        try:
+            self._on_hub(self._begin_capture, capture)
+        except BaseException:
+            capture.close()
+            raise
+        return capture
+
+    def _begin_capture(self, capture: Capture) -> None:
+        context = self._context
+        if context.capture is not None:
+            raise RuntimeError(f"{self!r} is capturing already: stop that capture first")
+        context.capture = capture
+        joined = [conn for conn in list(context.active.values())
+                  if conn.outcome is None and conn.connected() and capture.wants(conn) and capture.attach(conn)]
+        if joined:
+            self._toxics_changed()   # their pumps leave the fast path at their next chunk
+
+    def _end_capture(self, capture: Capture) -> None:
+        context = self._context
+        if context.capture is capture:
+            context.capture = None
+        attached = capture.detach_all()
+        capture.close()
+        if attached:
+            self._toxics_changed()   # back to the fast path
 
     @property
     def enabled(self) -> bool:

@@ -141,6 +141,7 @@ from gproxy.targets import Targets
 from gproxy.toxics import Toxics
 
 if TYPE_CHECKING:
+    from gproxy._capture import Capture
     from gproxy._proxyproto import ProxyHeader
     from gproxy._selfloop import OwnUpstreams
     from gproxy.offload import Offload
@@ -291,6 +292,9 @@ class Context:
             and self.sni_routes is None else None
         #: the id of the last connection accepted: ids count from 1 (Forwarder.mark reads it)
         self.last_id = 0
+        #: the capture running (_capture.Capture), or None: read once per connection, when its
+        #: pumps start, so a forwarder that captures nothing pays nothing more
+        self.capture: Optional[Capture] = None
 
     def route_by_targets(self) -> None:
         """From the next client on, connect through ``targets`` (a fixed target was drained or
@@ -569,6 +573,9 @@ class Connection:
         states[DOWNSTREAM] = PARKED
         client_readable.start(self._unpark, UPSTREAM)
         upstream_readable.start(self._unpark, DOWNSTREAM)
+        capture = context.capture
+        if capture is not None and capture.wants(self):
+            capture.attach(self)  # both directions then run through their links (_capture.py)
         chains = context.toxics.chains
         for direction in (UPSTREAM, DOWNSTREAM):
             if chains[direction]:  # a toxic may act before any byte comes (timeout)
@@ -809,7 +816,11 @@ class Connection:
             context.access.release(self.access_key)
         if self.target is not None:
             context.targets.released(self.target)
-        self.links = None
+        links, self.links = self.links, None
+        if links is not None:
+            link = links[UPSTREAM] or links[DOWNSTREAM]
+            if link is not None and link.tap is not None:  # a capture writes how it ended
+                link.tap.ended(self.outcome, self.error)
         if self.own_key is not None:
             context.own_upstreams.forget(self.own_key)
         if self.outcome is None:  # cannot happen; keep the books straight if it does
@@ -850,6 +861,11 @@ class Connection:
                 self._hub.loop.run_callback(self._interrupt, direction, Aborted())
             elif state is LANE:
                 self.context.offload.wake(self)  # the thread lets go; the pump then ends
+
+    def connected(self) -> bool:
+        """Whether its pumps started and one of them still runs (a capture may join it)."""
+        states = self._states
+        return states[UPSTREAM] is not NEW and (states[UPSTREAM] is not ENDED or states[DOWNSTREAM] is not ENDED)
 
     def kick(self, direction: int) -> None:
         """Hub callback after a change to the toxics: make this direction's pump pick its path

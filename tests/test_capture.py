@@ -1,0 +1,261 @@
+"""Captures: fw.capture() writes what crossed the proxy as a pcap file; tests/pcapread.py (an
+independent reader) checks its every checksum and sequence number and rebuilds the streams,
+and Wireshark's tshark dissects the Redis commands in one."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import threading
+
+import pytest
+
+import pcapread
+from gproxy import _pcap
+from peers import TIMEOUT, Server, connect, echo, payload, recv_all, recv_exactly, reset, send_in_odd_chunks
+
+
+def _sides(path, client_end, listener, target):
+    """The client <-> listener and proxy <-> target conversations of the file's only connection."""
+    linktype, segments = pcapread.read(path)
+    assert linktype == 101
+    streams = pcapread.streams(segments)
+    assert len(streams) == 2, [(s.opener, s.acceptor) for s in streams]
+    client = next(s for s in streams if s.opener == client_end)
+    assert client.acceptor == listener
+    upstream = next(s for s in streams if s is not client)
+    assert upstream.acceptor == target and upstream.opener[0] == target[0]
+    return client, upstream
+
+
+def _exchange_half_closed(address, data: bytes, seed: int):
+    """Send ``data`` in odd chunks from a thread, half-close, read everything back."""
+    sock = connect(address)
+    sender = threading.Thread(target=lambda: (send_in_odd_chunks(sock, data, seed), sock.shutdown(socket.SHUT_WR)))
+    sender.start()
+    got = recv_all(sock)
+    sender.join(TIMEOUT)
+    return sock, got
+
+
+def test_conversations_rebuild_what_crossed_both_sides(forwarders, tmp_path):
+    """Each connection is two conversations, client <-> listener and proxy <-> target, with the
+    real ends; the rebuilt streams are the bytes that crossed, both ways, and the half-closes
+    are FINs, for random sizes in random chunkings, on either pump."""
+    with Server(echo) as upstream:
+        fw = forwarders(upstream.address)
+        for seed in range(4):
+            data = payload(random.Random(seed).randrange(1, 600_000), seed)
+            path = tmp_path / f"{seed}.pcap"
+            with fw.capture(str(path)):
+                sock, got = _exchange_half_closed(fw.address, data, seed)
+                end = sock.getsockname()
+                sock.close()
+                forwarders.wait_closed(fw)
+            assert got == data
+            client, upstream_side = _sides(path, end, tuple(fw.address), tuple(upstream.address))
+            for stream, opener_sent in ((client, data), (upstream_side, data)):
+                first, second = stream.sent_by(stream.opener), stream.sent_by(stream.acceptor)
+                assert bytes(first.data) == opener_sent and bytes(second.data) == data
+                assert first.fin and second.fin and not first.rst and not second.rst
+
+
+@pytest.mark.parametrize("who", ["client", "upstream"])
+def test_a_reset_is_an_rst_from_who_reset_and_from_the_proxy_on_the_other_side(forwarders, tmp_path, who):
+    path = tmp_path / "reset.pcap"
+    with forwarders.gated() as (fw, client, server):
+        with fw.capture(str(path)):
+            client.sendall(b"request")
+            assert recv_exactly(server, 7) == b"request"
+            server.sendall(b"partial answer")
+            assert recv_exactly(client, 14) == b"partial answer"
+            end = client.getsockname()
+            target = server.getsockname()
+            reset(client if who == "client" else server)
+            forwarders.wait_closed(fw, accepted=1)
+    client_side, upstream_side = _sides(path, end, tuple(fw.address), target)
+    # who reset sends the RST on its own conversation; the proxy aborts the other one
+    by_peer, by_proxy = (client_side, upstream_side) if who == "client" else (upstream_side, client_side)
+    peer_end = by_peer.opener if who == "client" else by_peer.acceptor
+    proxy_end = by_proxy.opener if who == "client" else by_proxy.acceptor
+    assert by_peer.sent_by(peer_end).rst and by_proxy.sent_by(proxy_end).rst
+    assert bytes(client_side.sent_by(end).data) == b"request"
+    assert bytes(upstream_side.sent_by(target).data) == b"partial answer"
+
+
+def test_capture_of_one_connection_joins_it_open_and_shows_it_alone(forwarders, tmp_path):
+    path = tmp_path / "one.pcap"
+    with Server(echo) as upstream:
+        fw = forwarders(upstream.address)
+        first, second = connect(fw.address), connect(fw.address)
+        for sock in (first, second):   # both open, and moving bytes on their fast path
+            sock.sendall(b"before")
+            assert recv_exactly(sock, 6) == b"before"
+        wanted = fw.connections()[1].id
+        with fw.capture(str(path), connection=wanted):
+            for sock in (first, second):
+                sock.sendall(b"during")
+                assert recv_exactly(sock, 6) == b"during"
+            end = second.getsockname()
+            second.close()
+            first.sendall(b"x")
+            assert recv_exactly(first, 1) == b"x"
+        first.close()
+        forwarders.wait_closed(fw)
+    client, upstream_side = _sides(path, end, tuple(fw.address), tuple(upstream.address))
+    assert bytes(client.sent_by(end).data) == b"during" and client.sent_by(end).fin
+    assert bytes(upstream_side.sent_by(upstream_side.acceptor).data) == b"during"
+
+
+def test_toxics_show_as_the_difference_between_the_sides(forwarder_factory, tmp_path):
+    """The client side is what the client saw (after the toxics), the target side what the
+    target sent."""
+    path = tmp_path / "toxic.pcap"
+    with Server(echo) as upstream:
+        fw = forwarder_factory(upstream.address)
+        fw.add_toxic(lambda chunk, record: bytes(chunk).upper(), name="upper")
+        with fw.capture(str(path)):
+            sock, got = _exchange_half_closed(fw.address, b"quiet words", 1)
+            end = sock.getsockname()
+            sock.close()
+            forwarder_factory.wait_closed(fw)
+    assert got == b"QUIET WORDS"
+    client, upstream_side = _sides(path, end, tuple(fw.address), tuple(upstream.address))
+    assert bytes(client.sent_by(client.acceptor).data) == b"QUIET WORDS"
+    assert bytes(upstream_side.sent_by(upstream_side.acceptor).data) == b"quiet words"
+
+
+def test_after_stop_connections_go_on_uncaptured_and_one_capture_runs_at_a_time(forwarders, tmp_path):
+    path = tmp_path / "stopped.pcap"
+    with Server(echo) as upstream:
+        fw = forwarders(upstream.address)
+        sock = connect(fw.address)
+        capture = fw.capture(str(path))
+        with pytest.raises(RuntimeError, match="capturing already"):
+            fw.capture(str(tmp_path / "second.pcap"))
+        sock.sendall(b"in")
+        assert recv_exactly(sock, 2) == b"in"
+        capture.stop()
+        size = os.path.getsize(path)
+        data = payload(3_000_001, 5)   # bulk: the fast path (splice, lanes) takes it again
+        sender = threading.Thread(target=sock.sendall, args=(data,))
+        sender.start()
+        assert recv_exactly(sock, len(data)) == data
+        sender.join(TIMEOUT)
+        sock.close()
+        forwarders.wait_closed(fw)
+        assert os.path.getsize(path) == size
+        capture.stop()   # again: nothing
+        with fw.capture(str(tmp_path / "again.pcap")):   # the forwarder may capture again
+            pass
+    assert capture.connections == 1
+
+
+def test_conversation_sequence_numbers_follow_random_chunks_across_the_wrap(tmp_path):
+    """_pcap alone, against the independent reader: random chunk sizes both ways (some larger
+    than one IP packet), initial sequence numbers just below 2**32, both IP families."""
+    rng = random.Random(7)
+    for opener, acceptor in ((("10.1.2.3", 40000), ("192.0.2.9", 6379)), (("2001:db8::1", 40000), ("::1", 80))):
+        path = tmp_path / "wrap.pcap"
+        conv = _pcap.Conversation(opener, acceptor, isns=(2**32 - 5, 2**32 - 100_000))
+        sent = [bytearray(), bytearray()]
+        t = 1_700_000_000.0
+        with open(path, "wb") as f:
+            f.write(_pcap.file_header())
+            f.write(conv.handshake(t))
+            for _ in range(120):
+                side = rng.randrange(2)
+                data = rng.randbytes(rng.choice((1, 2, 3, 1460, 65495, 65496, 70000, 2_000_000)))
+                t += rng.random() / 100
+                f.write(conv.send(side, data, t))
+                sent[side] += data
+            f.write(conv.fin(1, t))
+            f.write(conv.send(1, b"after FIN: never", t))
+            f.write(conv.rst(0, t))
+        _linktype, segments = pcapread.read(path)
+        assert max(len(s.payload) for s in segments) <= _pcap.MAX_SEGMENT[4 if "." in opener[0] else 6]
+        (stream,) = pcapread.streams(segments)
+        assert bytes(stream.sent_by(opener).data) == sent[0]
+        assert bytes(stream.sent_by(acceptor).data) == sent[1]
+        assert stream.sent_by(acceptor).fin and stream.sent_by(opener).rst
+
+
+# -- Wireshark ---------------------------------------------------------------------------
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is not installed; .ci/run must install it")
+        pytest.skip(f"{tool} is not installed")
+    return path
+
+
+def tshark(*args: str) -> str:
+    result = subprocess.run([need("tshark"), *args], capture_output=True, text=True, timeout=TIMEOUT * 3)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def redis_port():
+    server = need("redis-server")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--protected-mode", "no"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:  # ready by its own word, not by sleeping
+            if "Ready to accept connections" in line:
+                break
+        else:
+            pytest.fail(f"redis-server exited with {process.wait()}")
+        threading.Thread(target=process.stdout.read, daemon=True).start()
+        yield port
+    finally:
+        process.terminate()
+        process.wait(TIMEOUT)
+
+
+@pytest.mark.timeout(60)
+def test_tshark_finds_the_redis_commands_and_both_streams_exactly(forwarder_factory, redis_port, tmp_path):
+    redis = pytest.importorskip("redis")
+    path = tmp_path / "redis.pcap"
+    fw = forwarder_factory(("127.0.0.1", redis_port))
+    seen = {"upstream": bytearray(), "downstream": bytearray()}
+    for stream in seen:   # a tap: what a Python toxic sees is what was read
+        fw.add_toxic(lambda chunk, record, into=seen[stream]: into.extend(chunk), stream=stream,
+                     name=f"tap_{stream}")
+    big = payload(200_003, 3).hex()
+    with fw.capture(str(path)):
+        client = redis.Redis(host=fw.host, port=fw.port)
+        assert client.set("greeting", "hello capture")
+        assert client.get("greeting") == b"hello capture"
+        client.set("big", big)
+        assert client.get("big").decode() == big
+        client.close()
+        forwarder_factory.wait_closed(fw)
+    decode = ["-d", f"tcp.port=={fw.port},resp", "-d", f"tcp.port=={redis_port},resp"]
+    checked = ["-o", "tcp.check_checksum:TRUE", "-o", "ip.check_checksum:TRUE"]
+    strings = tshark("-r", str(path), *decode, "-Y", "resp", "-T", "fields", "-e", "resp.bulk_string.value")
+    values = {bytes.fromhex(v).decode(errors="replace") for line in strings.split() for v in line.split(",") if v}
+    assert {"SET", "GET", "greeting", "hello capture"} <= values
+    bad = tshark("-r", str(path), *checked, "-Y", "tcp.checksum.status == 0 || ip.checksum.status == 0 "
+                 "|| tcp.analysis.flags && !tcp.analysis.window_update")
+    assert bad.strip() == ""
+    # tshark's own reassembly of each conversation (0: client side, 1: target side) is the
+    # bytes that crossed, both ways
+    for index in (0, 1):
+        follow = tshark("-r", str(path), "-q", "-z", f"follow,tcp,raw,{index}")
+        sent, answered = bytearray(), bytearray()
+        for line in follow.splitlines():
+            if line.startswith(("Node", "Follow", "Filter", "===")) or not line.strip():
+                continue
+            (answered if line.startswith("\t") else sent).extend(bytes.fromhex(line.strip()))
+        assert bytes(sent) == bytes(seen["upstream"]) and bytes(answered) == bytes(seen["downstream"])
