@@ -87,6 +87,7 @@ def _bad_body(detail: str) -> ApiError:
 _PROXY_NOT_FOUND = ("proxy not found", 404)
 _PROXY_EXISTS = ("proxy already exists", 409)
 _TOXIC_NOT_FOUND = ("toxic not found", 404)
+_NO_CAPTURE = ("no capture running", 404)
 _TOXIC_EXISTS = ("toxic already exists", 409)
 _INVALID_STREAM = ("stream was invalid, can be either upstream or downstream", 400)
 _INVALID_TYPE = ("invalid toxic type", 400)
@@ -410,6 +411,40 @@ class Api:
         fw = self._proxy(name)
         return [record.id for record in fw.connections(since) if cut(fw, record.id)]
 
+    # -- captures (gproxy's own; docs/captures.md) ------------------------------------------
+
+    def _capture_get(self, body, name):
+        capture = self._proxy(name).capturing
+        if capture is None:
+            raise ApiError(*_NO_CAPTURE)
+        return 200, _capture_json(capture)
+
+    def _capture_post(self, body, name):
+        fw = self._proxy(name)
+        body = _object(_json(body))
+        unknown = sorted(set(body) - {"path", "connection"})
+        if unknown:
+            raise _bad_body(f"unknown field {unknown[0]!r} (a capture takes path and connection)")
+        _fields(body, path=str, connection=int)
+        if not body.get("path"):
+            raise ApiError("missing required field: path", 400)
+        try:   # a new file only: the API never overwrites one
+            capture = fw.capture(body["path"], connection=body.get("connection"), exclusive=True)
+        except FileExistsError:
+            raise ApiError(f"{body['path']} exists: a capture writes a new file", 409) from None
+        except OSError as exc:
+            raise ApiError(f"cannot write {body['path']}: {exc.strerror or exc}", 400) from None
+        except RuntimeError:
+            raise ApiError("a capture is running on this proxy", 409) from None
+        return 201, _capture_json(capture)
+
+    def _capture_delete(self, body, name):
+        capture = self._proxy(name).capturing
+        if capture is None:
+            raise ApiError(*_NO_CAPTURE)
+        capture.stop()
+        return 200, _capture_json(capture)
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _proxy(self, name: str) -> Forwarder:
@@ -447,6 +482,9 @@ def _route(parts: List[str]):
             return "toxic", (parts[1], parts[3])
         if parts[2] == "connections":  # gproxy's own, beside toxiproxy's
             return _connection_route(parts[1], parts[3:])
+
+        if parts[2:] == ["capture"]:  # gproxy's own, beside toxiproxy's
+            return "capture", (parts[1],)
         if parts[2:] == ["targets"]:  # gproxy's own, beside toxiproxy's
             return "targets", (parts[1],)
         if len(parts) >= 4 and parts[2] == "targets" and parts[3]:
@@ -512,6 +550,10 @@ def _end(address: Any) -> Any:
     if isinstance(address, tuple):
         return [address[0], address[1]]
     return describe_address(address)
+
+def _capture_json(capture) -> Dict[str, Any]:
+    return {"path": capture.path, "connection": capture.connection, "running": capture.running,
+            "connections": capture.connections}
 
 
 def _toxics_of(fw: Forwarder) -> list:

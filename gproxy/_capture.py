@@ -72,19 +72,24 @@ _RESETS = (Outcome.RESET, Outcome.SHUTDOWN, Outcome.ERROR, Outcome.DENIED)
 class Capture:
     """One pcap file being written from one forwarder's connections (or one of them).
 
-    ``file`` is a path (created or truncated) or a writable binary file object (written
-    to and flushed, never closed). ``connection`` is a connection id to capture alone, or
+    ``file`` is a path (created or truncated; with ``exclusive`` created, mode 0600, or
+    ``FileExistsError``) or a writable binary file object (written to and flushed, never
+    closed). ``connection`` is a connection id to capture alone, or
     None for every connection. A context manager: ``stop()`` on exit."""
 
     def __init__(self, file: Union[str, "os.PathLike[str]", IO[bytes]], connection: Optional[int] = None,
-                 on_stop: Optional[Callable[["Capture"], None]] = None) -> None:
+                 on_stop: Optional[Callable[["Capture"], None]] = None, exclusive: bool = False) -> None:
         if hasattr(file, "write"):
             self.path: Optional[str] = getattr(file, "name", None)
             self._file: Any = file
             self._owned = False
         else:
             self.path = os.fspath(file)  # type: ignore[arg-type]
-            self._file = io.open(self.path, "wb", buffering=BUFFER)
+            if exclusive:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                self._file = io.open(fd, "wb", buffering=BUFFER)
+            else:
+                self._file = io.open(self.path, "wb", buffering=BUFFER)
             self._owned = True
         self.connection = connection
         #: connections captured so far

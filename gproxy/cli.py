@@ -286,6 +286,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--takeover", metavar="PATH", default=None,
                         help="start on the listening sockets of the gproxy whose --control-socket is "
                              "PATH, then make it stop accepting and drain its connections")
+    parser.add_argument("--capture", metavar="FILE", default=None,
+                        help="write what crosses the command line's rule (LISTEN TARGET) to FILE as a "
+                             "pcap file, for Wireshark or tcpdump, until gproxy stops (default: off)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="text lines (default), or one JSON object per line for log shippers")
     verbosity = parser.add_mutually_exclusive_group()
@@ -464,6 +467,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.quiet:  # no line per connection; the listening and stopping lines stay
         logging.getLogger("gproxy.relay").setLevel(logging.WARNING)
     try:
+        if workers > 1 and args.capture is not None:
+            return _fail(2, "--capture: not with --workers (each worker would write the file)")
         if workers > 1:
             return _supervise(args, options, workers, sys.argv[1:] if argv is None else list(argv))
         return _run(args, options)
@@ -543,6 +548,8 @@ def _run(args: argparse.Namespace, options: dict) -> int:
             if args.worker_port is not None:  # a worker: the port its parent reserved
                 listen = (parse_tcp_address(listen, "listen").host, args.worker_port)
             forwarder = _Single(Forwarder(listen, target, **options)) if args.listen is not None else None
+        if args.capture is not None:
+            _capture(args, forwarder)
         if args.api is not None:
             single = forwarder.forwarder if isinstance(forwarder, _Single) else None
             if single is None:
@@ -791,6 +798,17 @@ def _drain_and_stop(forwarder: Any, timeout: Optional[float]) -> None:
         forwarder.forwarder.release_listener()
         forwarder.forwarder.retire(timeout)
     forwarder.stop()
+
+
+def _capture(args: argparse.Namespace, forwarder: Any) -> None:
+    """``--capture FILE``: the command line's rule captures from its start (docs/captures.md)."""
+    if not isinstance(forwarder, _Single):
+        raise ConfigError("capture", "captures the command line's rule: give LISTEN TARGET "
+                          "(for a config file's or the API's rules, see POST /proxies/NAME/capture)")
+    try:
+        forwarder.forwarder.capture(args.capture)
+    except OSError as exc:
+        raise ConfigError("capture", f"cannot write {args.capture}: {exc.strerror or exc}") from None
 
 
 def _bad_option(exc: ConfigError) -> int:

@@ -734,7 +734,7 @@ class Forwarder:
     # -- captures ---------------------------------------------------------------------------
 
     def capture(self, file: Union[str, "os.PathLike[str]", IO[bytes]], *,
-                connection: Optional[int] = None) -> Capture:
+                connection: Optional[int] = None, exclusive: bool = False) -> Capture:
         """Write what crosses this forwarder to ``file`` (a path, or a writable binary file
         object) as a pcap file that Wireshark and tcpdump read: each connection as two TCP
         conversations, client <-> listener and proxy <-> target, with real addresses, ports
@@ -743,16 +743,23 @@ class Forwarder:
         it too). Connections accepted from now on are captured from their start; open ones
         join at their next chunk. ``connection``: only the connection with this id (an open
         one, or ``mark()``'s next one). One capture at a time: ``RuntimeError`` if one runs.
-        While it runs, captured connections move every byte through Python (no splice)."""
+        While it runs, captured connections move every byte through Python (no splice).
+        ``exclusive``: create the file (mode 0600), ``FileExistsError`` rather than overwrite one."""
         if self._context.capture is not None:
             raise RuntimeError(f"{self!r} is capturing already: stop that capture first")
-        capture = Capture(file, connection, on_stop=lambda capture: self._on_hub(self._end_capture, capture))
+        capture = Capture(file, connection, on_stop=lambda capture: self._on_hub(self._end_capture, capture),
+                          exclusive=exclusive)
         try:
             self._on_hub(self._begin_capture, capture)
         except BaseException:
             capture.close()
             raise
         return capture
+
+    @property
+    def capturing(self) -> Optional[Capture]:
+        """The capture running (``capture()``), or None."""
+        return self._context.capture
 
     def _begin_capture(self, capture: Capture) -> None:
         context = self._context

@@ -132,6 +132,47 @@ def connections_in_test(fw: Forwarder) -> List[ConnectionRecord]:
     return fw.connections(since=mark)
 
 
+#: ``--gproxy-capture DIR``: where each test's captures go (None: off), and the captures of
+#: the test that runs now: (forwarder, capture) pairs
+_capture_dir: Optional[str] = None
+_test_name: Optional[str] = None
+_captures: List[Any] = []
+#: the files kept so far (the terminal summary lists them)
+_kept: List[str] = []
+
+
+def _capture(fw: Forwarder) -> None:
+    """While a test runs with ``--gproxy-capture``: capture ``fw`` into the test's file."""
+    if _capture_dir is None or _test_name is None or fw.capturing is not None:
+        return   # off, between tests, or its own capture runs (the test's, it wins)
+    import os
+    import re
+    with _lock:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", _test_name).strip("_")[:150]
+        path = os.path.join(_capture_dir, f"{stem}.{len(_captures)}.pcap")
+        try:
+            _captures.append((fw, fw.capture(path)))
+        except RuntimeError:   # its own capture began meanwhile
+            pass
+
+
+def _end_captures(keep: bool) -> List[str]:
+    """Stop the test's captures; keep their files (listed) or delete them."""
+    import os
+    with _lock:
+        captures = list(_captures)
+        _captures.clear()
+    kept = []
+    for _fw, capture in captures:
+        capture.stop()
+        if keep and capture.connections:
+            kept.append(capture.path)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(capture.path)
+    return kept
+
+
 def _forwarders() -> List[Forwarder]:
     if not _marks:  # no forwarder yet: nothing to lock, nor gevent to load
         return []
@@ -146,10 +187,13 @@ def _start(target: TargetLike, listen: AddressLike, thread: Optional[bool], rese
     if reset:
         reset_between_tests(fw)
     try:
-        return fw.start(thread=thread)
+        fw.start(thread=thread)
     except BaseException:
         reset_between_tests(fw, False)
         raise
+    if reset:
+        _capture(fw)
+    return fw
 
 
 @contextlib.contextmanager
@@ -248,10 +292,47 @@ if pytest is not None:
         if other is not None and manager.get_plugin(other) is None and not manager.is_blocked(other):
             manager.set_blocked(other)
 
+    def pytest_addoption(parser: Any) -> None:
+        parser.getgroup("gproxy").addoption(
+            "--gproxy-capture", metavar="DIR", default=None,
+            help="capture every gproxy forwarder under the per-test reset while each test runs, "
+                 "and keep DIR/TEST.N.pcap of the tests that fail (default: off)")
+
+    def pytest_configure(config: Any) -> None:
+        global _capture_dir
+        directory = config.getoption("gproxy_capture", None)
+        if directory:
+            import os
+            os.makedirs(directory, exist_ok=True)
+            _capture_dir = os.path.abspath(directory)
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(item: Any) -> None:
-        """Before the test's fixtures are set up: where connections_in_test() starts counting."""
+        """Before the test's fixtures are set up: where connections_in_test() starts counting,
+        and, with --gproxy-capture, where its captures begin."""
+        global _test_name
         _begin_test()
+        if _capture_dir is not None:
+            _test_name = item.nodeid
+            for fw in _forwarders():
+                from gproxy.forwarder import State
+                if fw.state is State.RUNNING:
+                    _capture(fw)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[Any]:
+        outcome = yield
+        if _capture_dir is not None and outcome.get_result().failed:
+            item.stash[_FAILED] = True   # its setup or the test failed: its captures are kept
+
+    if hasattr(pytest, "StashKey"):
+        _FAILED = pytest.StashKey[bool]()
+
+    def pytest_terminal_summary(terminalreporter: Any) -> None:
+        if _kept:
+            terminalreporter.write_sep("-", "gproxy captures of failed tests")
+            for path in _kept:
+                terminalreporter.write_line(path)
 
     try:  # pluggy 1.1 and later (pytest 8 requires 1.3): a wrapper that may raise
         _wrapper = pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -263,7 +344,18 @@ if pytest is not None:
         """Ahead of pytest's own teardown, which finalises the test's fixtures: they are torn
         down with the forwarders already clean. A reset that failed is raised once they are."""
         failure = _reset_all()
-        result = yield
+        try:
+            result = yield
+        finally:
+            if _capture_dir is not None:
+                _finish_captures(item)
         if failure is not None:
             raise failure
         return result
+
+    def _finish_captures(item: Any) -> None:
+        """After the test's teardown (its traffic is in the files too): keep the captures of
+        a test that failed, in its report, and delete the others."""
+        global _test_name
+        _test_name = None
+        _kept.extend(_end_captures(item.stash.get(_FAILED, False)))

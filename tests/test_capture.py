@@ -9,13 +9,14 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 
 import pytest
 
 import pcapread
 from gproxy import _pcap
-from peers import TIMEOUT, Server, connect, echo, payload, recv_all, recv_exactly, reset, send_in_odd_chunks
+from peers import TIMEOUT, Proxy, Server, connect, echo, payload, recv_all, recv_exactly, reset, send_in_odd_chunks
 
 
 def _sides(path, client_end, listener, target):
@@ -259,3 +260,97 @@ def test_tshark_finds_the_redis_commands_and_both_streams_exactly(forwarder_fact
                 continue
             (answered if line.startswith("\t") else sent).extend(bytes.fromhex(line.strip()))
         assert bytes(sent) == bytes(seen["upstream"]) and bytes(answered) == bytes(seen["downstream"])
+
+
+# -- the command line, the HTTP API, the pytest plugin --------------------------------------
+
+def _one_exchange(address, data: bytes) -> bytes:
+    sock, got = _exchange_half_closed(address, data, 0)
+    sock.close()
+    return got
+
+
+def test_command_line_capture_is_complete_when_gproxy_stops(tmp_path):
+    path = tmp_path / "cli.pcap"
+    with Server(echo) as upstream:
+        with Proxy("--capture", str(path), "%s:%d" % tuple(upstream.address)) as proxy:
+            assert _one_exchange(proxy.address, b"through the command line") == b"through the command line"
+            proxy.wait_for("conn#1")
+            code, output = proxy.stop()
+    assert code == 0 and "Traceback" not in output
+    streams = pcapread.streams(pcapread.read(path)[1])
+    assert len(streams) == 2
+    assert all(bytes(half.data) == b"through the command line" and half.fin
+               for stream in streams for half in stream.halves.values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--capture", "/nonexistent-dir/x.pcap", "127.0.0.1:0", "127.0.0.1:1"],
+     "--capture: cannot write /nonexistent-dir/x.pcap: No such file or directory"),
+    (["--capture", "{tmp}/x.pcap", "--workers", "2", "127.0.0.1:0", "127.0.0.1:1"], "--capture: not with --workers"),
+    (["--capture", "{tmp}/x.pcap", "--api", "127.0.0.1:0"], "--capture: captures the command line's rule"),
+])
+def test_bad_capture_options_are_one_line_and_exit_2(tmp_path, args, message):
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    result = subprocess.run([sys.executable, "-m", "gproxy", *args], capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(f"gproxy: error: {message}"), \
+        result.stderr
+    assert not (tmp_path / "x.pcap").exists()
+
+
+def test_api_starts_reports_and_stops_a_capture_into_a_new_file_only(tmp_path):
+    from test_api import ApiProcess, create
+    path = tmp_path / "api.pcap"
+    with Server(echo) as upstream:
+        api = ApiProcess()
+        try:
+            proxy = create(api, "db", upstream.address)
+            listen = proxy["listen"].rsplit(":", 1)
+            assert api.call("GET", "/proxies/db/capture") == (404, {"error": "no capture running", "status": 404})
+            status, body = api.call("POST", "/proxies/db/capture", {"path": str(path)})
+            assert (status, body) == (201, {"path": str(path), "connection": None, "running": True,
+                                            "connections": 0})
+            assert api.call("POST", "/proxies/db/capture", {"path": str(tmp_path / "2.pcap")})[0] == 409
+            assert _one_exchange((listen[0], int(listen[1])), b"via the API") == b"via the API"
+            api.wait_for("conn#1")
+            status, body = api.call("DELETE", "/proxies/db/capture")
+            assert status == 200 and body["running"] is False and body["connections"] == 1
+            assert os.stat(path).st_mode & 0o777 == 0o600
+            # never over an existing file; a misspelt field changes nothing
+            assert api.call("POST", "/proxies/db/capture", {"path": str(path)})[0] == 409
+            assert api.call("POST", "/proxies/db/capture", {"file": "x"})[0] == 400
+            assert api.call("POST", "/proxies/nope/capture", {"path": str(tmp_path / "n")})[0] == 404
+        finally:
+            code, log = api.stop()
+    assert code == 0 and "Traceback" not in log
+    streams = pcapread.streams(pcapread.read(path)[1])
+    assert [bytes(s.sent_by(s.opener).data) for s in streams] == [b"via the API"] * 2
+
+
+def test_plugin_keeps_the_capture_of_a_failed_test_only(tmp_path):
+    from test_testing_plugin import run_pytest
+    captures = tmp_path / "captures"
+    result = run_pytest(tmp_path / "project", {"test_app.py": '''
+        import pytest
+        from conftest import greet
+
+        @pytest.fixture(scope="session")
+        def proxy(gproxy_session_forwarder, upstream):
+            return gproxy_session_forwarder(upstream)
+
+        def test_passes(proxy):
+            assert greet(proxy) == b"hi"
+
+        def test_fails(proxy, gproxy_forwarder, upstream):
+            own = gproxy_forwarder(upstream)
+            assert greet(own) == b"hi"
+            assert greet(proxy) == b"bye"
+    '''}, f"--gproxy-capture={captures}")
+    assert result.returncode == 1 and "1 failed, 1 passed" in result.stdout, result.stdout + result.stderr
+    kept = sorted(p.name for p in captures.iterdir())
+    assert kept == ["test_app.py_test_fails.0.pcap", "test_app.py_test_fails.1.pcap"], kept
+    assert "gproxy captures of failed tests" in result.stdout
+    for name in kept:
+        streams = pcapread.streams(pcapread.read(captures / name)[1])
+        assert {bytes(s.sent_by(s.acceptor).data) for s in streams} == {b"hi"}
