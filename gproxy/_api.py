@@ -411,7 +411,7 @@ class Api:
         fw = self._proxy(name)
         return [record.id for record in fw.connections(since) if cut(fw, record.id)]
 
-    # -- captures (gproxy's own; docs/captures.md) ------------------------------------------
+    # -- captures (gproxy's own; docs/toxics.md#captures) ------------------------------------------
 
     def _capture_get(self, body, name):
         capture = self._proxy(name).capturing
@@ -482,7 +482,6 @@ def _route(parts: List[str]):
             return "toxic", (parts[1], parts[3])
         if parts[2] == "connections":  # gproxy's own, beside toxiproxy's
             return _connection_route(parts[1], parts[3:])
-
         if parts[2:] == ["capture"]:  # gproxy's own, beside toxiproxy's
             return "capture", (parts[1],)
         if parts[2:] == ["targets"]:  # gproxy's own, beside toxiproxy's

@@ -53,6 +53,7 @@ import time
 from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Union
 
 from gproxy import _pcap
+from gproxy._chain import Link
 from gproxy.stats import Outcome
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class Capture:
             self._file: Any = file
             self._owned = False
         else:
-            self.path = os.fspath(file)  # type: ignore[arg-type]
+            self.path = os.fspath(file)
             if exclusive:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 self._file = io.open(fd, "wb", buffering=BUFFER)
@@ -131,15 +132,15 @@ class Capture:
         tap = Tap.of(self, conn)
         if tap is None:
             return False
-        from gproxy._chain import Link   # (relay imports this module's users; no cycle at load)
         links = conn.links
         if links is None:
             links = conn.links = [None, None]
         context = conn.context
         for direction in (0, 1):
-            if links[direction] is None:
-                links[direction] = Link(conn, direction, context.toxics, context.rule.buffer_size)
-            links[direction].tap = tap
+            link = links[direction]
+            if link is None:
+                link = links[direction] = Link(conn, direction, context.toxics, context.rule.buffer_size)
+            link.tap = tap
         self._taps[conn.id] = tap
         self.connections += 1
         return True
@@ -165,10 +166,10 @@ class Capture:
             self.running = False
             self.detach_all()
 
-    def close(self) -> None:
-        """Flush, and close a file it opened; once."""
+    def close(self) -> bool:
+        """Flush, and close a file it opened; True the first time."""
         if self._file is None:
-            return
+            return False
         file, self._file = self._file, None
         self.running = False
         try:
@@ -178,6 +179,7 @@ class Capture:
                 file.flush()
         except OSError as exc:
             log.warning("capture %s: writing failed: %s", self.path or file, exc)
+        return True
 
 
 def _ip(address: Any) -> Optional[Tuple[str, int]]:
@@ -196,6 +198,12 @@ class Tap:
     destination on ``convs[1 - d]``, as side ``d``."""
 
     __slots__ = ("capture", "convs", "conn_id")
+
+    def __init__(self, capture: Capture, convs: Tuple[Optional[_pcap.Conversation], Optional[_pcap.Conversation]],
+                 conn_id: int) -> None:
+        self.capture: Optional[Capture] = capture   # None once it stopped listening
+        self.convs = convs
+        self.conn_id = conn_id
 
     @classmethod
     def of(cls, capture: Capture, conn: "Connection") -> Optional["Tap"]:
@@ -216,10 +224,7 @@ class Tap:
                 upstream = _pcap.Conversation(local, target)
         if client is None and upstream is None:
             return None
-        tap = cls()
-        tap.capture = capture
-        tap.convs = (client, upstream)
-        tap.conn_id = conn.id
+        tap = cls(capture, (client, upstream), conn.id)
         for conv in tap.convs:
             if conv is not None:
                 capture.write(conv.handshake(t))

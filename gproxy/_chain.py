@@ -122,6 +122,7 @@ from gproxy._report import report
 from gproxy.stats import Outcome
 
 if TYPE_CHECKING:
+    from gproxy._capture import Tap
     from gproxy.toxics import Toxic, Toxics, _Entry
 
 __all__ = ["Link", "Delay", "Action", "CLOSE", "RESET", "PYTHON", "LINK_BYTES", "BUILTIN"]
@@ -753,7 +754,7 @@ class Link:
         self.eof = False                    # the source's EOF was read
         #: a capture's tap on this connection (_capture.Tap), or None; it keeps the direction
         #: on this path, where every byte read and written passes through Python
-        self.tap = None
+        self.tap: Optional[Tap] = None
         # what the two stages of one toxic on this connection share (a protocol toxic's halves,
         # one on each direction), by toxic entry: one dict for both of the connection's links
         links = getattr(conn, "links", None)

@@ -124,7 +124,7 @@ class Conversation:
         when it is due. Nothing after a FIN from that side or a reset."""
         if self.closed[side] or self.reset or not data:
             return b""
-        end, other = self.ends[side], self.ends[1 - side]
+        end = self.ends[side]
         view = memoryview(data).cast("B")
         step = MAX_SEGMENT[self.version]
         out: List[bytes] = []

@@ -801,7 +801,7 @@ def _drain_and_stop(forwarder: Any, timeout: Optional[float]) -> None:
 
 
 def _capture(args: argparse.Namespace, forwarder: Any) -> None:
-    """``--capture FILE``: the command line's rule captures from its start (docs/captures.md)."""
+    """``--capture FILE``: the command line's rule captures from its start (docs/toxics.md#captures)."""
     if not isinstance(forwarder, _Single):
         raise ConfigError("capture", "captures the command line's rule: give LISTEN TARGET "
                           "(for a config file's or the API's rules, see POST /proxies/NAME/capture)")

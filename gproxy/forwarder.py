@@ -45,11 +45,11 @@ import socket
 import time
 import weakref
 from typing import (
+    IO,
     TYPE_CHECKING,
     Any,
     Callable,
     ContextManager,
-    IO,
     Dict,
     Iterator,
     List,
@@ -69,6 +69,7 @@ from gevent.event import Event
 
 from gproxy import _gevent, _lifecycle, _selfloop, _sockets, _sweeps, listeners
 from gproxy._capture import Capture
+from gproxy._capture import log as _capture_log
 from gproxy._greenlets import Workers
 from gproxy._health import Checks
 from gproxy._hubthread import HubEnded, HubHost
@@ -738,7 +739,7 @@ class Forwarder:
         """Write what crosses this forwarder to ``file`` (a path, or a writable binary file
         object) as a pcap file that Wireshark and tcpdump read: each connection as two TCP
         conversations, client <-> listener and proxy <-> target, with real addresses, ports
-        and timestamps (docs/captures.md). ``with fw.capture("run.pcap"):`` captures inside
+        and timestamps (docs/toxics.md#captures). ``with fw.capture("run.pcap"):`` captures inside
         the block; else ``stop()`` the ``Capture`` returned (``stop()`` of the forwarder stops
         it too). Connections accepted from now on are captured from their start; open ones
         join at their next chunk. ``connection``: only the connection with this id (an open
@@ -766,6 +767,9 @@ class Forwarder:
         if context.capture is not None:
             raise RuntimeError(f"{self!r} is capturing already: stop that capture first")
         context.capture = capture
+        _capture_log.info("capturing %s%s to %s", self.name,
+                          "" if capture.connection is None else f" conn#{capture.connection}",
+                          capture.path or "a file object")
         joined = [conn for conn in list(context.active.values())
                   if conn.outcome is None and conn.connected() and capture.wants(conn) and capture.attach(conn)]
         if joined:
@@ -776,7 +780,9 @@ class Forwarder:
         if context.capture is capture:
             context.capture = None
         attached = capture.detach_all()
-        capture.close()
+        if capture.close():
+            _capture_log.info("capture of %s to %s ended: %d connection(s)", self.name,
+                              capture.path or "a file object", capture.connections)
         if attached:
             self._toxics_changed()   # back to the fast path
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Generator, Iterator, List, Optional
 
 from gproxy.config import AddressLike, TargetLike
 
@@ -320,7 +320,7 @@ if pytest is not None:
                     _capture(fw)
 
     @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[Any]:
+    def pytest_runtest_makereport(item: Any, call: Any) -> Generator[None, Any, None]:
         outcome = yield
         if _capture_dir is not None and outcome.get_result().failed:
             item.stash[_FAILED] = True   # its setup or the test failed: its captures are kept

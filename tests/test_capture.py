@@ -4,6 +4,8 @@ and Wireshark's tshark dissects the Redis commands in one."""
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import random
 import shutil
@@ -287,15 +289,16 @@ def test_command_line_capture_is_complete_when_gproxy_stops(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--capture", "/nonexistent-dir/x.pcap", "127.0.0.1:0", "127.0.0.1:1"],
      "--capture: cannot write /nonexistent-dir/x.pcap: No such file or directory"),
-    (["--capture", "{tmp}/x.pcap", "--workers", "2", "127.0.0.1:0", "127.0.0.1:1"], "--capture: not with --workers"),
+    (["--capture", "{tmp}/x.pcap", "--workers", "2", "127.0.0.1:0", "127.0.0.1:1"],
+     "--capture: not with --workers"),
     (["--capture", "{tmp}/x.pcap", "--api", "127.0.0.1:0"], "--capture: captures the command line's rule"),
 ])
 def test_bad_capture_options_are_one_line_and_exit_2(tmp_path, args, message):
     args = [arg.format(tmp=tmp_path) for arg in args]
     result = subprocess.run([sys.executable, "-m", "gproxy", *args], capture_output=True, text=True,
                             timeout=TIMEOUT)
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(f"gproxy: error: {message}"), \
-        result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and last.startswith(f"gproxy: error: {message}"), result.stderr
     assert not (tmp_path / "x.pcap").exists()
 
 
@@ -354,3 +357,34 @@ def test_plugin_keeps_the_capture_of_a_failed_test_only(tmp_path):
     for name in kept:
         streams = pcapread.streams(pcapread.read(captures / name)[1])
         assert {bytes(s.sent_by(s.acceptor).data) for s in streams} == {b"hi"}
+
+
+class _FullDisk(io.RawIOBase):
+    """A file that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, room: int):
+        self.room = room
+        self.flushed = False
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return len(data)
+
+
+def test_a_write_that_fails_stops_the_capture_and_the_connection_goes_on(forwarders, caplog):
+    with Server(echo) as upstream:
+        fw = forwarders(upstream.address)
+        disk = _FullDisk(room=2000)   # the header and a handshake fit; the bulk does not
+        with fw.capture(disk) as capture:
+            data = payload(300_001, 9)
+            assert _one_exchange(fw.address, data) == data
+            forwarders.wait_closed(fw)
+            assert not capture.running
+        assert fw.capturing is None
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gproxy.capture" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings
