@@ -497,6 +497,9 @@ class Forwarder:
             return
         if not self._host.stop(self._stop_if_running, timeout, True):
             self._state = State.STOPPED
+        capture = self._context.capture
+        if capture is not None:  # its last connection ended: the file is complete
+            capture.stop()
 
     def take_over(self, old: "Forwarder") -> "Forwarder":
         """Start on ``old``'s listening socket instead of binding one: a reload's changed rule.
@@ -740,8 +743,8 @@ class Forwarder:
         object) as a pcap file that Wireshark and tcpdump read: each connection as two TCP
         conversations, client <-> listener and proxy <-> target, with real addresses, ports
         and timestamps (docs/toxics.md#captures). ``with fw.capture("run.pcap"):`` captures inside
-        the block; else ``stop()`` the ``Capture`` returned (``stop()`` of the forwarder stops
-        it too). Connections accepted from now on are captured from their start; open ones
+        the block; else ``stop()`` the ``Capture`` returned (``stop()`` or ``retire()`` of the
+        forwarder stops it too, once its connections have ended). Connections accepted from now on are captured from their start; open ones
         join at their next chunk. ``connection``: only the connection with this id (an open
         one, or ``mark()``'s next one). One capture at a time: ``RuntimeError`` if one runs.
         While it runs, captured connections move every byte through Python (no splice).
