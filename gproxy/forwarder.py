@@ -742,13 +742,14 @@ class Forwarder:
         """Write what crosses this forwarder to ``file`` (a path, or a writable binary file
         object) as a pcap file that Wireshark and tcpdump read: each connection as two TCP
         conversations, client <-> listener and proxy <-> target, with real addresses, ports
-        and timestamps (docs/toxics.md#captures). ``with fw.capture("run.pcap"):`` captures inside
-        the block; else ``stop()`` the ``Capture`` returned (``stop()`` or ``retire()`` of the
-        forwarder stops it too, once its connections have ended). Connections accepted from now on are captured from their start; open ones
-        join at their next chunk. ``connection``: only the connection with this id (an open
-        one, or ``mark()``'s next one). One capture at a time: ``RuntimeError`` if one runs.
-        While it runs, captured connections move every byte through Python (no splice).
-        ``exclusive``: create the file (mode 0600), ``FileExistsError`` rather than overwrite one."""
+        and timestamps (docs/toxics.md#captures). ``with fw.capture("run.pcap"):`` captures
+        inside the block; else ``stop()`` the ``Capture`` returned (``stop()`` or ``retire()``
+        of the forwarder stops it too, once its connections have ended). Connections accepted
+        from now on are captured from their start; open ones join at their next chunk.
+        ``connection``: only the connection with this id (an open one, or ``mark()``'s next
+        one). One capture at a time: ``RuntimeError`` if one runs. While it runs, captured
+        connections move every byte through Python (no splice). ``exclusive``: create the
+        file (mode 0600), ``FileExistsError`` rather than overwrite one."""
         if self._context.capture is not None:
             raise RuntimeError(f"{self!r} is capturing already: stop that capture first")
         capture = Capture(file, connection, on_stop=lambda capture: self._on_hub(self._end_capture, capture),
