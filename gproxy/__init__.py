@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from gproxy.forwarder import Forwarder
 
 # The public surface: these names, the public modules (gproxy.cli, .forwarder, .metrics,
-# .testing, .toxics) and the logger names; docs/embedding.md#what-is-public lists them all.
+# .testing, .toxics, .client) and the logger names; docs/embedding.md#what-is-public lists them all.
 __all__ = ["Forwarder", "ConfigError", "ConnectionRecord", "Outcome", "Statistics", "Target",
            "TargetState", "TargetStatus", "CheckResult", "TargetNotFound", "FileService", "load_config",
            "__version__"]
@@ -52,7 +52,7 @@ def __getattr__(name: str) -> Any:
 
 #: the submodules a user may import; the rest are gproxy's machinery, reached by their full
 #: names only (an attribute of the package would read as an invitation)
-_PUBLIC_MODULES = ("cli", "forwarder", "metrics", "testing", "toxics")
+_PUBLIC_MODULES = ("cli", "client", "forwarder", "metrics", "testing", "toxics")
 
 
 def __dir__() -> List[str]:

@@ -24,6 +24,7 @@ WRONG = '''
     from __future__ import annotations
     import gproxy
     from gproxy import ConnectionRecord, Forwarder, toxics
+    from gproxy.client import Client
     from gproxy.testing import ForwarderFactory
 
     def wrong(fw: Forwarder, factory: ForwarderFactory) -> None:
@@ -42,6 +43,13 @@ WRONG = '''
         fw.start(thread="yes")                             # E: incompatible type "str"
         factory(("127.0.0.1", 1)).bogus()                  # E: "Forwarder" has no attribute "bogus"
         gproxy.load_config("x").bogus()                    # E: "FileService" has no attribute "bogus"
+        api = Client()
+        api.add_toxic("p", "latencyy")                     # E: No overload variant of "add_toxic"
+        api.add_toxic("p", toxics.latency(1), attributes={"latency": 2})  # E: No overload variant of "add_toxic"
+        api.add_toxic("p", "latency", stream="sideways")   # E: No overload variant of "add_toxic"
+        api.connections("p", since="now")                  # E: incompatible type "str"
+        proxy_port: str = api.proxy("p").port              # E: Incompatible types in assignment
+        api.proxy("p").bogus                               # E: "Proxy" has no attribute "bogus"
 '''
 
 
@@ -81,7 +89,7 @@ def test_the_typed_example_runs(tmp_path):
                              "--rootdir", str(tmp_path), str(ROOT / "tests" / "typed_example.py")],
                             capture_output=True, text=True, timeout=TIMEOUT * 3, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 passed" in result.stdout, result.stdout
+    assert "5 passed" in result.stdout, result.stdout
 
 
 def test_the_literal_types_name_every_type_and_stream():

@@ -12,6 +12,7 @@ import pytest
 
 import gproxy
 from gproxy import ConnectionRecord, Forwarder, toxics
+from gproxy.client import Client, Connection, Proxy, Toxic, Unreachable
 from gproxy.testing import ForwarderFactory, connections_in_test, forwarding
 
 pytest_plugins = ["gproxy.testing"]
@@ -121,3 +122,25 @@ def load(path: str) -> None:
     service = gproxy.load_config(path)   # a FileService, not Any
     service.start()
     service.stop()
+
+
+def slow_down(api: Client, name: str) -> List[Toxic]:
+    """What a test does through ``gproxy --api`` (or a toxiproxy server) with the typed client:
+    checked by mypy here, run against a real server by tests/test_client.py."""
+    proxy: Proxy = api.proxy(name)
+    api.add_toxic(proxy.name, toxics.latency(100, jitter=10), toxicity=0.5)
+    api.add_toxic(proxy.name, "bandwidth", stream="upstream", attributes={"rate": 64})
+    mark: int = api.mark(proxy.name)
+    opened: List[Connection] = api.connections(proxy.name, since=mark).connections
+    for conn in opened:
+        if conn.upstream_local is not None:
+            api.reset_connection(proxy.name, conn.id)
+    return api.toxics(proxy.name)
+
+
+def test_the_api_client_raises_typed_errors() -> None:
+    with socket.socket() as sock:   # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    with pytest.raises(Unreachable):
+        slow_down(Client(f"http://127.0.0.1:{port}", timeout=5), "redis")
