@@ -5,6 +5,7 @@ iteration number), not by timing them."""
 from __future__ import annotations
 
 import collections
+import socket
 
 import gevent
 import pytest
@@ -42,13 +43,19 @@ def test_the_sweeps_of_many_forwarders_do_not_run_in_one_loop_pass(monkeypatch):
         sweep(fw)
     monkeypatch.setattr(Forwarder, "_sweep", counting_sweep)
     service = Service(drain_timeout=0)
+    # The target's port stays bound (never listening) for the whole test: a port from
+    # free_port(), closed at once, could be handed to one of the rules' port 0 listeners, and
+    # that rule would refuse to start as a forwarding loop onto itself.
+    reserved = socket.socket()
     try:
-        target = ("127.0.0.1", free_port())
+        reserved.bind(("127.0.0.1", 0))
+        target = reserved.getsockname()
         for i in range(RULES):  # idle_timeout 0.8 s: swept every 0.1 s
             service.create(f"rule-{i}", "127.0.0.1:0", target, idle_timeout=0.8)
         _run_until(lambda: len(swept) == RULES and min(swept.values()) >= 3)
     finally:
         service.stop()
+        reserved.close()
     assert max(passes.values()) <= _sweeps.SLICE, passes
     assert len(passes) >= 3 * RULES // _sweeps.SLICE
 
