@@ -476,12 +476,9 @@ class Forwarder:
             timeout = self.rule.drain_timeout
         if self._state in (State.NEW, State.STOPPED):
             self._state = State.STOPPED
-            return
-        if not self._host.stop(self._stop_if_running, timeout, False):  # its hub ended first: a bug
+        elif not self._host.stop(self._stop_if_running, timeout, False):  # its hub ended first: a bug
             self._state = State.STOPPED
-        capture = self._context.capture
-        if capture is not None:  # after the teardowns: their ends are in the file
-            capture.stop()
+        self._stop_capture()
 
     def retire(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, as a reload's old forwarder: open connections run on untouched
@@ -494,12 +491,9 @@ class Forwarder:
         (``inherit_listener``) stays open: it is the successor's now."""
         if self._state in (State.NEW, State.STOPPED):
             self._state = State.STOPPED
-            return
-        if not self._host.stop(self._stop_if_running, timeout, True):
+        elif not self._host.stop(self._stop_if_running, timeout, True):
             self._state = State.STOPPED
-        capture = self._context.capture
-        if capture is not None:  # its last connection ended: the file is complete
-            capture.stop()
+        self._stop_capture()
 
     def take_over(self, old: "Forwarder") -> "Forwarder":
         """Start on ``old``'s listening socket instead of binding one: a reload's changed rule.
@@ -760,6 +754,12 @@ class Forwarder:
             capture.close()
             raise
         return capture
+
+    def _stop_capture(self) -> None:
+        """Stopped or retired: every connection ended, their ends are in the file; complete it."""
+        capture = self._context.capture
+        if capture is not None:
+            capture.stop()
 
     @property
     def capturing(self) -> Optional[Capture]:

@@ -388,3 +388,41 @@ def test_a_write_that_fails_stops_the_capture_and_the_connection_goes_on(forward
         assert fw.capturing is None
     warnings = [r.getMessage() for r in caplog.records if r.name == "gproxy.capture" and r.levelname == "WARNING"]
     assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings
+
+
+def test_each_side_in_its_own_family_and_a_unix_side_left_out(forwarders, tmp_path):
+    """A client on IPv6 and a target on IPv4 make a conversation of each family in one file;
+    a listener on a Unix socket has no addresses to show, and only the target side is there."""
+    with Server(echo) as upstream:
+        fw = forwarders(upstream.address, listen="[::1]:0")
+        with fw.capture(str(tmp_path / "mixed.pcap")):
+            sock, got = _exchange_half_closed(fw.address, b"six to four", 2)
+            end = sock.getsockname()[:2]
+            sock.close()
+            forwarders.wait_closed(fw)
+        assert got == b"six to four"
+        client, upstream_side = _sides(tmp_path / "mixed.pcap", end, tuple(fw.address)[:2], tuple(upstream.address))
+        assert client.opener[0] == "::1" and upstream_side.opener[0] == "127.0.0.1"
+        assert bytes(client.sent_by(end).data) == bytes(upstream_side.sent_by(upstream_side.opener).data)
+
+        fw = forwarders(upstream.address, listen=f"unix:{tmp_path}/gproxy.sock")
+        with fw.capture(str(tmp_path / "unix.pcap")) as capture:
+            sock, got = _exchange_half_closed(fw.address, b"over a socket file", 3)
+            sock.close()
+            forwarders.wait_closed(fw)
+        assert got == b"over a socket file" and capture.connections == 1
+        (stream,) = pcapread.streams(pcapread.read(tmp_path / "unix.pcap")[1])
+        assert stream.acceptor == tuple(upstream.address)
+        assert bytes(stream.sent_by(stream.opener).data) == b"over a socket file"
+
+
+def test_stop_completes_the_capture_of_a_forwarder_stopped_or_never_started(tmp_path):
+    import gproxy
+    fw = gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:1")
+    capture = fw.capture(str(tmp_path / "never.pcap"))
+    fw.stop()
+    assert not capture.running and fw.capturing is None
+    assert pcapread.read(tmp_path / "never.pcap") == (101, [])
+    with fw.capture(str(tmp_path / "stopped.pcap")) as capture:   # after stop(): nothing to see
+        pass
+    assert pcapread.read(tmp_path / "stopped.pcap") == (101, [])
