@@ -50,7 +50,7 @@ import io
 import logging
 import os
 import time
-from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 from gproxy import _pcap
 from gproxy._chain import Link
@@ -197,13 +197,16 @@ class Tap:
     DOWNSTREAM = 1) reads its source on ``convs[d]``, as side ``d``, and writes its
     destination on ``convs[1 - d]``, as side ``d``."""
 
-    __slots__ = ("capture", "convs", "conn_id")
+    __slots__ = ("capture", "convs", "conn_id", "_last")
 
     def __init__(self, capture: Capture, convs: Tuple[Optional[_pcap.Conversation], Optional[_pcap.Conversation]],
                  conn_id: int) -> None:
         self.capture: Optional[Capture] = capture   # None once it stopped listening
         self.convs = convs
         self.conn_id = conn_id
+        #: per direction, the chunk read last and its segments' payload sums: written on as
+        #: the same object (a chain that changed nothing), it is not summed again
+        self._last: List[Optional[Tuple[Any, List[int]]]] = [None, None]
 
     @classmethod
     def of(cls, capture: Capture, conn: "Connection") -> Optional["Tap"]:
@@ -233,12 +236,16 @@ class Tap:
     def read(self, direction: int, data) -> None:
         conv = self.convs[direction]
         if conv is not None and self.capture is not None:
-            self.capture.write(conv.send(direction, data, time.time()))
+            sums: List[int] = []
+            self.capture.write(conv.send(direction, data, time.time(), sums))
+            self._last[direction] = (data, sums)
 
     def wrote(self, direction: int, data) -> None:
         conv = self.convs[1 - direction]
         if conv is not None and self.capture is not None:
-            self.capture.write(conv.send(direction, data, time.time()))
+            last = self._last[direction]
+            sums = last[1] if last is not None and last[0] is data else None
+            self.capture.write(conv.send(direction, data, time.time(), sums))
 
     def eof(self, direction: int) -> None:
         """The source of ``direction`` sent its FIN."""

@@ -17,8 +17,8 @@ a side sent, as far as a reader needs to rebuild the streams:
 
 - a handshake (SYN, SYN-ACK, ACK) with an MSS option (the segment size below) and a
   window-scale one, so the advertised window (65535 << 7, 8 MiB) never reads as full;
-- data segments (PSH|ACK) of at most what one IP packet carries (65495 bytes after an IPv4
-  header, 65515 after IPv6's), sequence numbers that follow the bytes from a random initial
+- data segments (PSH|ACK) of at most what one IPv4 packet carries (65495 bytes, for IPv6
+  too), sequence numbers that follow the bytes from a random initial
   number (wrapping at 2**32), and an ACK of everything the other side sent;
 - a pure ACK from the receiver once it holds ``ACK_EVERY`` unacknowledged bytes, so a
   long one-way stream does not look like a stalled one;
@@ -26,7 +26,8 @@ a side sent, as far as a reader needs to rebuild the streams:
 - IPv4 header and TCP checksums computed, so Wireshark and tcpdump flag none.
 
 Checksums use one identity: the 16-bit one's-complement sum of a byte string is its value as
-a big-endian integer modulo 0xffff (2**16 = 1 mod 0xffff), which CPython computes in C.
+a big-endian integer modulo 0xffff (2**16 = 1 mod 0xffff), which CPython computes in C; and
+the same bytes sent on both conversations of a connection are summed once.
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ import random
 import struct
 from typing import List, Optional, Tuple
 
-__all__ = ["LINKTYPE_RAW", "file_header", "Conversation", "checksum", "MAX_SEGMENT", "ACK_EVERY"]
+__all__ = ["LINKTYPE_RAW", "file_header", "Conversation", "checksum", "word_sum", "MAX_SEGMENT", "ACK_EVERY"]
 
 MAGIC = 0xA1B2C3D4
 LINKTYPE_RAW = 101
 #: the largest record a reader must accept: an IPv6 packet with a full 65535-byte payload
 SNAPLEN = 65535 + 40
-#: data bytes per segment, by IP version: the 16-bit length fields' limit less the headers
-MAX_SEGMENT = {4: 65535 - 20 - 20, 6: 65535 - 20}
+#: data bytes per segment: what an IPv4 packet's 16-bit total length leaves after the headers
+#: (IPv6 could carry 20 more; one size for both lets two conversations of a connection cut a
+#: chunk alike, and share its payload sums, see ``Conversation.send``)
+MAX_SEGMENT = 65535 - 20 - 20
 #: unacknowledged bytes after which the receiver sends a pure ACK
 ACK_EVERY = 1 << 20
 _WSCALE = 7
@@ -62,18 +65,32 @@ def file_header() -> bytes:
     return struct.pack("<IHHiIII", MAGIC, 2, 4, 0, 0, SNAPLEN, LINKTYPE_RAW)
 
 
-def checksum(*parts: bytes) -> int:
-    """The Internet checksum (RFC 1071) of the concatenation of ``parts``; every part but the
-    last must have an even length."""
-    total = 0
+def word_sum(data) -> int:
+    """The sum of ``data``'s big-endian 16-bit words (a last odd byte zero-padded), modulo
+    0xffff: its value as an integer, folded in halves (a shift and an add each, at memory
+    speed; a division of a 64 KiB integer costs twice as much)."""
+    value = int.from_bytes(data, "big")
+    bits = len(data) * 8
+    if bits & 8:
+        value <<= 8   # the odd byte is the high half of a last, zero-padded word
+        bits += 8
+    while bits > 64:
+        half = bits // 32 * 16            # a multiple of 16 bits: 2**half = 1 (mod 0xffff)
+        value = (value >> half) + (value & ((1 << half) - 1))
+        bits = max(bits - half, half) + 1
+    return value % 0xFFFF
+
+
+def checksum(*parts, payload_sum: int = 0) -> int:
+    """The Internet checksum (RFC 1071) of the concatenation of ``parts`` and a payload whose
+    ``word_sum`` is ``payload_sum``; every part before the payload has an even length. A
+    non-zero sum that folds to zero is 0xffff in one's complement: its checksum is 0."""
+    total = payload_sum
     for part in parts:
-        value = int.from_bytes(part, "big")
-        if len(part) & 1:
-            value <<= 8   # the odd byte is the high half of a last, zero-padded word
-        total += value % 0xFFFF
+        total += word_sum(part)
     total %= 0xFFFF
-    if total == 0 and any(any(part) for part in parts):
-        total = 0xFFFF   # one's complement: a non-zero sum that folds to zero is 0xffff
+    if total == 0 and not payload_sum and not any(any(part) for part in parts):
+        return 0xFFFF   # all zeros (never a header of ours)
     return ~total & 0xFFFF
 
 
@@ -110,7 +127,7 @@ class Conversation:
     def handshake(self, t: float) -> bytes:
         a, b = self.ends
         # MSS (what one packet carries), NOP, window scale
-        options = struct.pack("!BBHBBBB", 2, 4, MAX_SEGMENT[self.version], 1, 3, 3, _WSCALE)
+        options = struct.pack("!BBHBBBB", 2, 4, MAX_SEGMENT, 1, 3, 3, _WSCALE)
         out = [self._packet(0, _SYN, t, 0, options=options)]
         a.next = (a.next + 1) & 0xFFFFFFFF
         out.append(self._packet(1, _SYN | _ACK, t, a.next, options=options))
@@ -119,18 +136,26 @@ class Conversation:
         out.append(self._packet(0, _ACK, t))
         return b"".join(out)
 
-    def send(self, side: int, data, t: float) -> bytes:
+    def send(self, side: int, data, t: float, sums: Optional[List[int]] = None) -> bytes:
         """``data`` (bytes-like) sent by ``side``: data segments, and the receiver's ACK
-        when it is due. Nothing after a FIN from that side or a reset."""
+        when it is due. Nothing after a FIN from that side or a reset. ``sums``: the payload
+        sums of ``data``'s segments, if known (another conversation sent the same bytes), else
+        an empty list to fill, or None. A segment's checksum is most of a capture's cost."""
         if self.closed[side] or self.reset or not data:
             return b""
         end = self.ends[side]
         view = memoryview(data).cast("B")
-        step = MAX_SEGMENT[self.version]
+        known = bool(sums)
         out: List[bytes] = []
-        for start in range(0, len(view), step):
-            piece = view[start:start + step]
-            out.append(self._packet(side, _PSH | _ACK, t, payload=piece))
+        for index, start in enumerate(range(0, len(view), MAX_SEGMENT)):
+            piece = view[start:start + MAX_SEGMENT]
+            if known:
+                piece_sum = sums[index]   # type: ignore[index]
+            else:
+                piece_sum = word_sum(piece)
+                if sums is not None:
+                    sums.append(piece_sum)
+            out.append(self._packet(side, _PSH | _ACK, t, payload=piece, payload_sum=piece_sum))
             end.next = (end.next + len(piece)) & 0xFFFFFFFF
             if (end.next - end.acked) & 0xFFFFFFFF >= ACK_EVERY:
                 out.append(self._packet(1 - side, _ACK, t))
@@ -154,7 +179,7 @@ class Conversation:
         return self._packet(side, _RST | _ACK, t)
 
     def _packet(self, side: int, flags: int, t: float, ack: Optional[int] = None,
-                payload=b"", options: bytes = b"") -> bytes:
+                payload=b"", options: bytes = b"", payload_sum: int = 0) -> bytes:
         src, dst = self.ends[side], self.ends[1 - side]
         if ack is None:
             ack = dst.next
@@ -166,7 +191,7 @@ class Conversation:
             pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, 6, tcp_length)
         else:
             pseudo = src.packed + dst.packed + struct.pack("!I3xB", tcp_length, 6)
-        tcp_sum = checksum(pseudo, header, payload)
+        tcp_sum = checksum(pseudo, header, payload_sum=payload_sum)
         header = header[:16] + struct.pack("!H", tcp_sum) + header[18:]
         if self.version == 4:
             ident = self.ident[side] = (self.ident[side] + 1) & 0xFFFF
