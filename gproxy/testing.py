@@ -55,6 +55,7 @@ this test's to cut.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from typing import TYPE_CHECKING, Any, Generator, Iterator, List, Optional
 
@@ -132,28 +133,32 @@ def connections_in_test(fw: Forwarder) -> List[ConnectionRecord]:
     return fw.connections(since=mark)
 
 
-#: ``--gproxy-capture DIR``: where each test's captures go (None: off), and the captures of
-#: the test that runs now: (forwarder, capture) pairs
+#: ``--gproxy-capture DIR``: where each test's captures go (None: off); the test that runs
+#: now, its captures' numbers and its captures ((forwarder, capture) pairs); the node ids of
+#: the tests whose setup or body failed; the files kept so far (the terminal summary lists them)
 _capture_dir: Optional[str] = None
 _test_name: Optional[str] = None
+_capture_numbers: Iterator[int] = iter(())
 _captures: List[Any] = []
-#: the files kept so far (the terminal summary lists them)
+_failed: set = set()
 _kept: List[str] = []
 
 
 def _capture(fw: Forwarder) -> None:
-    """While a test runs with ``--gproxy-capture``: capture ``fw`` into the test's file."""
-    if _capture_dir is None or _test_name is None or fw.capturing is not None:
-        return   # off, between tests, or its own capture runs (the test's, it wins)
+    """While a test runs with ``--gproxy-capture``: capture ``fw`` into a file of the test's.
+    Not under the lock: capture() waits for the forwarder's hub."""
+    name = _test_name
+    if _capture_dir is None or name is None or fw.capturing is not None:
+        return   # off, between tests, or its own capture runs (the test's: it wins)
     import os
     import re
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:150]
+    try:
+        capture = fw.capture(os.path.join(_capture_dir, f"{stem}.{next(_capture_numbers)}.pcap"))
+    except RuntimeError:   # its own capture began meanwhile
+        return
     with _lock:
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", _test_name).strip("_")[:150]
-        path = os.path.join(_capture_dir, f"{stem}.{len(_captures)}.pcap")
-        try:
-            _captures.append((fw, fw.capture(path)))
-        except RuntimeError:   # its own capture began meanwhile
-            pass
+        _captures.append((fw, capture))
 
 
 def _end_captures(keep: bool) -> List[str]:
@@ -310,10 +315,11 @@ if pytest is not None:
     def pytest_runtest_setup(item: Any) -> None:
         """Before the test's fixtures are set up: where connections_in_test() starts counting,
         and, with --gproxy-capture, where its captures begin."""
-        global _test_name
+        global _test_name, _capture_numbers
         _begin_test()
         if _capture_dir is not None:
             _test_name = item.nodeid
+            _capture_numbers = itertools.count()
             for fw in _forwarders():
                 from gproxy.forwarder import State
                 if fw.state is State.RUNNING:
@@ -323,10 +329,7 @@ if pytest is not None:
     def pytest_runtest_makereport(item: Any, call: Any) -> Generator[None, Any, None]:
         outcome = yield
         if _capture_dir is not None and outcome.get_result().failed:
-            item.stash[_FAILED] = True   # its setup or the test failed: its captures are kept
-
-    if hasattr(pytest, "StashKey"):
-        _FAILED = pytest.StashKey[bool]()
+            _failed.add(item.nodeid)   # its setup or the test failed: its captures are kept
 
     def pytest_terminal_summary(terminalreporter: Any) -> None:
         if _kept:
@@ -355,7 +358,8 @@ if pytest is not None:
 
     def _finish_captures(item: Any) -> None:
         """After the test's teardown (its traffic is in the files too): keep the captures of
-        a test that failed, in its report, and delete the others."""
+        a test that failed, for the terminal summary to list, and delete the others."""
         global _test_name
         _test_name = None
-        _kept.extend(_end_captures(item.stash.get(_FAILED, False)))
+        _kept.extend(_end_captures(item.nodeid in _failed))
+        _failed.discard(item.nodeid)
