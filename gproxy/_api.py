@@ -361,13 +361,14 @@ class Api:
     def _target_post(self, body, name, address):
         fw = self._proxy(name)
         body = _object(_json(body))
-        unknown = sorted(set(body) - {"state", "weight"})
+        unknown = sorted(set(body) - {"state", "weight", "max_connections"})
         if unknown:  # unlike toxiproxy's routes: a misspelt field must not pass for a change
-            raise _bad_body(f"unknown field {unknown[0]!r} (a target takes state and weight)")
-        if body.get("state") is None and body.get("weight") is None:
-            raise _bad_body("expected state or weight")
+            raise _bad_body(f"unknown field {unknown[0]!r} (a target takes state, weight and max_connections)")
+        if body.get("state") is None and body.get("weight") is None and body.get("max_connections") is None:
+            raise _bad_body("expected state, weight or max_connections")
         try:
-            target = fw.set_target(address, state=body.get("state"), weight=body.get("weight"))
+            target = fw.set_target(address, state=body.get("state"), weight=body.get("weight"),
+                                   max_connections=body.get("max_connections"))
         except TargetNotFound:
             raise ApiError(*_TARGET_NOT_FOUND) from None
         except ConfigError as exc:

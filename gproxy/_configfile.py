@@ -18,6 +18,7 @@ The format (``gproxy --check -c FILE`` validates one)::
     targets = ["db1:5432", "db2:5432"]     # or target = "HOST:PORT"
     balance = "failover"
     # a target may be a table: {address = "db3:5432", weight = 3} or {address = ..., backup = true}
+    # or {address = ..., max_connections = 100} (then queue_timeout, max_queue: the rule's queue)
 
 Every option of a rule is a :class:`gproxy.config.Rule` field, with the ``Forwarder``
 keyword's name: whatever a Forwarder accepts, the file accepts, and nothing else. The file

@@ -49,6 +49,8 @@ from gproxy.targets import TargetError
 __all__ = ["read_proxy_header", "connect_upstream", "start", "cancel", "ON_HUB"]
 
 _READ, _WRITE = 1, 2
+# why a client's wait in the queue was woken (targets.Queue)
+_QUEUE_TURN, _QUEUE_TIMEOUT, _QUEUE_CLIENT = "turn", "timeout", "client"
 
 #: ``conn._dialing`` while ``start``'s connect waits in callbacks, with no greenlet
 ON_HUB = object()
@@ -154,37 +156,151 @@ def _connect_routed(conn, endpoint, spare: Optional[_sockets.RawSocket]) -> _soc
 
 def _connect_targets(conn, spare: Optional[_sockets.RawSocket]) -> _sockets.RawSocket:
     """Several targets, or a function: each in the order the balance gives, the next one after
-    a failure, so the client notices nothing unless every one fails."""
+    a failure, so the client notices nothing unless every one fails. With limits, each
+    attempt holds a slot of its target (``Targets.claim``); a target at its max_connections is
+    skipped, and when every target the client may use is full it waits in the queue
+    (``_queued``)."""
     context = conn.context
     targets = context.targets
-    try:
-        order = targets.order(conn.client_address)
-    except TargetError as exc:
-        raise Failure(Outcome.CONNECT_FAILED, str(exc)) from None
-    if not order:  # every target drained or disabled (gproxy.targets.TargetState)
-        raise Failure(Outcome.CONNECT_FAILED, targets.none_open())
     failures = []
-    for endpoint in order:
-        try:
-            sock = _connect_to(conn, endpoint, spare)
-        except _NoSocket:
-            raise
-        except Failure as exc:
-            targets.failed(endpoint, exc.error)
-            context.counters.connected(str(endpoint), False, exc.reason, exc.error)
-            failures.append(exc)
-            continue
-        finally:
-            spare = None  # used or closed by the first attempt
-        targets.succeeded(endpoint)
-        conn.target_counts = context.counters.connected(str(endpoint), True)
-        conn.target = endpoint
-        return sock
+    given = None  # a target whose slot the queue took for this client
+    while True:
+        if targets.limited and targets.must_queue():
+            order = None  # behind the clients waiting already
+        else:
+            try:
+                order = targets.order(conn.client_address)
+            except TargetError as exc:
+                raise Failure(Outcome.CONNECT_FAILED, str(exc)) from None
+        if order is None:
+            given, order = _queued(conn, targets)
+            if order is None or given is None and order:
+                continue  # (its turn found no target taking clients: ask again)
+        if not order:  # every target drained or disabled (gproxy.targets.TargetState)
+            raise Failure(Outcome.CONNECT_FAILED, targets.none_open())
+        tried = False
+        for endpoint in order:
+            # with limits, a slot is taken before the connect (and given back if it fails);
+            # without, succeeded() counts it, so a limit set later finds the count right
+            claimed = targets.limited or endpoint is given
+            if endpoint is given:
+                given = None  # its slot is this client's already
+            elif claimed and not targets.claim(endpoint):
+                continue  # full since the order was made
+            tried = True
+            try:
+                sock = _connect_to(conn, endpoint, spare)
+            except Failure as exc:
+                if claimed:
+                    targets.unclaim(endpoint)
+                if isinstance(exc, _NoSocket):
+                    raise
+                targets.failed(endpoint, exc.error)
+                context.counters.connected(str(endpoint), False, exc.reason, exc.error)
+                failures.append(exc)
+                continue
+            except BaseException:  # aborted, or a bug: the slot is not lost
+                if claimed:
+                    targets.unclaim(endpoint)
+                raise
+            finally:
+                spare = None  # used or closed by the first attempt
+            targets.succeeded(endpoint, claimed)
+            conn.target_counts = context.counters.connected(str(endpoint), True)
+            conn.target = endpoint
+            return sock
+        if tried or not targets.limited:
+            break
+        # every target of its order filled up before its turn to try: wait for one
     if len(failures) == 1:
         raise failures[0]
     timed_out = all(f.outcome is Outcome.CONNECT_TIMEOUT for f in failures)
     raise Failure(Outcome.CONNECT_TIMEOUT if timed_out else Outcome.CONNECT_FAILED,
                   f"all {len(failures)} targets failed: " + "; ".join(str(f.error) for f in failures))
+
+
+def _queued(conn, targets):
+    """Wait in the rule's queue: ``(target whose slot is taken for it or None, order)``,
+    the order being None when its turn came with no target to give it. Failure when the
+    queue is full, the wait timed out or the client left; Aborted."""
+    if targets.queue_full():
+        raise Failure(Outcome.QUEUE_TIMEOUT, f"the queue is full: {len(targets.queue)} clients wait "
+                                             f"(max_queue {targets.max_queue})")
+    rule = conn.context.rule
+    timeout = rule.connect_timeout if rule.queue_timeout is None else rule.queue_timeout
+    waiter = targets.queue.join(conn, targets)
+    targets.dispatch()  # room somewhere already (a newcomer behind waiters): the oldest goes
+    given, order = _wait_turn(conn, waiter, timeout or None)
+    if given is None and order:
+        return None, None  # (cannot be: dispatch gives an order's first slot; ask again)
+    return given, order
+
+
+def _wait_turn(conn, waiter, timeout: Optional[float]) -> tuple:
+    """Wait in ``conn``'s greenlet for ``waiter``'s turn (``targets.Queue``), at most
+    ``timeout`` seconds (None: no limit): ``(endpoint whose slot is taken for it or None, the
+    order to try)``. Raises Failure (QUEUE_TIMEOUT; EOF or RESET when the client left), or
+    Aborted.
+
+    It waits on three things and nothing else: its turn (``Queue.hand`` switches to it from a
+    hub callback), a timer, and the client's socket: a client that closes or resets while it
+    waits leaves the queue at once (outcome ``eof`` or ``reset``). A client that sends bytes
+    while it waits is not watched any more (its bytes wait in the kernel for the target, and
+    a readable socket would wake the wait for ever): a close after that is noticed when its
+    turn comes, as any client's close is. An abort throws Aborted into the wait as into a
+    connect's (``conn._dialing`` is this greenlet). However the wait ends, the waiter leaves
+    the queue, and a slot handed to it that it did not take goes to the next waiter
+    (``Targets.unclaim``): no slot is lost."""
+    hub = conn._hub
+    loop = hub.loop
+    current = getcurrent()
+    waiter.greenlet = current
+    timer = loop.timer(timeout) if timeout else None
+    readable = loop.io(conn.client.fileno(), _READ)
+    taken = False
+    conn._dialing = current  # an abort throws Aborted in here (_dial.cancel)
+    try:
+        if conn.outcome is not None:
+            raise Aborted
+        if timer is not None:
+            loop.update_now()
+            timer.start(current.switch, _QUEUE_TIMEOUT)
+        readable.start(current.switch, _QUEUE_CLIENT)
+        while True:
+            if waiter.given is not None:
+                taken = True
+                return waiter.given
+            waiter.waiting = True
+            try:
+                why = hub.switch()
+            finally:
+                waiter.waiting = False
+            if why is _QUEUE_TURN or waiter.given is not None:
+                continue  # (a turn handed in the same pass as the time ran out is taken)
+            if why is _QUEUE_TIMEOUT:
+                raise Failure(Outcome.QUEUE_TIMEOUT,
+                              f"waited {timeout:g}s in the queue: {waiter.targets.full_line()}")
+            try:  # _QUEUE_CLIENT: its socket is readable
+                data = conn.client.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise failure(exc, "client", " while it waited in the queue") from None
+            if not data:
+                raise Failure(Outcome.EOF, "the client closed while it waited in the queue")
+            readable.stop()  # it spoke: its bytes wait for the target (see the docstring)
+    finally:
+        conn._dialing = None
+        readable.close()
+        if timer is not None:
+            timer.close()
+        targets = waiter.targets
+        targets.queue.waiters.pop(waiter, None)
+        counters = conn.context.counters
+        counters.queued += 1
+        counters.queue_wait += time.monotonic() - waiter.since
+        if not taken and waiter.given is not None and waiter.given[0] is not None:
+            targets.unclaim(waiter.given[0])  # its turn came too late: the next waiter's
 
 
 def _connect_to(conn, target, spare: Optional[_sockets.RawSocket]) -> _sockets.RawSocket:

@@ -109,7 +109,7 @@ def closed(conn) -> None:
     if failed:
         counters.connect_failed += 1
     try:
-        if context.on_close is not None or failed or outcome is Outcome.ERROR \
+        if context.on_close is not None or failed or outcome is Outcome.ERROR or outcome is Outcome.QUEUE_TIMEOUT \
                 or _conn_log.isEnabledFor(logging.INFO):
             line = record(conn)
             _log_line(conn, line)
@@ -139,7 +139,7 @@ def call_hook(conn, hook, line: Optional[ConnectionRecord], name: str) -> None:
 
 def _log_line(conn, line: ConnectionRecord) -> None:
     """The one line of a closed connection: ERROR for a bug (with its traceback), WARNING
-    for a failed connect, a rate-limited line for a refused client, else INFO."""
+    for a failed connect or a queue timeout, a rate-limited line for a refused client, else INFO."""
     context = conn.context
     outcome = line.outcome
     # the fields a JSON log line carries, so no formatter has to parse the text
@@ -149,7 +149,7 @@ def _log_line(conn, line: ConnectionRecord) -> None:
                         context.log_prefix, line.id, line.client, line.upstream, line.duration,
                         line.bytes_upstream, line.bytes_downstream, line.error, extra=extra)
         return
-    if outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT):
+    if outcome in (Outcome.CONNECT_FAILED, Outcome.CONNECT_TIMEOUT, Outcome.QUEUE_TIMEOUT):
         routed = "" if conn.sni is None else f" ({describe_sni(conn.sni)})"
         _conn_log.warning("%sconn#%d %s -> %s%s %s after %.3fs: %s", context.log_prefix, line.id,
                           line.client, line.upstream, routed, outcome, line.duration, line.error, extra=extra)

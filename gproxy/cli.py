@@ -338,8 +338,10 @@ def _given(argv: Optional[List[str]]) -> set:
 
 
 def _describe_target(target) -> str:
-    """``10.0.0.5:6379``, ``10.0.0.5:6379 (weight 3)``, ``10.0.0.6:6379 (backup)``."""
-    notes = ([f"weight {target.weight}"] if target.weight != 1 else []) + (["backup"] if target.backup else [])
+    """``10.0.0.5:6379``, ``10.0.0.5:6379 (weight 3)``, ``10.0.0.6:6379 (backup)``,
+    ``10.0.0.7:6379 (max_connections 100)``."""
+    notes = ([f"weight {target.weight}"] if target.weight != 1 else []) + (["backup"] if target.backup else []) \
+        + ([f"max_connections {target.max_connections}"] if target.max_connections else [])
     return f"{target}" + (f" ({', '.join(notes)})" if notes else "")
 
 

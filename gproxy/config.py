@@ -171,11 +171,16 @@ class Target:
       ignores it.
     - ``backup`` (default ``False``): given clients only while every target that is not a
       backup is down (or, for one client, failed to connect).
+    - ``max_connections`` (default 0: no limit): the most connections open (or being
+      connected) to it at once, from every forwarder of the rule; a client that finds every
+      target it may use at its limit waits in the rule's queue (``Rule.queue_timeout``,
+      ``Rule.max_queue``), HAProxy's ``maxconn`` on a ``server``.
     """
 
     address: Endpoint
     weight: int = 1
     backup: bool = False
+    max_connections: int = 0
 
     def __str__(self) -> str:
         return str(self.address)
@@ -310,13 +315,16 @@ def parse_tcp_address(value: AddressLike, field: str) -> Address:
     return address
 
 
-_TARGET_KEYS = ("address", "weight", "backup")
+_TARGET_KEYS = ("address", "weight", "backup", "max_connections")
+#: the most a target's max_connections may be (a number beyond any fd table)
+MAX_TARGET_CONNECTIONS = 1_000_000
 
 
 def _target_entry(item, field: str, where: str) -> Target:
     """One entry of a target list: an address, a Target, or {address, weight, backup}."""
     if isinstance(item, Target):
-        item = {"address": item.address, "weight": item.weight, "backup": item.backup}
+        item = {"address": item.address, "weight": item.weight, "backup": item.backup,
+                "max_connections": item.max_connections}
     if not isinstance(item, Mapping):
         return Target(parse_address(item, field))
     unknown = [key for key in item if key not in _TARGET_KEYS]
@@ -335,7 +343,17 @@ def _target_entry(item, field: str, where: str) -> Target:
     if not isinstance(backup, bool):
         raise ConfigError(field, f"{where} ({address}): backup: expected {show(True)} or {show(False)}, "
                                  f"got {show(backup)}")
-    return Target(address, weight, backup)
+    limit = item.get("max_connections", 0)
+    if not valid_target_limit(limit):
+        raise ConfigError(field, f"{where} ({address}): max_connections: expected a whole number from 0 "
+                                 f"(no limit) to {MAX_TARGET_CONNECTIONS}, got {show(limit)}")
+    return Target(address, weight, backup, limit)
+
+
+def valid_target_limit(value) -> bool:
+    """Whether ``value`` is a target's max_connections: a whole number, 0 (no limit) to
+    MAX_TARGET_CONNECTIONS."""
+    return not isinstance(value, bool) and isinstance(value, int) and 0 <= value <= MAX_TARGET_CONNECTIONS
 
 
 def parse_target_list(value, field: str = "target") -> Tuple[Target, ...]:
@@ -749,6 +767,14 @@ class Rule:
       without dialling. ``deny`` is checked first. Stored as tuples of networks.
     - ``max_connections_per_client`` (default ``None``: no limit): more open connections
       than this from one client address are refused the same way.
+    - ``queue_timeout`` (default ``None``: ``connect_timeout``, as HAProxy's ``timeout
+      queue`` falls back to ``timeout connect``): how long a client may wait in the rule's
+      queue for a target with room (targets with ``max_connections``) before it is closed
+      with outcome ``queue timeout``; 0 waits as long as it takes.
+    - ``max_queue`` (default 0: no limit of its own; the rule's ``max_connections`` bounds
+      it, every waiter being an accepted connection): the most clients waiting at once; one
+      more is closed at once, outcome ``queue timeout`` (HAProxy's ``maxqueue``, whose 0
+      means the same).
     - ``reuse_port`` (default ``False``): set ``SO_REUSEPORT`` on the listening socket, so
       several processes can listen on the same address and the kernel spreads clients
       over them (``gproxy --workers``; Linux). Not for Unix sockets.
@@ -814,6 +840,8 @@ class Rule:
     allow: Optional[Tuple[Network, ...]] = None
     deny: Optional[Tuple[Network, ...]] = None
     max_connections_per_client: Optional[int] = None
+    queue_timeout: Optional[float] = None
+    max_queue: int = 0
     reuse_port: bool = False
     check: Optional[str] = None
     check_send: Optional[bytes] = None
@@ -865,8 +893,10 @@ class Rule:
             if listen_address in targets:
                 raise ConfigError("target", f"{listen_address} is the listening address: a forwarding loop")
             # plain addresses unless a weight or a backup says more; one target needs neither
-            plain = len(targets) == 1 or all(entry == Target(entry.address) for entry in entries)
-            target = targets[0] if len(targets) == 1 else targets if plain else entries
+            # (a limit, even on one target, routes its clients through gproxy.targets)
+            plain = len(targets) == 1 and not entries[0].max_connections \
+                or all(entry == Target(entry.address) for entry in entries)
+            target = entries if not plain else targets[0] if len(targets) == 1 else targets
         name = opt["name"]
         if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 200
                                  or not name.isprintable()):
@@ -923,6 +953,9 @@ class Rule:
             deny=networks(opt["deny"], "deny"),
             max_connections_per_client=None if opt["max_connections_per_client"] is None else
             _count(opt["max_connections_per_client"], "max_connections_per_client", minimum=1),
+            queue_timeout=None if opt["queue_timeout"] is None else
+            _seconds(opt["queue_timeout"], "queue_timeout", zero_is_off=False),
+            max_queue=_count(opt["max_queue"], "max_queue", minimum=0),
             reuse_port=_flag(opt["reuse_port"], "reuse_port"),
             route_sni=route_sni,
             **checks,

@@ -77,7 +77,7 @@ from gproxy.config import AddressLike, Rule, TargetLike, check_hook
 from gproxy.offload import Offload
 from gproxy.relay import Connection, Context, sweep, toxics_changed
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
-from gproxy.targets import TargetState, TargetStatus, parse_state, parse_weight
+from gproxy.targets import TargetState, TargetStatus, parse_limit, parse_state, parse_weight
 from gproxy.toxics import (
     AttributeValue,
     PythonToxic,
@@ -274,7 +274,10 @@ class Forwarder:
     - ``balance`` (``"failover"``: the first target that is up, and back to it once it is up
       again; or ``"round-robin"``, ``"least-connections"``, by weight, over the targets that
       are up), ``max_fails`` (1; 0 never marks a target down), ``fail_timeout`` (10 s):
-      several targets.
+      several targets. A target's ``max_connections`` (``Target(address, max_connections=100)``
+      or the mapping's key; default 0: no limit) caps its open connections; clients beyond
+      every target's cap wait in the rule's queue, at most ``queue_timeout`` (``None``: the
+      ``connect_timeout``; 0: no limit), at most ``max_queue`` (0: no limit of its own) at once.
     - ``reuse_port`` (``False``): ``SO_REUSEPORT`` on the listener, for several processes on
       one port (``gproxy --workers``).
     - ``check`` (``None``: no active health check; ``"tcp"``, ``"send-expect"``, ``"http"``):
@@ -325,6 +328,8 @@ class Forwarder:
                  allow: Optional[Sequence[str]] = None,
                  deny: Optional[Sequence[str]] = None,
                  max_connections_per_client: Optional[int] = None,
+                 queue_timeout: Optional[float] = None,
+                 max_queue: int = 0,
                  name: Optional[str] = None,
                  balance: str = "failover",
                  max_fails: int = 1,
@@ -357,6 +362,7 @@ class Forwarder:
             proxy_protocol=proxy_protocol, accept_proxy_from=accept_proxy_from,
             proxy_header_timeout=proxy_header_timeout, allow=allow, deny=deny,
             max_connections_per_client=max_connections_per_client,
+            queue_timeout=queue_timeout, max_queue=max_queue,
             name=name, balance=balance, max_fails=max_fails, fail_timeout=fail_timeout,
             reuse_port=reuse_port, check=check, check_send=check_send, check_expect=check_expect,
             check_http_path=check_http_path, check_http_method=check_http_method,
@@ -636,7 +642,7 @@ class Forwarder:
         return self._on_hub(lambda: self._context.targets.statuses(self._counters))
 
     def set_target(self, address: Union[AddressLike, str], *, state: Union[TargetState, str, None] = None,
-                   weight: Optional[int] = None) -> TargetStatus:
+                   weight: Optional[int] = None, max_connections: Optional[int] = None) -> TargetStatus:
         """Change one target at run time; returns it as ``targets()`` shows it afterwards.
 
         ``address`` names the target as configured (``"10.0.0.5:6379"``, ``"[::1]:6379"``,
@@ -645,22 +651,30 @@ class Forwarder:
         is ``"enabled"``, ``"drain"`` (no new clients; open connections go on until they end)
         or ``"disabled"`` (the same, and no active checks: maintenance), or a
         :class:`gproxy.TargetState`. ``weight`` (default ``None``: unchanged) is 1 to 256, the
-        target's share from the next client on. Bad values raise :class:`gproxy.ConfigError`
-        naming ``state`` or ``weight``, and change nothing; with neither, nothing changes
+        target's share from the next client on. ``max_connections`` (default ``None``:
+        unchanged) is 0 (no limit) to 1,000,000: the most connections open to it at once,
+        clients beyond it waiting in the rule's queue; lowering it closes no connection.
+        Bad values raise :class:`gproxy.ConfigError`
+        naming ``state``, ``weight`` or ``max_connections``, and change nothing; with none, nothing changes
         (a lookup). One INFO line says each change. A drained or disabled target gets
         no client at all, not even when every other target is down; with every target so, new
         clients are refused (outcome ``connect_failed``). The state carries over to the rule's
         next forwarder when a reload or an update replaces it (``count_on``)."""
         new_state = None if state is None else parse_state(state)
         new_weight = None if weight is None else parse_weight(weight)
-        return self._on_hub(self._set_target, address, new_state, new_weight)
+        new_limit = None if max_connections is None else parse_limit(max_connections)
+        return self._on_hub(self._set_target, address, new_state, new_weight, new_limit)
 
-    def _set_target(self, address: Any, state: Optional[TargetState], weight: Optional[int]) -> TargetStatus:
-        targets = self._context.targets
+    def _set_target(self, address: Any, state: Optional[TargetState], weight: Optional[int],
+                    limit: Optional[int] = None) -> TargetStatus:
+        context = self._context
+        targets = context.targets
         endpoint = targets.find(address)
-        targets.set(endpoint, state, weight)
-        if state is not None and state is not TargetState.ENABLED and not self._context.routed:
-            self._context.route_by_targets()  # the plain path would not ask
+        if limit and not context.routed:  # its open connections hold slots from now on
+            targets.adopt(endpoint, list(context.active.values()))
+        targets.set(endpoint, state, weight, limit)
+        if (state is not None and state is not TargetState.ENABLED or limit) and not context.routed:
+            context.route_by_targets()  # the plain path would not ask
         return targets.status(endpoint, self._counters)
 
     # -- fault injection ---------------------------------------------------------------

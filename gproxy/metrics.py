@@ -82,6 +82,16 @@ _HEADERS = {
                      "disabled (no new clients, no checks)."),
     "check_duration": ("gproxy_target_check_duration_seconds", "gauge",
                        "How long the target's last active health check took."),
+    "target_limit": ("gproxy_target_max_connections", "gauge",
+                     "The most connections the target may have open at once (0: no limit)."),
+    "queue": ("gproxy_queue_length", "gauge",
+              "Clients waiting now for a target with room (every target they may use is at its "
+              "max_connections)."),
+    "queued": ("gproxy_queued_total", "counter",
+               "Clients that waited in the queue, once their wait ended (their turn, a timeout, "
+               "or they left)."),
+    "queue_wait": ("gproxy_queue_wait_seconds_total", "counter",
+                   "Seconds the clients counted in gproxy_queued_total waited, in all."),
 }
 
 #: a target's outcomes shown even at 0: those a connection that reached its target can have
@@ -95,7 +105,6 @@ _REASON_ENDS = {reason: f',reason="{reason}"}} ' for reason in CONNECT_REASONS}
 _STATE_ENDS = {state: [f',state="{other}"}} {1 if other == state else 0}' for other in _STATES]
                for state in _STATES}
 _NO_COUNTS = TargetCounters()  # a target nothing was counted for yet
-_NO_BYTES = (0, 0)
 
 
 def _escape(value: str) -> str:
@@ -202,6 +211,8 @@ def _render(sources: Iterable, encode: bool, process: bool = True) -> Generator[
     target_bytes_out, target_failures_out = sections["target_bytes"], sections["target_failures"]
     weight_out, state_out = sections["target_weight"], sections["target_state"]
     check_out = sections["check_duration"]
+    limit_out, queue_out = sections["target_limit"], sections["queue"]
+    queued_out, queue_wait_out = sections["queued"], sections["queue_wait"]
     for source in list(sources):
         if isinstance(source, tuple):
             name, source = source
@@ -221,6 +232,7 @@ def _render(sources: Iterable, encode: bool, process: bool = True) -> Generator[
         failures = counters.target_failures.copy()
         views = counters.views()
         per_target = counters.targets
+        limited = False
         for target, view in views.items():
             # (about 20 lines per target: the label is made once, each line's fixed parts are
             # made at import, so a line costs one format of a few pieces)
@@ -234,9 +246,13 @@ def _render(sources: Iterable, encode: bool, process: bool = True) -> Generator[
                     connections_out.append(f"{head}{_OUTCOME_ENDS[outcome]}{count}")
             target_active_out.append(f"gproxy_target_active_connections{{{label}}} {counts.active}")
             head = "gproxy_target_bytes_total{" + label
-            both = moved.get(counts) or _NO_BYTES
-            target_bytes_out.append(f'{head},direction="upstream"}} {both[0]}')
-            target_bytes_out.append(f'{head},direction="downstream"}} {both[1]}')
+            up, down = counts.bytes_upstream, counts.bytes_downstream
+            if moved:
+                more = moved.get(counts)
+                if more is not None:  # its open connections' bytes so far
+                    up, down = up + more[0], down + more[1]
+            target_bytes_out.append(f'{head},direction="upstream"}} {up}')
+            target_bytes_out.append(f'{head},direction="downstream"}} {down}')
             head = "gproxy_target_connect_failures_total{" + label
             for reason, count in counts.failures.items():
                 target_failures_out.append(f"{head}{_REASON_ENDS[reason]}{count}")
@@ -244,9 +260,18 @@ def _render(sources: Iterable, encode: bool, process: bool = True) -> Generator[
             head = "gproxy_target_state{" + label
             for end in _STATE_ENDS[view.state]:
                 state_out.append(head + end)
+            if view.max_connections:
+                limited = True
+                limit_out.append(f"gproxy_target_max_connections{{{label}}} {view.max_connections}")
             if view.check_duration is not None:
                 check_out.append(
                     f"gproxy_target_check_duration_seconds{{{label}}} {_number(float(view.check_duration))}")
+        queue = counters.queue
+        if limited or counters.queued:  # (a rule that never limited a target has no queue to show)
+            queue_out.append(f"gproxy_queue_length{{{rule}}} {0 if queue is None else len(queue.waiters)}")
+            queued_out.append(f"gproxy_queued_total{{{rule}}} {counters.queued}")
+            queue_wait_out.append(
+                f"gproxy_queue_wait_seconds_total{{{rule}}} {_number(float(counters.queue_wait))}")
         out = sections["duration"]
         total = 0
         for le, count in zip(_LE_LABELS, counters.durations):

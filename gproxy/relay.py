@@ -237,9 +237,11 @@ class Context:
         #: the rule's targets: their order per client, health and state (targets.py)
         self.targets = Targets(rule)
         #: whether clients connect through ``targets`` (several targets, a function, an active
-        #: check, or a target drained or disabled at run time: ``route_by_targets``); False for
+        #: check, a target's max_connections, or a target drained, disabled or limited at run
+        #: time: ``route_by_targets``); False for
         #: one fixed target, whose clients need none of it
-        self.routed = len(rule.targets) != 1 or bool(getattr(rule, "check", None))
+        self.routed = len(rule.targets) != 1 or bool(getattr(rule, "check", None)) \
+            or any(entry.max_connections for entry in rule.target_list)
         self.target_name = str(rule.target) if not self.routed else \
             ",".join(map(str, rule.targets)) or getattr(rule.target, "__name__", "function")
         #: the rule's name in logs and metrics; the forwarder sets it to the bound address
@@ -266,6 +268,7 @@ class Context:
         targets = self.targets
         counters.health = lambda: targets.views(self.counters)
         counters.watch(self)  # its open connections' bytes count there as they move
+        counters.queue = targets.queue
         #: the rate-limited "denied" line, for rules that can refuse a client
         self.denied_log = DeniedLog(log) \
             if self.access is not None or self.accept_proxy or self.sni_routes is not None else None

@@ -34,6 +34,9 @@ class Outcome(enum.Enum):
     CLOSED = "closed"                    #: closed on purpose: a toxic, close_connection(), disable()
     ERROR = "error"                      #: a bug in gproxy; logged with its traceback
     DENIED = "denied"                    #: refused by allow/deny, a per-client limit or a bad PROXY header
+    #: every target it could use was at its max_connections for queue_timeout (or max_queue
+    #: clients waited already)
+    QUEUE_TIMEOUT = "queue timeout"
 
     def __str__(self) -> str:
         return self.value
@@ -146,6 +149,7 @@ class TargetView(NamedTuple):
     state: str = "enabled"  #: "enabled", "drain" or "disabled" (gproxy.targets.TargetState)
     weight: int = 1         #: its weight now
     check_duration: Optional[float] = None  #: seconds the last active check took; None: none yet
+    max_connections: int = 0  #: its limit now; 0: none
 
 
 class Counters:
@@ -159,7 +163,7 @@ class Counters:
 
     __slots__ = ("accepted", "connect_failed", "bytes_upstream", "bytes_downstream", "active",
                  "outcomes", "durations", "duration_sum", "target_failures", "target_up", "health", "targets",
-                 "contexts")
+                 "contexts", "queue", "queued", "queue_wait")
 
     def __init__(self) -> None:
         self.accepted = 0
@@ -186,6 +190,13 @@ class Counters:
         #: connections count here: a rule's forwarder, and a reload's old ones while they
         #: drain. Replaced, never changed in place, so a reader on another thread may take it.
         self.contexts: Tuple[Any, ...] = ()
+        #: the rule's queue of clients waiting for a target with room (gproxy.targets.Queue;
+        #: ``len()`` is its length now), or None
+        self.queue: Any = None
+        #: clients that waited in the queue (once their wait ended, however), and the seconds
+        #: they waited in all
+        self.queued = 0
+        self.queue_wait = 0.0
 
     def watch(self, context: Any) -> None:
         """``context``'s open connections count here too (``bytes_now``), until it is gone."""
@@ -194,16 +205,24 @@ class Counters:
 
     def bytes_now(self) -> Tuple[int, int, Dict[TargetCounters, List[int]]]:
         """Bytes so far, each way, the open connections' included: ``(upstream, downstream,
-        {target's counters: [upstream, downstream]})``. One pass over the open connections,
-        holding every watched context's lock (a teardown moves a connection's bytes into the
-        totals under it), so a connection's bytes are counted once, open or ended."""
-        contexts = [context for context in (ref() for ref in self.contexts) if context is not None]
+        {target's counters: [upstream, downstream] of its open connections})``; a target's
+        total is its counters' bytes plus its entry here, if any. One pass over the open
+        connections, holding every watched context's lock (a teardown moves a connection's
+        bytes into the totals under it), so a connection's bytes are counted once, open or
+        ended. With no connection open, the totals alone, with no lock: a teardown has
+        counted its bytes before its connection leaves ``active``."""
+        live: Dict[TargetCounters, List[int]] = {}
+        contexts = []
+        for ref in self.contexts:
+            context = ref()
+            if context is not None and context.active:
+                contexts.append(context)
+        if not contexts:  # (the common case at rest: one dereference, one test)
+            return self.bytes_upstream, self.bytes_downstream, live
         for context in contexts:  # (only this takes more than one: no order to deadlock on)
             context.lock.acquire()
         try:
             upstream, downstream = self.bytes_upstream, self.bytes_downstream
-            per_target = {counts: [counts.bytes_upstream, counts.bytes_downstream]
-                          for counts in list(self.targets.values())}
             for context in contexts:
                 for conn in list(context.active.values()):  # (list(): one step, safe from any thread)
                     up, down = conn.counts
@@ -212,15 +231,16 @@ class Counters:
                         downstream += down
                         target = conn.target_counts
                         if target is not None:
-                            pair = per_target.get(target)
+                            pair = live.get(target)
                             if pair is None:
-                                pair = per_target[target] = [target.bytes_upstream, target.bytes_downstream]
-                            pair[0] += up
-                            pair[1] += down
+                                live[target] = [up, down]
+                            else:
+                                pair[0] += up
+                                pair[1] += down
         finally:
             for context in contexts:
                 context.lock.release()
-        return upstream, downstream, per_target
+        return upstream, downstream, live
 
     def ended(self, outcome: "Outcome", duration: float, bytes_upstream: int, bytes_downstream: int) -> None:
         """One connection's teardown."""

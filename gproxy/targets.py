@@ -40,6 +40,20 @@ every other target is drained, disabled or down. A ``DISABLED`` target is not ch
 first check once enabled again decides at once, as at start. A weight set at run time
 applies to the next client. :meth:`Targets.statuses` is what ``Forwarder.targets()`` shows.
 
+Per-target limits (``Target.max_connections``; HAProxy's ``maxconn`` on a server): a target
+at its limit is left out of a client's order, so the balance picks among those with room;
+when every target the client would start with is full (the targets that are up, or the
+backups when none is, or the down ones when nothing is up) ``order`` answers None and the
+client waits in the rule's queue (:class:`Queue`; the wait is ``_dial``'s) rather than
+going to a backup or a down target. A slot is taken when a client is about to connect
+(``claim``; on a rule with no limit, once its connect worked: ``succeeded``, so a limit
+set at run time finds the count right) and given back when that connect fails
+(``unclaim``) or the connection ends (``released``); each time one frees, ``dispatch``
+hands it to the oldest waiter that can use a target with room. Slot counts and the queue
+are shared with the rule's next forwarder (``inherit``), so the limit holds across a
+reload. (A slot that frees because a down target's ``fail_timeout`` ran out wakes nobody:
+the next slot that frees, or the next client, finds it.)
+
 A rule with one fixed target and no check does not route its clients through this module:
 they connect the way they always did, with no work per connection here, until its target is
 drained or disabled (``relay.Context.route_by_targets``).
@@ -55,6 +69,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from gproxy.config import (
+    MAX_TARGET_CONNECTIONS,
     MAX_WEIGHT,
     Address,
     ConfigError,
@@ -64,10 +79,12 @@ from gproxy.config import (
     parse_address,
     parse_target_list,
     show,
+    valid_target_limit,
 )
 from gproxy.stats import Counters, TargetView
 
-__all__ = ["Targets", "TargetError", "TargetState", "TargetStatus", "CheckResult", "TargetNotFound"]
+__all__ = ["Targets", "Queue", "Waiter", "TargetError", "TargetState", "TargetStatus", "CheckResult",
+           "TargetNotFound"]
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +144,15 @@ class TargetStatus:
     reason: Optional[str]  #: why it is down, or why it came back up last; None: no change seen
     active: int           #: connections open to it now (a reload's old connections included)
     check: Optional[CheckResult]  #: its last active check; None: no check, or none ended yet
+    max_connections: int = 0  #: its limit now (as configured unless set at run time); 0: none
+    queued: int = 0       #: clients waiting in the rule's queue now (the same for every target)
 
     def as_dict(self) -> Dict[str, Any]:
         """The JSON the HTTP API answers with."""
         check = self.check
         return {"address": self.address, "state": str(self.state), "weight": self.weight, "backup": self.backup,
                 "up": self.up, "reason": self.reason, "active": self.active,
+                "max_connections": self.max_connections, "queued": self.queued,
                 "check": None if check is None else {
                     "result": "passed" if check.passed else "failed", "reason": check.reason,
                     "time": round(check.at, 3), "duration": round(check.duration, 6),
@@ -153,6 +173,24 @@ def parse_state(value: Union[TargetState, str]) -> TargetState:
     raise ConfigError("state", f"expected enabled, drain or disabled, got {show(value)}")
 
 
+def parse_limit(value: int) -> int:
+    """A max_connections set at run time (0: no limit); ConfigError naming ``max_connections``."""
+    if not valid_target_limit(value):
+        raise ConfigError("max_connections", f"expected a whole number from 0 (no limit) to "
+                                             f"{MAX_TARGET_CONNECTIONS}, got {show(value)}")
+    return value
+
+
+class _Room:
+    """One target's connection slots: shared by every forwarder of the rule (``inherit``)."""
+
+    __slots__ = ("limit", "busy")
+
+    def __init__(self) -> None:
+        self.limit = 0  # its max_connections now; 0: no limit
+        self.busy = 0   # connections being made to it or open (claim() to unclaim() or released())
+
+
 def parse_weight(value: int) -> int:
     """A weight set at run time: the config file's range; ConfigError naming ``weight``."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WEIGHT:
@@ -163,7 +201,7 @@ def parse_weight(value: int) -> int:
 class _Health:
     __slots__ = ("fails", "down_until", "down", "active", "checked_down", "passes", "failures",
                  "checks", "check_reason", "current", "name", "admin", "weight", "given_weight", "backup",
-                 "reason", "check_passed", "check_at", "check_duration")
+                 "reason", "check_passed", "check_at", "check_duration", "room", "given_limit", "limit")
 
     def __init__(self, name: str) -> None:
         self.name = name        # the target as configured, as logs and metrics name it
@@ -185,6 +223,9 @@ class _Health:
         self.checks = 0         # checks done so far
         self.check_reason = ""  # what the last check found
         self.current = 0        # smooth weighted round-robin's running score
+        self.room = _Room()     # its slots (max_connections), shared with the rule's next forwarder
+        self.given_limit = 0    # its configured max_connections
+        self.limit: Optional[int] = None  # its max_connections set at run time; None: as configured
 
     @property
     def is_down(self) -> bool:
@@ -197,6 +238,63 @@ _Slot = Tuple[Endpoint, int, bool, _Health]
 #: what an active check keeps per target, carried over a reload only to a rule that checks
 _CHECKED = ("checked_down", "passes", "failures", "checks", "check_reason", "check_passed", "check_at",
             "check_duration")
+
+
+class Waiter:
+    """One client in the queue."""
+
+    __slots__ = ("conn", "targets", "given", "waiting", "greenlet", "since")
+
+    def __init__(self, conn, targets) -> None:
+        self.conn = conn
+        self.targets = targets  # the gproxy.targets.Targets whose order it takes (its forwarder's)
+        #: once its turn came: (the target whose slot was taken for it, or None, its order)
+        self.given: Optional[Tuple[Any, List[Any]]] = None
+        self.waiting = False    # in the hub.switch() of _dial._wait_turn now
+        self.greenlet: Any = None
+        self.since = time.monotonic()
+
+
+class Queue:
+    """The clients of a rule waiting for a target with room, oldest first.
+
+    HAProxy's backend queue is the model: a client waits only when every target it could
+    use is full; a slot that frees goes to the oldest waiter that can use it, handed over
+    with the slot already taken for it (``Targets.claim``), so a client arriving just then
+    cannot take it first, and newcomers queue behind waiters. Per rule, not per target: a
+    waiter takes the first slot any of its targets frees, the balance choosing among those
+    with room. One queue serves every forwarder of a rule (``Targets.inherit``)."""
+
+    __slots__ = ("waiters",)
+
+    def __init__(self) -> None:
+        #: waiter -> None, in the order they came (a dict: O(1) to leave from the middle)
+        self.waiters: Dict[Waiter, None] = {}
+
+    def __len__(self) -> int:
+        return len(self.waiters)
+
+    def join(self, conn, targets) -> Waiter:
+        waiter = Waiter(conn, targets)
+        self.waiters[waiter] = None
+        return waiter
+
+    def oldest_first(self) -> List[Waiter]:
+        return list(self.waiters)
+
+    def hand(self, waiter: Waiter, endpoint, order: List[Any]) -> None:
+        """``waiter``'s turn: ``endpoint``'s slot was taken for it (None: no target takes
+        clients now; it finds out why itself); wake it on the next pass of the loop."""
+        self.waiters.pop(waiter, None)
+        waiter.given = (endpoint, order)
+        waiter.conn._hub.loop.run_callback(_wake, waiter)
+
+
+def _wake(waiter: Waiter) -> None:
+    """Hub callback: switch to the waiter if it still waits (it may have timed out or been
+    aborted since its turn was handed; wait() then gives the slot back)."""
+    if waiter.waiting:
+        waiter.greenlet.switch("turn")  # (_dial._QUEUE_TURN)
 
 
 class Targets:
@@ -217,14 +315,20 @@ class Targets:
         #: check); else gproxy_target_up is the last connect's result (``Counters.target_up``)
         self.tracks_health = len(rule.targets) != 1 or bool(rule.check)
         self._health: Dict[Endpoint, _Health] = {}
+        #: the queue of clients waiting for a target with room (shared with the rule's next
+        #: forwarder), and whether any target has a limit (else nobody ever waits)
+        self.queue = Queue()
+        self.limited = False
+        self.max_queue = rule.max_queue
         #: per fixed target (address, weight, backup, health): what order() reads, prebuilt
         self._slots: Tuple[_Slot, ...] = self._slots_of(self.entries)
         self._parsed: Dict[object, Tuple[_Slot, ...]] = {}  # a function's answers, parsed
 
-    def order(self, client_address) -> List[Endpoint]:
-        """Every target, in the order this client should try them."""
+    def order(self, client_address) -> Optional[List[Endpoint]]:
+        """Every target, in the order this client should try them; None when every target
+        it would start with is at its max_connections (it waits in the queue)."""
         slots = self._slots if self.function is None else self._call(client_address)
-        if len(slots) == 1 and slots[0][3].admin is _ENABLED:
+        if len(slots) == 1 and slots[0][3].admin is _ENABLED and not self.limited:
             return [slots[0][0]]
         now = time.monotonic()
         primaries: List[_Slot] = []
@@ -240,6 +344,11 @@ class Targets:
                 backups.append(slot)
             else:
                 primaries.append(slot)
+        if self.limited:  # a full target is nobody's choice; all full in the lead: queue
+            lead = primaries or backups or down
+            primaries, backups, down = _with_room(primaries), _with_room(backups), _with_room(down)
+            if lead and not _with_room(lead):
+                return None
         if primaries:
             order = self._balanced(primaries)
             order.extend(slot[0] for slot in backups)  # this client's fallback only
@@ -292,8 +401,76 @@ class Targets:
         for entry in entries:
             state = self._state(entry.address)
             state.given_weight, state.backup = entry.weight, entry.backup
+            state.given_limit = entry.max_connections
+            state.room.limit = state.given_limit if state.limit is None else state.limit
+            self.limited = self.limited or bool(state.room.limit)
             slots.append((entry.address, state.weight or entry.weight, entry.backup, state))
         return tuple(slots)
+
+    # -- slots and the queue --------------------------------------------------------------
+
+    def claim(self, endpoint: Endpoint) -> bool:
+        """Take a slot of ``endpoint`` for a client about to connect to it: False if it is
+        at its max_connections. Given back by :meth:`unclaim`, or once the connect worked
+        (``succeeded(endpoint, claimed=True)``) by :meth:`released`."""
+        state = self._health.get(endpoint)
+        room = (state if state is not None else self._state(endpoint)).room
+        if room.limit and room.busy >= room.limit:
+            return False
+        room.busy += 1
+        return True
+
+    def unclaim(self, endpoint: Endpoint) -> None:
+        """A slot :meth:`claim` took was not used (the connect failed, or was aborted)."""
+        state = self._health.get(endpoint)
+        if state is not None and state.room.busy > 0:
+            state.room.busy -= 1
+        if self.queue.waiters:
+            self.dispatch()
+
+    def must_queue(self) -> bool:
+        """Whether a new client goes behind the clients waiting already (FIFO)."""
+        return bool(self.queue.waiters) and self.limited
+
+    def queue_full(self) -> bool:
+        """Whether ``max_queue`` clients wait already."""
+        return bool(self.max_queue) and len(self.queue.waiters) >= self.max_queue
+
+    def full_line(self) -> str:
+        """Why a client waits: the targets' slots, for its log line."""
+        rooms = ", ".join(f"{state.name} {state.room.busy}/{state.room.limit}" for state in self._health.values()
+                          if state.room.limit)
+        return f"every target it may use is at its max_connections ({rooms}); {len(self.queue)} waiting"
+
+    def dispatch(self) -> None:
+        """Slots may have freed (a connection ended, a connect failed, a target came up or
+        was enabled, a limit was raised): hand each to the oldest waiter that can use one,
+        its slot taken for it, until no waiter can."""
+        blocked = set()  # Targets with fixed targets that have no room: no waiter of theirs can go
+        for waiter in self.queue.oldest_first():
+            targets = waiter.targets
+            if id(targets) in blocked or waiter.given is not None:
+                continue
+            try:
+                order = targets.order(waiter.conn.client_address)
+            except TargetError:
+                order = []  # it finds out why itself, when woken
+            if order is None:
+                if targets.function is None:
+                    blocked.add(id(targets))
+                continue
+            first = order[0] if order and targets.claim(order[0]) else None
+            self.queue.hand(waiter, first, order)
+
+    def adopt(self, endpoint: Endpoint, connections) -> None:
+        """A plain rule's one target gets a limit at run time: its open connections (which
+        the plain path does not count) take its slots, and give them back when they end."""
+        state = self._state(endpoint)
+        for conn in connections:
+            if conn.target is None:
+                conn.target = endpoint
+                state.room.busy += 1
+                state.active += 1
 
     def _state(self, endpoint: Endpoint) -> _Health:
         state = self._health.get(endpoint)
@@ -312,8 +489,9 @@ class Targets:
         metrics and ``statuses()`` show it before any client went there."""
         self._state(endpoint)
 
-    def succeeded(self, endpoint: Endpoint) -> None:
-        """A connect to ``endpoint`` worked; it counts as open until :meth:`released`."""
+    def succeeded(self, endpoint: Endpoint, claimed: bool = False) -> None:
+        """A connect to ``endpoint`` worked; it counts as open (and holds a slot: one it
+        ``claimed`` before, else one taken now) until :meth:`released`."""
         state = self._health.get(endpoint)
         if state is None:
             state = self._state(endpoint)
@@ -323,12 +501,19 @@ class Targets:
                 self._log_up(endpoint, "a client's connect worked")
         state.fails = 0
         state.active += 1
+        if not claimed:
+            state.room.busy += 1
 
     def released(self, endpoint: Endpoint) -> None:
-        """A connection to ``endpoint`` that :meth:`succeeded` has ended."""
+        """A connection to ``endpoint`` that :meth:`succeeded` has ended: its slot too."""
         state = self._health.get(endpoint)
-        if state is not None and state.active > 0:
-            state.active -= 1
+        if state is not None:
+            if state.active > 0:
+                state.active -= 1
+            if state.room.busy > 0:
+                state.room.busy -= 1
+            if self.queue.waiters:
+                self.dispatch()
 
     def failed(self, endpoint: Endpoint, error: str) -> None:
         """A connect to ``endpoint`` failed (refused, unreachable, timed out)."""
@@ -387,6 +572,7 @@ class Targets:
         Open connections stay ``old``'s. True if a target is now drained or disabled."""
         kept = ("fails", "down_until", "down", "reason", "admin") + (_CHECKED if self.check else ())
         reweighted = False
+        self.queue = old.queue  # its waiters and the new clients wait in one line
         for endpoint, state in old._health.items():
             if endpoint in self.static or self.function is not None:
                 mine = self._state(endpoint)  # the very object order() reads
@@ -394,6 +580,12 @@ class Targets:
                     setattr(mine, name, getattr(state, name))
                 if state.weight is not None and state.given_weight == mine.given_weight:
                     mine.weight, reweighted = state.weight, True
+                # one set of slots for the old connections and the new: the limit is the target's
+                mine.room = state.room
+                if state.limit is not None and state.given_limit == mine.given_limit:
+                    mine.limit = state.limit  # set at run time, and the file did not change it
+                mine.room.limit = mine.given_limit if mine.limit is None else mine.limit
+                self.limited = self.limited or bool(mine.room.limit)
         if reweighted:
             self._slots = self._slots_of(self.entries)
         return self.restricted()
@@ -429,11 +621,18 @@ class Targets:
                 return endpoint
         raise TargetNotFound(address)
 
-    def set(self, endpoint: Endpoint, state: Optional[TargetState] = None, weight: Optional[int] = None) -> None:
-        """Set ``endpoint``'s state and weight (None: unchanged); one INFO line if that changed
-        anything. New clients see it at once; open connections are left alone."""
+    def set(self, endpoint: Endpoint, state: Optional[TargetState] = None, weight: Optional[int] = None,
+            limit: Optional[int] = None) -> None:
+        """Set ``endpoint``'s state, weight and max_connections (None: unchanged); one INFO
+        line if that changed anything. New clients see it at once; open connections are left
+        alone (a lower limit than the connections open takes no connection away)."""
         health = self._health[endpoint]
         changes = []
+        if limit is not None and limit != health.room.limit:
+            changes.append(f"max_connections {limit or 'none'} (was {health.room.limit or 'none'})")
+        if limit is not None:
+            health.limit = health.room.limit = limit
+            self.limited = any(other.room.limit for other in self._health.values())
         if state is not None and state is not health.admin:
             changes.append(f"{state} (was {health.admin})")
             if health.admin is _DISABLED:  # back from maintenance: its first check decides
@@ -450,7 +649,10 @@ class Targets:
         self._restart_rotation()
         log.info("%s: target %s set to %s", self.label, health.name, ", ".join(changes),
                  extra=self._fields("target_state", endpoint, state=str(health.admin),
-                                    weight=health.weight or health.given_weight))
+                                    weight=health.weight or health.given_weight,
+                                    max_connections=health.room.limit))
+        if self.queue.waiters:
+            self.dispatch()
         if state is not None and state is not _ENABLED and self.function is None \
                 and all(other.admin is not _ENABLED for other in self._health.values()):
             log.warning("%s: every target is drained or disabled: new clients are refused", self.label,
@@ -461,7 +663,8 @@ class Targets:
         views = {}
         for state in list(self._health.values()):  # known()'s order: the fixed targets first
             views[state.name] = TargetView(self._up(state, counters), state.admin.value,
-                                     state.weight or state.given_weight, state.check_duration)
+                                     state.weight or state.given_weight, state.check_duration,
+                                     state.room.limit)
         return views
 
     def statuses(self, counters: Counters) -> List[TargetStatus]:
@@ -481,7 +684,8 @@ class Targets:
             check = CheckResult(state.check_passed, state.check_reason, state.check_at,
                                 state.check_duration or 0.0, state.passes, state.failures, state.checks)
         return TargetStatus(state.name, state.admin, state.weight or state.given_weight, state.backup, up,
-                            reason, counts.active if counts is not None else 0, check)
+                            reason, counts.active if counts is not None else 0, check, state.room.limit,
+                            len(self.queue))
 
     def _up(self, state: _Health, counters: Counters) -> bool:
         if self.tracks_health:
@@ -500,6 +704,8 @@ class Targets:
         self._restart_rotation()
         log.warning("%s: target %s is down after %s%s", self.label, endpoint, reason, more,
                     extra=self._fields("target_down", endpoint, reason=reason, **fields))
+        if self.queue.waiters:  # the last full target of its group down: backups may lead now
+            self.dispatch()
 
     def _log_up(self, endpoint: Endpoint, reason: str, **fields) -> None:
         """The one line a target's coming back makes: INFO, with the reason."""
@@ -507,6 +713,8 @@ class Targets:
         self._restart_rotation()
         log.info("%s: target %s is up again: %s", self.label, endpoint, reason,
                  extra=self._fields("target_up", endpoint, reason=reason, **fields))
+        if self.queue.waiters:  # the waiters may go to it now
+            self.dispatch()
 
     def known(self) -> List[Endpoint]:
         """The fixed targets, then any a target function returned so far."""
@@ -541,6 +749,11 @@ class Targets:
             if key is not None and len(self._parsed) < 1024:
                 self._parsed[key] = parsed
         return parsed
+
+
+def _with_room(group: List[_Slot]) -> List[_Slot]:
+    """The targets of ``group`` below their max_connections."""
+    return [slot for slot in group if not slot[3].room.limit or slot[3].room.busy < slot[3].room.limit]
 
 
 def _same_ip(one: Endpoint, other: Endpoint) -> bool:

@@ -260,7 +260,7 @@ def test_http_lists_a_file_rules_targets_by_its_name(file_api):
     assert status == 200, rows
     assert [row["address"] for row in rows] == [name_of(a), name_of(b)]
     assert rows[0] == {"address": name_of(a), "state": "enabled", "weight": 1, "backup": False, "up": True,
-                       "reason": None, "active": 0, "check": None}
+                       "reason": None, "active": 0, "check": None, "max_connections": 0, "queued": 0}
     assert call(api, "GET", f"/proxies/r/targets/{name_of(b)}") == (200, rows[1])
 
 
@@ -291,6 +291,16 @@ def test_http_drain_and_weight_then_a_reload_keeps_them(file_api):
     assert (status, row["state"]) == (200, "enabled"), row
 
 
+def test_http_sets_a_targets_max_connections(file_api):
+    api, _path, a, _b = file_api
+    status, row = call(api, "POST", f"/proxies/r/targets/{name_of(a)}", {"max_connections": 3})
+    assert (status, row["max_connections"], row["queued"]) == (200, 3, 0), row
+    assert api.wait_for(f"target {name_of(a)} set to max_connections 3 (was none)")
+    assert call(api, "GET", f"/proxies/r/targets/{name_of(a)}")[1]["max_connections"] == 3
+    status, row = call(api, "POST", f"/proxies/r/targets/{name_of(a)}", {"max_connections": 0})
+    assert (status, row["max_connections"]) == (200, 0), row
+
+
 def test_http_target_paths_ipv6_and_unix_encoded_or_not(file_api):
     api = file_api[0]
     status, rows = call(api, "GET", "/proxies/odd/targets")
@@ -313,9 +323,13 @@ def test_http_target_paths_ipv6_and_unix_encoded_or_not(file_api):
     ("/proxies/r/targets/{a}", {"state": "drain", "weight": 1.5}, 400,
      "weight: expected a whole number from 1 to 256, got 1.5"),
     ("/proxies/r/targets/{a}", {"State": "drain"}, 400,
-     "bad request body: unknown field 'State' (a target takes state and weight)"),
-    ("/proxies/r/targets/{a}", {}, 400, "bad request body: expected state or weight"),
+     "bad request body: unknown field 'State' (a target takes state, weight and max_connections)"),
+    ("/proxies/r/targets/{a}", {}, 400, "bad request body: expected state, weight or max_connections"),
     ("/proxies/r/targets/{a}", [], 400, "bad request body: expected an object, got an array"),
+    ("/proxies/r/targets/{a}", {"max_connections": -1}, 400,
+     "max_connections: expected a whole number from 0 (no limit) to 1000000, got -1"),
+    ("/proxies/r/targets/{a}", {"state": "drain", "max_connections": "5"}, 400,
+     "max_connections: expected a whole number from 0 (no limit) to 1000000, got '5'"),
     ("/proxies/nope/targets/{a}", {"state": "drain"}, 404, "proxy not found"),
     ("/proxies/nope/targets", None, 404, "proxy not found"),
     ("/proxies/r/targets/127.0.0.1:1", {"state": "drain"}, 404, "target not found"),
