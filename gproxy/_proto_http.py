@@ -1,8 +1,10 @@
 """The ``http_response`` toxic: answer matching HTTP/1.x requests in place of the server.
 
-Registered with the built-in toxics when ``gproxy.toxics`` is imported::
+Registered with the built-in toxics when ``gproxy.toxics`` is imported, with ``http_delay``,
+which holds matching requests a while instead (the same parser, no answer)::
 
     fw.add_toxic("http_response", stream="upstream", path="/api/", status=503, body="down for a test")
+    fw.add_toxic("http_delay", stream="upstream", path="/api/", delay=2000)   # ms
 
 ``path`` is a prefix of the request target (``/api/`` matches ``/api/users?id=1``; an
 absolute-form target, as a proxy gets, is matched by its path; empty: every request).
@@ -36,7 +38,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from gproxy._chain import _builtin
-from gproxy._protocol import END, KEY, OFF, Off, Replies, Requests
+from gproxy._protocol import END, KEY, OFF, Hold, Off, Replies, Requests
 
 __all__ = ["HttpRequests", "HttpResponses", "HEADERS_MAX"]
 
@@ -314,9 +316,7 @@ class _HttpResponse(Requests):
             return "status", f"must be a final status, from 200 to 599, not {status}"
         if status in (204, 304) and attributes["body"]:
             return "body", f"must be empty: a {status} response has no body"
-        if any(ord(c) < 0x21 or ord(c) == 0x7F for c in attributes["path"]):
-            return "path", "must have no spaces or control characters: it is matched to a request target"
-        return None
+        return _check_path(attributes["path"])
 
     def setup(self, attributes, now):
         self.status = attributes["status"]
@@ -340,3 +340,33 @@ class _HttpResponse(Requests):
             head.append(b"Connection: keep-alive")
         body = b"" if request.method == b"HEAD" else self.body
         return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+@_builtin
+class _HttpDelay(Requests):
+    """Matching requests reach the server ``delay`` ms after their header section came, and
+    so their responses, headers first, and every request and response behind them, come that
+    much later."""
+
+    type = "http_delay"
+    attributes = {"delay": 0, "path": ""}   # ms
+    parser_class = HttpRequests
+
+    @classmethod
+    def check(cls, attributes):
+        return _check_path(attributes["path"])
+
+    def setup(self, attributes, now):
+        self.path = attributes["path"].encode("utf-8", "surrogateescape")
+        self.hold = Hold(attributes["delay"] / 1000.0)
+
+    def answer(self, request: Request) -> Optional[Hold]:
+        if self.path and not request.path().startswith(self.path):
+            return None
+        return self.hold
+
+
+def _check_path(path: str) -> Optional[Tuple[str, str]]:
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in path):
+        return "path", "must have no spaces or control characters: it is matched to a request target"
+    return None

@@ -1,8 +1,10 @@
 """The ``redis_error`` toxic: answer matching Redis commands with an error, in place of the server.
 
-Registered with the built-in toxics when ``gproxy.toxics`` is imported::
+Registered with the built-in toxics when ``gproxy.toxics`` is imported, with ``redis_delay``,
+which holds matching commands a while instead (the same parser, no answer)::
 
     fw.add_toxic("redis_error", stream="upstream", command="GET", error="LOADING Redis is loading")
+    fw.add_toxic("redis_delay", stream="upstream", command="GET", delay=200)   # ms
 
 ``command`` is a command name (any case; empty: every command), or a name and its first
 argument (``CONFIG SET``, ``CLIENT SETNAME``); ``error`` is the error reply's text, after the
@@ -31,7 +33,7 @@ from __future__ import annotations
 from typing import Deque, List, Optional, Tuple
 
 from gproxy._chain import _builtin
-from gproxy._protocol import END, KEY, OFF, Off, Replies, Requests
+from gproxy._protocol import END, KEY, OFF, Hold, Off, Replies, Requests
 
 __all__ = ["RespRequests", "RespReplies", "INLINE_MAX"]
 
@@ -258,17 +260,48 @@ class _RedisError(Requests):
         error = attributes["error"]
         if "\r" in error or "\n" in error:
             return "error", "must be one line (no CR or LF): it is sent as -ERROR\\r\\n"
-        if len(attributes["command"].split()) > 2:
-            return "command", "a command name, or a name and its first argument"
-        return None
+        return _check_command(attributes["command"])
 
     def setup(self, attributes, now):
-        words = attributes["command"].upper().split()
-        self.words = tuple(word.encode("utf-8", "surrogateescape") for word in words)
+        self.words = _words(attributes["command"])
         self.reply = b"-" + attributes["error"].encode("utf-8", "surrogateescape") + b"\r\n"
 
     def answer(self, key):
-        words = self.words
-        if not words or (key[0] == words[0] and (len(words) == 1 or key[1] == words[1])):
-            return self.reply
-        return None
+        return self.reply if _matches(self.words, key) else None
+
+
+@_builtin
+class _RedisDelay(Requests):
+    """Matching commands reach the server ``delay`` ms after they came, and so their replies,
+    and every command and reply behind them, come that much later."""
+
+    type = "redis_delay"
+    attributes = {"command": "", "delay": 0}   # ms
+    parser_class = RespRequests
+
+    @classmethod
+    def check(cls, attributes):
+        return _check_command(attributes["command"])
+
+    def setup(self, attributes, now):
+        self.words = _words(attributes["command"])
+        self.hold = Hold(attributes["delay"] / 1000.0)
+
+    def answer(self, key):
+        return self.hold if _matches(self.words, key) else None
+
+
+def _check_command(command: str) -> Optional[Tuple[str, str]]:
+    if len(command.split()) > 2:
+        return "command", "a command name, or a name and its first argument"
+    return None
+
+
+def _words(command: str) -> Tuple[bytes, ...]:
+    return tuple(word.encode("utf-8", "surrogateescape") for word in command.upper().split())
+
+
+def _matches(words: Tuple[bytes, ...], key) -> bool:
+    """Whether a command (the parser's key: its name and first argument, upper case) is one
+    that ``command`` names (its words; none: every command)."""
+    return not words or (key[0] == words[0] and (len(words) == 1 or key[1] == words[1]))

@@ -3,7 +3,8 @@
 A protocol is a module of its own (``_proto_redis.py``, ``_proto_http.py``) with three parts: an incremental
 request parser, an incremental reply counter, and a toxic: a subclass of ``Requests``
 (registered with ``@_builtin``) whose ``answer(key)`` says, for each request, pass it on
-(None) or answer it (the reply's bytes), and whose ``reverse`` is a subclass of ``Replies``.
+(None), pass it on later (``Hold(seconds)``) or answer it (the reply's bytes), and whose
+``reverse`` is a subclass of ``Replies`` (a toxic that never answers needs none).
 ``docs/toxics.md`` ("Protocol toxics: how they answer, and how to write one") writes one
 from scratch, and ``tests/test_protocol_guide.py`` runs it.
 
@@ -39,6 +40,12 @@ once that much of it has come (holding it all could fill the link and stop the r
 its rest is swallowed as it comes; a toxic removed while it swallows one stays (``lingers``)
 until that request has ended, so the server never sees the rest of a request without its start.
 
+Holding. A request to pass on later (``Hold``) is passed on as any other, once its time has
+come: ``seconds`` after the chunk that decided it (the one with its head: a command's name, an
+HTTP request's header section) arrived. Until then it and everything behind it wait, as they
+must for its reply to come before theirs; the bytes before it go on. Removed before its time,
+the toxic gives it back at once.
+
 Where it stops. The toxic starts on a connection (added, or rolled active by an update)
 assuming the connection is between requests with every reply in, as a client that waits for
 its replies is between two of them. From then on it follows the protocol; when it cannot (bytes
@@ -49,11 +56,11 @@ replies than requests), it stops acting on that connection for good and passes e
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Deque, Optional, cast
+from typing import Any, Deque, Optional, Union, cast
 
 from gproxy._chain import _EOF, _INF, _Marker, _Stage
 
-__all__ = ["Requests", "Replies", "Session", "Off", "EARLY"]
+__all__ = ["Requests", "Replies", "Session", "Off", "Hold", "EARLY"]
 
 #: the most of a request to answer held before it is answered: the rest is swallowed as it comes
 EARLY = 64 * 1024
@@ -61,6 +68,15 @@ EARLY = 64 * 1024
 
 class Off(Exception):
     """Raised by a reply counter: the stream does not follow the protocol (any more)."""
+
+
+class Hold:
+    """What ``answer(key)`` returns to pass a request on ``seconds`` after it came."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
 
 
 # The events a request parser's feed(data, position) returns with where it stopped (they happen
@@ -136,8 +152,9 @@ class Requests(_Stage):
     stream = "upstream"
     parser_class: Any = None
 
-    def answer(self, key) -> Optional[bytes]:
-        """The answer to the request ``key`` (the parser's), or None to pass it on."""
+    def answer(self, key) -> Union[None, bytes, "Hold"]:
+        """The answer to the request ``key`` (the parser's), None to pass it on, or
+        ``Hold(seconds)`` to pass it on that much later."""
         raise NotImplementedError
 
     # -- settings and state ---------------------------------------------------------------
@@ -171,8 +188,10 @@ class Requests(_Stage):
 
     def _fresh(self) -> None:
         self.parser = self.parser_class()
-        self.unfed: Deque[list] = deque([item, 0] for _t, item in self.queue
-                                        if item.__class__ is not _Marker)   # [chunk, parsed up to]
+        self.unfed: Deque[list] = deque([item, 0, t] for t, item in self.queue
+                                        if item.__class__ is not _Marker)   # [chunk, parsed up to, arrival]
+        #: per held request, oldest first: [its start offset, when it may pass on]
+        self.holds: Deque[list] = deque()
         self.offset = 0            # the stream offset of the first byte held
         self.fed = 0               # bytes given to the parser
         self.pass_until: float = 0  # bytes before this offset are passed on (_INF: all)
@@ -190,7 +209,7 @@ class Requests(_Stage):
             item = bytes(item)   # parsers search bytes in place
         self.push(item, t)
         if item.__class__ is not _Marker:
-            self.unfed.append([item, 0])
+            self.unfed.append([item, 0, t])
         elif item is _EOF:
             self.eof = True
         self.next = None
@@ -253,7 +272,7 @@ class Requests(_Stage):
                     continue
                 return
             piece = self.unfed[0]
-            chunk, start = piece
+            chunk, start, arrival = piece
             position, events = self.parser.feed(chunk, start)
             if position >= len(chunk):
                 self.unfed.popleft()
@@ -268,6 +287,9 @@ class Requests(_Stage):
                     unit.keyed = True
                     _kind, key, info, last = event
                     answer = None if session.off else self.answer(key)
+                    if isinstance(answer, Hold):   # passed on, once its time has come
+                        self.holds.append([unit.start, arrival + answer.seconds])
+                        answer = None
                     if answer is None:
                         self.pass_until = self.fed
                         session.passed += 1
@@ -318,7 +340,14 @@ class Requests(_Stage):
         if item.__class__ is _Marker:
             return due
         self._plan()
-        if self._swallowing() or self.offset < self.pass_until:
+        if self._swallowing():
+            return due
+        if self.offset < self.pass_until:
+            holds = self.holds
+            while holds and holds[0][0] < self.offset:   # on its way: its hold is over
+                holds.popleft()
+            if holds and holds[0][0] == self.offset:
+                return max(due, holds[0][1])
             return due
         if self.unit.answer is not None:
             if self._may_answer():
@@ -334,7 +363,12 @@ class Requests(_Stage):
         unit = self.unit
         if not self._swallowing():
             if self.offset < self.pass_until:
-                return self._take(self.pass_until - self.offset)
+                until = self.pass_until
+                for start, _time in self.holds:   # up to the next held request's start
+                    if start > self.offset:
+                        until = min(until, start)
+                        break
+                return self._take(until - self.offset)
             unit.committed = True   # answered: from now on its bytes are swallowed
             self.session.waiting = False
             self.session.replies.put(unit.answer, t)

@@ -47,7 +47,7 @@ __all__ = ["Toxic", "TYPES", "STREAMS", "Delay", "CLOSE", "RESET", "ToxicExists"
            "ToxicSpec", "ToxicType", "StreamName", "PythonToxic", "PerConnectionToxic", "ToxicResult",
            "AttributeValue", "TriggerAction",
            "latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data", "trigger",
-           "redis_error", "http_response"]
+           "redis_error", "redis_delay", "http_response", "http_delay"]
 
 # Defined with the chain that acts on them; their public home is here.
 for _public in (Delay, Action):
@@ -63,7 +63,7 @@ STREAMS = ("upstream", "downstream")
 StreamName = Literal["upstream", "downstream"]
 #: every built-in type's name (``TYPES`` at run time; a test keeps the two the same)
 ToxicType = Literal["latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data",
-                    "trigger", "redis_error", "http_response"]
+                    "trigger", "redis_error", "redis_delay", "http_response", "http_delay"]
 #: what a Python toxic may return: pass the chunk (None), these bytes instead (empty drops
 #: it), ``Delay``, ``CLOSE`` or ``RESET``
 ToxicResult = Union[None, bytes, bytearray, memoryview, Delay, Action]
@@ -416,9 +416,25 @@ def redis_error(command: str = "", error: str = "ERR injected by gproxy", *, nam
     return _spec("redis_error", {"command": command, "error": error}, name, stream, toxicity)
 
 
+def redis_delay(command: str = "", delay: int = 0, *, name: Optional[str] = None,
+                stream: StreamName = "upstream", toxicity: Optional[float] = None) -> ToxicSpec:
+    """Redis commands named ``command`` (any case; empty: all) reach the server ``delay`` ms
+    after they came, so their replies come that much later; upstream only (gproxy's own type:
+    see gproxy._proto_redis)."""
+    return _spec("redis_delay", {"command": command, "delay": delay}, name, stream, toxicity)
+
+
 def http_response(status: int = 503, body: str = "", path: str = "", *, name: Optional[str] = None,
                   stream: StreamName = "upstream", toxicity: Optional[float] = None) -> ToxicSpec:
     """HTTP/1.x requests whose target starts with ``path`` (empty: all) get ``status`` and
     ``body`` in place of the target's response, in order, on a connection that goes on;
     upstream only (gproxy's own type: see gproxy._proto_http)."""
     return _spec("http_response", {"status": status, "body": body, "path": path}, name, stream, toxicity)
+
+
+def http_delay(delay: int = 0, path: str = "", *, name: Optional[str] = None,
+               stream: StreamName = "upstream", toxicity: Optional[float] = None) -> ToxicSpec:
+    """HTTP/1.x requests whose target starts with ``path`` (empty: all) reach the target
+    ``delay`` ms after their header section came, so their responses come that much later;
+    upstream only (gproxy's own type: see gproxy._proto_http)."""
+    return _spec("http_delay", {"delay": delay, "path": path}, name, stream, toxicity)

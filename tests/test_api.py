@@ -791,6 +791,8 @@ MOST = {  # every attribute of each type at its bound: what a connection must ru
     "trigger": {"after_bytes": MAX_ATTRIBUTE, "delay": MAX_ATTRIBUTE, "action": "delay", "once": False},
     "redis_error": {},   # no number: "ping" with no line end is a command not read whole (held)
     "http_response": {"status": 599},   # "ping" with no line end: a request line not read whole
+    "redis_delay": {"delay": MAX_ATTRIBUTE},   # held as redis_error holds it
+    "http_delay": {"delay": MAX_ATTRIBUTE},    # held as http_response holds it
 }
 PASSES = {"bandwidth", "slicer", "limit_data", "slow_close", "trigger"}  # the others hold the chunk (for ever)
 
