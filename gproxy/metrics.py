@@ -83,7 +83,8 @@ _HEADERS = {
     "check_duration": ("gproxy_target_check_duration_seconds", "gauge",
                        "How long the target's last active health check took."),
     "target_limit": ("gproxy_target_max_connections", "gauge",
-                     "The most connections the target may have open at once (0: no limit)."),
+                     "The most connections the target may have open at once (a target with no "
+                     "limit has no sample)."),
     "queue": ("gproxy_queue_length", "gauge",
               "Clients waiting now for a target with room (every target they may use is at its "
               "max_connections)."),
@@ -279,7 +280,9 @@ def _render(sources: Iterable, encode: bool, process: bool = True) -> Generator[
             out.append(f'gproxy_connection_duration_seconds_bucket{{{rule},le="{le}"}} {total}')
         out.append(f"gproxy_connection_duration_seconds_sum{{{rule}}} {_number(counters.duration_sum)}")
         out.append(f"gproxy_connection_duration_seconds_count{{{rule}}} {total}")
-        made += len(_OUTCOME_LABELS) + 22 * len(views) + len(_LE_LABELS) + 5
+        # (a rule's open connections count too, their bytes having been summed: at about a
+        # tenth of a line each, a rule with 10,000 of them ends its slice)
+        made += len(_OUTCOME_LABELS) + 22 * len(views) + len(_LE_LABELS) + 5 + counters.active // 10
         if made >= SLICE:
             made = 0
             end_slice()
