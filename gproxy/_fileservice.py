@@ -83,20 +83,22 @@ class FileService:
             assert self._done is not None  # made on the hub before start returned
             self._done.wait()
 
-    def reload(self) -> bool:
+    def reload(self, config: Optional[ConfigFile] = None) -> bool:
         """Read the file again and apply it (``Service.reload``): True if it was applied. A file
         that does not load, or an address that cannot be bound, is logged as an ERROR and
-        changes nothing: the configuration in force stays."""
+        changes nothing: the configuration in force stays. ``config``: the file as another
+        process read and validated it (a ``--workers`` parent), applied instead of reading."""
         if self._stopped():
             log.error("reload of %s refused: the service is stopped", self.path,
                       extra=self._fields("reload_failed", error="the service is stopped"))
             return False
-        try:
-            config = load(self.path)
-        except ConfigError as exc:
-            log.error("reload failed, the running configuration stays: %s", exc,
-                      extra=self._fields("reload_failed", error=str(exc)))
-            return False
+        if config is None:
+            try:
+                config = load(self.path)
+            except ConfigError as exc:
+                log.error("reload failed, the running configuration stays: %s", exc,
+                          extra=self._fields("reload_failed", error=str(exc)))
+                return False
         try:
             changes = self._call(self._reload_here, config)
         except HubEnded:

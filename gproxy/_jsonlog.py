@@ -29,16 +29,23 @@ __all__ = ["JsonFormatter"]
 class JsonFormatter(logging.Formatter):
     """``time`` (UTC, ISO 8601, milliseconds), ``level``, ``logger``, ``message``, then the
     record's ``connection`` or ``fields`` mapping if it has one, and ``traceback`` when there
-    is one."""
+    is one. ``pid``: each line says the process's pid too (a ``--workers`` worker's lines do:
+    they all go to one stream, and a connection is named by its worker's pid and its id)."""
+
+    def __init__(self, *, pid: bool = False):
+        super().__init__()
+        self.pid = pid
 
     def format(self, record: logging.LogRecord) -> str:
         seconds = int(record.created)
-        line = {
+        line: dict = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.pid:
+            line["pid"] = record.process
         for name in ("connection", "fields"):
             fields = getattr(record, name, None)
             if isinstance(fields, Mapping):

@@ -1,28 +1,45 @@
 """Every core: a parent that runs N gproxy worker processes on one port and supervises them.
 
-Typical use (the CLI does this for ``gproxy --workers 4 LISTEN TARGET``)::
+Typical use (the CLI does this for ``gproxy --workers 4 LISTEN TARGET`` or ``-c FILE``)::
 
     port = reserve(rule)                        # binds LISTEN (port 0: picks one), never listens
-    code = Supervisor(worker_command, 4).run()  # returns the exit status
+    code = Supervisor(worker_command, 4, single=rule_on_that_port).run()   # the exit status
 
-Each worker is ``python -m gproxy`` with the same options, the real port, and
-``SO_REUSEPORT`` on its own listening socket, so each has its own hub and accept
-queue and the kernel spreads new clients over them (Linux). The parent never
-accepts: it keeps a bound, non-listening socket on the port so the port stays
-reserved while a worker restarts (the kernel gives connections only to
-listening sockets). Workers inherit stderr: one log stream.
+Each worker is ``python -m gproxy`` with the same options and its own hub. The parent
+makes, per worker and rule, a listening socket with ``SO_REUSEPORT`` (the kernel spreads
+new clients over them, Linux) and passes it to the worker over its link
+(:mod:`gproxy._workerlink`), keeping a copy: when a worker dies and is started again at
+once, the clients queued in its socket wait for its successor instead of being reset. The
+parent never accepts; it also keeps a bound, non-listening socket per port, so that the
+port stays reserved whatever the workers do (the kernel gives connections only to listening
+sockets). With ``-c`` the parent reads and validates the file, holds each rule's port, and
+sends the text to each worker: a worker started again runs the configuration in force, never
+a file changed or broken since. Workers inherit stderr: one log stream.
 
-The parent waits on signals and child exits only (a self-pipe, no polling):
+The parent waits on signals and child exits only (a self-pipe, no polling); its links hub
+(a thread of its own) talks to the workers:
 
-- SIGTERM or SIGINT: sent on to every worker, which drains as one gproxy does;
-  the parent exits 0 once all have exited 0 (1 otherwise). A second signal is
-  sent on too: the workers then abort what is left.
+- A worker says when it accepts; once every one does, the parent logs ``listening on ...
+  with N workers`` and sends systemd READY=1. Workers get no ``NOTIFY_SOCKET``: systemd
+  hears READY, RELOADING and STOPPING from the main pid only.
+- SIGTERM or SIGINT: STOPPING=1, the parent closes its copies of the listening sockets and
+  sends SIGTERM to every worker, which drains as one gproxy does; the parent exits 0 once
+  all have exited 0 (1 otherwise). A worker drains once however many stop signals it gets
+  (systemd's KillMode=control-group and a terminal's ^C signal the whole group, so each
+  gets the group's and its parent's): a second signal to the *parent* makes it tell the
+  workers to abort what is left.
+- SIGHUP with ``-c``: the parent validates the file once (a bad one: one ERROR line, nothing
+  changes anywhere), binds what it adds, then every worker applies it (RELOADING=1, then
+  READY=1 once all have). Without ``-c`` it is logged.
+- ``--metrics``: the parent serves the one page, the sum of every worker's snapshot
+  (:mod:`gproxy._workerlink` says how a late or dead worker is counted).
 - A worker that dies otherwise is logged and started again; one that dies
   within a second of starting is restarted after a delay that doubles up to
-  30 s. If a worker exits with gproxy's own failure status (1 or 2) within a
+  30 s (its listening sockets are closed meanwhile, so its share of new clients goes to the
+  others). If a worker exits with gproxy's own failure status (1 or 2) within a
   second of its first start (the address taken by another program, for one),
   everything stops with exit status 1.
-- SIGHUP and SIGUSR1 are passed to the workers (each logs its own statistics).
+- SIGUSR1 is passed to the workers (each logs its own statistics).
 
 Workers die with their supervisor. Each holds the read end of a pipe (the lifeline) whose
 only write end the parent holds, however it ends (``kill -9`` included): when the parent is
@@ -46,7 +63,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from gproxy import _sockets
 from gproxy.config import Address, Rule
@@ -91,24 +108,95 @@ def reserve(rule: Rule) -> socket.socket:
 
 
 class Supervisor:
-    """Runs ``command(index, lifeline)`` as N worker processes until a signal stops them all;
-    ``lifeline`` is the fd each worker watches for its supervisor's death (``watch_lifeline``)."""
+    """Runs ``command(index, lifeline, channel)`` as N worker processes until a signal stops them
+    all; ``lifeline`` is the fd each worker watches for its supervisor's death
+    (``watch_lifeline``), ``channel`` its end of the link to the parent (:mod:`gproxy._workerlink`).
 
-    def __init__(self, command: Callable[[int, int], List[str]], count: int):
+    ``config``: the ``-c`` file, validated and its ports bound here, sent to every worker and
+    reloaded on SIGHUP; ``metrics``: the address of the one ``/metrics`` page, served here with
+    the sum over workers; ``announce()`` logs what listens, once every worker accepts."""
+
+    def __init__(self, command: Callable[[int, int, int], List[str]], count: int, *,
+                 config: Optional[str] = None, metrics: Optional[str] = None, single: Any = None,
+                 announce: Callable[[dict, Dict[str, int]], None] = lambda rules, ports: None):
         self.command = command
         self.count = count
+        self.config = config
+        self.metrics = metrics
+        self.single = single
+        self.announce = announce
         self.procs: Dict[int, subprocess.Popen] = {}
         self.started: Dict[int, float] = {}
         self.delay: Dict[int, float] = {}
         self.due: Dict[int, float] = {}      # index -> when a dead worker starts again
         self.stopping = 0                    # signals received
         self.failed = False
+        self.announced = False               # every worker accepted once: said, and READY=1 sent
         self.lifeline: Optional[int] = None  # the read end each worker inherits
+        self.host: Any = None                # the links hub (gproxy._hubthread.HubHost)
+        self.links: Any = None               # gproxy._workerlink.Links, on that hub
+        self._metrics_server: Any = None
+        self._wake_w: Optional[int] = None
+        # systemd hears from this process only: a worker's message would be ignored
+        # (NotifyAccess=main) and would say READY for one worker only
+        self.env = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
+
+    def start_links(self) -> None:
+        """Start the links hub: load and bind ``config``, serve ``metrics``. ConfigError (exit
+        2) or OSError (exit 1) if that fails; nothing is left running then."""
+        from gproxy._hubthread import HubHost
+        from gproxy._workerlink import Links
+
+        def start() -> None:
+            self.links = Links(self._wake, self.config, self.single)
+            try:
+                if self.config is not None:
+                    self.links.load()
+                if self.metrics is not None:
+                    from gproxy import metrics
+                    self._metrics_server = metrics.serve(self.metrics, self.links.collect)
+                    log.info("metrics, summed over the workers, on http://%s/metrics",
+                             _sockets.describe_address(self._metrics_server.address))
+            except BaseException:
+                self.links.close()
+                raise
+
+        self.host = HubHost()
+        self.host.start_in_thread(start, name=lambda: "gproxy workers' links",
+                                  at_exit=lambda: self._stop_links())
+
+    def _stop_links(self) -> None:
+        if self.host is None:
+            return
+        host, self.host = self.host, None
+
+        def stop() -> None:
+            if self._metrics_server is not None:
+                self._metrics_server.stop(timeout=1)
+            self.links.close()
+            host.end()
+
+        from gproxy._hubthread import HubEnded
+        try:
+            host.stop(stop)
+        except HubEnded:
+            pass
+
+    def _wake(self) -> None:
+        """From the links hub: have the supervisor's loop look again (a worker is ready)."""
+        if self._wake_w is not None:
+            try:
+                os.write(self._wake_w, b"w")
+            except OSError:
+                pass  # full: it will look anyway
 
     def run(self) -> int:
+        if self.host is None:
+            self.start_links()
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
+        self._wake_w = wake_w
         received: List[int] = []
 
         def on_signal(signum, _frame):
@@ -125,8 +213,6 @@ class Supervisor:
         try:
             for index in range(self.count):
                 self._start(index)
-            log.info("%d workers started, pids %s", self.count,
-                     " ".join(str(p.pid) for p in self.procs.values()))
             while self.procs or (self.due and not self.stopping):
                 timeout = None
                 if self.due and not self.stopping:
@@ -144,10 +230,13 @@ class Supervisor:
                     self._on_signal(received.pop(0))
                 self._reap()
                 self._restart_due()
+                self._announce_once_ready()
         finally:
             signal.set_wakeup_fd(old_fd)
             for s, handler in old.items():
                 signal.signal(s, handler)
+            self._wake_w = None
+            self._stop_links()
             os.close(wake_r)
             os.close(wake_w)
             os.close(self.lifeline)
@@ -157,20 +246,60 @@ class Supervisor:
     def _start(self, index: int) -> None:
         lifeline = self.lifeline
         assert lifeline is not None  # run() made it before starting any worker
-        proc = subprocess.Popen(self.command(index, lifeline), stdin=subprocess.DEVNULL, pass_fds=(lifeline,))
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            proc = subprocess.Popen(self.command(index, lifeline, theirs.fileno()), stdin=subprocess.DEVNULL,
+                                    pass_fds=(lifeline, theirs.fileno()), env=self.env)
         self.procs[index] = proc
         self.started[index] = time.monotonic()
+        self.host.call(self.links.attach, index, mine, proc.pid)
+
+    def _announce_once_ready(self) -> None:
+        """The first time every worker accepts: the lines that say so, and READY=1. Never
+        before: a client that connects on reading them must find every worker listening."""
+        if self.announced or self.stopping or len(self.procs) < self.count:
+            return
+        if not self.host.call(self.links.all_ready, list(self.procs)):
+            return
+        self.announced = True
+        from gproxy import _systemd
+        log.info("%d workers started, pids %s", self.count, " ".join(str(p.pid) for p in self.procs.values()))
+        self.announce(*self.host.call(lambda: (dict(self.links.rules), self.links.ports())))
+        _systemd.notify("READY=1")
 
     def _on_signal(self, signum: int) -> None:
+        from gproxy import _systemd
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopping += 1
-            if self.stopping == 1:
-                log.info("stopping %d worker(s)", len(self.procs))
             self.due.clear()
-            self._send(signal.SIGTERM)
-        elif signum in (getattr(signal, "SIGHUP", None), getattr(signal, "SIGUSR1", None)):
+            if self.stopping == 1:
+                _systemd.notify("STOPPING=1")
+                log.info("stopping %d worker(s)", len(self.procs))
+                # the port closes as the workers close theirs: one gproxy's stop refuses newcomers too
+                self.host.call(self.links.release)
+                # A worker takes this as the start of its drain, and any SIGTERM after it as
+                # nothing: systemd (KillMode=control-group) and a terminal's ^C signal the whole
+                # group, so each worker may get the signal from there too.
+                self._send(signal.SIGTERM)
+            elif self.stopping == 2:
+                log.warning("second signal: the workers stop now")
+                self.host.call(self.links.tell_all, {"op": "abort"})
+        elif signum == getattr(signal, "SIGHUP", None):
+            if self.config is None:
+                log.info("SIGHUP: nothing to reload (gproxy takes its rule from the command line)")
+            elif not self.stopping:
+                log.info("SIGHUP: reading %s again", self.config)
+                self.host.submit(self._reload)
+        elif signum == getattr(signal, "SIGUSR1", None):
             self._send(signum)
         # SIGCHLD only wakes the loop; SIGUSR2 and SIGALRM are ignored, as in one gproxy
+
+    def _reload(self) -> None:
+        """On the links hub."""
+        try:
+            self.links.reload()
+        except Exception:  # a bug: said once, with its traceback; what is in force stays
+            log.exception("reload of %s failed", self.config)
 
     def _send(self, signum: int) -> None:
         for proc in self.procs.values():
@@ -185,19 +314,23 @@ class Supervisor:
             if code is None:
                 continue
             del self.procs[index]
+            lived = time.monotonic() - self.started[index]
+            # one started again at once takes its listening sockets over, and the clients queued
+            # in them; one that keeps dying does not keep its share of newcomers waiting
+            self.host.call(self.links.detach, index, not self.stopping and lived >= _QUICK_DEATH)
             if self.stopping:
                 # killed by the signal before it could install its handler: it held nothing
                 if code not in (0, -signal.SIGTERM, -signal.SIGINT):
                     self.failed = True
                     log.warning("worker %d (pid %d) exited with status %s", index, proc.pid, code)
                 continue
-            lived = time.monotonic() - self.started[index]
             if index not in self.delay and lived < _QUICK_DEATH and code in (1, 2):
                 # it failed at its first start by itself (gproxy's exit statuses: the port is
                 # taken, say): do not loop on it. One killed by a signal is started again.
                 log.error("worker %d (pid %d) failed at start with status %s; stopping", index, proc.pid, code)
                 self.failed = True
                 self.stopping = 1
+                self.host.call(self.links.release)
                 self.due.clear()
                 self._send(signal.SIGTERM)
                 continue
@@ -242,16 +375,19 @@ def watch_lifeline(fd: int, on_gone: Callable[[], None]):
     return watcher
 
 
-def worker_argv(argv: List[str], port: int, lifeline: int) -> List[str]:
-    """A worker's command line: the parent's arguments without ``--workers``, plus the port
-    the parent reserved and the lifeline's fd (hidden options of the command line)."""
+def worker_argv(argv: List[str], port: Optional[int], lifeline: int, channel: int) -> List[str]:
+    """A worker's command line: the parent's arguments without ``--workers`` and ``--metrics``
+    (the parent serves the page), plus the port the parent reserved (LISTEN TARGET; with ``-c``
+    the ports come over the link), the lifeline's fd and its link's (hidden options)."""
     out: List[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--workers":
+        elif arg in ("--workers", "--metrics"):
             skip = True
-        elif not arg.startswith("--workers="):
+        elif not arg.startswith(("--workers=", "--metrics=")):
             out.append(arg)
-    return [sys.executable, "-m", "gproxy", "--worker-port", str(port), "--worker-lifeline", str(lifeline), *out]
+    port_args = ["--worker-port", str(port)] if port is not None else []
+    return [sys.executable, "-m", "gproxy", *port_args, "--worker-lifeline", str(lifeline),
+            "--worker-channel", str(channel), *out]

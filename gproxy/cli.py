@@ -35,7 +35,7 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union, cast
 
 import gevent
 
@@ -299,6 +299,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="run N worker processes on the port (SO_REUSEPORT, Linux); auto: one per CPU")
     parser.add_argument("--worker-port", type=int, default=None, help=argparse.SUPPRESS)  # set for workers
     parser.add_argument("--worker-lifeline", type=int, default=None, help=argparse.SUPPRESS)  # ditto
+    parser.add_argument("--worker-channel", type=int, default=None, help=argparse.SUPPRESS)  # ditto
     parser.add_argument("--version", action="version", version=f"gproxy {__version__}")
     return parser
 
@@ -348,7 +349,10 @@ def _describe_target(target) -> str:
 def _load_config(args: argparse.Namespace):
     """``-c FILE``: the validated file (ConfigError naming file, rule and key)."""
     from gproxy._configfile import RELOADED_SETTINGS, load
-    config = load(args.config)
+    if args.worker_channel is not None:  # a worker: the file as its parent read it, and its ports
+        config = _worker_config(args)
+    else:
+        config = load(args.config)
     for key, value in config.settings.items():
         if key in RELOADED_SETTINGS:
             continue  # the FileService's own
@@ -356,6 +360,28 @@ def _load_config(args: argparse.Namespace):
             # a key the file format knows and this command does not (yet)
             raise ConfigError(f"{args.config}: {key}", "not supported by this gproxy")
         setattr(args, key, value)  # the file's process-wide settings, for whoever reads args
+    return config
+
+
+def _worker_config(args: argparse.Namespace, message: Optional[dict] = None):
+    """A worker's rules: the config text its parent validated (never the file as it is on disk
+    now, which may have changed or broken since), each rule on the port the parent holds
+    for it, with SO_REUSEPORT. ``message``: a reload's; default, the first one on the link."""
+    import dataclasses as dc
+
+    from gproxy._configfile import parse
+    from gproxy.config import Address
+    if message is None:
+        message = args.worker_start[0]
+    text, ports = message["text"], {name: int(port) for name, port in message["ports"].items()}
+    config = parse(text, args.config)
+    for name, port in ports.items():
+        rule = config.rules[name]
+        assert isinstance(rule.listen, Address)  # the parent refuses Unix sockets
+        listen = Address(rule.listen.host, port)
+        config.options[name]["listen"] = str(listen)
+        config.options[name]["reuse_port"] = True
+        config.rules[name] = dc.replace(rule, listen=listen, reuse_port=True)
     return config
 
 
@@ -424,6 +450,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     config = None
+    if args.worker_channel is not None:  # a worker: its listening sockets, and -c's text, first
+        from gproxy._workerlink import read_start
+        try:
+            args.worker_start = read_start(args.worker_channel)
+        except (OSError, ValueError) as exc:
+            return _fail(1, f"worker: {exc}")
     if args.config is not None or args.check:
         if args.config is None:
             parser.error("--check validates a config file: give -c FILE")
@@ -456,14 +488,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     workers = _workers_count(args)
     if isinstance(workers, str):
         return _fail(2, workers)
-    if args.worker_port is not None:
+    worker = args.worker_channel is not None
+    if worker:
         options["reuse_port"] = True
+        args.metrics = None  # the parent serves the one page, summed over the workers
 
     # Before the Forwarder: building it may warn (a low fd limit, for one).
     handler = _StderrLog()
     # a worker's lines say whose they are: all workers write to the one stderr
-    handler.setFormatter(JsonFormatter() if args.log_format == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s " + ("[%(process)d] " if args.worker_port is not None else "") + "%(message)s"))
+    handler.setFormatter(JsonFormatter(pid=worker) if args.log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s " + ("[%(process)d] " if worker else "") + "%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.quiet:  # no line per connection; the listening and stopping lines stay
@@ -500,13 +534,14 @@ def _workers_count(args: argparse.Namespace):
     if count > 1:
         if not sys.platform.startswith("linux"):
             return "--workers: several workers need Linux's SO_REUSEPORT; run one gproxy per port elsewhere"
-        # Each worker would serve its own API or metrics port, knowing only its own connections,
-        # and a reload would have to reach every worker at once: refused rather than half working.
-        for given, why in ((args.api, "--api (each worker would serve its own API)"),
-                           (args.metrics, "--metrics (each worker would count only its own connections)"),
-                           (args.config, "-c (a reload would have to reach every worker)"),
-                           (args.control_socket, "--control-socket (a worker's sockets are its own)"),
-                           (args.takeover, "--takeover (a worker's sockets are its own)")):
+        # The API changes one process's proxies at run time; each worker would serve its own
+        # (a toxic would reach the clients of one worker in N): refused rather than half working.
+        # A takeover and a control socket hand one process's sockets over.
+        for given, why in ((args.api, "--api (the API changes one process's proxies: run one process "
+                                      "for toxics and run-time changes)"),
+                           (args.control_socket, "--control-socket (a takeover hands one process's sockets "
+                                                 "over)"),
+                           (args.takeover, "--takeover (a takeover hands one process's sockets over)")):
             if given is not None:
                 return f"--workers: not with {why}; use one process"
         if args.listen is not None and args.listen.strip().startswith("unix:"):
@@ -515,25 +550,61 @@ def _workers_count(args: argparse.Namespace):
 
 
 def _supervise(args: argparse.Namespace, options: dict, count: int, argv: List[str]) -> int:
-    """``--workers N``: validate here, reserve the port, run and supervise N workers."""
+    """``--workers N``: validate here, reserve the ports, run and supervise N workers."""
     from gproxy import _supervisor
     if os.environ.get("LISTEN_PID") == str(os.getpid()):
         return _fail(2, "--workers: not with sockets systemd passed (LISTEN_FDS): each worker binds its own")
-    target = args.target[0] if len(args.target) == 1 else args.target
+    reserved = None
+    if args.config is None:
+        target = args.target[0] if len(args.target) == 1 else args.target
+        try:
+            rule = Forwarder(args.listen, target, **options).rule
+        except ConfigError as exc:
+            return _bad_option(exc)
+        try:
+            reserved = _supervisor.reserve(rule)
+        except OSError as exc:
+            return _fail(1, exc.strerror or str(exc))
+        if args.metrics is not None:
+            try:
+                parse_tcp_address(args.metrics, "metrics")
+            except ConfigError as exc:
+                reserved.close()
+                return _bad_option(exc)
+    port = single = None
+    if reserved is not None:
+        from gproxy.config import Address
+        port = reserved.getsockname()[1]
+        assert isinstance(rule.listen, Address)  # a Unix socket is refused with --workers
+        single = dataclasses.replace(rule, listen=Address(rule.listen.host, port), reuse_port=True)
+
+    def announce(rules: dict, ports: dict) -> None:
+        if reserved is not None:
+            log.info("listening on %s -> %s with %d workers", _sockets.describe_address(reserved.getsockname()),
+                     ",".join(args.target), count)
+        for name, rule in rules.items():
+            listen = _sockets.describe_address((rule.listen.host, ports[name]))
+            targets = ",".join(str(t) for t in rule.target_list) or "a function"
+            log.info("listening on %s -> %s (rule %s) with %d workers", listen, targets, name, count)
+
+    supervisor = _supervisor.Supervisor(
+        lambda _index, lifeline, channel: _supervisor.worker_argv(argv, port, lifeline, channel), count,
+        config=args.config, metrics=args.metrics, single=single, announce=announce)
     try:
-        rule = Forwarder(args.listen, target, **options).rule
+        supervisor.start_links()
     except ConfigError as exc:
-        return _bad_option(exc)
-    try:
-        reserved = _supervisor.reserve(rule)
+        if reserved is not None:
+            reserved.close()
+        return _fail(2, str(exc))
     except OSError as exc:
+        if reserved is not None:
+            reserved.close()
         return _fail(1, exc.strerror or str(exc))
-    with reserved:
-        address = reserved.getsockname()[:2]
-        log.info("listening on %s -> %s with %d workers", _sockets.describe_address(address),
-                 ",".join(args.target), count)
-        return _supervisor.Supervisor(
-            lambda _index, lifeline: _supervisor.worker_argv(argv, address[1], lifeline), count).run()
+    try:
+        return supervisor.run()
+    finally:
+        if reserved is not None:
+            reserved.close()
 
 
 def _run(args: argparse.Namespace, options: dict) -> int:
@@ -578,10 +649,22 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         passed, taken = _activation(args, files, forwarder, taking)
     except ConfigError as exc:  # LISTEN_FDS and friends, or a socket nobody would serve
         return _fail(2, str(exc))
+    if args.worker_channel is not None:
+        _take_parents_sockets(args, forwarder, files)
     handed = False  # this process handed its sockets over: it only drains now
     control: Any = None  # the control socket's server (control_socket), once listening
 
     signals = 0
+
+    worker = args.worker_channel is not None
+
+    def on_signal_to_stop() -> None:
+        if worker and signals:
+            # the parent forwards a stop, and systemd or a terminal may signal the whole group
+            # as well: a worker drains once, and only its parent (a second signal to it) aborts
+            log.debug("already stopping: a worker aborts only when its --workers parent says so")
+            return
+        on_stop()
 
     def on_stop() -> None:
         nonlocal signals
@@ -612,7 +695,9 @@ def _run(args: argparse.Namespace, options: dict) -> int:
             _systemd.notify("READY=1")
 
     def on_reload() -> None:
-        if files is None:
+        if worker:
+            log.info("SIGHUP ignored: a worker reloads when its --workers parent does (send SIGHUP to it)")
+        elif files is None:
             log.info("SIGHUP: nothing to reload (gproxy takes its rule from the command line)")
         elif not signals:  # stopping: too late to reload
             log.info("SIGHUP: reading %s again", args.config)
@@ -622,8 +707,8 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         return lambda: log.info("%s ignored (SIGTERM or SIGINT stops gproxy)", name)
 
     # Kept until the process exits: a late SIGTERM while we wind down must not kill us.
-    handlers = {"SIGTERM": on_stop, "SIGINT": on_stop, "SIGUSR1": on_statistics, "SIGHUP": on_reload,
-                "SIGUSR2": ignored("SIGUSR2"), "SIGALRM": ignored("SIGALRM")}
+    handlers = {"SIGTERM": on_signal_to_stop, "SIGINT": on_signal_to_stop, "SIGUSR1": on_statistics,
+                "SIGHUP": on_reload, "SIGUSR2": ignored("SIGUSR2"), "SIGALRM": ignored("SIGALRM")}
     for name, handle in handlers.items():
         signum = getattr(signal, name, None)  # Windows has only some of them
         if signum is not None:
@@ -699,15 +784,106 @@ def _run(args: argparse.Namespace, options: dict) -> int:
                 on_stop()
 
         watch_lifeline(args.worker_lifeline, on_supervisor_gone)
+    link = None
+    if worker:
+        def abort_now() -> None:  # the parent got a second signal
+            while signals < 2:
+                on_stop()
+
+        link = _serve_link(args, forwarder, files, abort_now)
     try:
         # every listener is bound; after a takeover this process is the service's main one
-        # (systemd needs NotifyAccess=all to take that from a process it did not start)
+        # (systemd needs NotifyAccess=all to take that from a process it did not start).
+        # A worker has no NOTIFY_SOCKET: its parent speaks for all of them.
         _systemd.notify(f"MAINPID={os.getpid()}\nREADY=1" if taking is not None else "READY=1")
         forwarder.serve_forever()
     finally:
         if metrics_server is not None:
             metrics_server.stop(timeout=1)
+        if link is not None:
+            link.last_words()
     return 0
+
+
+def _take_parents_sockets(args: argparse.Namespace, forwarder: Any, files: Any) -> None:
+    """A worker serves on the listening sockets its parent made for it (and keeps a copy of,
+    so that its queue outlives it); a rule it was given none for binds its own."""
+    from gproxy.listeners import Passed
+    entries = args.worker_start[1]
+    if isinstance(forwarder, _Single):
+        for fd, _name, _spec in entries[1:]:
+            os.close(fd)
+        if entries:
+            forwarder.forwarder.inherit_socket(entries[0][0], "parent")
+    elif files is not None:
+        passed = files.service.passed = Passed()
+        passed.add_handed_over(entries, origin="parent")
+
+
+class _Link:
+    """A worker's end of the link to its ``--workers`` parent (:mod:`gproxy._workerlink`)."""
+
+    def __init__(self, sock, sources):
+        from gevent.lock import Semaphore
+        self.sock = sock
+        self.sources = sources
+        self.writing = Semaphore()
+
+    def tell(self, message: dict) -> None:
+        from gproxy._workerlink import send
+        try:
+            with self.writing:
+                send(self.sock, message)
+        except OSError:
+            pass  # the parent is gone: the lifeline stops this worker
+
+    def last_words(self) -> None:
+        """Stopped: the counters as they end, so that the parent's sums lose nothing of them."""
+        from gproxy._workerlink import snapshot
+        self.tell({"op": "final", "metrics": snapshot(self.sources())})
+
+
+def _serve_link(args: argparse.Namespace, forwarder: Any, files: Any, abort_now: Callable[[], None]) -> _Link:
+    """In a worker, once it accepts: say so to the parent, then answer it (metrics snapshots,
+    reloads, an abort) from a greenlet of its own, off the forwarding path."""
+    from gproxy import _workerlink
+    if isinstance(forwarder, _Single):
+        def sources() -> list:
+            return [forwarder.forwarder]
+    else:
+        sources = forwarder.service.items
+    link = _Link(_workerlink.open_link(args.worker_channel), sources)
+
+    def metrics_snapshot(_message: dict) -> dict:
+        return {"metrics": _workerlink.snapshot(sources())}
+
+    def reload(message: dict) -> dict:
+        if files is None:
+            return {"reloaded": False}
+        try:
+            config = _worker_config(args, message)
+        except ConfigError as exc:  # the parent validated the very same text: not expected
+            log.error("reload failed, the running configuration stays: %s", exc)
+            return {"reloaded": False}
+        return {"reloaded": files.reload(config)}
+
+    def abort(_message: dict) -> None:
+        abort_now()
+
+    def listeners(message: dict) -> None:
+        """A reload's new listening sockets, ahead of it."""
+        entries = _workerlink.listeners_of(message)
+        passed = files.service.passed if files is not None else None
+        if passed is None:
+            for fd, _name, _spec in entries:
+                os.close(fd)
+        else:
+            passed.add_handed_over(entries, origin="parent")
+
+    link.tell({"op": "ready"})
+    gevent.spawn(_workerlink.serve, link.sock, {"metrics": metrics_snapshot, "reload": reload, "abort": abort,
+                                                "listeners": listeners}, link.writing)
+    return link
 
 
 def _activation(args: argparse.Namespace, files: Any, forwarder: Any, taking: Any = None):

@@ -247,12 +247,13 @@ class Passed:
         for fd, name in fds:
             self.sockets.append(PassedSocket(fd, name, _passed_address(fd, name)))
 
-    def add_handed_over(self, entries: Sequence[Tuple[int, str, str]]) -> None:
-        """Sockets a running gproxy handed over (:mod:`gproxy._handover`): ``(fd, name, listen
-        as its rule wrote it)``. One matches a rule of the same name that asks for the same
-        listen address, or any rule bound to its address."""
+    def add_handed_over(self, entries: Sequence[Tuple[int, str, str]], origin: str = "handover") -> None:
+        """Sockets a running gproxy handed over (:mod:`gproxy._handover`), or a ``--workers``
+        parent made for this worker (``origin`` ``"parent"``): ``(fd, name, listen as its rule
+        wrote it)``. One matches a rule of the same name that asks for the same listen address,
+        or any rule bound to its address. Unlike systemd's, one no rule takes is closed."""
         for fd, name, spec in entries:
-            self.sockets.append(PassedSocket(fd, name, _passed_address(fd, name), "handover", spec))
+            self.sockets.append(PassedSocket(fd, name, _passed_address(fd, name), origin, spec))
 
     def discard(self, passed: PassedSocket) -> None:
         """Close a socket nobody takes (one handed over whose rule is gone): its port closes

@@ -366,7 +366,7 @@ class Service:
                 self._retired.append((fw, gevent.spawn(fw.retire, timeout)))
             if self.passed is not None:
                 for passed in self.passed.unused(taken):
-                    if passed.origin == "handover":  # ours alone: its port closes with it
+                    if passed.origin != "systemd":  # ours alone: its port closes with it
                         self.passed.discard(passed)
                         continue
                     log.warning("systemd passed %s, which no rule listens on now: its clients wait in its "

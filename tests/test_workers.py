@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
+import struct
 import sys
 import time
 
 import pytest
 
 from gproxy import _supervisor
-from peers import TIMEOUT, Gate, Proxy, Server, connect, echo, recv_exactly
+from peers import TIMEOUT, Gate, Proxy, Server, connect, echo, free_port, payload, read_until_closed, recv_exactly
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT workers: Linux")
 
@@ -25,16 +28,26 @@ def round_trip(address, message: bytes = b"ping") -> None:
         assert recv_exactly(client, len(message)) == message
 
 
+def seen_or_wait(proxy: Proxy, text: str) -> str:
+    """The line with ``text``, among those read already or the next ones."""
+    return next((line for line in proxy.seen if text in line), None) or proxy.wait_for(text)
+
+
 def worker_pids(proxy: Proxy):
-    match = STARTED.search(proxy.wait_for("workers started"))
+    match = STARTED.search(seen_or_wait(proxy, "workers started"))
     return [int(p) for p in match.group(2).split()]
+
+
+def accepting(proxy: Proxy, count: int) -> None:
+    """Every worker accepts: the parent says so only then."""
+    seen_or_wait(proxy, f" with {count} workers")
 
 
 def test_several_workers_serve_and_sigterm_exits_0():
     with Server(echo) as upstream, Proxy("--workers", "3", f"127.0.0.1:{upstream.address[1]}") as proxy:
         pids = worker_pids(proxy)
         assert len(set(pids)) == 3 and proxy.process.pid not in pids
-        proxy.count_lines("listening on", 3)  # every worker is accepting
+        accepting(proxy, 3)  # every worker is accepting
         served = set()
         for _ in range(200):  # new source ports: the kernel spreads them over the workers
             round_trip(proxy.address)
@@ -52,7 +65,7 @@ def test_a_killed_worker_is_started_again():
     with Server(echo) as upstream, Proxy("--workers", "2", f"127.0.0.1:{upstream.address[1]}") as proxy:
         pids = worker_pids(proxy)
         started = time.monotonic()
-        proxy.count_lines("listening on", 2)
+        accepting(proxy, 2)
         # The supervisor takes a death within _QUICK_DEATH of the start for a failed start (and
         # stops everything): on a loaded machine the workers can be up sooner than that. Kill
         # one that has lived longer, as the test means to.
@@ -73,7 +86,9 @@ def test_a_killed_worker_is_started_again():
     (["--workers", "0"], "--workers"),
     (["--workers", "many"], "--workers"),
     (["--workers", "2", "--api", "127.0.0.1:0"], "--api"),
-    (["--workers", "2", "--metrics", "127.0.0.1:0"], "--metrics"),
+    (["--workers", "2", "--takeover", "/nonexistent/gproxy.sock"], "--takeover"),
+    (["--workers", "2", "--control-socket", "/nonexistent/gproxy.sock"], "--control-socket"),
+    (["--workers", "2", "--metrics", "127.0.0.1:x"], "--metrics"),
 ])
 def test_workers_refuse_bad_counts_and_combinations(args, culprit):
     import subprocess
@@ -156,7 +171,7 @@ def test_workers_stop_when_their_supervisor_is_killed():
     with Server(gate) as upstream, Proxy("--workers", "2", f"127.0.0.1:{upstream.address[1]}") as proxy:
         pids = worker_pids(proxy)
         try:
-            proxy.count_lines("listening on", 2)
+            accepting(proxy, 2)
             held = connect(proxy.address)
             held.sendall(b"request")       # the client spoke last: a drain waits for its answer
             server = gate.get()
@@ -217,3 +232,431 @@ def test_workers_whose_supervisor_died_before_they_were_up_stop_too():
             process.kill()
             process.wait(TIMEOUT)
             process.stderr.close()
+
+
+# -- systemd, signals to the whole group, readiness, logs ------------------------------------------
+
+
+class FakeSystemd:
+    """A NOTIFY_SOCKET that knows each datagram's sender, as systemd does (SCM_CREDENTIALS):
+    ``get()`` is ``(pid, message)``."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(path)
+        self.sock.settimeout(TIMEOUT)
+
+    def get(self):
+        data, ancillary, _flags, _address = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        pid = next(struct.unpack("iII", bytes(cdata[:12]))[0] for level, kind, cdata in ancillary
+                   if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS)
+        return pid, data.decode()
+
+    def pending(self):
+        """What else was sent (the senders are gone: nothing more can come)."""
+        self.sock.setblocking(False)
+        try:
+            return [self.sock.recv(4096) for _ in iter(int, 1)]
+        except BlockingIOError:
+            return []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def test_systemd_hears_from_the_parent_only_and_ready_means_every_worker_accepts(tmp_path):
+    """READY=1 and STOPPING=1 come from the main pid (systemd's NotifyAccess=main ignores the
+    rest), once each, and READY=1 only when every worker accepts."""
+    with FakeSystemd(str(tmp_path / "notify")) as manager, Server(echo) as upstream:
+        env = {**os.environ, "NOTIFY_SOCKET": manager.path}
+        with Proxy("--workers", "3", f"127.0.0.1:{upstream.address[1]}", env=env) as proxy:
+            parent = proxy.process.pid
+            assert manager.get() == (parent, "READY=1")
+            for _ in range(30):  # ready: no worker's queue is missing from the port
+                round_trip(proxy.address)
+            code, output = proxy.stop()
+            assert manager.get() == (parent, "STOPPING=1")
+        assert manager.pending() == []
+    assert code == 0, output
+
+
+def test_the_listening_line_comes_once_every_worker_accepts():
+    """A client that connects as soon as the line is out is never refused."""
+    with Server(echo) as upstream:
+        proxy = Proxy("--workers", "3", f"127.0.0.1:{upstream.address[1]}")
+        with proxy:
+            line = seen_or_wait(proxy, " with 3 workers")
+            port = int(re.search(r"listening on 127\.0\.0\.1:(\d+) ", line).group(1))
+            for _ in range(30):  # new source ports: the kernel spreads them over the workers
+                round_trip(("127.0.0.1", port))
+            code, output = proxy.stop()
+    assert code == 0, output
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_signal_to_the_whole_group_drains():
+    """systemd's KillMode=control-group (and ^C in a terminal) signal the parent and every
+    worker: each worker then gets the signal twice, the group's and the one its parent sends
+    on. It drains once, as when only the parent is signalled; an open connection is not cut.
+    (The two signals are sent apart here: at once, the kernel may merge them into one.)"""
+    gate = Gate()
+    with Server(gate) as upstream, Proxy("-v", "--workers", "2", "--drain-timeout", "30",
+                                         f"127.0.0.1:{upstream.address[1]}") as proxy:
+        try:
+            pids = worker_pids(proxy)
+            accepting(proxy, 2)
+            held = connect(proxy.address)
+            held.sendall(b"request")       # the client spoke last: a drain waits for its answer
+            server = gate.get()
+            assert recv_exactly(server, 7) == b"request"
+            for pid in pids:               # the group's signal reaches the workers...
+                os.kill(pid, signal.SIGTERM)
+            while not all(any(f"[{pid}] stopping " in line for line in proxy.seen) for pid in pids):
+                proxy.wait_for("] stopping ")  # (the workers' lines interleave)
+            holder = re.search(r"\[\d+\]", next(line for line in proxy.seen if "draining 1 connection" in line))[0]
+            proxy.signal(signal.SIGTERM)   # ... and the parent's, which it sends on to them
+            while not any(holder in line and ("already stopping" in line or "second signal" in line)
+                          for line in proxy.seen):
+                proxy.wait_for(holder)     # (the other worker may have ended: it had nothing to drain)
+            data = payload(1 << 20, 7)
+            for offset in range(0, len(data), 1 << 16):  # a stream in progress while they drain
+                server.sendall(data[offset:offset + (1 << 16)])
+            assert recv_exactly(held, len(data)) == data
+            server.close()
+            assert read_until_closed(held) == b""
+            held.close()
+            proxy.process.wait(TIMEOUT)    # no other signal: the drain ends by itself
+            code, output = proxy.stop()
+        finally:
+            gate.release()
+    assert code == 0, output
+    assert "second signal" not in output and "reset" not in output, output
+
+
+def test_json_lines_carry_the_workers_pid():
+    with Server(echo) as upstream, Proxy("--workers", "2", "--log-format", "json",
+                                         f"127.0.0.1:{upstream.address[1]}") as proxy:
+        started = json.loads(seen_or_wait(proxy, "workers started"))
+        pids = [int(p) for p in STARTED.search(started["message"]).group(2).split()]
+        assert "pid" not in started  # the parent's own lines: one process, no tag
+        accepting(proxy, 2)
+        ids = set()
+        for _ in range(200):
+            round_trip(proxy.address)
+            line = json.loads(proxy.wait_for('"bytes_upstream"'))
+            assert line["pid"] in pids, line
+            ids.add((line["pid"], line["id"]))
+            if len({pid for pid, _ in ids}) == 2:
+                break
+        assert len({pid for pid, _ in ids}) == 2, ids  # both workers' lines, each with its pid
+        code, output = proxy.stop()
+    assert code == 0, output
+
+
+# -- -c FILE: every worker runs the file's rules; SIGHUP to the parent reloads them all ----------
+
+
+def tagged(tag: bytes):
+    def serve(sock):
+        sock.sendall(tag)
+        echo(sock)
+    return serve
+
+
+def tag_of(address) -> bytes:
+    with connect(address) as client:
+        return recv_exactly(client, 1)
+
+
+def rule_file(path, **targets) -> str:
+    path.write_text("".join(f'[[rule]]\nname = "{name}"\nlisten = "127.0.0.1:0"\ntarget = "127.0.0.1:{port}"\n'
+                            for name, port in targets.items()))
+    return str(path)
+
+
+RULE_LINE = re.compile(r"listening on (\S+):(\d+) -> \S+ \(rule ([^)]+)\) with (\d+) workers")
+
+
+def workers_with_file(path: str, count: int, env=None, *extra: str):
+    """``gproxy --workers COUNT -c PATH``, and each rule's address once every worker accepts."""
+    proxy = Proxy(argv=["--workers", str(count), *extra, "-c", path], env=env)
+    rules = {}
+    try:
+        names = re.findall(r'name = "([^"]+)"', open(path).read())
+        seen_or_wait(proxy, f"with {count} workers")
+        while True:
+            for line in proxy.seen:
+                match = RULE_LINE.search(line)
+                if match:
+                    rules[match.group(3)] = (match.group(1), int(match.group(2)))
+            if len(rules) == len(names):
+                break
+            proxy.wait_for(f"with {count} workers")
+    except BaseException:
+        proxy.kill()
+        raise
+    return proxy, rules
+
+
+PARENT_RELOAD = re.compile(r"^\S+ \S+ (INFO|ERROR) (reloaded .* in \d+ worker|reload failed)")
+
+
+def reloaded(proxy: Proxy) -> str:
+    """SIGHUP to the parent, and its line that says how it went."""
+    proxy.signal(signal.SIGHUP)
+    while True:
+        line = proxy.wait_for("reload")
+        if PARENT_RELOAD.search(line):  # not a worker's line: those start with its [pid]
+            return line
+
+
+@pytest.mark.timeout(60)
+def test_a_config_file_runs_in_every_worker_and_sighup_reloads_them_all(tmp_path):
+    with Server(tagged(b"A")) as a, Server(tagged(b"B")) as b, Server(echo) as other:
+        path = rule_file(tmp_path / "gproxy.toml", web=a.address[1], other=other.address[1])
+        proxy, rules = workers_with_file(path, 2)
+        with proxy:
+            assert set(rules) == {"web", "other"} and rules["web"] != rules["other"]
+            pids = worker_pids(proxy)
+            served = set()
+            for _ in range(200):
+                assert tag_of(rules["web"]) == b"A"
+                served.add(int(re.search(r"\[(\d+)\] .*conn#\d+ ", proxy.wait_for("conn#")).group(1)))
+                if len(served) == 2:
+                    break
+            assert served == set(pids)  # both workers run the file's rules
+            round_trip(rules["other"])
+            held = connect(rules["web"])  # a connection open across the reload
+            assert recv_exactly(held, 1) == b"A"
+            rule_file(tmp_path / "gproxy.toml", web=b.address[1], other=other.address[1])
+            line = reloaded(proxy)
+            assert "reloaded " in line and "in 2 worker(s)" in line, line
+            for _ in range(30):  # whichever worker takes it: the new target
+                assert tag_of(rules["web"]) == b"B"
+            held.sendall(b"still here")  # the reload cut nobody
+            assert recv_exactly(held, 10) == b"still here"
+            held.close()
+            code, output = proxy.stop()
+    assert code == 0, output
+    assert "Traceback" not in output
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_file_changes_nothing_anywhere_and_restarted_workers_run_the_config_in_force(tmp_path):
+    """A bad file is one ERROR line, from the parent; every worker keeps what is in force, and a
+    worker started again after that runs what is in force too, not the broken file."""
+    with Server(tagged(b"A")) as a, Server(tagged(b"B")) as b:
+        path = rule_file(tmp_path / "gproxy.toml", web=a.address[1])
+        proxy, rules = workers_with_file(path, 2)
+        with proxy:
+            pids = worker_pids(proxy)
+            rule_file(tmp_path / "gproxy.toml", web=b.address[1])
+            assert "reloaded " in reloaded(proxy)
+            (tmp_path / "gproxy.toml").write_text("broken = [")
+            line = reloaded(proxy)
+            assert "ERROR reload failed, the running configuration stays: " in line and "gproxy.toml" in line
+            os.kill(pids[0], signal.SIGKILL)
+            new_pid = int(proxy.wait_for("started again").rsplit("pid ", 1)[1])
+            proxy.wait_for(f"[{new_pid}] listening on")
+            for _ in range(30):
+                assert tag_of(rules["web"]) == b"B"
+            code, output = proxy.stop()
+    assert code == 0, output
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "[" not in errors[0].split(" ERROR ")[0], errors  # the parent's only
+
+
+def test_reloads_are_announced_to_systemd_by_the_parent(tmp_path):
+    with FakeSystemd(str(tmp_path / "notify")) as manager, Server(echo) as upstream:
+        path = rule_file(tmp_path / "gproxy.toml", a=upstream.address[1])
+        proxy, rules = workers_with_file(path, 2, {**os.environ, "NOTIFY_SOCKET": manager.path})
+        with proxy:
+            parent = proxy.process.pid
+            assert manager.get() == (parent, "READY=1")
+            assert "reloaded " in reloaded(proxy)
+            pid, message = manager.get()
+            assert pid == parent and message.startswith("RELOADING=1\nMONOTONIC_USEC="), message
+            assert manager.get() == (parent, "READY=1")
+            round_trip(rules["a"])
+            code, output = proxy.stop()
+            assert manager.get() == (parent, "STOPPING=1")
+        assert manager.pending() == []
+    assert code == 0, output
+
+
+def test_a_unix_socket_rule_is_refused_with_workers(tmp_path):
+    import subprocess
+    path = tmp_path / "gproxy.toml"
+    path.write_text(f'[[rule]]\nname = "u"\nlisten = "unix:{tmp_path}/u.sock"\ntarget = "127.0.0.1:9"\n')
+    result = subprocess.run([sys.executable, "-m", "gproxy", "--workers", "2", "-c", str(path)],
+                            capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "rule 'u'" in lines[0] and "Unix socket" in lines[0], result.stderr
+
+
+# -- --metrics: one page, served by the parent, summed over the workers ---------------------------
+
+
+def metrics_url(proxy: Proxy) -> str:
+    return seen_or_wait(proxy, "summed over the workers, on ").split()[-1]
+
+
+def scrape(url: str) -> dict:
+    from test_metrics import get, samples
+    status, _kind, page = get(url)
+    assert status == 200
+    return samples(page)
+
+
+def total(found: dict, name: str, **labels) -> float:
+    """The sum of ``name``'s samples that have ``labels`` (whatever their other labels)."""
+    wanted = set(labels.items())
+    return sum(value for (sample, have), value in found.items() if sample == name and wanted <= have)
+
+
+def served_by_both(proxy: Proxy, address, pids) -> int:
+    """Round trips until both workers have served some; how many there were."""
+    served = set()
+    count = 0
+    while len(served) < 2 and count < 400:
+        round_trip(address)
+        count += 1
+        served.add(int(CLOSED.search(proxy.wait_for("conn#")).group(1)))
+    assert served == set(pids)
+    return count
+
+
+@pytest.mark.timeout(90)
+def test_one_metrics_page_sums_the_workers_and_counters_survive_a_killed_worker():
+    with Server(echo) as upstream, Proxy("--workers", "2", "--metrics", "127.0.0.1:0",
+                                         f"127.0.0.1:{upstream.address[1]}") as proxy:
+        url = metrics_url(proxy)
+        pids = worker_pids(proxy)
+        accepting(proxy, 2)
+        started = time.monotonic()
+        count = served_by_both(proxy, proxy.address, pids)
+        found = scrape(url)
+        assert total(found, "gproxy_connections_total", outcome="eof") == count
+        assert total(found, "gproxy_bytes_total", direction="upstream") == 4 * count
+        assert total(found, "gproxy_connection_duration_seconds_count") == count
+        # a killed worker is folded in with its last snapshot: no counter goes down
+        time.sleep(max(0.0, _supervisor._QUICK_DEATH + 0.2 - (time.monotonic() - started)))  # sleep-ok
+        os.kill(pids[0], signal.SIGKILL)
+        new_pid = int(proxy.wait_for("started again").rsplit("pid ", 1)[1])
+        proxy.wait_for(f"[{new_pid}] listening on")
+        found = scrape(url)
+        assert total(found, "gproxy_connections_total", outcome="eof") == count
+        assert total(found, "gproxy_connections_active") == 0
+        more = served_by_both(proxy, proxy.address, [pids[1], new_pid])
+        found = scrape(url)
+        assert total(found, "gproxy_connections_total", outcome="eof") == count + more
+        assert total(found, "gproxy_target_connections_total", outcome="eof") == count + more
+        code, output = proxy.stop()
+    assert code == 0, output
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_does_not_answer_is_counted_with_its_last_snapshot():
+    with Server(echo) as upstream, Proxy("--workers", "2", "--metrics", "127.0.0.1:0",
+                                         f"127.0.0.1:{upstream.address[1]}") as proxy:
+        url = metrics_url(proxy)
+        pids = worker_pids(proxy)
+        accepting(proxy, 2)
+        count = served_by_both(proxy, proxy.address, pids)
+        assert total(scrape(url), "gproxy_connections_total", outcome="eof") == count
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            found = scrape(url)
+            waited = time.monotonic() - began
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+        assert total(found, "gproxy_connections_total", outcome="eof") == count  # nobody left out
+        assert waited < TIMEOUT / 2, waited
+        # its late answer is not taken for the next scrape's: that one is whole and current
+        round_trip(proxy.address)
+        proxy.wait_for("conn#")
+        assert total(scrape(url), "gproxy_connections_total", outcome="eof") == count + 1
+        code, output = proxy.stop()
+    assert code == 0, output
+
+
+def test_promtool_accepts_the_workers_page(tmp_path):
+    from test_metrics import get
+    from test_real_clients import need
+    promtool = need("promtool")
+    import subprocess
+    with Server(echo) as upstream:
+        path = tmp_path / "gproxy.toml"
+        path.write_text(f'metrics = "127.0.0.1:0"\n[[rule]]\nname = "a"\nlisten = "127.0.0.1:0"\n'
+                        f'target = "127.0.0.1:{upstream.address[1]}"\n[[rule]]\nname = "b"\n'
+                        f'listen = "127.0.0.1:0"\ntargets = ["127.0.0.1:{upstream.address[1]}", '
+                        f'"127.0.0.1:{free_port()}"]\ncheck = "tcp"\ncheck_interval = 0.05\n')
+        proxy, rules = workers_with_file(str(path), 2)
+        with proxy:
+            for name in ("a", "b"):
+                round_trip(rules[name])
+                proxy.wait_for("conn#")  # counted once ended, as the line is written
+            _status, _kind, page = get(metrics_url(proxy))
+            code, output = proxy.stop()
+    assert code == 0, output
+    assert 'gproxy_connections_total{rule="a",outcome="eof"} 1' in page, page
+    assert 'gproxy_connections_total{rule="b",outcome="eof"} 1' in page, page
+    result = subprocess.run([promtool, "check", "metrics"], input=page, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), result
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_stops_by_itself_leaves_its_counts_behind():
+    """A worker stopped on its own (SIGTERM to it) sends its final counters as it exits: what it
+    counted since the last scrape is kept, and it is started again."""
+    with Server(echo) as upstream, Proxy("--workers", "2", "--metrics", "127.0.0.1:0",
+                                         f"127.0.0.1:{upstream.address[1]}") as proxy:
+        url = metrics_url(proxy)
+        pids = worker_pids(proxy)
+        accepting(proxy, 2)
+        count = served_by_both(proxy, proxy.address, pids)  # never scraped before it stops
+        os.kill(pids[0], signal.SIGTERM)
+        proxy.wait_for("started again")
+        assert total(scrape(url), "gproxy_connections_total", outcome="eof") == count
+        code, output = proxy.stop()
+    assert code == 0, output
+
+
+# -- a dead worker's listen queue --------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_clients_queued_on_a_dead_worker_are_served_by_the_one_started_in_its_place():
+    """The parent keeps a copy of each worker's listening socket: when a worker dies, the
+    clients in its accept queue wait there for the worker started in its place, instead of
+    the kernel resetting them (plain SO_REUSEPORT: the queue dies with its only owner)."""
+    with Server(echo) as upstream, Proxy("--workers", "2", f"127.0.0.1:{upstream.address[1]}") as proxy:
+        pids = worker_pids(proxy)
+        started = time.monotonic()
+        accepting(proxy, 2)
+        # (a worker that died within a second of its start would be started again later)
+        time.sleep(max(0.0, _supervisor._QUICK_DEATH + 0.2 - (time.monotonic() - started)))  # sleep-ok
+        os.kill(pids[0], signal.SIGSTOP)   # it accepts no more: its share of clients queues
+        clients = []
+        try:
+            for _ in range(20):  # the kernel spreads them by address: some reach each worker
+                client = connect(proxy.address)
+                client.sendall(b"ping")
+                clients.append(client)
+            os.kill(pids[0], signal.SIGKILL)
+            proxy.wait_for("started again")
+            for client in clients:
+                assert recv_exactly(client, 4) == b"ping"
+        finally:
+            for client in clients:
+                client.close()
+        code, output = proxy.stop()
+    assert code == 0, output
