@@ -13,13 +13,15 @@ Typical use::
     mark = api.mark("redis")                    # gproxy's own routes from here on
     ...
     api.reset_connections("redis", since=mark)  # RST to what was opened since the mark
+    api.start_capture("redis", "/tmp/redis.pcap"); api.stop_capture("redis")
     api.reset()                                 # every proxy enabled, every toxic gone
 
 The calls are toxiproxy's routes (``docs/api.md``), so a real toxiproxy server answers them
-too; the connection and target calls are gproxy's own, and a toxiproxy server answers them
-404 (``NotFound``). Every answer is decoded into frozen dataclasses (``Proxy``, ``Toxic``,
-``Connection``, ``Target``); every error is an exception carrying the HTTP status and the
-server's own message (``ApiError`` and its subclasses), or ``Unreachable`` when no answer came.
+too; the connection, target and capture calls are gproxy's own, and a toxiproxy server
+answers them 404 (``NotFound``). Every answer is decoded into frozen dataclasses (``Proxy``,
+``Toxic``, ``Connection``, ``Target``, ``Capture``); every error is an exception carrying the
+HTTP status and the server's own message (``ApiError`` and its subclasses), or
+``Unreachable`` when no answer came.
 
 Only the standard library is used (``urllib.request``): no gevent, so it works in any
 program, patched or not, and from any thread. Environment proxies (``http_proxy``) are not
@@ -40,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, 
 if TYPE_CHECKING:
     from gproxy.toxics import AttributeValue, StreamName, ToxicSpec, ToxicType
 
-__all__ = ["Client", "Proxy", "Toxic", "Connection", "Connections", "Target", "Address",
+__all__ = ["Client", "Proxy", "Toxic", "Connection", "Connections", "Target", "Capture", "Address",
            "ClientError", "ApiError", "BadRequest", "NotFound", "Conflict", "Unreachable", "DEFAULT_URL"]
 
 #: where a client goes when neither its ``url`` nor ``$TOXIPROXY_URL`` says (toxiproxy-cli's default)
@@ -195,6 +197,24 @@ class Target:
                    reason=data.get("reason"), active=int(data.get("active", 0)), check=data.get("check"))
 
 
+@dataclass(frozen=True)
+class Capture:
+    """A proxy's capture (gproxy's own routes; docs/api.md): the pcap file it writes on the
+    server's host, the one connection it captures (None: all), whether it still runs, and how
+    many connections it captured."""
+
+    path: str
+    connection: Optional[int]
+    running: bool
+    connections: int
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Capture":
+        connection = data.get("connection")
+        return cls(path=str(data.get("path", "")), connection=None if connection is None else int(connection),
+                   running=bool(data.get("running")), connections=int(data.get("connections", 0)))
+
+
 # -- the client --------------------------------------------------------------------------------
 
 class Client:
@@ -316,7 +336,7 @@ class Client:
     def remove_toxic(self, proxy: str, name: str) -> None:
         self._call("DELETE", _path("proxies", proxy, "toxics", name))
 
-    # -- gproxy's own routes: connections and targets --------------------------------------------
+    # -- gproxy's own routes: connections, targets, captures --------------------------------------------
 
     def connections(self, proxy: str, since: Optional[int] = None) -> Connections:
         """The proxy's open connections (with ``since``, those opened after that mark) and a mark."""
@@ -357,6 +377,23 @@ class Client:
         """Set a target's ``state`` (enabled, drain, disabled) and/or ``weight``."""
         body = {key: value for key, value in (("state", state), ("weight", weight)) if value is not None}
         return Target.from_json(self._call("POST", _path("proxies", proxy, "targets", address), body))
+
+    def start_capture(self, proxy: str, path: str, *, connection: Optional[int] = None) -> Capture:
+        """Capture what crosses the proxy (or only its connection ``connection``) into ``path``,
+        a pcap file the server creates on its host (``Conflict`` if it exists, or if a capture
+        runs on the proxy already)."""
+        body: Dict[str, Any] = {"path": path}
+        if connection is not None:
+            body["connection"] = connection
+        return Capture.from_json(self._call("POST", _path("proxies", proxy, "capture"), body))
+
+    def capture(self, proxy: str) -> Capture:
+        """The running capture (``NotFound`` if none runs)."""
+        return Capture.from_json(self._call("GET", _path("proxies", proxy, "capture")))
+
+    def stop_capture(self, proxy: str) -> Capture:
+        """Stop the running capture: its file is complete when this returns."""
+        return Capture.from_json(self._call("DELETE", _path("proxies", proxy, "capture")))
 
     # -- HTTP ----------------------------------------------------------------------------
 

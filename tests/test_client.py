@@ -210,6 +210,25 @@ def test_targets(api, upstream):
         api.set_target("p", target(upstream), state="maint")
 
 
+def test_captures(api, upstream, tmp_path):
+    proxy = api.create_proxy("p", target(upstream))
+    path = str(tmp_path / "p.pcap")
+    started = api.start_capture("p", path)
+    assert (started.path, started.connection, started.running, started.connections) == (path, None, True, 0)
+    assert exchange((proxy.host, proxy.port)) == b"ping"
+    assert api.capture("p").path == path
+    with pytest.raises(Conflict):
+        api.start_capture("p", str(tmp_path / "other.pcap"))
+    stopped = api.stop_capture("p")
+    assert stopped.running is False and stopped.connections == 1
+    with open(path, "rb") as pcap:
+        assert pcap.read(4) in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
+    with pytest.raises(NotFound, match="no capture running"):
+        api.capture("p")
+    with pytest.raises(Conflict):
+        api.start_capture("p", path, connection=1)   # the file exists
+
+
 # -- a server that is not gproxy ------------------------------------------------------------------
 
 class _GoLike(http.server.BaseHTTPRequestHandler):
