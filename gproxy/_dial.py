@@ -6,6 +6,8 @@ Typical use (``relay.Connection`` does this; ``conn`` is the Connection)::
     upstream = connect_upstream(conn, spare) # every target, every address; our PROXY header
     start(conn, spare)                       # a plain rule's client: all of it in hub callbacks
     cancel(conn)                             # conn was aborted while connecting
+    tls_accept(conn)                         # a TLS rule: the client's handshake, before the connect
+    tls_connect(conn)                        # target_tls: the target's handshake, after it
 
 Two paths, one result. ``connect_upstream`` runs in the client's greenlet
 (``Connection.run``): it tries the targets in the order the balance gives (one fixed target:
@@ -26,6 +28,13 @@ waits then; on the callback path ``conn._dialing`` is ``ON_HUB`` and ``cancel`` 
 connection at once (the teardown closes the connect's watchers, then the socket). A
 resolver call cannot be interrupted (gevent resolves in a thread pool): the greenlet stops
 waiting and the thread finishes on its own.
+
+TLS handshakes are phases of their own, in the client's greenlet (a TLS rule never takes the
+callback path): the client's (``tls_accept``) once access allowed it and before anything is
+dialled, the target's (``tls_connect``) once connected and our PROXY header sent. Each is
+bounded by ``tls_handshake_timeout``, so a client that stops halfway holds its slot only that
+long, and each is counted (``gproxy_tls_handshakes_total``). The connection is open, its
+pumps started, only after both.
 """
 
 from __future__ import annotations
@@ -40,13 +49,13 @@ import gevent
 from gevent.socket import getaddrinfo
 from greenlet import getcurrent
 
-from gproxy import _gevent, _proxyproto, _sockets
+from gproxy import _gevent, _proxyproto, _sockets, _tls
 from gproxy._access import client_key, in_networks
 from gproxy._failure import Aborted, Failure, connect_failure, failure
 from gproxy.stats import Outcome
 from gproxy.targets import TargetError
 
-__all__ = ["read_proxy_header", "connect_upstream", "start", "cancel", "ON_HUB"]
+__all__ = ["read_proxy_header", "connect_upstream", "start", "cancel", "ON_HUB", "tls_accept", "tls_connect"]
 
 _READ, _WRITE = 1, 2
 # why a client's wait in the queue was woken (targets.Queue)
@@ -417,6 +426,59 @@ def _wait(conn, watcher, timeout: Optional[float]) -> bool:
         return _gevent.wait_any(conn._hub, (watcher,), timeout or None)
     finally:
         conn._dialing = None
+
+
+def tls_accept(conn, held: Optional[bytes] = None) -> None:
+    """The client's TLS handshake (a terminating rule): ``conn.client`` becomes its TLSSocket.
+    ``held``: the client's first bytes, read already (route_sni read its ClientHello to choose
+    the target): they begin the handshake, and are no payload. Raises Failure (``tls
+    handshake failed``) with the reason, Aborted if aborted meanwhile."""
+    stream = conn.context.tls.wrap(conn.client)
+    conn.client = stream
+    if held:
+        stream.incoming.write(held)
+        conn.counts[0] -= len(held)  # (read_hello counted them as payload)
+    _handshake(conn, stream, "client")
+
+
+def tls_connect(conn) -> None:
+    """The target's TLS handshake (``target_tls``), on the connected ``conn.upstream``, which
+    becomes its TLSSocket; the name asked for and checked is ``target_tls_server_name``, else
+    the host of the target connected to."""
+    context = conn.context
+    origin = context.target_tls
+    endpoint = conn.target if conn.target is not None else context.rule.target
+    stream = origin.wrap(conn.upstream, _tls.server_name(origin.server_name_given, endpoint))
+    conn.upstream = stream
+    _handshake(conn, stream, "upstream")
+
+
+def _handshake(conn, stream, side: str) -> None:
+    context = conn.context
+    loop = conn._hub.loop
+    fd = stream.fileno()
+    watchers: dict = {}
+
+    def wait(events: int, remaining: float) -> bool:
+        if remaining <= 0:
+            return False
+        watcher = watchers.get(events)
+        if watcher is None:
+            watcher = watchers[events] = loop.io(fd, events)
+        return _wait(conn, watcher, remaining)
+
+    began = time.monotonic()
+    try:
+        _tls.handshake(stream, wait, context.rule.tls_handshake_timeout, side)
+    except Failure as exc:
+        stream.failed()
+        result = "timeout" if "no TLS handshake within" in exc.error else "failed"
+        context.counters.tls.handshake(side, result, time.monotonic() - began)
+        raise
+    finally:
+        for watcher in watchers.values():
+            watcher.close()
+    context.counters.tls.handshake(side, "ok", time.monotonic() - began)
 
 
 # -- the callback path -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Optional
 
 from greenlet import getcurrent
 
-from gproxy import _sockets
+from gproxy import _sockets, _tls
 from gproxy._access import client_key, describe_key
 from gproxy._sni import describe as describe_sni
 from gproxy.stats import ConnectionRecord, Outcome
@@ -108,11 +108,12 @@ def closed(conn) -> None:
     failed = outcome is Outcome.CONNECT_FAILED or outcome is Outcome.CONNECT_TIMEOUT
     if failed:
         counters.connect_failed += 1
+    tls = _tls_fields(conn) if counters.tls is not None else None
     try:
         if context.on_close is not None or failed or outcome is Outcome.ERROR or outcome is Outcome.QUEUE_TIMEOUT \
                 or _conn_log.isEnabledFor(logging.INFO):
             line = record(conn)
-            _log_line(conn, line)
+            _log_line(conn, line, tls)
             call_hook(conn, context.on_close, line, "on_close")
     finally:  # the slot is given back whatever happened above
         if context.on_closed is not None:
@@ -137,13 +138,27 @@ def call_hook(conn, hook, line: Optional[ConnectionRecord], name: str) -> None:
         in_hook.pop(current, None)
 
 
-def _log_line(conn, line: ConnectionRecord) -> None:
+def _tls_fields(conn) -> dict:
+    """A TLS connection's fields for its JSON line (the version, cipher, SNI name and ALPN
+    protocol of each TLS side: ``tls_*`` the client's, ``target_tls_*`` the target's); and a
+    clean end whose peer ended TLS without close_notify says so in its error."""
+    fields: dict = {}
+    for prefix, side, sock in (("tls", "client", conn.client), ("target_tls", "upstream", conn.upstream)):
+        if sock.__class__ is _tls.TLSSocket:
+            for key, value in sock.info().items():
+                fields[f"{prefix}_{key}"] = value
+            if sock.truncated and conn.outcome is Outcome.EOF and conn.error is None:
+                conn.error = f"{side} ended TLS without close_notify"
+    return fields
+
+
+def _log_line(conn, line: ConnectionRecord, tls: Optional[dict] = None) -> None:
     """The one line of a closed connection: ERROR for a bug (with its traceback), WARNING
     for a failed connect or a queue timeout, a rate-limited line for a refused client, else INFO."""
     context = conn.context
     outcome = line.outcome
     # the fields a JSON log line carries, so no formatter has to parse the text
-    extra = {"connection": _LogFields(context.name, line, conn.sni)}
+    extra = {"connection": _LogFields(context.name, line, conn.sni, tls)}
     if outcome is Outcome.ERROR:
         _conn_log.error("%sconn#%d %s -> %s failed after %.3fs, up %d B, down %d B:\n%s",
                         context.log_prefix, line.id, line.client, line.upstream, line.duration,
@@ -174,10 +189,10 @@ class _LogFields(Mapping):
     formatter that reads them (gproxy._jsonlog): a read-only mapping made when first read, so
     a text line does not pay for building it."""
 
-    __slots__ = ("_rule", "_record", "_fields", "_choice")
+    __slots__ = ("_rule", "_record", "_fields", "_choice", "_tls")
 
-    def __init__(self, rule: str, line: ConnectionRecord, choice=None) -> None:
-        self._rule, self._record, self._choice = rule, line, choice
+    def __init__(self, rule: str, line: ConnectionRecord, choice=None, tls: Optional[dict] = None) -> None:
+        self._rule, self._record, self._choice, self._tls = rule, line, choice, tls
         self._fields: Optional[dict] = None
 
     def _get(self) -> dict:
@@ -192,6 +207,8 @@ class _LogFields(Mapping):
             if self._choice is not None:  # a rule with route_sni
                 self._fields["sni"] = line.sni
                 self._fields["route"] = line.route or "default"
+            if self._tls:
+                self._fields.update(self._tls)
         return self._fields
 
     def __getitem__(self, key: str):

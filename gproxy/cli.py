@@ -13,8 +13,9 @@ as a port in use, 2 on bad arguments or a bad config file. This is the only modu
 logging or installs signal handlers.
 
 Signals: SIGTERM and SIGINT drain and stop (a second one aborts what is left);
-SIGUSR1 logs the statistics; SIGHUP reloads the config file (-c; without one it is
-logged and ignored); SIGUSR2 and SIGALRM are logged and otherwise ignored. Under
+SIGUSR1 logs the statistics; SIGHUP reloads the config file (-c; without one it reads
+the rule's TLS certificate files again, if it has any, else it is logged and ignored);
+SIGUSR2 and SIGALRM are logged and otherwise ignored. Under
 systemd (``$NOTIFY_SOCKET``), gproxy reports READY=1 once every listener is bound,
 RELOADING=1 and READY=1 around a reload, and STOPPING=1.
 
@@ -276,6 +277,40 @@ def _parser() -> argparse.ArgumentParser:
                         help="route a TLS client whose ClientHello names NAME (or matches *.DOMAIN: one "
                              "label) to HOST:PORT, without terminating TLS (repeatable); TARGET serves "
                              "other names, no name, and clients not speaking TLS")
+    parser.add_argument("--tls-cert", metavar="FILE", action="append", default=None,
+                        help="terminate TLS: clients speak TLS, gproxy presents this certificate (PEM, its "
+                             "chain after it, the key too unless --tls-key); repeat for several, chosen by "
+                             "the name the client asks for (SNI), the first for any other")
+    parser.add_argument("--tls-key", metavar="FILE", action="append", default=None,
+                        help="the private key of each --tls-cert, in the same order (default: in the "
+                             "certificate's file)")
+    parser.add_argument("--tls-ca", metavar="FILE", default=None,
+                        help="the CAs whose client certificates --tls-verify-client accepts")
+    parser.add_argument("--tls-verify-client", action="store_true", default=False,
+                        help="mutual TLS: a client must present a certificate signed by --tls-ca")
+    parser.add_argument("--tls-min-version", metavar="1.0|1.1|1.2|1.3", default="1.2",
+                        help="the oldest TLS version a client may use (default 1.2)")
+    parser.add_argument("--tls-ciphers", metavar="LIST", default=None,
+                        help="OpenSSL cipher list for TLS 1.2 and older (default: OpenSSL's)")
+    parser.add_argument("--tls-alpn", metavar="PROTOCOLS", default=None,
+                        help="ALPN protocols to agree on with clients, comma-separated, preferred first "
+                             "(\"h2,http/1.1\"; default none)")
+    parser.add_argument("--tls-handshake-timeout", metavar="SECONDS", default="10",
+                        help="the most a TLS handshake may take, the client's and the target's (default 10)")
+    parser.add_argument("--target-tls", action="store_true", default=False,
+                        help="originate TLS: speak TLS to the targets")
+    parser.add_argument("--target-tls-ca", metavar="FILE", default=None,
+                        help="the CAs to check the targets' certificates with (default: the system's)")
+    parser.add_argument("--target-tls-server-name", metavar="NAME", default=None,
+                        help="the name to ask the targets for (SNI) and check their certificates against "
+                             "(default: the target's host)")
+    parser.add_argument("--target-tls-cert", metavar="FILE", default=None,
+                        help="a client certificate to present to the targets (PEM; the key too unless "
+                             "--target-tls-key)")
+    parser.add_argument("--target-tls-key", metavar="FILE", default=None,
+                        help="the private key of --target-tls-cert")
+    parser.add_argument("--no-target-tls-verify", dest="target_tls_verify", action="store_false",
+                        help="do not check the targets' certificates (insecure; logged at start)")
     parser.add_argument("--metrics", metavar="HOST:PORT", default=None,
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "
                              "with --api they are at its /metrics too)")
@@ -326,7 +361,9 @@ _RULE_OPTIONS = (
     "allow", "deny", "max_connections_per_client", "balance", "max_fails", "fail_timeout",
     "max_connections", "health_check", "check_send", "check_expect", "check_http_path",
     "check_http_method", "check_http_status", "check_http_host", "check_interval", "check_timeout",
-    "rise", "fall", "route_sni", *UNIX_FILE_OPTIONS)
+    "rise", "fall", "route_sni", *UNIX_FILE_OPTIONS, "tls_cert", "tls_key", "tls_ca", "tls_verify_client",
+    "tls_min_version", "tls_ciphers", "tls_alpn", "tls_handshake_timeout", "target_tls", "target_tls_ca",
+    "target_tls_server_name", "target_tls_cert", "target_tls_key", "target_tls_verify")
 _KEYS = {flag: key for key, flag in _FLAGS.items()}  # argparse's names -> Forwarder keywords
 
 
@@ -694,9 +731,15 @@ def _run(args: argparse.Namespace, options: dict) -> int:
         finally:
             _systemd.notify("READY=1")
 
+    # the command line's rule: SIGHUP reads its TLS files again (stunnel's and ghostunnel's way)
+    cli_rule = forwarder.forwarder if isinstance(forwarder, _Single) else None
+
     def on_reload() -> None:
         if worker:
             log.info("SIGHUP ignored: a worker reloads when its --workers parent does (send SIGHUP to it)")
+        elif files is None and cli_rule is not None and (cli_rule.rule.tls_cert or cli_rule.rule.target_tls):
+            log.info("SIGHUP: reading the TLS certificate files again")
+            gevent.spawn(cli_rule.reload_certificates)
         elif files is None:
             log.info("SIGHUP: nothing to reload (gproxy takes its rule from the command line)")
         elif not signals:  # stopping: too late to reload

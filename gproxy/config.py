@@ -805,6 +805,16 @@ class Rule:
       target up, and failing ones that take an up target down. A target starts up and its
       first check decides (HAProxy's ``init-state up``); after ``max_fails`` failed connects it
       is down until ``rise`` checks in a row pass or a client's connect works.
+    - TLS (docs/tls.md): ``tls_cert`` (default ``None``: clients speak plain TCP) makes the rule
+      terminate TLS with that certificate (a PEM file, its chain after it; several: chosen by
+      the ClientHello's server name, the first for any other); ``tls_key`` (default ``None``:
+      each key is in its certificate's file), ``tls_ca`` with ``tls_verify_client`` (mutual
+      TLS), ``tls_min_version`` (default ``"1.2"``), ``tls_ciphers``, ``tls_alpn`` and
+      ``tls_handshake_timeout`` (default 10 s, for each handshake, the target's too).
+      ``target_tls`` (default ``False``) speaks TLS to the targets: ``target_tls_ca`` (default
+      the system's CAs), ``target_tls_server_name`` (default the target's host),
+      ``target_tls_cert``/``target_tls_key`` (a client certificate), ``target_tls_verify``
+      (default ``True``).
     - ``unix_mode`` (default ``None``: as bind(2) makes it, 0777 less the umask),
       ``unix_user`` and ``unix_group`` (default ``None``: gproxy's own): the permission bits
       (an int, or octal digits as a string: ``"0660"``) and the owner (a name or an id) of
@@ -858,6 +868,25 @@ class Rule:
     unix_user: Optional[Union[str, int]] = None
     unix_group: Optional[Union[str, int]] = None
     route_sni: Optional[Tuple[Tuple[str, Endpoint], ...]] = None
+    tls_cert: Optional[Tuple[str, ...]] = None
+    tls_key: Optional[Tuple[str, ...]] = None
+    tls_ca: Optional[str] = None
+    tls_verify_client: bool = False
+    tls_min_version: str = "1.2"
+    tls_ciphers: Optional[str] = None
+    tls_alpn: Optional[Tuple[str, ...]] = None
+    tls_handshake_timeout: float = 10.0
+    target_tls: bool = False
+    target_tls_ca: Optional[str] = None
+    target_tls_server_name: Optional[str] = None
+    target_tls_cert: Optional[str] = None
+    target_tls_key: Optional[str] = None
+    target_tls_verify: bool = True
+
+    @property
+    def terminates_tls(self) -> bool:
+        """Whether clients speak TLS to this rule (``tls_cert`` given)."""
+        return self.tls_cert is not None
 
     @property
     def targets(self) -> Tuple[Endpoint, ...]:
@@ -928,6 +957,12 @@ class Rule:
         route_sni = parse_route_sni(opt["route_sni"])
         if route_sni is not None and listen_address in {endpoint for _name, endpoint in route_sni}:
             raise ConfigError("route_sni", f"{listen_address} is the listening address: a forwarding loop")
+        from gproxy import _tls  # (it reads this module's helpers: imported here, not at the top)
+        tls = _tls.validate(opt)
+        if tls["target_tls"] and tls["target_tls_verify"] and tls["target_tls_server_name"] is None \
+                and any(isinstance(t, UnixAddress) for t in targets):
+            raise ConfigError("target_tls_server_name", "a Unix socket target has no host name to check its "
+                                                        "certificate against: give one")
         return cls(
             listen=listen_address,
             target=target,
@@ -960,6 +995,7 @@ class Rule:
             route_sni=route_sni,
             **checks,
             **unix_file,
+            **tls,
         )
 
 

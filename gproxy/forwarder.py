@@ -350,6 +350,20 @@ class Forwarder:
                  unix_user: Union[str, int, None] = None,
                  unix_group: Union[str, int, None] = None,
                  route_sni: Optional[Mapping[str, AddressLike]] = None,
+                 tls_cert: Union[str, Sequence[str], None] = None,
+                 tls_key: Union[str, Sequence[str], None] = None,
+                 tls_ca: Optional[str] = None,
+                 tls_verify_client: bool = False,
+                 tls_min_version: str = "1.2",
+                 tls_ciphers: Optional[str] = None,
+                 tls_alpn: Union[str, Sequence[str], None] = None,
+                 tls_handshake_timeout: float = 10.0,
+                 target_tls: bool = False,
+                 target_tls_ca: Optional[str] = None,
+                 target_tls_server_name: Optional[str] = None,
+                 target_tls_cert: Optional[str] = None,
+                 target_tls_key: Optional[str] = None,
+                 target_tls_verify: bool = True,
                  on_open: Optional[Hook] = None,
                  on_close: Optional[Hook] = None) -> None:
         # Rule.build is the one place options are validated; the names above are only
@@ -368,7 +382,12 @@ class Forwarder:
             check_http_path=check_http_path, check_http_method=check_http_method,
             check_http_status=check_http_status, check_http_host=check_http_host,
             check_interval=check_interval, check_timeout=check_timeout, rise=rise, fall=fall,
-            unix_mode=unix_mode, unix_user=unix_user, unix_group=unix_group, route_sni=route_sni)
+            unix_mode=unix_mode, unix_user=unix_user, unix_group=unix_group, route_sni=route_sni,
+            tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, tls_verify_client=tls_verify_client,
+            tls_min_version=tls_min_version, tls_ciphers=tls_ciphers, tls_alpn=tls_alpn,
+            tls_handshake_timeout=tls_handshake_timeout, target_tls=target_tls, target_tls_ca=target_tls_ca,
+            target_tls_server_name=target_tls_server_name, target_tls_cert=target_tls_cert,
+            target_tls_key=target_tls_key, target_tls_verify=target_tls_verify)
         on_open = check_hook(on_open, "on_open")
         on_close = check_hook(on_close, "on_close")
         self._counters = Counters()
@@ -836,6 +855,20 @@ class Forwarder:
                 self._enable()
         self._on_hub(reset)
 
+    def reload_certificates(self) -> List[str]:
+        """Read the rule's TLS certificate, key and CA files again (``tls_*``, ``target_tls_*``):
+        new handshakes use them, connections open now keep their sessions. A file that is bad
+        now leaves the old ones in use: the problems are returned (and logged at WARNING), an
+        empty list when everything was reloaded, or there is no TLS to reload."""
+        problems = []
+        for side in (self._context.tls, self._context.target_tls):
+            if side is not None:
+                problem = side.reload()
+                if problem is not None:
+                    problems.append(problem)
+                    log.warning("rule %s: keeping the TLS files loaded before: %s", self.name, problem)
+        return problems
+
     def connections(self, since: Optional[int] = None) -> List[ConnectionRecord]:
         """The open connections (``outcome`` is None), oldest first; with ``since`` (a
         ``mark()``), only those accepted after that mark was taken."""
@@ -1296,8 +1329,9 @@ def _bulk_threads() -> int:
 
 
 def _splicer(rule: Rule) -> Optional["Splicer"]:
-    """A Splicer where the platform has splice(2) and the rule allows it; else None (copy)."""
-    if not rule.splice:
+    """A Splicer where the platform has splice(2) and the rule allows it; else None (copy). A
+    TLS side's bytes must pass through OpenSSL in user space: no splice for its rule."""
+    if not rule.splice or rule.tls_cert is not None or rule.target_tls:
         return None
     try:
         from gproxy.splice import Splicer

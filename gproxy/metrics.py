@@ -93,6 +93,11 @@ _HEADERS = {
                "or they left)."),
     "queue_wait": ("gproxy_queue_wait_seconds_total", "counter",
                    "Seconds the clients counted in gproxy_queued_total waited, in all."),
+    "tls_handshakes": ("gproxy_tls_handshakes_total", "counter",
+                       "TLS handshakes of a TLS rule, by side (client: terminated, upstream: originated) "
+                       "and result: ok, failed, timeout."),
+    "tls_duration": ("gproxy_tls_handshake_duration_seconds", "histogram",
+                     "How long TLS handshakes took, by side, whatever their result."),
 }
 
 #: a target's outcomes shown even at 0: those a connection that reached its target can have
@@ -280,6 +285,9 @@ def _render(sources: Iterable, encode: bool, process: bool = True) -> Generator[
             out.append(f'gproxy_connection_duration_seconds_bucket{{{rule},le="{le}"}} {total}')
         out.append(f"gproxy_connection_duration_seconds_sum{{{rule}}} {_number(counters.duration_sum)}")
         out.append(f"gproxy_connection_duration_seconds_count{{{rule}}} {total}")
+        tls = counters.tls
+        if tls is not None:
+            made += _tls_lines(rule, tls, sections["tls_handshakes"], sections["tls_duration"])
         # (a rule's open connections count too, their bytes having been summed: at about a
         # tenth of a line each, a rule with 10,000 of them ends its slice)
         made += len(_OUTCOME_LABELS) + 22 * len(views) + len(_LE_LABELS) + 5 + counters.active // 10
@@ -296,6 +304,24 @@ def _render(sources: Iterable, encode: bool, process: bool = True) -> Generator[
     tail = _BUILD_INFO + (_process_text() if process else "")
     page.append(tail.encode("utf-8") if encode else tail)
     return page
+
+
+def _tls_lines(rule: str, tls, handshakes: list, durations: list) -> int:
+    """A TLS rule's handshake samples; how many lines they are."""
+    before = len(handshakes) + len(durations)
+    for (side, result), count in list(tls.results.items()):
+        handshakes.append(f'gproxy_tls_handshakes_total{{{rule},side="{side}",result="{result}"}} {count}')
+    bounds = [repr(float(bound)) for bound in tls.buckets] + ["+Inf"]
+    for side, counts in list(tls.durations.items()):
+        label = f'{rule},side="{side}"'
+        total = 0
+        for le, count in zip(bounds, list(counts)):
+            total += count
+            durations.append(f'gproxy_tls_handshake_duration_seconds_bucket{{{label},le="{le}"}} {total}')
+        durations.append(f"gproxy_tls_handshake_duration_seconds_sum{{{label}}} "
+                         f"{_number(float(tls.duration_sum.get(side, 0.0)))}")
+        durations.append(f"gproxy_tls_handshake_duration_seconds_count{{{label}}} {total}")
+    return len(handshakes) + len(durations) - before
 
 
 _BUILD_INFO = (

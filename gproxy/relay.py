@@ -125,18 +125,18 @@ import os
 import socket
 import time
 import traceback
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import gevent
 
-from gproxy import _dial, _gevent, _report, _sni, _sockets
+from gproxy import _dial, _gevent, _report, _sni, _sockets, _tls
 from gproxy._access import Access, DeniedLog, client_key, compile_networks
 from gproxy._chain import Link
 from gproxy._failure import Aborted, Failure, failure, tcp_closed
 from gproxy._greenlets import Workers
 from gproxy.config import Address, Rule, UnixAddress
 from gproxy.offload import STOPPED
-from gproxy.stats import ConnectionRecord, Counters, Outcome
+from gproxy.stats import ConnectionRecord, Counters, Outcome, TLSCounters
 from gproxy.targets import Targets
 from gproxy.toxics import Toxics
 
@@ -298,6 +298,15 @@ class Context:
         #: the capture running (_capture.Capture), or None: read once per connection, when its
         #: pumps start, so a forwarder that captures nothing pays nothing more
         self.capture: Optional[Capture] = None
+        #: TLS with clients (tls_cert: _tls.Terminator) and with targets (target_tls:
+        #: _tls.Originator), or None. A TLS side moves plaintext through the copy path only
+        #: (the forwarder gives such a rule no splicer), and its handshakes need a greenlet.
+        self.tls = _tls.Terminator(rule) if getattr(rule, "tls_cert", None) else None
+        self.target_tls = _tls.Originator(rule) if getattr(rule, "target_tls", False) else None
+        if self.tls is not None or self.target_tls is not None:
+            self.direct = None
+            sides = (("client",) if self.tls is not None else ()) + (("upstream",) if self.target_tls else ())
+            counters.tls = TLSCounters(_tls.HANDSHAKE_BUCKETS, sides)
 
     def route_by_targets(self) -> None:
         """From the next client on, connect through ``targets`` (a fixed target was drained or
@@ -515,7 +524,12 @@ class Connection:
                 if why is not None:  # refused before anything is dialled
                     raise Failure(Outcome.DENIED, why)
             held = _sni.read_hello(self) if context.sni_routes is not None else None
+            if context.tls is not None:
+                _dial.tls_accept(self, held)  # the bytes read to route by begin its handshake
+                held = None
             self.upstream, spare = _dial.connect_upstream(self, spare), None
+            if context.target_tls is not None:
+                _dial.tls_connect(self)
             if held:  # the bytes read to route by, ahead of everything else
                 _sni.replay(self, self.upstream, held)
             if self.outcome is None:  # (not aborted while the connect was counted)
@@ -579,6 +593,13 @@ class Connection:
         capture = context.capture
         if capture is not None and capture.wants(self):
             capture.attach(self)  # both directions then run through their links (_capture.py)
+        if context.counters.tls is not None:
+            ends: Tuple[Any, Any] = (client, upstream)  # (TLSSockets, typed as sockets)
+            for direction, src in enumerate(ends):
+                if src.__class__ is _tls.TLSSocket and src.buffered():
+                    # the peer's first bytes came with the end of its handshake: OpenSSL
+                    # holds them, the socket's watcher will not say so
+                    loop.run_callback(self._unpark_buffered, direction)
         chains = context.toxics.chains
         for direction in (UPSTREAM, DOWNSTREAM):
             if chains[direction]:  # a toxic may act before any byte comes (timeout)
@@ -610,6 +631,8 @@ class Connection:
                     if sent != n:
                         carry = (sent, n)
                     elif n < len(scratch):
+                        if src.__class__ is _tls.TLSSocket and src.buffered():  # its end came too
+                            self._hub.loop.run_callback(self._unpark_buffered, direction)
                         return  # done; still parked
                     spliced = n == len(scratch) and context.splicer is not None  # bulk
                 elif self.outcome is None and self._states[1 - direction] is not LANE:
@@ -703,9 +726,20 @@ class Connection:
         connection."""
         if self.outcome is None:
             self._states[direction] = PARKED
-            self._ends[direction][2].start(self._unpark, direction, spliced)
+            src, _dst, readable, _writable = self._ends[direction]
+            readable.start(self._unpark, direction, spliced)
+            if src.__class__ is _tls.TLSSocket and src.buffered():
+                # plaintext waits inside the TLS session, where the socket's watcher cannot see
+                # it (a turn spent on full reads): the next pass of the loop reads it
+                self._hub.loop.run_callback(self._unpark_buffered, direction)
         else:
             self._end_direction(direction)
+
+    def _unpark_buffered(self, direction: int) -> None:
+        """Hub callback: a parked TLS direction had plaintext buffered; read it, unless the
+        socket's watcher ran it meanwhile (it is not parked then) or the connection ended."""
+        if self._states[direction] is PARKED and self.outcome is None:
+            self._unpark(direction)
 
     def _link(self, direction: int) -> Optional[Link]:
         """The toxic chain this direction must run through now, or None for the fast path."""

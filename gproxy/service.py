@@ -316,6 +316,9 @@ class Service:
           ``timeout`` seconds (default ``None``: no limit; a config file's
           ``reload_drain_timeout``), then the rest are aborted. A connection at rest is not
           closed, as a stop would: a reload cuts nobody. ``stop()`` stops them too.
+        - An unchanged proxy that speaks TLS reads its certificate, key and CA files again
+          (``Forwarder.reload_certificates``): renewed files take effect, bad ones keep the
+          old (a WARNING says why).
         - ``owned``: the names this reload may remove (a config file's previous rules), so
           proxies made some other way (the HTTP API) stay; default: every name.
 
@@ -362,6 +365,9 @@ class Service:
                 if name not in result and name in owned:
                     result[name] = "removed"
             self._draining()  # forget those that have ended
+            for name, what in result.items():
+                if what == "unchanged":  # same paths, perhaps new files: renewed certificates
+                    old[name].reload_certificates()
             for fw in leaving:
                 self._retired.append((fw, gevent.spawn(fw.retire, timeout)))
             if self.passed is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = ["Outcome", "ConnectionRecord", "Statistics", "Counters", "TargetCounters", "TargetView",
-           "DURATION_BUCKETS", "CONNECT_REASONS", "CONNECTION_STATES", "SocketAddress"]
+           "DURATION_BUCKETS", "CONNECT_REASONS", "CONNECTION_STATES", "SocketAddress", "TLSCounters"]
 
 #: an end of a connection: ``(host, port)`` for IPv4 and IPv6, the path (or, abstract, the
 #: name after a NUL: bytes) for a Unix socket; ``""`` for a Unix client socket with no name
@@ -37,6 +37,7 @@ class Outcome(enum.Enum):
     #: every target it could use was at its max_connections for queue_timeout (or max_queue
     #: clients waited already)
     QUEUE_TIMEOUT = "queue timeout"
+    TLS_HANDSHAKE_FAILED = "tls handshake failed"  #: a TLS handshake (client's or target's) failed or timed out
 
     def __str__(self) -> str:
         return self.value
@@ -152,6 +153,33 @@ class TargetView(NamedTuple):
     max_connections: int = 0  #: its limit now; 0: none
 
 
+class TLSCounters:
+    """A TLS rule's handshakes: how many ended how, per side ("client": terminated, "upstream":
+    originated), and how long the ones that worked took (``gproxy._tls.HANDSHAKE_BUCKETS``)."""
+
+    __slots__ = ("results", "durations", "duration_sum", "buckets")
+
+    RESULTS = ("ok", "failed", "timeout")
+
+    def __init__(self, buckets: Tuple[float, ...], sides: Tuple[str, ...] = ()) -> None:
+        self.buckets = buckets
+        #: (side, result) -> handshakes; result is "ok", "failed" or "timeout" (each shown at 0)
+        self.results: Dict[Tuple[str, str], int] = {(side, result): 0 for side in sides for result in self.RESULTS}
+        #: per side: handshakes per duration bucket (then +Inf), not cumulative, and their sum
+        self.durations: Dict[str, list] = {side: [0] * (len(buckets) + 1) for side in sides}
+        self.duration_sum: Dict[str, float] = {side: 0.0 for side in sides}
+
+    def handshake(self, side: str, result: str, duration: float) -> None:
+        key = (side, result)
+        self.results[key] = self.results.get(key, 0) + 1
+        counts = self.durations.get(side)
+        if counts is None:
+            counts = self.durations[side] = [0] * (len(self.buckets) + 1)
+            self.duration_sum[side] = 0.0
+        counts[bisect_left(self.buckets, duration)] += 1
+        self.duration_sum[side] += duration
+
+
 class Counters:
     """Totals of connections that ended; the open ones' bytes are added when read.
 
@@ -163,7 +191,7 @@ class Counters:
 
     __slots__ = ("accepted", "connect_failed", "bytes_upstream", "bytes_downstream", "active",
                  "outcomes", "durations", "duration_sum", "target_failures", "target_up", "health", "targets",
-                 "contexts", "queue", "queued", "queue_wait")
+                 "contexts", "queue", "queued", "queue_wait", "tls")
 
     def __init__(self) -> None:
         self.accepted = 0
@@ -197,6 +225,8 @@ class Counters:
         #: they waited in all
         self.queued = 0
         self.queue_wait = 0.0
+        #: TLS handshakes, for a rule that terminates or originates TLS (else None)
+        self.tls: Optional[TLSCounters] = None
 
     def watch(self, context: Any) -> None:
         """``context``'s open connections count here too (``bytes_now``), until it is gone."""
