@@ -27,6 +27,17 @@ or without pytest::
     with forwarding(("127.0.0.1", 5432)) as fw:
         ...
 
+A TLS proxy in front of a plaintext test server, with a throwaway CA (``trustme`` makes it;
+install it with the tests' dependencies)::
+
+    with ThrowawayCA() as ca, forwarding(("127.0.0.1", 6379), **ca.server_options()) as fw:
+        client = ca.client_context().wrap_socket(socket.create_connection(fw.address),
+                                                 server_hostname="localhost")
+
+(the ``gproxy_tls_ca`` fixture is one ``ThrowawayCA`` for the session; ``ca.issue(...)`` makes
+more certificates, ``ca.origination_options()`` points ``target_tls`` at a test server that
+uses ``ca.server_context()``).
+
 A factory for every scope: ``gproxy_forwarder`` (function), ``gproxy_class_forwarder``,
 ``gproxy_module_forwarder``, ``gproxy_session_forwarder``; each stops what it made when its
 scope ends, open connections aborted at once (a test ends when it ends). Their type, for
@@ -55,9 +66,13 @@ this test's to cut.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
+import os
+import shutil
+import tempfile
 import weakref
-from typing import TYPE_CHECKING, Any, Generator, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Generator, Iterator, List, Optional, Tuple
 
 from gproxy.config import AddressLike, TargetLike
 
@@ -71,7 +86,7 @@ else:
 
 __all__ = ["forwarding", "reset_between_tests", "connections_in_test", "ForwarderFactory",
            "gproxy_forwarder", "gproxy_class_forwarder", "gproxy_module_forwarder",
-           "gproxy_session_forwarder"]
+           "gproxy_session_forwarder", "ThrowawayCA", "gproxy_tls_ca"]
 
 LOCAL = "127.0.0.1:0"
 
@@ -231,6 +246,81 @@ def _factory() -> Iterator[ForwarderFactory]:
             fw.stop(timeout=0)
 
 
+class ThrowawayCA:
+    """A certificate authority that lives as long as this object, and certificates it signs,
+    as PEM files in a temporary directory (removed by ``close()`` or the ``with`` block's end).
+
+    - ``ca_file``: the CA's certificate, what clients trust (``--cacert``, ``tls_ca``).
+    - ``cert_file``, ``key_file``: a server certificate for ``names`` (default ``localhost``
+      and ``127.0.0.1``) and its key, what ``server_options()`` gives a Forwarder.
+    - ``issue(*names, expired=False)``: another certificate, as ``(cert_file, key_file)``: for
+      another name, a client (mutual TLS), or one that expired yesterday.
+    - ``client_context(cert=None)``: an ``ssl.SSLContext`` that trusts the CA (and presents
+      ``cert``, an ``issue()`` result); ``server_context(cert=None)`` one for a TLS test server.
+    """
+
+    def __init__(self, names: Tuple[str, ...] = ("localhost", "127.0.0.1")) -> None:
+        try:
+            import trustme
+        except ImportError:
+            raise ImportError("ThrowawayCA needs trustme: pip install trustme") from None
+        self._ca = trustme.CA()
+        self.directory = tempfile.mkdtemp(prefix="gproxy-tls-")
+        self._count = 0
+        self.ca_file = os.path.join(self.directory, "ca.pem")
+        self._ca.cert_pem.write_to_path(self.ca_file)
+        self.cert_file, self.key_file = self.issue(*names)
+
+    def issue(self, *names: str, expired: bool = False) -> Tuple[str, str]:
+        """A new certificate for ``names`` signed by this CA: ``(cert_file, key_file)``."""
+        self._count += 1
+        options: Dict[str, Any] = {}
+        if expired:
+            now = datetime.datetime.now(datetime.timezone.utc)
+            options = {"not_before": now - datetime.timedelta(days=30),
+                       "not_after": now - datetime.timedelta(days=1)}
+        leaf = self._ca.issue_cert(*(names or ("localhost",)), **options)
+        cert_file = os.path.join(self.directory, f"cert{self._count}.pem")
+        key_file = os.path.join(self.directory, f"key{self._count}.pem")
+        with open(cert_file, "wb") as out:
+            for blob in leaf.cert_chain_pems:
+                out.write(blob.bytes())
+        leaf.private_key_pem.write_to_path(key_file)
+        return cert_file, key_file
+
+    def server_options(self) -> Dict[str, Any]:
+        """Forwarder keywords that terminate TLS with ``cert_file``."""
+        return {"tls_cert": self.cert_file, "tls_key": self.key_file}
+
+    def origination_options(self) -> Dict[str, Any]:
+        """Forwarder keywords that speak TLS to a target whose certificate this CA signed."""
+        return {"target_tls": True, "target_tls_ca": self.ca_file}
+
+    def client_context(self, cert: Optional[Tuple[str, str]] = None) -> Any:
+        """An ``ssl.SSLContext`` for clients: it trusts this CA, and presents ``cert`` if given."""
+        import ssl
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if cert is not None:
+            ctx.load_cert_chain(*cert)
+        return ctx
+
+    def server_context(self, cert: Optional[Tuple[str, str]] = None) -> Any:
+        """An ``ssl.SSLContext`` for a TLS test server presenting ``cert`` (default ``cert_file``)."""
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(*(cert or (self.cert_file, self.key_file)))
+        return ctx
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> "ThrowawayCA":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
 def _reset_all() -> Optional[BaseException]:
     """Reset every running forwarder under the reset; the first failure, if any, returned
     rather than raised, so that one forwarder's trouble never keeps the others dirty."""
@@ -282,6 +372,13 @@ if pytest is not None:
     gproxy_session_forwarder = _fixture("session", "gproxy_session_forwarder", """The same factory
         for session-scoped fixtures (a database proxy every test shares): its forwarders are
         stopped when the test session ends.""")
+
+    @pytest.fixture(scope="session")
+    def gproxy_tls_ca() -> Iterator[ThrowawayCA]:
+        """One ThrowawayCA for the test session: ``**gproxy_tls_ca.server_options()`` makes a
+        forwarder terminate TLS, ``gproxy_tls_ca.client_context()`` trusts it."""
+        with ThrowawayCA() as ca:
+            yield ca
 
     _OTHER_NAME = {"gproxy": "gproxy.testing", "gproxy.testing": "gproxy"}
 
