@@ -57,7 +57,13 @@ _MAX_MESSAGE = 256 << 20  # a config file or a snapshot of many thousand rules f
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
-    data = json.dumps(message, separators=(",", ":")).encode("utf-8")
+    if any(isinstance(value, Raw) for value in message.values()):
+        text = "{" + ",".join(json.dumps(key) + ":" + (value.text if isinstance(value, Raw) else
+                                                        json.dumps(value, separators=(",", ":")))
+                              for key, value in message.items()) + "}"
+    else:
+        text = json.dumps(message, separators=(",", ":"))
+    data = text.encode("utf-8")
     return _HEADER.pack(len(data)) + data
 
 
@@ -126,25 +132,47 @@ def send_listeners(sock, entries: Sequence[Tuple[str, str, int]]) -> None:
 # -- counters across the link --------------------------------------------------------------------
 
 
-def snapshot(sources: Iterable) -> List[list]:
-    """``[[rule, counters as plain data], ...]`` for ``(name, forwarder)`` pairs or forwarders:
-    what a worker answers a scrape with. One pass over the rules."""
-    out = []
-    for source in list(sources):
+#: rules per slice of a snapshot, between two passes of the worker's event loop: about 1 ms of
+#: making and encoding (1,000 rules with a target each: 20 ms in one go, measured)
+SNAPSHOT_SLICE = 50
+
+
+class Raw:
+    """JSON text already made, put in a message as it is (a worker's snapshot, made in slices)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _rule_data(c: Counters) -> Dict[str, Any]:
+    return {
+        "accepted": c.accepted, "connect_failed": c.connect_failed,
+        "bytes_upstream": c.bytes_upstream, "bytes_downstream": c.bytes_downstream, "active": c.active,
+        "outcomes": {o.name: n for o, n in c.outcomes.items()},
+        "durations": list(c.durations), "duration_sum": c.duration_sum,
+        "target_failures": dict(c.target_failures),
+        "views": {t: [v.up, v.state, v.weight, v.check_duration] for t, v in c.views().items()},
+        "targets": {t: {"active": tc.active, "outcomes": {o.name: n for o, n in tc.outcomes.items()},
+                        "bytes_upstream": tc.bytes_upstream, "bytes_downstream": tc.bytes_downstream,
+                        "failures": dict(tc.failures)} for t, tc in c.targets.copy().items()},
+    }
+
+
+def snapshot(sources: Iterable, pace: Optional[Callable[[], None]] = None) -> Raw:
+    """``[[rule, counters as plain data], ...]`` as JSON, for ``(name, forwarder)`` pairs or
+    forwarders: what a worker answers a scrape with. One pass over the rules, never the
+    connections; with ``pace``, called between slices of SNAPSHOT_SLICE rules (a pass of the
+    event loop, so that forwarding goes on while a big snapshot is made). Each rule is read
+    at once: its counters are one snapshot."""
+    parts: List[str] = []
+    for count, source in enumerate(list(sources), 1):
         name, source = source if isinstance(source, tuple) else (source.name, source)
-        c = source.counters
-        out.append([str(name), {
-            "accepted": c.accepted, "connect_failed": c.connect_failed,
-            "bytes_upstream": c.bytes_upstream, "bytes_downstream": c.bytes_downstream, "active": c.active,
-            "outcomes": {o.name: n for o, n in c.outcomes.items()},
-            "durations": list(c.durations), "duration_sum": c.duration_sum,
-            "target_failures": dict(c.target_failures),
-            "views": {t: [v.up, v.state, v.weight, v.check_duration] for t, v in c.views().items()},
-            "targets": {t: {"active": tc.active, "outcomes": {o.name: n for o, n in tc.outcomes.items()},
-                            "bytes_upstream": tc.bytes_upstream, "bytes_downstream": tc.bytes_downstream,
-                            "failures": dict(tc.failures)} for t, tc in c.targets.copy().items()},
-        }])
-    return out
+        parts.append(json.dumps([str(name), _rule_data(source.counters)], separators=(",", ":")))
+        if pace is not None and count % SNAPSHOT_SLICE == 0:
+            pace()
+    return Raw("[" + ",".join(parts) + "]")
 
 
 def _add(into: Counters, data: Mapping[str, Any], views: Dict[str, TargetView], gauges: bool) -> None:

@@ -898,7 +898,8 @@ def _serve_link(args: argparse.Namespace, forwarder: Any, files: Any, abort_now:
     link = _Link(_workerlink.open_link(args.worker_channel), sources)
 
     def metrics_snapshot(_message: dict) -> dict:
-        return {"metrics": _workerlink.snapshot(sources())}
+        hub = gevent.get_hub()
+        return {"metrics": _workerlink.snapshot(sources(), pace=lambda: metrics._loop_pass(hub))}
 
     def reload(message: dict) -> dict:
         if files is None:

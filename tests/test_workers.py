@@ -660,3 +660,28 @@ def test_clients_queued_on_a_dead_worker_are_served_by_the_one_started_in_its_pl
                 client.close()
         code, output = proxy.stop()
     assert code == 0, output
+
+
+def test_a_workers_snapshot_gives_the_event_loop_passes_between_slices_of_rules():
+    """A scrape must not hold a worker's forwarding up for its whole snapshot (1,000 rules: 20 ms):
+    the event loop gets a pass after every SNAPSHOT_SLICE rules, never inside a rule."""
+    import json as json_module
+
+    from gproxy import _workerlink
+    from gproxy.stats import Counters, Outcome
+
+    class Rule:
+        def __init__(self, index):
+            self.name = f"rule{index}"
+            self.counters = Counters()
+            self.counters.ended(Outcome.EOF, 0.5, index, 2 * index)
+
+    rules = [Rule(i) for i in range(2 * _workerlink.SNAPSHOT_SLICE + 1)]
+    passes = []
+    paced = _workerlink.snapshot(rules, pace=lambda: passes.append(len(passes)))
+    assert len(passes) == 2
+    assert paced.text == _workerlink.snapshot(rules).text
+    decoded = json_module.loads(_workerlink.encode({"metrics": paced, "id": 7})[4:])
+    assert decoded["id"] == 7 and len(decoded["metrics"]) == len(rules)
+    assert decoded["metrics"][3] == ["rule3", json_module.loads(paced.text)[3][1]]
+    assert decoded["metrics"][3][1]["bytes_downstream"] == 6
