@@ -973,7 +973,7 @@ class Connection:
         or None (not connected yet, or closed before anyone asked): two syscalls, made once,
         when a record is first wanted, so a connection nobody looks at never pays them."""
         ends = self._upstream_ends
-        if ends is None and self.upstream is not None:
+        if ends is None and self.upstream is not None and self.upstream.fileno() >= 0:  # closed: -1
             try:
                 ends = (_sockets.endpoint(self.upstream.getpeername()),
                         _sockets.endpoint(self.upstream.getsockname()))
