@@ -525,6 +525,7 @@ def _connect_ended(conn, code: int) -> None:
     if code == 0:
         conn.target_counts = context.counters.connected(context.target_name, True)
         conn._start_pumps(conn.upstream)
+        conn._read_ahead()
         return
     failed = connect_failure(code, _where(context.rule.target, context.direct[1]))
     context.counters.connected(context.target_name, False, failed.reason, failed.error)

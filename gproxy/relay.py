@@ -605,6 +605,17 @@ class Connection:
             if chains[direction]:  # a toxic may act before any byte comes (timeout)
                 loop.run_callback(self.kick, direction)
 
+    def _read_ahead(self) -> None:
+        """On the hub, right after ``_start_pumps`` from the connect's callback: a client
+        usually speaks while its connect is under way (requests come first in most
+        protocols), so read what it sent now, as HAProxy's speculative reads do, rather than
+        take one more pass of the loop (epoll_ctl, epoll_wait) to be told it is there. A
+        client that has not spoken costs one recv that finds nothing. Only on the plain path:
+        a direction with toxics or a capture keeps to its watcher."""
+        links = self.links
+        if (links is None or links[UPSTREAM] is None) and not self.context.toxics.chains[UPSTREAM]:
+            self._unpark(UPSTREAM)
+
     def _unpark(self, direction: int, spliced: bool = False) -> None:
         """Watcher callback, on the hub: the parked direction's source has data.
 
