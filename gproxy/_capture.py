@@ -50,7 +50,7 @@ import io
 import logging
 import os
 import time
-from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, Union
 
 from gproxy import _pcap
 from gproxy._chain import Link
@@ -97,7 +97,7 @@ class Capture:
         self.connections = 0
         #: False once stopped (or once a write failed)
         self.running = True
-        self._taps: Dict[int, Tap] = {}
+        self._taps: Set[Tap] = set()
         self._on_stop = on_stop
         self.write(_pcap.file_header())
 
@@ -122,8 +122,15 @@ class Capture:
     # -- on the forwarder's hub ------------------------------------------------------------
 
     def wants(self, conn: "Connection") -> bool:
-        return self.running and (self.connection is None or self.connection == conn.id) \
-            and conn.id not in self._taps
+        if not self.running or (self.connection is not None and self.connection != conn.id):
+            return False
+        links = conn.links   # tapped already: a capture joined it, then another forwarder's
+        return links is None or all(link is None or link.tap is None for link in links)
+
+    def rebind(self, on_stop: Callable[["Capture"], None]) -> None:
+        """Another forwarder owns it now (``Forwarder.take_capture``): ``stop()`` goes there."""
+        if self._on_stop is not None:
+            self._on_stop = on_stop
 
     def attach(self, conn: "Connection") -> bool:
         """Capture ``conn`` (connected, its pumps started) from its next chunk: True, or False
@@ -141,18 +148,18 @@ class Capture:
             if link is None:
                 link = links[direction] = Link(conn, direction, context.toxics, context.rule.buffer_size)
             link.tap = tap
-        self._taps[conn.id] = tap
+        self._taps.add(tap)
         self.connections += 1
         return True
 
     def detach(self, tap: "Tap") -> None:
-        self._taps.pop(tap.conn_id, None)
+        self._taps.discard(tap)
 
     def detach_all(self) -> int:
         """Forget every tap: their links stop calling them, and let the fast path take over
         at their next sync (``Link.plain``). How many there were."""
-        taps, self._taps = self._taps, {}
-        for tap in taps.values():
+        taps, self._taps = self._taps, set()
+        for tap in taps:
             tap.capture = None
         return len(taps)
 
@@ -197,13 +204,12 @@ class Tap:
     DOWNSTREAM = 1) reads its source on ``convs[d]``, as side ``d``, and writes its
     destination on ``convs[1 - d]``, as side ``d``."""
 
-    __slots__ = ("capture", "convs", "conn_id", "_last")
+    __slots__ = ("capture", "convs", "_last")
 
-    def __init__(self, capture: Capture, convs: Tuple[Optional[_pcap.Conversation], Optional[_pcap.Conversation]],
-                 conn_id: int) -> None:
+    def __init__(self, capture: Capture,
+                 convs: Tuple[Optional[_pcap.Conversation], Optional[_pcap.Conversation]]) -> None:
         self.capture: Optional[Capture] = capture   # None once it stopped listening
         self.convs = convs
-        self.conn_id = conn_id
         #: per direction, the chunk read last and its segments' payload sums: written on as
         #: the same object (a chain that changed nothing), it is not summed again
         self._last: List[Optional[Tuple[Any, List[int]]]] = [None, None]
@@ -227,7 +233,7 @@ class Tap:
                 upstream = _pcap.Conversation(local, target)
         if client is None and upstream is None:
             return None
-        tap = cls(capture, (client, upstream), conn.id)
+        tap = cls(capture, (client, upstream))
         for conv in tap.convs:
             if conv is not None:
                 capture.write(conv.handshake(t))

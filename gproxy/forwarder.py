@@ -788,6 +788,21 @@ class Forwarder:
             raise
         return capture
 
+    def take_capture(self, old: "Forwarder") -> None:
+        """Go on with ``old``'s capture, if it has one and this forwarder none, into the same
+        file: a changed rule's new forwarder (a reload, an API update), as its toxics carry
+        over. ``old``'s open connections finish in it, this one's are captured as they come;
+        stopping ``old`` no longer ends it, stopping this one does. Call before ``old`` stops."""
+        old._on_hub(self._take_capture, old)
+
+    def _take_capture(self, old: "Forwarder") -> None:
+        capture = old._context.capture
+        if capture is None or self._context.capture is not None:
+            return
+        old._context.capture = None
+        self._context.capture = capture
+        capture.rebind(lambda capture: self._on_hub(self._end_capture, capture))
+
     def _stop_capture(self) -> None:
         """Stopped or retired: every connection ended, their ends are in the file; complete it."""
         capture = self._context.capture

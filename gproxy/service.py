@@ -230,6 +230,7 @@ class Service:
             new = Forwarder(bind, new_target, **_options_of(fw.rule))
             new.count_on(fw)
             _copy_toxics(fw, new)
+            new.take_capture(fw)           # and an API's capture goes on in the same file
             moved = bind != listen_address(fw)
             if want_enabled and moved:
                 new.start_here()           # OSError here: the old one still runs
@@ -355,6 +356,7 @@ class Service:
                 if previous is None:
                     continue
                 _copy_toxics(previous, new)  # what the API added to the rule stays
+                new.take_capture(previous)   # and so does its capture, in the same file
                 if previous.state is State.RUNNING and not previous.enabled:
                     new.disable()  # and so does a rule the API disabled
             kept = {name: fw for name, fw in old.items() if name not in result and name not in owned}

@@ -18,7 +18,19 @@ import pytest
 
 import pcapread
 from gproxy import _pcap
-from peers import TIMEOUT, Proxy, Server, connect, echo, payload, recv_all, recv_exactly, reset, send_in_odd_chunks
+from peers import (
+    TIMEOUT,
+    Proxy,
+    Server,
+    connect,
+    echo,
+    payload,
+    read_until_closed,
+    recv_all,
+    recv_exactly,
+    reset,
+    send_in_odd_chunks,
+)
 
 
 def _sides(path, client_end, listener, target):
@@ -329,6 +341,37 @@ def test_api_starts_reports_and_stops_a_capture_into_a_new_file_only(tmp_path):
     assert code == 0 and "Traceback" not in log
     streams = pcapread.streams(pcapread.read(path)[1])
     assert [bytes(s.sent_by(s.opener).data) for s in streams] == [b"via the API"] * 2
+
+
+def test_an_api_capture_goes_on_in_the_same_file_when_an_update_replaces_the_proxy(tmp_path):
+    """As toxics carry over to the forwarder that replaces a proxy, so does its capture: the
+    old forwarder's connection ends in the file, the new one's follows."""
+    from test_api import ApiProcess, create
+    path = tmp_path / "replaced.pcap"
+    with Server(echo) as upstream:
+        api = ApiProcess()
+        try:
+            host, port = create(api, "db", upstream.address)["listen"].rsplit(":", 1)
+            assert api.call("POST", "/proxies/db/capture", {"path": str(path)})[0] == 201
+            before = connect((host, int(port)))
+            before.sendall(b"one")
+            assert recv_exactly(before, 3) == b"one"
+            status, _ = api.call("POST", "/proxies/db", {"upstream": "localhost:%d" % upstream.address[1]})
+            assert status == 200
+            read_until_closed(before)   # the old forwarder stopped: its connection is cut
+            before.close()
+            status, body = api.call("GET", "/proxies/db/capture")
+            assert status == 200 and body["running"] and body["connections"] == 1, body
+            assert _one_exchange((host, int(port)), b"two") == b"two"
+            status, body = api.call("DELETE", "/proxies/db/capture")
+            assert status == 200 and body["connections"] == 2, body
+        finally:
+            code, log = api.stop()
+    assert code == 0 and "Traceback" not in log, log
+    streams = pcapread.streams(pcapread.read(path)[1])
+    clients = [s for s in streams if s.acceptor[1] == int(port)]
+    assert [bytes(s.sent_by(s.opener).data) for s in clients] == [b"one", b"two"]
+    assert clients[0].sent_by(clients[0].acceptor).rst   # the stop's abort, before the file went on
 
 
 def test_plugin_keeps_the_capture_of_a_failed_test_only(tmp_path):
