@@ -350,10 +350,15 @@ def web():
     served = []
 
     class Recording(Handler):
-        def handle_one_request(self):
-            super().handle_one_request()
-            if getattr(self, "path", None) and self.command:
+        # Recorded as each request is parsed, before its answer goes out: recorded after
+        # handle_one_request() instead, a test reading ``served`` once it has the last answer
+        # could miss that request, and the read that finds the client's EOF, which leaves the
+        # last request's command and path set, recorded that request a second time.
+        def parse_request(self):
+            parsed = super().parse_request()
+            if parsed:
                 served.append((self.command, self.path))
+            return parsed
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recording)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
