@@ -426,6 +426,8 @@ def describe(exc: BaseException) -> str:
     """An OpenSSL error in words: 'certificate verify failed: certificate has expired',
     'tlsv1 alert unknown ca', 'http request' (a plaintext HTTP client on a TLS port)."""
     verify = getattr(exc, "verify_message", None)
+    if verify:  # OpenSSL's sentence, as a clause of our line
+        verify = verify[:1].lower() + verify[1:].rstrip(".")
     reason = getattr(exc, "reason", None)
     if reason:
         text = str(reason).lower().replace("_", " ")
