@@ -7,12 +7,14 @@ sockets that write a ClientHello byte by byte, split into many records, or not a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
 import socket
 import ssl
 import subprocess
+import threading
 
 import pytest
 import trustme
@@ -21,7 +23,7 @@ import gproxy
 from gproxy._sni import MAX_HELLO, MAX_READ, Hello, HelloError, HelloParser, Routes
 from gproxy.config import Address, ConfigError, Rule
 from gproxy.stats import Outcome
-from peers import TIMEOUT, Proxy, Server, connect, echo, read_until_closed, recv_all
+from peers import TIMEOUT, Proxy, Server, connect, echo, payload, read_until_closed, recv_all, send_in_odd_chunks
 
 NAMES = ["db.example", "*.cache.example", "default.example", "other.example"]
 
@@ -273,6 +275,30 @@ def test_not_tls_goes_to_the_target_untouched(forwarders, first):
     [record] = forwarders.records
     assert record.outcome is Outcome.EOF and record.sni is None
     assert record.bytes_upstream == len(first) + 9
+
+
+@pytest.mark.timeout(60)
+def test_bulk_after_the_hello_keeps_every_byte_in_order(forwarders):
+    """The routed connection is an ordinary one once the hello is replayed: 8 MiB after it,
+    in odd chunks, come back whole and in order (through splice on the splice run), and the
+    byte counts include the hello."""
+    hello = client_hello("db.example")
+    data = payload(8 << 20, seed=19)
+    with Server(echo) as server:
+        fw = forwarders("127.0.0.1:1", route_sni={"db.example": server.address})
+        with connect(fw.address) as sock:
+            received = []
+            reader = threading.Thread(target=lambda: received.append(recv_all(sock)))
+            reader.start()
+            sock.sendall(hello[:7])
+            send_in_odd_chunks(sock, hello[7:] + data, seed=3)
+            sock.shutdown(socket.SHUT_WR)
+            reader.join(TIMEOUT)
+        forwarders.wait_closed(fw, accepted=1)
+    assert hashlib.sha256(received[0]).digest() == hashlib.sha256(hello + data).digest()
+    [record] = forwarders.records
+    assert (record.outcome, record.route) == (Outcome.EOF, "db.example")
+    assert record.bytes_upstream == record.bytes_downstream == len(hello) + len(data)
 
 
 @pytest.mark.timeout(30)
