@@ -302,7 +302,8 @@ def measure_idle(term, args):
     try:
         line = helper.stdout.readline()
         if line.strip() != b"ready":
-            raise BenchError("idle helper: " + bench.oneline((line + helper.stderr.read()).decode(errors="replace")))
+            text = (line + helper.stderr.read()).decode(errors="replace")
+            raise BenchError("idle helper: " + bench.oneline(text))
         time.sleep(args.idle_settle)
         after = term.rss_kib()
         helper.stdin.write(b"\n")
@@ -388,7 +389,8 @@ def report(results, names, args, env):
         lines.append("| %s | %s |" % (label, " | ".join(values_of(n) for n in names)))
 
     for workload, title in (("hs_rsa", "RSA 2048"), ("hs_ecdsa", "ECDSA P-256")):
-        row("handshakes/s, %s (direct: plain connects/s)" % title, lambda n, w=workload: cell(get(w, n, "rps"), "%.0f"))
+        row("handshakes/s, %s (direct: plain connects/s)" % title,
+            lambda n, w=workload: cell(get(w, n, "rps"), "%.0f"))
         row("CPU ms per handshake, %s" % title,
             lambda n, w=workload: "n/a" if n == "direct" else cell(get(w, n, "cpu_per_request_us"), "%.2f", 1e-3))
     row("bulk, 1 connection, Gbit/s", lambda n: cell(get("bulk", n, "gbit_s"), "%.2f"))

@@ -500,37 +500,45 @@ class TLSSocket:
         total = 0
         drained = False  # the socket gave less than asked: it has nothing more for now
         while total < size:
-            try:
-                n = obj.read(size - total, view[total:size])
-            except ssl.SSLWantReadError:
-                if drained:
-                    break
-                cipher, cipher_view = _cipher_buffer()
+            # Ask OpenSSL only when it holds something (ciphertext, plaintext, the end): asked
+            # with nothing, it raises SSLWantReadError, which cost a small message about a
+            # tenth of its CPU when it happened twice per read (before the socket's bytes, and
+            # after them, to learn they were all)
+            if incoming.pending or obj.pending() or self._fin_seen:
                 try:
-                    got = self.sock.recv_into(cipher)
-                except BlockingIOError:
+                    n = obj.read(size - total, view[total:size])
+                except ssl.SSLWantReadError:
+                    n = -1  # a partial record: more ciphertext is needed
+                except ssl.SSLZeroReturnError:
+                    self.truncated = self._fin_seen  # a FIN fed in before OpenSSL said "closed"
+                    n = 0
+                except ssl.SSLEOFError:  # (an OpenSSL without OP_IGNORE_UNEXPECTED_EOF)
+                    self.truncated = True
+                    self.outgoing.read()  # no alert for it: the other direction goes on
+                    n = 0
+                except ssl.SSLError as exc:
+                    raise TLSError(f"tls: {describe(exc)}") from None
+                if n > 0:
+                    total += n
+                    continue
+                if n == 0:
+                    self.truncated = self.truncated or self._fin_seen
+                    self._eof = True
                     break
-                if got == 0:
-                    self._fin_seen = True
-                    incoming.write_eof()
-                else:
-                    incoming.write(cipher_view[:got])
-                    drained = got < len(cipher)
-                continue
-            except ssl.SSLZeroReturnError:
-                self.truncated = self._fin_seen  # a FIN fed in before OpenSSL said "closed"
-                n = 0
-            except ssl.SSLEOFError:  # (an OpenSSL without OP_IGNORE_UNEXPECTED_EOF)
-                self.truncated = True
-                self.outgoing.read()  # no alert for it: the other direction goes on
-                n = 0
-            except ssl.SSLError as exc:
-                raise TLSError(f"tls: {describe(exc)}") from None
-            if n == 0:
-                self.truncated = self.truncated or self._fin_seen
-                self._eof = True
+            if drained:
                 break
-            total += n
+            cipher, cipher_view = _cipher_buffer()
+            try:
+                got = self.sock.recv_into(cipher)
+            except BlockingIOError:
+                break
+            if got == 0:
+                self._fin_seen = True
+                drained = True
+                incoming.write_eof()
+            else:
+                incoming.write(cipher_view[:got])
+                drained = got < len(cipher)
         if self.outgoing.pending:  # a read may answer the peer (a TLS 1.3 key update)
             self._queue(self.outgoing.read())
             self._flush()

@@ -406,3 +406,69 @@ def _bio_read_all(session, raw, incoming):
         if not data:
             return got, "eof"
         incoming.write(data)
+
+
+class _CountingSession:
+    """An SSLObject that counts its reads, and the reads that only said "want more"."""
+
+    def __init__(self, obj):
+        self.obj, self.reads, self.wanted = obj, 0, 0
+
+    def read(self, *args):
+        self.reads += 1
+        try:
+            return self.obj.read(*args)
+        except ssl.SSLWantReadError:
+            self.wanted += 1
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.obj, name)
+
+
+def test_a_small_record_costs_one_openssl_read_and_no_exception(ca):
+    """The copy path's cost per small message: asking OpenSSL for plaintext it cannot have
+    raises SSLWantReadError, and each one cost about a tenth of a small request's CPU (twice
+    per read: before the socket's bytes and after them). recv_into asks only when OpenSSL
+    holds ciphertext, plaintext or the end."""
+    import select
+    import threading
+
+    from gproxy import _tls
+
+    raw, peer = socket.socketpair()
+    try:
+        raw.setblocking(False)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        stream = _tls.TLSSocket(raw, ca.server_context().wrap_bio(incoming, outgoing, server_side=True),
+                                incoming, outgoing)
+        client = []
+
+        def connect_and_send():
+            tls = ca.client_context().wrap_socket(peer, server_hostname="localhost")
+            tls.recv(1)  # (the session tickets; then the server's byte)
+            tls.sendall(b"small")
+            client.append(tls)
+
+        thread = threading.Thread(target=connect_and_send)
+        thread.start()
+
+        def wait(events, seconds):
+            lists = ([raw], [], []) if events == 1 else ([], [raw], [])
+            return bool(select.select(*lists, max(0.0, seconds))[events - 1])
+
+        _tls.handshake(stream, wait, TIMEOUT, "client")
+        assert stream.send(b"!") == 1
+        thread.join(TIMEOUT)
+        assert select.select([raw], [], [], TIMEOUT)[0]
+        counting = stream.obj = _CountingSession(stream.obj)
+        buffer = bytearray(65536)
+        assert stream.recv_into(buffer) == 5 and buffer[:5] == b"small"
+        assert (counting.reads, counting.wanted) == (1, 0)
+        with pytest.raises(BlockingIOError):  # nothing more: the socket is asked, not OpenSSL
+            stream.recv_into(buffer)
+        assert (counting.reads, counting.wanted) == (1, 0)
+        client[0].close()
+    finally:
+        raw.close()
+        peer.close()
