@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import http.client
 import json
 import math
 import os
@@ -316,9 +317,14 @@ class Forwarder:
         self.kind, self.port, self.procs_wanted = kind, port, procs
         self.popen = []
         logf = open(os.path.join(workdir, f"{kind}.log"), "a")
+        self.metrics_port = None
         if kind == "gproxy":
-            cmd = [sys.executable, "-m", "gproxy", "-q", "--workers", str(procs), "--drain-timeout", "0",
-                   "--balance", "round-robin", *args.gproxy_args.split(),
+            metrics = []
+            if getattr(args, "metrics", False):
+                self.metrics_port = free_port()
+                metrics = ["--metrics", f"{HOST}:{self.metrics_port}"]
+            cmd = [*(args.gproxy_cmd.split() or [sys.executable, "-m", "gproxy"]), "-q", "--workers", str(procs), "--drain-timeout", "0",
+                   "--balance", "round-robin", *metrics, *args.gproxy_args.split(),
                    f"{HOST}:{port}", *(f"{HOST}:{p}" for p in backend_ports)]
             env = dict(os.environ, PYTHONPATH=ROOT)
             self.popen.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=logf,
@@ -395,6 +401,19 @@ backend up
                 p.wait()
 
 
+def scrape(port):
+    """One GET /metrics: (seconds, the page's summed gproxy_connections_active)."""
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    conn.request("GET", "/metrics")
+    body = conn.getresponse().read().decode()
+    conn.close()
+    secs = time.perf_counter() - t0
+    active = sum(float(line.rsplit(None, 1)[1]) for line in body.splitlines()
+                 if line.startswith("gproxy_connections_active"))
+    return secs, active
+
+
 def one_request(port, payload=b"x" * 64):
     t0 = time.perf_counter()
     with socket.create_connection((HOST, port), timeout=10) as s:
@@ -460,6 +479,10 @@ def measure(kind, n, args, workdir):
         row["kib_per_conn"] = (row["rss_kib"] - row["rss0_kib"]) / max(1, row["relayed"])
         row["per_worker"] = [(socket_fds(p) - 2) // 2 for p in fwd.workers()]
         row["idle_cpu_s"] = fwd.cpu_over(args.idle_seconds)
+        if fwd.metrics_port:
+            scrapes = [scrape(fwd.metrics_port) for _ in range(5)]
+            row["scrape_ms"] = statistics.median(t for t, _ in scrapes) * 1000
+            row["scrape_active"] = scrapes[-1][1]
         lat = [one_request(port) for _ in range(args.requests)]
         row["lat_p50_us"], row["lat_p99_us"] = percentile(lat, 0.5) * 1e6, percentile(lat, 0.99) * 1e6
         burst = Child("burst", port, args.burst, 64)
@@ -470,7 +493,9 @@ def measure(kind, n, args, workdir):
         row["stop_s"] = fwd.stop()
         log(f"{kind} n={n}: {row['kib_per_conn']:.2f} KiB/conn, idle CPU {row['idle_cpu_s']:.2f} s "
             f"(empty {row['idle_cpu0_s']:.2f}), p50 {row['lat_p50_us']:.0f} us p99 {row['lat_p99_us']:.0f} us, "
-            f"{row['cps']:.0f} conn/s, stop {row['stop_s']:.2f} s")
+            f"{row['cps']:.0f} conn/s, stop {row['stop_s']:.2f} s, per worker {row['per_worker']}, "
+            f"per backend {row['per_backend']}"
+            + (f", /metrics {row['scrape_ms']:.1f} ms showing {row['scrape_active']:.0f} active" if fwd.metrics_port else ""))
     finally:
         if fwd is not None:
             fwd.kill()
@@ -491,7 +516,7 @@ def spread(k, workers, tries, workdir):
     backend = Child("backend", backend_port)
     backend.line()
     port = free_port()
-    fwd = Forwarder("gproxy", workers, port, [backend_port], workdir, argparse.Namespace(gproxy_args=""))
+    fwd = Forwarder("gproxy", workers, port, [backend_port], workdir, argparse.Namespace(gproxy_args="", gproxy_cmd="", metrics=False))
     results = []
     try:
         pids = fwd.workers()
@@ -529,22 +554,32 @@ def table(rows, sizes, kinds):
             if rs:
                 med[kind, n] = {key: statistics.median(r[key] for r in rs if r.get(key) is not None)
                                 for key in ("kib_per_conn", "idle_cpu_s", "idle_cpu0_s", "lat_p50_us",
-                                            "lat_p99_us", "cps", "stop_s", "relayed", "open_s")}
+                                            "lat_p99_us", "cps", "stop_s", "relayed", "open_s", "scrape_ms")
+                                if any(r.get(key) is not None for r in rs)}
                 med[kind, n]["procs"] = rs[0]["procs"]
                 med[kind, n]["reps"] = len(rs)
-    out = ["| N | forwarder | processes | relayed | RSS KiB/conn | idle CPU ms/s (empty) | "
-           "fresh request p50 / p99 us | new conn/s | SIGTERM s | opened in s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| N | forwarder | processes | relayed | RSS KiB/conn | idle CPU ms/s [empty] | "
+           "fresh request p50 / p99 us | new conn/s | SIGTERM s | opened in s | /metrics ms |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in sizes:
         for kind in kinds:
             m = med.get((kind, n))
             if not m:
                 continue
-            out.append(f"| {n:,} | {kind} | {m['procs']} | {m['relayed']:,.0f} | {m['kib_per_conn']:.2f} | "
-                       f"{m['idle_cpu_s'] * 1000 / ARGS.idle_seconds:.1f} "
-                       f"({m['idle_cpu0_s'] * 1000 / ARGS.idle_seconds:.1f}) | "
-                       f"{m['lat_p50_us']:.0f} / {m['lat_p99_us']:.0f} | {m['cps']:,.0f} | "
-                       f"{m['stop_s']:.2f} | {m['open_s']:.1f} |")
+            rs = [r for r in rows if r["kind"] == kind and r["n"] == n]
+
+            def cell(key, digits, scale=1.0):
+                """The median, and the range when there are several repetitions."""
+                xs = [r[key] * scale for r in rs if r.get(key) is not None]
+                if not xs:
+                    return "-"
+                text = fmt(statistics.median(xs), digits)
+                return text if len(xs) < 2 else f"{text} ({fmt(min(xs), digits)}-{fmt(max(xs), digits)})"
+            per_s = 1000 / ARGS.idle_seconds
+            out.append(f"| {n:,} | {kind} | {m['procs']} | {m['relayed']:,.0f} | {cell('kib_per_conn', 2)} | "
+                       f"{cell('idle_cpu_s', 1, per_s)} [{cell('idle_cpu0_s', 1, per_s)}] | "
+                       f"{cell('lat_p50_us', 0)} / {cell('lat_p99_us', 0)} | {cell('cps', 0)} | "
+                       f"{cell('stop_s', 2)} | {cell('open_s', 1)} | {cell('scrape_ms', 1)} |")
     if "gproxy" in kinds and "haproxy" in kinds:
         out += ["", "| N | RSS/conn | idle CPU | p50 | p99 | new conn/s | SIGTERM |  (gproxy / HAProxy)",
                 "|---|---|---|---|---|---|---|"]
@@ -571,6 +606,10 @@ def main(argv=None):
     ap.add_argument("--burst", type=int, default=5000, help="new connections in the burst (default 5000)")
     ap.add_argument("--window", type=int, default=128, help="handshakes in flight per client process")
     ap.add_argument("--haproxy-threads", type=int, default=2, help="HAProxy nbthread per process (default 2)")
+    ap.add_argument("--no-metrics", dest="metrics", action="store_false",
+                    help="gproxy without --metrics (it needs a gproxy whose --workers takes it)")
+    ap.add_argument("--gproxy-cmd", default="",
+                    help="how to run gproxy (default: this Python, -m gproxy; workers are run so anyway)")
     ap.add_argument("--gproxy-args", default="", help="more gproxy options")
     ap.add_argument("--spread", default=None, help="instead: K,K,... clients for the worker spread")
     ap.add_argument("--workers-list", default="2,4", help="with --spread: worker counts (default 2,4)")
