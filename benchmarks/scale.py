@@ -323,7 +323,8 @@ class Forwarder:
             if getattr(args, "metrics", False):
                 self.metrics_port = free_port()
                 metrics = ["--metrics", f"{HOST}:{self.metrics_port}"]
-            cmd = [*(args.gproxy_cmd.split() or [sys.executable, "-m", "gproxy"]), "-q", "--workers", str(procs), "--drain-timeout", "0",
+            cmd = [*(args.gproxy_cmd.split() or [sys.executable, "-m", "gproxy"]), "-q", "--workers", str(procs),
+                   "--drain-timeout", "0",
                    "--balance", "round-robin", *metrics, *args.gproxy_args.split(),
                    f"{HOST}:{port}", *(f"{HOST}:{p}" for p in backend_ports)]
             env = dict(os.environ, PYTHONPATH=ROOT)
@@ -495,7 +496,8 @@ def measure(kind, n, args, workdir):
             f"(empty {row['idle_cpu0_s']:.2f}), p50 {row['lat_p50_us']:.0f} us p99 {row['lat_p99_us']:.0f} us, "
             f"{row['cps']:.0f} conn/s, stop {row['stop_s']:.2f} s, per worker {row['per_worker']}, "
             f"per backend {row['per_backend']}"
-            + (f", /metrics {row['scrape_ms']:.1f} ms showing {row['scrape_active']:.0f} active" if fwd.metrics_port else ""))
+            + (f", /metrics {row['scrape_ms']:.1f} ms showing {row['scrape_active']:.0f} active"
+               if fwd.metrics_port else ""))
     finally:
         if fwd is not None:
             fwd.kill()
@@ -516,23 +518,28 @@ def spread(k, workers, tries, workdir):
     backend = Child("backend", backend_port)
     backend.line()
     port = free_port()
-    fwd = Forwarder("gproxy", workers, port, [backend_port], workdir, argparse.Namespace(gproxy_args="", gproxy_cmd="", metrics=False))
+    plain = argparse.Namespace(gproxy_args="", gproxy_cmd="", metrics=False)
+    fwd = Forwarder("gproxy", workers, port, [backend_port], workdir, plain)
     results = []
     try:
+        for _ in range(50):  # warm up: the sockets a worker keeps once it has served (a spare upstream)
+            one_request(port)
+        time.sleep(0.5)  # sleep-ok: the warm-up's connections end
         pids = fwd.workers()
         base = {p: socket_fds(p) for p in pids}
         for _ in range(tries):
             socks = [socket.create_connection((HOST, port)) for _ in range(k)]
             deadline = time.monotonic() + 30
             while True:
-                counts = [(socket_fds(p) - base[p]) // 2 for p in pids]
+                counts = [max(0, socket_fds(p) - base[p]) // 2 for p in pids]
                 if sum(counts) >= k or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
             results.append(sorted(counts, reverse=True))
             for s in socks:
                 s.close()
-            while any(socket_fds(p) > base[p] for p in pids) and time.monotonic() < deadline + 30:
+            settled = time.monotonic() + 5
+            while any(socket_fds(p) > base[p] for p in pids) and time.monotonic() < settled:
                 time.sleep(0.05)
     finally:
         fwd.kill()
@@ -568,7 +575,7 @@ def table(rows, sizes, kinds):
                 continue
             rs = [r for r in rows if r["kind"] == kind and r["n"] == n]
 
-            def cell(key, digits, scale=1.0):
+            def cell(key, digits, scale=1.0, rs=rs):
                 """The median, and the range when there are several repetitions."""
                 xs = [r[key] * scale for r in rs if r.get(key) is not None]
                 if not xs:
@@ -586,7 +593,7 @@ def table(rows, sizes, kinds):
         for n in sizes:
             g, h = med.get(("gproxy", n)), med.get(("haproxy", n))
             if g and h:
-                def ratio(key):
+                def ratio(key, g=g, h=h):
                     return f"{g[key] / h[key]:.2f}" if h[key] else "-"
                 out.append(f"| {n:,} | {ratio('kib_per_conn')} | {ratio('idle_cpu_s')} | {ratio('lat_p50_us')} | "
                            f"{ratio('lat_p99_us')} | {ratio('cps')} | {ratio('stop_s')} |")
@@ -634,8 +641,13 @@ def main(argv=None):
                 tally = {}
                 for r in res:
                     tally[tuple(r)] = tally.get(tuple(r), 0) + 1
-                shown = ", ".join(f"{'/'.join(map(str, r))} x{c}" for r, c in
-                                  sorted(tally.items(), key=lambda kv: -kv[1]))
+                if len(tally) <= 8:
+                    shown = ", ".join(f"{'/'.join(map(str, r))} x{c}" for r, c in
+                                      sorted(tally.items(), key=lambda kv: -kv[1]))
+                else:  # every try its own: the busiest and the idlest worker's counts
+                    busiest, idlest = [r[0] for r in res], [r[-1] for r in res]
+                    shown = (f"busiest median {statistics.median(busiest):g} (most {max(busiest)}), "
+                             f"idlest median {statistics.median(idlest):g} (fewest {min(idlest)})")
                 worst = max(r[0] for r in res) / (k / w)
                 print(f"| {w} | {k} | {len(res)} | {shown} (busiest at most {worst:.2f}x the even share) |",
                       flush=True)
