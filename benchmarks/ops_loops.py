@@ -765,7 +765,8 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=1.0, help="seconds between rounds")
     parser.add_argument("--loops", default=",".join(LOOPS))
     parser.add_argument("--churn", type=int, default=0,
-                        help="N: also a redis-benchmark with N clients opening a connection per request (-k 0)")
+                        help="N: also a redis-benchmark with N clients opening a connection per request (-k 0); "
+                             "load only: it drops a client whose connect is refused without a word")
     parser.add_argument("--only", default="gproxy,haproxy,nginx")
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--root", default=None, help="the gproxy checkout to run (default: this one)")
