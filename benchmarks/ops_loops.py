@@ -1,7 +1,7 @@
 """Whom a restart, a reload or a dead worker refuses or cuts: gproxy beside HAProxy and nginx.
 
     python benchmarks/ops_loops.py [--rounds 10] [--every 1] [--loops restart,reload,workers]
-                                   [--only gproxy,haproxy,nginx] [--keep-logs]
+                                   [--only gproxy,haproxy,nginx] [--keep-logs] [--root CHECKOUT]
 
 Each forwarder carries two services, both on 127.0.0.1: ``redis`` (to redis-server) and
 ``http`` (to an nginx serving a 612-byte static file), and runs in turn under the same load:
@@ -30,16 +30,24 @@ The loops and what each forwarder does in them:
   (SIGTERM, wait for the exit, start); HAProxy 2.6 ``haproxy -x STATS_SOCKET -sf OLDPID`` (TCP
   mode, ``expose-fd listeners``); nginx 1.22 ``stream``: a binary upgrade (USR2, then QUIT to the
   old master);
-- reload, with a changed file each time: gproxy SIGHUP; HAProxy ``-x -sf``; ``nginx -s reload``;
-- workers: gproxy ``--workers 2`` and nginx ``worker_processes 2``, SIGKILL to one worker (and
-  with gproxy's two supervisors, one per service, one worker of each); HAProxy n/a: its threads
-  (``nbthread``) cannot be killed one by one.
+- reload, with a changed file each time: gproxy SIGHUP, to one process and to the parent of
+  ``--workers 2 -c FILE``; HAProxy ``-x -sf``; ``nginx -s reload``;
+- workers: gproxy ``--workers 2 -c FILE`` and nginx ``worker_processes 2``, SIGKILL to one
+  worker, and the next round once it has been started again (a gproxy whose ``--workers`` takes
+  no file runs one supervisor per service, and one worker of each is killed); HAProxy n/a: its
+  threads (``nbthread``) cannot be killed one by one.
+
+A ``cut`` on a new connection that is a reset rather than an EOF is a client that was queued on
+the dead worker's listening socket (the kernel resets those when no process holds it any more)
+rather than one in flight.
 
 The reload loop cycles four files: the redis service's targets change (redis-server 1, 2,
 both), the http service's targets and balance change, connect/idle timeouts change, and a
 third rule is added and removed. During gproxy's handover its ``/metrics`` and API
-(``--api``) ports are fetched every 100 ms (``scrape failed``), and every gproxy log is
-searched for ``Address already in use``.
+(``--api``) ports are fetched every 100 ms (``scrape failed``; the API serves ``/metrics`` too,
+and each page's ``process_start_time_seconds`` says which process answered, so the table says
+how many processes each port was seen served by), and every gproxy log is searched for
+``Address already in use``, tracebacks and ERROR lines.
 
 Needs redis-server, redis-benchmark, haproxy, nginx with the stream module (Debian:
 libnginx-mod-stream) and wrk (``bash benchmarks/setup.sh``). Nothing is left running: every
