@@ -63,7 +63,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from gproxy import _sockets
 from gproxy.config import Address, Rule
@@ -107,16 +107,30 @@ def reserve(rule: Rule) -> socket.socket:
     return sock
 
 
+#: a worker started again numbers its connections from its generation times this: ids stay
+#: unique across workers and their successors (a worker would need 10**12 connections to
+#: reach its successor's first id), and stay small for the first generation.
+GENERATION_IDS = 10 ** 12
+
+
+def worker_ids(index: int, generation: int, count: int) -> Tuple[int, int]:
+    """The (first, step) of worker ``index``'s connection ids in its ``generation``-th life:
+    the workers interleave (worker 0 counts 1, 1+N, 1+2N..., worker 1 counts 2, 2+N...), so
+    a connection id names one connection across every worker, as it does in one process."""
+    return 1 + index + generation * GENERATION_IDS, count
+
+
 class Supervisor:
-    """Runs ``command(index, lifeline, channel)`` as N worker processes until a signal stops them
-    all; ``lifeline`` is the fd each worker watches for its supervisor's death
-    (``watch_lifeline``), ``channel`` its end of the link to the parent (:mod:`gproxy._workerlink`).
+    """Runs ``command(index, lifeline, channel, ids)`` as N worker processes until a signal stops
+    them all; ``lifeline`` is the fd each worker watches for its supervisor's death
+    (``watch_lifeline``), ``channel`` its end of the link to the parent (:mod:`gproxy._workerlink`),
+    ``ids`` the (first, step) its connection ids count with (``worker_ids``).
 
     ``config``: the ``-c`` file, validated and its ports bound here, sent to every worker and
     reloaded on SIGHUP; ``metrics``: the address of the one ``/metrics`` page, served here with
     the sum over workers; ``announce()`` logs what listens, once every worker accepts."""
 
-    def __init__(self, command: Callable[[int, int, int], List[str]], count: int, *,
+    def __init__(self, command: Callable[[int, int, int, Tuple[int, int]], List[str]], count: int, *,
                  config: Optional[str] = None, metrics: Optional[str] = None, single: Any = None,
                  announce: Callable[[dict, Dict[str, int]], None] = lambda rules, ports: None):
         self.command = command
@@ -129,6 +143,7 @@ class Supervisor:
         self.started: Dict[int, float] = {}
         self.delay: Dict[int, float] = {}
         self.due: Dict[int, float] = {}      # index -> when a dead worker starts again
+        self.generations: Dict[int, int] = {}  # index -> how many times it was started
         self.stopping = 0                    # signals received
         self.failed = False
         self.announced = False               # every worker accepted once: said, and READY=1 sent
@@ -247,8 +262,11 @@ class Supervisor:
         lifeline = self.lifeline
         assert lifeline is not None  # run() made it before starting any worker
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        generation = self.generations.get(index, 0)
+        self.generations[index] = generation + 1
+        ids = worker_ids(index, generation, self.count)
         with theirs:
-            proc = subprocess.Popen(self.command(index, lifeline, theirs.fileno()), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(self.command(index, lifeline, theirs.fileno(), ids), stdin=subprocess.DEVNULL,
                                     pass_fds=(lifeline, theirs.fileno()), env=self.env)
         self.procs[index] = proc
         self.started[index] = time.monotonic()
@@ -375,10 +393,12 @@ def watch_lifeline(fd: int, on_gone: Callable[[], None]):
     return watcher
 
 
-def worker_argv(argv: List[str], port: Optional[int], lifeline: int, channel: int) -> List[str]:
+def worker_argv(argv: List[str], port: Optional[int], lifeline: int, channel: int,
+                ids: Tuple[int, int] = (1, 1)) -> List[str]:
     """A worker's command line: the parent's arguments without ``--workers`` and ``--metrics``
     (the parent serves the page), plus the port the parent reserved (LISTEN TARGET; with ``-c``
-    the ports come over the link), the lifeline's fd and its link's (hidden options)."""
+    the ports come over the link), the lifeline's fd, its link's, and how its connection ids
+    count (hidden options)."""
     out: List[str] = []
     skip = False
     for arg in argv:
@@ -390,4 +410,4 @@ def worker_argv(argv: List[str], port: Optional[int], lifeline: int, channel: in
             out.append(arg)
     port_args = ["--worker-port", str(port)] if port is not None else []
     return [sys.executable, "-m", "gproxy", *port_args, "--worker-lifeline", str(lifeline),
-            "--worker-channel", str(channel), *out]
+            "--worker-channel", str(channel), "--worker-ids", f"{ids[0]}:{ids[1]}", *out]

@@ -347,6 +347,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker-port", type=int, default=None, help=argparse.SUPPRESS)  # set for workers
     parser.add_argument("--worker-lifeline", type=int, default=None, help=argparse.SUPPRESS)  # ditto
     parser.add_argument("--worker-channel", type=int, default=None, help=argparse.SUPPRESS)  # ditto
+    parser.add_argument("--worker-ids", default=None, help=argparse.SUPPRESS)  # ditto: FIRST:STEP
     parser.add_argument("--version", action="version", version=f"gproxy {__version__}")
     return parser
 
@@ -505,6 +506,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.worker_start = read_start(args.worker_channel)
         except (OSError, ValueError) as exc:
             return _fail(1, f"worker: {exc}")
+    if args.worker_ids is not None:  # a worker: its connection ids interleave with its siblings'
+        from gproxy.relay import number_ids
+        first, step = (int(part) for part in args.worker_ids.split(":"))
+        number_ids(first, step)
     if args.config is not None or args.check:
         if args.config is None:
             parser.error("--check validates a config file: give -c FILE")
@@ -637,7 +642,7 @@ def _supervise(args: argparse.Namespace, options: dict, count: int, argv: List[s
             log.info("listening on %s -> %s (rule %s) with %d workers", listen, targets, name, count)
 
     supervisor = _supervisor.Supervisor(
-        lambda _index, lifeline, channel: _supervisor.worker_argv(argv, port, lifeline, channel), count,
+        lambda _index, lifeline, channel, ids: _supervisor.worker_argv(argv, port, lifeline, channel, ids), count,
         config=args.config, metrics=args.metrics, single=single, announce=announce)
     try:
         supervisor.start_links()

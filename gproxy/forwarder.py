@@ -895,7 +895,8 @@ class Forwarder:
         """A point in this forwarder's life to ask about later: the id its next connection
         will get. ``connections(since=mark)`` lists only connections accepted after it, and
         a record's ``id >= mark`` says the same of any record (an ``on_close`` one too)."""
-        return self._context.last_id + 1
+        context = self._context
+        return context.last_id + context.id_step
 
     def abort_connection(self, id: int) -> bool:
         """Reset (RST) the open connection with this id; False if there is none."""

@@ -204,6 +204,19 @@ class _Switch(Exception):
     """Thrown into a pump waiting in its chain when the toxics changed: it picks its path again."""
 
 
+#: (first, step) of the connection ids of every forwarder made from now on: (1, 1) but in a
+#: ``--workers`` worker, whose ids interleave with its siblings' (number_ids)
+_ids = (1, 1)
+
+
+def number_ids(first: int, step: int) -> None:
+    """Number the connections of forwarders made from now on first, first + step, ...: the
+    CLI's ``--workers`` parent gives each worker its own (``_supervisor.worker_ids``) so that
+    a connection id names one connection across all of them. Process-wide; the CLI's alone."""
+    global _ids
+    _ids = (first, step)
+
+
 class Context:
     """What every connection of one forwarder shares: the rule, scratch memory, hooks, counters."""
 
@@ -293,8 +306,10 @@ class Context:
             if target is not None and target.family is not None and not self.proxy_version \
             and self.accept_proxy is None and self.access is None and on_open is None \
             and self.sni_routes is None else None
-        #: the id of the last connection accepted: ids count from 1 (Forwarder.mark reads it)
-        self.last_id = 0
+        #: ids count from 1 by 1 (a --workers worker: from its own first, by the worker count,
+        #: see number_ids); last_id is the last one given (Forwarder.mark reads it)
+        self.id_step = _ids[1]
+        self.last_id = _ids[0] - _ids[1]
         #: the capture running (_capture.Capture), or None: read once per connection, when its
         #: pumps start, so a forwarder that captures nothing pays nothing more
         self.capture: Optional[Capture] = None
@@ -458,7 +473,7 @@ class Connection:
 
     def __init__(self, context: Context, client: socket.socket, client_address) -> None:
         self.context = context
-        context.last_id += 1
+        context.last_id += context.id_step
         self.id = context.last_id
         self.client = client
         self.client_address = client_address

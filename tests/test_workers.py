@@ -358,6 +358,39 @@ def test_json_lines_carry_the_workers_pid():
     assert code == 0, output
 
 
+def test_connection_ids_are_unique_across_workers_and_their_successors():
+    with Server(echo) as upstream, Proxy("--workers", "2", "--log-format", "json",
+                                         f"127.0.0.1:{upstream.address[1]}") as proxy:
+        pids = [int(p) for p in STARTED.search(json.loads(seen_or_wait(proxy, "workers started"))["message"])
+                .group(2).split()]
+        started = time.monotonic()
+        accepting(proxy, 2)
+
+        def ids_of_both_workers(count):
+            seen = {}  # id -> pid
+            for _ in range(400):
+                round_trip(proxy.address)
+                line = json.loads(proxy.wait_for('"bytes_upstream"'))
+                assert line["id"] not in seen, (line, seen)  # one connection, one id
+                seen[line["id"]] = line["pid"]
+                if len(set(seen.values())) == 2 and len(seen) >= count:
+                    break
+            assert len(set(seen.values())) == 2, seen
+            return seen
+
+        first = ids_of_both_workers(6)
+        # as in test_a_killed_worker_is_started_again: a death within _QUICK_DEATH of the start
+        # is taken for a failed start
+        time.sleep(max(0.0, _supervisor._QUICK_DEATH + 0.2 - (time.monotonic() - started)))  # sleep-ok
+        os.kill(pids[0], signal.SIGKILL)
+        proxy.wait_for("started again")
+        proxy.wait_for("listening on")
+        later = ids_of_both_workers(6)
+        assert not set(first) & set(later), (first, later)  # the successor reuses none of its ids
+        code, output = proxy.stop()
+    assert code == 0, output
+
+
 # -- -c FILE: every worker runs the file's rules; SIGHUP to the parent reloads them all ----------
 
 
