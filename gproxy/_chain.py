@@ -262,13 +262,30 @@ class _Stage:
         self.last = 0.0                     # when the previous output left: output stays in order
         self.next: Optional[float] = None   # the head's due time, once computed
         self.toxic = entry.toxic
+        self.draw: Optional[float] = None   # a scheduled toxic's one draw for this connection
+        self.active = False
+        self.configured = False
         self.configure(entry.toxic, now)
 
     def configure(self, toxic: Toxic, now: float) -> None:
         """(Re)apply the toxic's settings: on creation and on every update (toxiproxy reruns
-        the toxic on update, rolling its toxicity again and restarting its timers)."""
+        the toxic on update, rolling its toxicity again and restarting its timers). A
+        scheduled toxic (``gproxy._schedule``) draws once per connection and acts while the
+        draw is below its toxicity; a change of its toxicity alone that leaves it acting, or
+        not, on this connection leaves the stage as it is (its timers run on)."""
+        if toxic.schedule is None:
+            active = toxic.toxicity >= 1.0 or self.link.random.random() < toxic.toxicity
+        else:
+            if self.draw is None:
+                self.draw = self.link.random.random()
+            active = self.draw < toxic.toxicity
+            if (self.configured and active == self.active and toxic.attributes == self.toxic.attributes
+                    and toxic.schedule == self.toxic.schedule):
+                self.toxic = toxic
+                return
+        self.configured = True
         self.toxic = toxic
-        self.active = toxic.toxicity >= 1.0 or self.link.random.random() < toxic.toxicity
+        self.active = active
         self.next = None
         self.setup(toxic.attributes, now)
 

@@ -92,11 +92,12 @@ KEY, END, OFF = "key", "end", "off"
 class Session:
     """What the two halves of one toxic share on one connection."""
 
-    __slots__ = ("toxic", "active", "requests", "replies", "passed", "replied", "infos", "off", "waiting")
+    __slots__ = ("toxic", "active", "draw", "requests", "replies", "passed", "replied", "infos", "off", "waiting")
 
     def __init__(self) -> None:
         self.toxic = None           # the toxic (record) that ``active`` was rolled for
         self.active = False
+        self.draw: Optional[float] = None   # a scheduled toxic's one draw for this connection
         self.requests: Optional[Requests] = None   # the halves, while they act
         self.replies: Optional[Replies] = None
         self.passed = 0             # replies due: requests passed on since the request half began
@@ -110,7 +111,12 @@ class Session:
         halves, configured at different times, agree."""
         if toxic is not self.toxic:
             self.toxic = toxic
-            self.active = toxic.toxicity >= 1.0 or rng.random() < toxic.toxicity
+            if toxic.schedule is None:
+                self.active = toxic.toxicity >= 1.0 or rng.random() < toxic.toxicity
+            else:   # one draw per connection, as every stage of a scheduled toxic (_chain)
+                if self.draw is None:
+                    self.draw = rng.random()
+                self.active = self.draw < toxic.toxicity
         return self.active
 
     def wake_requests(self) -> None:

@@ -44,6 +44,7 @@ import os
 import socket
 import time
 import weakref
+from dataclasses import replace
 from typing import (
     IO,
     TYPE_CHECKING,
@@ -51,6 +52,7 @@ from typing import (
     Callable,
     ContextManager,
     Dict,
+    Iterable,
     Iterator,
     List,
     Mapping,
@@ -73,6 +75,7 @@ from gproxy._capture import log as _capture_log
 from gproxy._greenlets import Workers
 from gproxy._health import Checks
 from gproxy._hubthread import HubEnded, HubHost
+from gproxy._schedule import Runner
 from gproxy.config import AddressLike, Rule, TargetLike, check_hook
 from gproxy.offload import Offload
 from gproxy.relay import Connection, Context, sweep, toxics_changed
@@ -81,6 +84,7 @@ from gproxy.targets import TargetState, TargetStatus, parse_limit, parse_state, 
 from gproxy.toxics import (
     AttributeValue,
     PythonToxic,
+    Schedule,
     StreamName,
     Toxic,
     ToxicNotFound,
@@ -307,7 +311,8 @@ class Forwarder:
     and through nothing else: ``state``, ``bound_address``, ``listening``, ``start_here()``
     (all on one hub), ``inherit_listener()``/``return_listener()`` (a changed rule serves on
     its predecessor's listening socket), ``count_on()``/``show_own_targets()`` (its
-    metrics go on from its predecessor's), ``retire()`` (a reload's old forwarder: its
+    metrics go on from its predecessor's), ``copy_toxics()`` (its toxics and their
+    schedules too), ``set_toxics()`` (a config file's toxics), ``retire()`` (a reload's old forwarder: its
     connections run on until they end), ``inherit_socket()`` (serve on a socket systemd or a
     handover passed) and ``listening_fileno()``/``release_listener()`` (hand it to another process).
     """
@@ -700,27 +705,30 @@ class Forwarder:
 
     @overload
     def add_toxic(self, type: ToxicSpec, *, name: Optional[str] = None, stream: Optional[StreamName] = None,
-                  toxicity: Optional[float] = None) -> Toxic: ...
+                  toxicity: Optional[float] = None, schedule: Optional[Schedule] = None) -> Toxic: ...
 
     @overload
     def add_toxic(self, type: PythonToxic, *, name: Optional[str] = None, stream: StreamName = "downstream",
-                  toxicity: float = 1.0) -> Toxic: ...
+                  toxicity: float = 1.0, schedule: Optional[Schedule] = None) -> Toxic: ...
 
     @overload
     def add_toxic(self, type: ToxicType, *, name: Optional[str] = None, stream: StreamName = "downstream",
-                  toxicity: float = 1.0, **attributes: AttributeValue) -> Toxic: ...
+                  toxicity: float = 1.0, schedule: Optional[Schedule] = None,
+                  **attributes: AttributeValue) -> Toxic: ...
 
     def add_toxic(self, type: Union[str, PythonToxic, ToxicSpec], *, name: Optional[str] = None,
                   stream: Optional[str] = None, toxicity: Optional[float] = None,
-                  **attributes: Any) -> Toxic:
+                  schedule: Optional[Schedule] = None, **attributes: Any) -> Toxic:
         """Add a toxic (toxiproxy's types and attributes, see :mod:`gproxy.toxics`; a helper's
         ``ToxicSpec``, such as ``toxics.latency(100)``; or a callable ``toxic(chunk, record)``);
         it acts on open connections too, from their next chunk. ``name`` defaults to
         ``TYPE_STREAM``; ``stream`` is ``"upstream"`` (client to target) or ``"downstream"``
         (the default); ``toxicity`` is the chance (0 to 1, default 1) that it acts on a given
-        connection. Bad values, or a name in use, raise ``ConfigError``."""
-        toxic = make_toxic(type, name=name, stream=stream, toxicity=toxicity, attributes=attributes)
-        return self._on_hub(self._change_toxics, self._context.toxics.add, toxic)
+        connection; ``schedule`` (a ``gproxy.toxics.Schedule``) turns it on and off over time,
+        from when the forwarder runs. Bad values, or a name in use, raise ``ConfigError``."""
+        toxic = make_toxic(type, name=name, stream=stream, toxicity=toxicity, attributes=attributes,
+                           schedule=schedule)
+        return self._on_hub(self._change_toxics, self._add_toxic, toxic, None)
 
     def update_toxic(self, name: str, **changes: Any) -> Toxic:
         """Change a toxic's ``toxicity`` or attributes (the others keep their values)."""
@@ -736,15 +744,16 @@ class Forwarder:
 
     @overload
     def toxic(self, type: ToxicSpec, *, name: Optional[str] = None, stream: Optional[StreamName] = None,
-              toxicity: Optional[float] = None) -> ToxicBlock: ...
+              toxicity: Optional[float] = None, schedule: Optional[Schedule] = None) -> ToxicBlock: ...
 
     @overload
     def toxic(self, type: PythonToxic, *, name: Optional[str] = None, stream: StreamName = "downstream",
-              toxicity: float = 1.0) -> ToxicBlock: ...
+              toxicity: float = 1.0, schedule: Optional[Schedule] = None) -> ToxicBlock: ...
 
     @overload
     def toxic(self, type: ToxicType, *, name: Optional[str] = None, stream: StreamName = "downstream",
-              toxicity: float = 1.0, **attributes: AttributeValue) -> ToxicBlock: ...
+              toxicity: float = 1.0, schedule: Optional[Schedule] = None,
+              **attributes: AttributeValue) -> ToxicBlock: ...
 
     def toxic(self, type: Union[str, PythonToxic, ToxicSpec], **options: Any) -> ToxicBlock:
         """``with fw.toxic("latency", latency=100):`` (or ``fw.toxic(toxics.latency(100))``):
@@ -971,6 +980,82 @@ class Forwarder:
         if self._state is not State.STOPPED:  # stopped by someone else since stop() was called
             self._stop_on_hub(timeout, retiring)
 
+    def _add_toxic(self, toxic: Toxic, origin: Optional[float]) -> Toxic:
+        """Add ``toxic``; a scheduled one gets its runner, which runs while the forwarder does
+        (``origin``: when its schedule began, for a reload's copy; None: now)."""
+        toxics = self._context.toxics
+        added = toxics.add(toxic)
+        if toxic.schedule is not None:
+            entry = toxics.entry(toxic.name)
+
+            def apply(factor: float) -> None:
+                self._change_toxics(toxics.set_factor, entry, factor)
+
+            def finish() -> None:
+                if not entry.removed:
+                    self._change_toxics(toxics.remove, entry.toxic.name)
+
+            entry.runner = Runner(toxic.name, toxic.schedule, apply, finish, f"{self.name}: ", origin)
+            if self._state is State.RUNNING:
+                entry.runner.start()
+        return added
+
+    def copy_toxics(self, old: "Forwarder") -> None:
+        """Give this forwarder (started, on ``old``'s hub) the toxics ``old`` has: same names,
+        streams, attributes, toxicities and schedules, each schedule going on where it is."""
+        def copy() -> None:
+            for entry in old._context.toxics.entries():
+                toxic = entry.toxic
+                origin = None
+                if entry.peak is not None:
+                    toxic = replace(toxic, toxicity=entry.peak)
+                    origin = entry.runner.origin if entry.runner is not None else None
+                self._add_toxic(toxic, origin)
+            self._toxics_changed()
+        self._on_hub(copy)
+
+    def set_toxics(self, wanted: List[Toxic], owned: Iterable[str] = ()) -> Dict[str, str]:
+        """Make the toxics named in ``wanted`` be exactly those (a config file's, at start and
+        on reload), remove those named in ``owned`` (the file's previous ones) that ``wanted``
+        lacks, and leave every other toxic alone (the HTTP API's). A toxic already as wanted
+        is not touched (its connections' state and its schedule go on); one whose toxicity
+        or attributes differ is updated in place, as an API update; one of another type,
+        stream or schedule is replaced. Returns ``{name: "added" | "updated" | "replaced" |
+        "removed"}`` for each toxic it changed, and makes all the changes in one step."""
+        return self._on_hub(self._set_toxics, list(wanted), set(owned))
+
+    def _set_toxics(self, wanted: List[Toxic], owned: set) -> Dict[str, str]:
+        toxics = self._context.toxics
+        done: Dict[str, str] = {}
+        names = {toxic.name for toxic in wanted}
+        for name in sorted(owned - names):
+            try:
+                toxics.remove(name)
+            except ToxicNotFound:
+                continue   # removed meanwhile (the API, a reset): nothing to do
+            done[name] = "removed"
+        for toxic in wanted:
+            try:
+                entry = toxics.entry(toxic.name)
+            except ToxicNotFound:
+                self._add_toxic(toxic, None)
+                done[toxic.name] = "added"
+                continue
+            now = entry.toxic
+            toxicity = now.toxicity if entry.peak is None else entry.peak
+            same_kind = (now.type, now.stream, now.schedule, now.function) == \
+                (toxic.type, toxic.stream, toxic.schedule, None)
+            if not same_kind:
+                toxics.remove(toxic.name)
+                self._add_toxic(toxic, None)
+                done[toxic.name] = "replaced"
+            elif now.attributes != toxic.attributes or toxicity != toxic.toxicity:
+                toxics.update(toxic.name, {"toxicity": toxic.toxicity, **toxic.attributes})
+                done[toxic.name] = "updated"
+        if done:
+            self._toxics_changed()
+        return done
+
     def _change_toxics(self, change: Callable, *args: Any) -> Any:
         result = change(*args)
         self._toxics_changed()
@@ -1084,6 +1169,9 @@ class Forwarder:
         if self.rule.check is not None:
             self._checks = Checks(self.rule, self._context.targets)
             self._checks.start()
+        for entry in self._context.toxics.entries():   # schedules of toxics added before start
+            if entry.runner is not None:
+                entry.runner.start()
         _lifecycle.inert_after_fork(self, Forwarder._inert_after_fork)
         timeouts = [t for t in (self.rule.idle_timeout, self.rule.half_close_timeout) if t is not None]
         interval = min([max(t / 8, 0.01) for t in timeouts] + [_PARK_EVERY])
@@ -1217,6 +1305,7 @@ class Forwarder:
             if self._sweeper is not None:
                 self._sweeper.close()
         finally:
+            self._context.toxics.stop_schedules()
             self._context.close()
             self._state = State.STOPPED
             self._stopped.set()

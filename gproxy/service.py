@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, cast
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import gevent
 from gevent.event import Event
@@ -229,7 +229,7 @@ class Service:
             bind = listen_address(fw) if _same_listen(fw, new_listen) else new_listen
             new = Forwarder(bind, new_target, **_options_of(fw.rule))
             new.count_on(fw)
-            _copy_toxics(fw, new)
+            new.copy_toxics(fw)
             new.take_capture(fw)           # and an API's capture goes on in the same file
             moved = bind != listen_address(fw)
             if want_enabled and moved:
@@ -355,7 +355,7 @@ class Service:
                 previous = old.get(name)
                 if previous is None:
                     continue
-                _copy_toxics(previous, new)  # what the API added to the rule stays
+                new.copy_toxics(previous)  # what the API added to the rule stays
                 new.take_capture(previous)   # and so does its capture, in the same file
                 if previous.state is State.RUNNING and not previous.enabled:
                     new.disable()  # and so does a rule the API disabled
@@ -480,14 +480,6 @@ class Service:
                 fw.show_own_targets()
             _stop_all(leaving, timeout)
         return result
-
-
-def _copy_toxics(old: Forwarder, new: Forwarder) -> None:
-    """Give ``new`` the toxics ``old`` has, same names, streams and attributes."""
-    for toxic in old.toxics():
-        # a copy of a toxic it has: its type and stream are valid (typed as str here)
-        new.add_toxic(cast(Any, toxic.function or toxic.type), name=toxic.name, stream=cast(Any, toxic.stream),
-                      toxicity=toxic.toxicity, **toxic.attributes)
 
 
 def _start_all(built: Dict[str, Forwarder], old: Dict[str, Forwarder], leaving: List[Forwarder],

@@ -29,7 +29,7 @@ was read, and a toxic that ends the connection either fires or gives back what i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Protocol, Tuple, Type, Union
 
@@ -38,19 +38,21 @@ from gproxy import _trigger  # noqa: F401  isort: skip
 from gproxy import _proto_redis  # noqa: F401  isort: skip
 from gproxy import _proto_http  # noqa: F401  isort: skip
 from gproxy._chain import BUILTIN, CLOSE, PYTHON, RESET, Action, Delay
-from gproxy.config import ConfigError
+from gproxy._schedule import Schedule
+from gproxy._schedule import from_table as schedule_from
+from gproxy.config import ConfigError, show
 from gproxy.stats import ConnectionRecord
 
 # What users get (docs/embedding.md#what-is-public). Toxics and make_toxic are the forwarder's
 # machinery: importable, not promised. The chain itself (Link, the stages) is gproxy._chain's.
 __all__ = ["Toxic", "TYPES", "STREAMS", "Delay", "CLOSE", "RESET", "ToxicExists", "ToxicNotFound",
            "ToxicSpec", "ToxicType", "StreamName", "PythonToxic", "PerConnectionToxic", "ToxicResult",
-           "AttributeValue", "TriggerAction",
+           "AttributeValue", "TriggerAction", "Schedule",
            "latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data", "trigger",
            "redis_error", "redis_delay", "http_response", "http_delay"]
 
 # Defined with the chain that acts on them; their public home is here.
-for _public in (Delay, Action):
+for _public in (Delay, Action, Schedule):
     _public.__module__ = __name__
 del _public
 
@@ -111,6 +113,9 @@ class Toxic:
     attributes: Dict[str, Any] = field(default_factory=dict)
     #: the callable of a toxic written in Python, else None
     function: Optional[Callable] = field(default=None, repr=False, compare=False)
+    #: when it acts (``Schedule``), or None: always. A scheduled toxic's ``toxicity`` is the
+    #: one in force now (0 while off)
+    schedule: Optional[Schedule] = None
 
     def as_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "type": self.type, "stream": self.stream,
@@ -121,11 +126,13 @@ class Toxic:
 
 def make_toxic(type: Union[str, PythonToxic, "ToxicSpec"], *, name: Optional[str] = None,
                stream: Optional[str] = None, toxicity: Optional[float] = None,
-               attributes: Optional[Dict[str, Any]] = None) -> Toxic:
+               attributes: Optional[Dict[str, Any]] = None,
+               schedule: Union[Schedule, Mapping[str, Any], None] = None) -> Toxic:
     """A validated Toxic; ``ConfigError`` names the culprit. ``type`` is a type name, a
     ``ToxicSpec`` (a helper's: its name, stream and toxicity stand unless given here, and
     differing ones are an error) or a Python toxic (a callable). ``stream`` None is
-    ``"downstream"``, ``toxicity`` None is 1."""
+    ``"downstream"``, ``toxicity`` None is 1. The HTTP API, the config file and the Python
+    API all build their toxics here: one set of checks, names and defaults."""
     if isinstance(type, ToxicSpec):
         spec = type
         if attributes:
@@ -145,26 +152,31 @@ def make_toxic(type: Union[str, PythonToxic, "ToxicSpec"], *, name: Optional[str
         default_name = getattr(function, "__name__", None) or function.__class__.__name__
     elif isinstance(type, str):
         if type not in TYPES:
-            raise ConfigError("type", f"unknown toxic type {type!r} (known: {', '.join(TYPES)})")
+            raise ConfigError("type", f"unknown toxic type {show(type)} (known: {', '.join(TYPES)})")
         default_name = type
     else:
-        raise ConfigError("type", f"a toxic type name or a callable, not {type!r}")
+        raise ConfigError("type", f"a toxic type name or a callable, not {show(type)}")
     stream = _stream(stream)
     only = BUILTIN[type].stream if function is None else None
     if only is not None and stream != only:
-        raise ConfigError("stream", f"must be {only!r} for {type} toxics, not {stream!r}")
+        raise ConfigError("stream", f"must be {show(only)} for {type} toxics, not {show(stream)}")
     if name is None or name == "":
         name = f"{default_name}_{stream}"
     if not isinstance(name, str):
-        raise ConfigError("name", f"must be a string, not {name!r}")
+        raise ConfigError("name", f"must be a string, not {show(name)}")
     label = f"toxic {name}"
     toxicity = _toxicity(toxicity, label)
+    if schedule is not None:
+        try:
+            schedule = schedule_from(schedule)   # a config file's table, or a Schedule
+        except ConfigError as exc:
+            raise ConfigError(f"{label}: {exc.field}", str(exc)[len(exc.field) + 2:]) from None
     given = dict(attributes or {})
     if function is not None:
         if given:
             raise ConfigError(f"{label}: {sorted(given)[0]}", "a Python toxic takes no attributes")
-        return Toxic(name, PYTHON, stream, toxicity, {}, function)
-    return Toxic(name, type, stream, toxicity, _attributes(type, TYPES[type], given, label))
+        return Toxic(name, PYTHON, stream, toxicity, {}, function, schedule)
+    return Toxic(name, type, stream, toxicity, _attributes(type, TYPES[type], given, label), schedule=schedule)
 
 
 def _once(what: str, here: Any, in_spec: Any, spec: "ToxicSpec") -> Any:
@@ -179,12 +191,12 @@ def _once(what: str, here: Any, in_spec: Any, spec: "ToxicSpec") -> Any:
 def _stream(stream: Any) -> StreamName:
     if isinstance(stream, str) and stream.lower() in STREAMS:
         return "upstream" if stream.lower() == "upstream" else "downstream"  # toxiproxy takes any case
-    raise ConfigError("stream", f"must be 'upstream' or 'downstream', not {stream!r}")
+    raise ConfigError("stream", f"must be {show('upstream')} or {show('downstream')}, not {show(stream)}")
 
 
 def _toxicity(value: object, label: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{label}: toxicity", f"must be a number from 0 to 1, not {value!r}")
+        raise ConfigError(f"{label}: toxicity", f"must be a number from 0 to 1, not {show(value)}")
     return float(value)
 
 
@@ -205,16 +217,16 @@ def _attribute(default: Any, value: Any, culprit: str) -> Any:
     """``value`` checked against the type of the attribute's ``default``."""
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ConfigError(culprit, f"must be true or false, not {value!r}")
+            raise ConfigError(culprit, f"must be true or false, not {show(value)}")
         return value
     if isinstance(default, str):
         if not isinstance(value, str):
-            raise ConfigError(culprit, f"must be a string, not {value!r}")
+            raise ConfigError(culprit, f"must be a string, not {show(value)}")
         return value
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ATTRIBUTE:
-        raise ConfigError(culprit, f"must be a whole number from 0 to {MAX_ATTRIBUTE}, not {value!r}")
+        raise ConfigError(culprit, f"must be a whole number from 0 to {MAX_ATTRIBUTE}, not {show(value)}")
     return value
 
 
@@ -231,11 +243,10 @@ def _updated(toxic: Toxic, changes: Dict[str, Any]) -> Toxic:
     if toxic.type == PYTHON:
         if attributes:
             raise ConfigError(f"{label}: {sorted(attributes)[0]}", "a Python toxic takes no attributes")
-        return Toxic(toxic.name, toxic.type, toxic.stream, toxicity, {}, toxic.function)
+        return replace(toxic, toxicity=toxicity)
     merged = dict(toxic.attributes)
     merged.update(attributes)
-    return Toxic(toxic.name, toxic.type, toxic.stream, toxicity,
-                 _attributes(toxic.type, TYPES[toxic.type], merged, label))
+    return replace(toxic, toxicity=toxicity, attributes=_attributes(toxic.type, TYPES[toxic.type], merged, label))
 
 
 # -- the per-forwarder collection ---------------------------------------------------------
@@ -245,13 +256,23 @@ class _Entry:
     whose stage has a ``reverse`` half also has an entry in the other chain (``main`` is then
     its entry, and that one's ``reverse`` this one): hidden from listings, following it."""
 
-    __slots__ = ("toxic", "removed", "main", "reverse")
+    __slots__ = ("toxic", "removed", "main", "reverse", "peak", "factor", "runner")
 
     def __init__(self, toxic: Toxic, main: Optional["_Entry"] = None):
         self.toxic = toxic
         self.removed = False
         self.main = main
         self.reverse: Optional[_Entry] = None
+        # a scheduled toxic's: its toxicity while on, the share of it in force now (the
+        # toxic's toxicity is their product), and what follows the schedule (the forwarder's)
+        self.peak: Optional[float] = None
+        self.factor = 1.0
+        self.runner: Any = None
+
+    def cancel(self) -> None:
+        self.removed = True
+        if self.runner is not None:
+            self.runner.cancel()
 
 
 class Toxics:
@@ -277,6 +298,11 @@ class Toxics:
                 raise ToxicExists(f"toxic {toxic.name}", "a toxic with this name exists already")
         direction = STREAMS.index(toxic.stream)
         entry = _Entry(toxic)
+        if toxic.schedule is not None:
+            entry.peak = toxic.toxicity
+            factor = toxic.schedule.at(0)[0]
+            entry.factor = 1.0 if factor is None else factor
+            toxic = entry.toxic = replace(toxic, toxicity=entry.peak * entry.factor)
         self.chains[direction].append(entry)
         if toxic.function is None and BUILTIN[toxic.type].reverse is not None:
             # first on the other stream, as its own is last: the toxic added last is the one
@@ -287,11 +313,35 @@ class Toxics:
         return toxic
 
     def update(self, name: str, changes: Dict[str, Any]) -> Toxic:
+        """Change toxicity or attributes. A scheduled toxic's new toxicity is the one it has
+        while on: the schedule's share of it is in force at once."""
         entry = self._find(name)
-        entry.toxic = _updated(entry.toxic, changes)
-        if entry.reverse is not None:
-            entry.reverse.toxic = entry.toxic
+        peak = entry.peak
+        if peak is not None and changes.get("toxicity") is not None:
+            changes = dict(changes)
+            peak = _toxicity(changes["toxicity"], f"toxic {name}")
+            changes["toxicity"] = peak * entry.factor
+        self._set(entry, _updated(entry.toxic, changes))
+        entry.peak = peak
         return entry.toxic
+
+    def set_factor(self, entry: _Entry, factor: float) -> None:
+        """A scheduled toxic's share of its toxicity (its schedule's runner calls this)."""
+        assert entry.peak is not None
+        entry.factor = factor
+        self._set(entry, replace(entry.toxic, toxicity=entry.peak * factor))
+
+    def _set(self, entry: _Entry, toxic: Toxic) -> None:
+        entry.toxic = toxic
+        if entry.reverse is not None:
+            entry.reverse.toxic = toxic
+
+    def entry(self, name: str) -> _Entry:
+        return self._find(name)
+
+    def entries(self) -> List[_Entry]:
+        """Each toxic's entry, in the order ``list()`` gives."""
+        return [entry for chain in self.chains for entry in chain if entry.main is None]
 
     def remove(self, name: str) -> Toxic:
         entry = self._find(name)
@@ -299,14 +349,20 @@ class Toxics:
         for chain, each in ((self.chains[direction], entry), (self.chains[1 - direction], entry.reverse)):
             if each is not None:
                 chain.remove(each)
-                each.removed = True
+                each.cancel()
         return entry.toxic
 
     def clear(self) -> None:
         for chain in self.chains:
             for entry in chain:
-                entry.removed = True
+                entry.cancel()
             chain.clear()
+
+    def stop_schedules(self) -> None:
+        """The forwarder stops: every schedule stops where it is (the toxics stay)."""
+        for entry in self.entries():
+            if entry.runner is not None:
+                entry.runner.cancel()
 
     def _find(self, name: str) -> _Entry:
         for chain in self.chains:

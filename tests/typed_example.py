@@ -92,6 +92,8 @@ def test_typed_toxics(proxy: Forwarder) -> None:
     proxy.add_toxic(EveryOther, stream="upstream")
     proxy.add_toxic(toxics.trigger(r"never\d+", action="close", once=False))
     assert round_trip(proxy) == b"ping"
+    schedule: toxics.Schedule = toxics.Schedule(on=3600, off=60, ramp=0.5, steps=5)
+    assert proxy.add_toxic("latency", name="waves", latency=1, schedule=schedule).schedule == schedule
 
 
 def test_reset_between_tests(proxy: Forwarder) -> None:
