@@ -19,6 +19,10 @@ The format (``gproxy --check -c FILE`` validates one)::
     balance = "failover"
     # a target may be a table: {address = "db3:5432", weight = 3} or {address = ..., backup = true}
     # or {address = ..., max_connections = 100} (then queue_timeout, max_queue: the rule's queue)
+    [[rule.toxic]]                         # toxics, as the HTTP API and add_toxic() take them
+    type = "latency"
+    latency = 100                          # the type's attributes, by name
+    schedule = {on = 2, off = 8}           # optional: chaos over time (gproxy.toxics.Schedule)
 
 Every option of a rule is a :class:`gproxy.config.Rule` field, with the ``Forwarder``
 keyword's name: whatever a Forwarder accepts, the file accepts, and nothing else. The file
@@ -38,9 +42,10 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from gproxy.config import CHECK_USERS, UNIX_FILE_OPTIONS, ConfigError, Rule, UnixAddress, parse_address, spelled
+from gproxy.toxics import TYPES, Toxic, make_toxic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,7 +61,10 @@ SETTINGS = ("log_format", "metrics", "reload_drain_timeout", "control_socket")
 RELOADED_SETTINGS = ("reload_drain_timeout",)
 
 #: rule keys that are not Rule options (listen and target are Rule's positional arguments)
-_NOT_DEFAULTS = ("name", "listen", "target", "targets")
+_NOT_DEFAULTS = ("name", "listen", "target", "targets", "toxic")
+
+#: a [[rule.toxic]] table's own keys; the others are the type's attributes
+TOXIC_KEYS = ("type", "name", "stream", "toxicity", "schedule")
 
 
 @dataclass
@@ -68,6 +76,9 @@ class ConfigFile:
     #: per rule, ``Forwarder(**options[name])`` builds it: listen, target and every option given
     options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     settings: Dict[str, Any] = field(default_factory=dict)
+    #: per rule, its ``[[rule.toxic]]`` tables as validated toxics, in file order (every rule
+    #: has a list, maybe empty)
+    toxics: Dict[str, List[Toxic]] = field(default_factory=dict)
 
 
 def load(path: str) -> ConfigFile:
@@ -153,7 +164,7 @@ def _parse(document: Dict[str, Any], path: str) -> ConfigFile:
         if not isinstance(table["listen"], str):
             raise fail(f"{label}: listen", f"expected \"HOST:PORT\", got {toml_value(table['listen'])}")
         options = {**_defaults_for(table["listen"], defaults),
-                   **{k: v for k, v in table.items() if k not in ("listen", "target", "targets")}}
+                   **{k: v for k, v in table.items() if k not in ("listen", "target", "targets", "toxic")}}
         # [defaults] may hold the keys of several kinds of check: each rule takes its own kind's
         kind = options.get("check")
         kind = kind.strip().lower() if isinstance(kind, str) else kind
@@ -175,7 +186,37 @@ def _parse(document: Dict[str, Any], path: str) -> ConfigFile:
             listens[rule.listen] = rule_name
         config.rules[rule_name] = rule
         config.options[rule_name] = {"listen": table["listen"], "target": target, **options}
+        config.toxics[rule_name] = _toxics(table.get("toxic", []),
+                                           lambda key, message, label=label: fail(f"{label}: {key}", message))
     return config
+
+
+def _toxics(tables: Any, fail) -> List[Toxic]:
+    """A rule's ``[[rule.toxic]]`` tables, validated by ``make_toxic`` as the HTTP API's and
+    ``add_toxic()``'s are: the same names, defaults and checks."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise fail("toxic", f"expected [[rule.toxic]] tables, got {toml_value(tables)}")
+    toxics: List[Toxic] = []
+    for index, table in enumerate(tables, 1):
+        given = table.get("name")
+        where = f"toxic {given}" if isinstance(given, str) and given else f"toxic #{index}"
+        kind = table.get("type")
+        if kind is None:
+            raise fail(f"{where}: type", f"missing (one of {', '.join(TYPES)})")
+        if not isinstance(kind, str):  # a Python toxic has no TOML spelling
+            raise fail(f"{where}: type", f"expected a toxic type name, got {toml_value(kind)}")
+        try:
+            toxic = make_toxic(kind, name=given, stream=table.get("stream"), toxicity=table.get("toxicity"),
+                               attributes={k: v for k, v in table.items() if k not in TOXIC_KEYS},
+                               schedule=table.get("schedule"))
+        except ConfigError as exc:
+            culprit = exc.field if exc.field.startswith("toxic ") else f"{where}: {exc.field}"
+            raise fail(culprit, _message(exc)) from None
+        if any(toxic.name == other.name for other in toxics):
+            raise fail(f"toxic {toxic.name}: name", f"{toxic.name!r} names an earlier toxic of this rule too; "
+                                                  "names are unique per rule")
+        toxics.append(toxic)
+    return toxics
 
 
 def _option_kinds() -> Dict[str, str]:
@@ -294,6 +335,7 @@ def _setting(key: str, value: Any, fail) -> Any:
 
 def rule_keys() -> Mapping[str, Optional[object]]:
     """Every key a [[rule]] may have, with its default (for documentation and tests)."""
-    keys: Dict[str, Optional[object]] = {"name": None, "listen": None, "target": None, "targets": None}
+    keys: Dict[str, Optional[object]] = {"name": None, "listen": None, "target": None, "targets": None,
+                                         "toxic": None}
     keys.update({f.name: f.default for f in fields(Rule) if f.name not in ("listen", "target", "name")})
     return keys

@@ -156,16 +156,33 @@ class FileService:
     def _start_here(self) -> None:
         self._done = Event()
         try:
-            self.service.reload(self.config.options)
+            with self.service.locked():
+                self.service.reload(self.config.options)
+                self._set_toxics(self.config, None)
         except BaseException:
             self._done.set()
             raise
 
     def _reload_here(self, config: ConfigFile) -> Dict[str, str]:
         # only the file's own rules: proxies the HTTP API made (gproxy -c FILE --api) stay;
-        # the old forwarders of changed and removed rules drain under the new file's limit
-        return self.service.reload(config.options, config.settings.get("reload_drain_timeout"),
-                                   owned=self.config.rules)
+        # the old forwarders of changed and removed rules drain under the new file's limit.
+        # One step, so no API call sees the rules without their file's toxics.
+        with self.service.locked():
+            changes = self.service.reload(config.options, config.settings.get("reload_drain_timeout"),
+                                          owned=self.config.rules)
+            self._set_toxics(config, self.config)
+        return changes
+
+    def _set_toxics(self, config: ConfigFile, previous: Optional[ConfigFile]) -> None:
+        """Each rule's toxics as ``config`` says (``Forwarder.set_toxics``): the toxics the
+        previous file named and this one does not go, the API's stay. One INFO line per rule
+        whose toxics changed (a reload's changes of toxics alone leave the rule "unchanged")."""
+        for name, toxics in config.toxics.items():
+            owned = [toxic.name for toxic in previous.toxics.get(name, ())] if previous is not None else []
+            done = self.service[name].set_toxics(toxics, owned)
+            if done and previous is not None:
+                log.info("rule %s: toxics %s", name, ", ".join(f"{toxic} {what}" for toxic, what in done.items()),
+                         extra=self._fields("reload_toxics", rule=name, toxics=done))
 
     def _stop_here(self, timeout: Optional[float]) -> None:
         assert self._host is not None and self._done is not None  # stop() calls it once started

@@ -531,7 +531,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 balance = f" ({rule.balance})" if len(rule.targets) > 1 else ""
                 check = f", {rule.check} check every {rule.check_interval:g}s" if rule.check else ""
                 routes = "".join(f", sni {route} -> {endpoint}" for route, endpoint in rule.route_sni or ())
-                print(f"  {name}: {rule.listen}{_file_access(rule)} -> {targets}{balance}{check}{routes}")
+                toxics = ", ".join(toxic.name for toxic in config.toxics.get(name, ()))
+                said = check + routes + (f", toxics: {toxics}" if toxics else "")
+                print(f"  {name}: {rule.listen}{_file_access(rule)} -> {targets}{balance}{said}")
             return 0
     elif not args.target and (args.listen is not None or args.api is None):
         parser.error("the following arguments are required: " + ("TARGET" if args.listen else "LISTEN, TARGET"))
