@@ -33,7 +33,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+import weakref
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import gevent
 from gevent.event import Event
@@ -114,6 +115,9 @@ class Service:
         self._forwarders: Dict[str, Forwarder] = {}
         self._lock = RLock()  # changes wait across stop/drain; nothing may interleave them
         self._stopped = Event()
+        #: forwarders created or populated disabled: ``start()`` leaves them so (``reset()``
+        #: and an update that enables one start it)
+        self._held: "weakref.WeakSet[Forwarder]" = weakref.WeakSet()
         #: reloads' old forwarders while their connections drain, each with its retire() greenlet
         self._retired: List[Tuple[Forwarder, gevent.Greenlet]] = []
         #: listening sockets systemd passed (socket activation, ``Passed.from_systemd()``):
@@ -199,6 +203,8 @@ class Service:
         options = {**self.options, **options}
         options.setdefault("name", name)  # logs and metrics call it what the service does
         fw = Forwarder(listen, target, **options)
+        if not enabled:
+            self._held.add(fw)
         return self.add(name, fw, start=enabled)
 
     def remove(self, name: str, timeout: Optional[float] = None) -> None:
@@ -278,7 +284,7 @@ class Service:
             taken = self._passed_for({name: fw.rule for name, fw in self._forwarders.items()})
             try:
                 for name, fw in self._forwarders.items():
-                    if fw.state is State.NEW:
+                    if fw.state is State.NEW and fw not in self._held:
                         if name in taken:
                             assert self.passed is not None  # sockets are taken only from what was passed
                             self.passed.give(taken[name], fw)
@@ -417,24 +423,17 @@ class Service:
         if failures:
             raise ResetFailed(failures)
 
-    def populate(self, proxies: Iterable[Mapping[str, Any]], timeout: Optional[float] = None) -> List[Forwarder]:
-        """Create or replace proxies from ``[{"name", "listen", "target", "enabled"?, option...}]``.
-
-        Idempotent: a proxy whose name, listen address, target and options match is left
-        alone (not restarted, toxics and connections kept, ``enabled`` not applied); one
-        that differs is stopped (draining for ``timeout``) and replaced by a new one. Every
-        entry is validated before anything changes: a bad one raises ``ConfigError``
-        naming it (``proxies[2].listen: ...``) and changes nothing. Every new address is
-        bound before anything else changes (a replaced proxy on the same address hands its
-        listening socket over, as a reload does), so a bind failure changes nothing either:
-        what this call started is stopped again and the ``OSError`` names the proxy and the
-        address (``proxy "d": cannot listen on ...``). Returns the forwarders in order."""
+    def check_populate(self, proxies: Iterable[Mapping[str, Any]],
+                       where: Optional[Callable[[int, Any], str]] = None) -> List[tuple]:
+        """What ``populate`` checks before it changes anything, alone: ``ConfigError`` naming
+        the entry (``where(index, name)``, default ``proxies[INDEX].``) and the field; else
+        the plan ``populate`` follows. Binds nothing, changes nothing."""
         plans = []
         seen = set()
         for index, spec in enumerate(proxies):
-            where = f"proxies[{index}]"
             if not isinstance(spec, Mapping):
-                raise ConfigError(where, f"expected an object, got {spec!r}")
+                raise ConfigError(f"proxies[{index}]" if where is None else where(index, None).rstrip(": "),
+                                  f"expected an object, got {spec!r}")
             spec = dict(spec)
             name = spec.pop("name", None)
             try:
@@ -453,9 +452,24 @@ class Service:
                 options.setdefault("name", name)  # as create() names it
                 rule = Rule.build(listen, target, **options)
             except ConfigError as exc:
-                raise ConfigError(f"{where}.{exc.field}", str(exc).split(": ", 1)[-1]) from None
+                prefix = f"proxies[{index}]." if where is None else where(index, name)
+                raise ConfigError(f"{prefix}{exc.field}", str(exc).split(": ", 1)[-1]) from None
             plans.append((name, rule, enabled, options))
+        return plans
 
+    def populate(self, proxies: Iterable[Mapping[str, Any]], timeout: Optional[float] = None) -> List[Forwarder]:
+        """Create or replace proxies from ``[{"name", "listen", "target", "enabled"?, option...}]``.
+
+        Idempotent: a proxy whose name, listen address, target and options match is left
+        alone (not restarted, toxics and connections kept, ``enabled`` not applied); one
+        that differs is stopped (draining for ``timeout``) and replaced by a new one. Every
+        entry is validated before anything changes: a bad one raises ``ConfigError``
+        naming it (``proxies[2].listen: ...``) and changes nothing. Every new address is
+        bound before anything else changes (a replaced proxy on the same address hands its
+        listening socket over, as a reload does), so a bind failure changes nothing either:
+        what this call started is stopped again and the ``OSError`` names the proxy and the
+        address (``proxy "d": cannot listen on ...``). Returns the forwarders in order."""
+        plans = self.check_populate(proxies)
         with self._lock:
             current = dict(self._forwarders)
             result: List[Forwarder] = []
@@ -471,6 +485,8 @@ class Service:
                     fw.count_on(old)
                 if enabled:
                     enabled_ones[name] = fw
+                else:
+                    self._held.add(fw)
                 result.append(fw)
             leaving = [current[name] for name in built if name in current]
             _start_all(enabled_ones, current, leaving, label="proxy")  # OSError: nothing changed

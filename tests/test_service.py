@@ -73,6 +73,20 @@ def test_created_disabled_listens_once_enabled_or_reset(service, upstream):
 
 
 @pytest.mark.timeout(30)
+def test_a_proxy_made_disabled_stays_so_when_the_service_starts(service, upstream):
+    """gproxy --api --toxiproxy-config populates before the service serves: serving (start())
+    must not enable what was created or populated disabled."""
+    made = service.create("made", "127.0.0.1:0", upstream.address, enabled=False)
+    off, on = service.populate([{"name": "off", "listen": "127.0.0.1:0", "target": upstream.address,
+                                 "enabled": False},
+                                {"name": "on", "listen": "127.0.0.1:0", "target": upstream.address}])
+    service.start()
+    assert not is_enabled(made) and not is_enabled(off) and is_enabled(on)
+    service.reset()
+    assert is_enabled(made) and is_enabled(off) and roundtrip(off.address) == b"ping"
+
+
+@pytest.mark.timeout(30)
 def test_populate_is_idempotent_and_replaces_what_differs(service, upstream):
     with Server(echo) as other:
         first = service.populate([
