@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import urllib.parse
@@ -49,7 +50,7 @@ from gproxy.service import DuplicateName, ResetFailed, Service, UnknownName, is_
 from gproxy.stats import ConnectionRecord
 from gproxy.targets import TargetNotFound
 
-__all__ = ["Api", "ApiError"]
+__all__ = ["Api", "ApiError", "populate_specs", "read_toxiproxy_config"]
 
 # The logger keeps the module's old name: logger names are public (docs/operations.md#loggers).
 log = logging.getLogger("gproxy.api")
@@ -230,20 +231,7 @@ class Api:
 
     def _populate_post(self, body):
         try:
-            body = _json(body)
-            if not isinstance(body, list):
-                raise _bad_body(f"expected an array of proxies, got {_json_type(body)}")
-            specs = []
-            for index, entry in enumerate(body, 1):
-                entry = _object(entry, f"proxy {index}")
-                _fields(entry, name=str, listen=str, upstream=str, enabled=bool)
-                if not entry.get("name"):
-                    raise ApiError(f"missing required field: name at proxy {index}", 400)
-                if not entry.get("upstream"):
-                    raise ApiError(f"missing required field: upstream at proxy {index}", 400)
-                enabled = entry.get("enabled")
-                specs.append({"name": entry["name"], "listen": entry.get("listen") or _DEFAULT_LISTEN,
-                              "target": entry["upstream"], "enabled": True if enabled is None else enabled})
+            specs = populate_specs(_json(body))
             try:
                 forwarders = self.service.populate(specs, timeout=self.drop_timeout)
             except ConfigError as exc:
@@ -468,6 +456,56 @@ class Api:
                 "enabled": is_enabled(fw), "toxics": [_toxic_json(t) for t in _toxics_of(fw)]}
 
 
+def populate_specs(body: Any) -> List[Dict[str, Any]]:
+    """toxiproxy's list of proxies (``POST /populate``'s body, and toxiproxy-server's ``-config``
+    file): ``[{name, upstream, listen?, enabled?}]`` as ``Service.populate`` takes it. Fields it
+    does not know are ignored, as toxiproxy ignores them; ``ApiError`` (400) names the entry."""
+    if not isinstance(body, list):
+        raise _bad_body(f"expected an array of proxies, got {_json_type(body)}")
+    specs = []
+    for index, entry in enumerate(body, 1):
+        entry = _object(entry, f"proxy {index}")
+        _fields(entry, where=f" at proxy {index}", name=str, listen=str, upstream=str, enabled=bool)
+        if not entry.get("name"):
+            raise ApiError(f"missing required field: name at proxy {index}", 400)
+        if not entry.get("upstream"):
+            raise ApiError(f"missing required field: upstream at proxy {index}", 400)
+        enabled = entry.get("enabled")
+        specs.append({"name": entry["name"], "listen": entry.get("listen") or _DEFAULT_LISTEN,
+                      "target": entry["upstream"], "enabled": True if enabled is None else enabled})
+    return specs
+
+
+def read_toxiproxy_config(path: str) -> List[Dict[str, Any]]:
+    """toxiproxy-server's ``-config FILE`` (``gproxy --toxiproxy-config FILE``): its proxies as
+    ``Service.populate`` takes them, read as ``POST /populate`` reads its body; ``ConfigError``
+    naming the file and the entry. toxiproxy's file has no toxics (its decoder skips the
+    field): a ``toxics`` field is ignored here too, with a WARNING."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read it: {os.strerror(exc.errno).lower() if exc.errno else exc}") \
+            from None
+    try:
+        body = json.loads(data)
+    except RecursionError:
+        raise ConfigError(path, "not JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, f"not JSON: {exc}") from None
+    try:
+        specs = populate_specs(body)
+    except ApiError as exc:
+        raise ConfigError(path, exc.message[len("bad request body: "):] if exc.message.startswith(
+            "bad request body: ") else exc.message) from None
+    for index, entry in enumerate(body, 1):
+        if entry.get("toxics"):
+            log.warning("%s: proxy %d (%s): toxics: ignored, as toxiproxy-server ignores them; give toxics "
+                        "through the API, or in a config file's [[rule.toxic]]", path, index,
+                        json.dumps(entry["name"]))
+    return specs
+
+
 def _route(parts: List[str]):
     """(handler name, path arguments) for toxiproxy's paths, or None."""
     if parts == ["proxies"]:
@@ -629,16 +667,16 @@ def _object(value: Any, where: str = "") -> dict:
     return value
 
 
-def _fields(body: dict, **types) -> None:
+def _fields(body: dict, where: str = "", **types) -> None:
     """Each field present and not null has its JSON type (toxiproxy's decoder rejects the rest;
-    like it, fields it does not know are ignored)."""
+    like it, fields it does not know are ignored). ``where`` ends the message (`` at proxy 2``)."""
     for key, kind in types.items():
         value = body.get(key)
         if value is None:
             continue
         wrong = (not isinstance(value, kind)) or (kind is not bool and isinstance(value, bool))
         if wrong:
-            raise _bad_body(f"{key}: expected {_json_type(_example(kind))}, got {_json_type(value)}")
+            raise _bad_body(f"{key}: expected {_json_type(_example(kind))}, got {_json_type(value)}{where}")
 
 
 def _example(kind):

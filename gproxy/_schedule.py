@@ -173,7 +173,7 @@ class Runner:
     began: a reload's copy of the toxic goes on where the old one was."""
 
     def __init__(self, name: str, schedule: Schedule, apply: Callable[[float], None],
-                 finish: Callable[[], None], label: str = "", origin: Optional[float] = None):
+                 finish: Callable[[], None], label: Callable[[], str] = str, origin: Optional[float] = None):
         self.name = name
         self.schedule = schedule
         self.apply = apply
@@ -205,7 +205,7 @@ class Runner:
         factor, following = self.schedule.at(elapsed)
         if factor is None:
             self.cancelled = True
-            log.info("%stoxic %s: its schedule is over: removed", self.label, self.name,
+            log.info("%stoxic %s: its schedule is over: removed", self.label(), self.name,
                      extra={"fields": {"event": "toxic_schedule_over", "toxic": self.name}})
             self.finish()
             return None
@@ -215,10 +215,10 @@ class Runner:
             if factor == 0.0 or factor == 1.0 or previous is None:
                 state = ("off" if factor == 0.0 else "on" if factor == 1.0
                          else f"ramping ({factor:g} of its toxicity)")
-                log.info("%stoxic %s %s", self.label, self.name, state,
+                log.info("%stoxic %s %s", self.label(), self.name, state,
                          extra={"fields": {"event": "toxic_schedule", "toxic": self.name, "factor": factor}})
             else:
-                log.debug("%stoxic %s ramping: %g of its toxicity", self.label, self.name, factor,
+                log.debug("%stoxic %s ramping: %g of its toxicity", self.label(), self.name, factor,
                           extra={"fields": {"event": "toxic_schedule", "toxic": self.name, "factor": factor}})
         return following
 

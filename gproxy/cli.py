@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import queue
@@ -36,7 +37,7 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
 import gevent
 
@@ -232,6 +233,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--api", metavar="HOST:PORT", default=None,
                         help="serve toxiproxy's HTTP API here (e.g. 127.0.0.1:8474); LISTEN TARGET are then "
                              "optional. Whoever can reach it can make this host connect anywhere")
+    parser.add_argument("--toxiproxy-config", metavar="FILE", default=None,
+                        help="with --api: create the proxies of a toxiproxy-server -config FILE (a JSON "
+                             "list of {name, listen, upstream, enabled}) at start, as POST /populate does")
     parser.add_argument("--name", metavar="NAME", default="default",
                         help="with --api: the LISTEN TARGET rule's proxy name (default 'default')")
     parser.add_argument("--connect-timeout", metavar="SECONDS", default="10",
@@ -459,7 +463,7 @@ class _ApiServer:
     on this thread's hub, served and stopped as one."""
 
     def __init__(self, api: str, name: str, forwarder: Optional[Forwarder], options: dict,
-                 files: Any = None):
+                 files: Any = None, toxiproxy_config: Optional[str] = None):
         from gproxy._api import Api
         from gproxy.service import Service
 
@@ -470,12 +474,39 @@ class _ApiServer:
         self.api.mount("GET", "/metrics", metrics.route(self.service.items))
         if forwarder is not None:
             self.service.add(name, forwarder, start=False)
+        self.populate: Optional[Tuple[str, list]] = None   # --toxiproxy-config: (file, its proxies)
+        if toxiproxy_config is not None:
+            self.populate = (toxiproxy_config, self._read(toxiproxy_config, name if forwarder else None))
+
+    def _read(self, path: str, own: Optional[str]) -> list:
+        """The file's proxies, checked as populate checks them (ConfigError naming file and entry),
+        none named as a rule of the config file or the command line: populate would replace it."""
+        from gproxy._api import read_toxiproxy_config
+        specs = read_toxiproxy_config(path)
+
+        def where(index: int, name: Any) -> str:
+            return f"{path}: proxy {index + 1} ({json.dumps(name)}): " if name is not None \
+                else f"{path}: proxy {index + 1}: "
+        self.service.check_populate(specs, where)
+        for index, spec in enumerate(specs):
+            if spec["name"] == own:
+                raise ConfigError(f"{where(index, own)}name", "the command line's rule has it (--name)")
+            if self.files is not None and spec["name"] in self.files.config.rules:
+                raise ConfigError(f"{where(index, spec['name'])}name", f"a rule of {self.files.path} has it")
+        return specs
 
     def start(self) -> None:
         if self.files is not None:
             self.files.start(here=True)
         else:
             self.service.start()
+        if self.populate is not None:   # before the API answers: its clients find them there
+            path, specs = self.populate
+            try:
+                self.service.populate(specs)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{path}: {exc.strerror or exc}") from None
+            log.info("created %d proxies from %s (toxiproxy-server's -config)", len(specs), path)
         self.api.start(self.listener)
 
     def serve_forever(self) -> None:
@@ -688,7 +719,15 @@ def _run(args: argparse.Namespace, options: dict) -> int:
             # the API's proxies take the command line's options as defaults, but not a socket
             # file's: they are the LISTEN's own
             defaults = {key: value for key, value in options.items() if key not in UNIX_FILE_OPTIONS}
-            forwarder = _ApiServer(args.api, args.name, single, defaults, files=files)
+            try:
+                forwarder = _ApiServer(args.api, args.name, single, defaults, files=files,
+                                       toxiproxy_config=args.toxiproxy_config)
+            except ConfigError as exc:
+                if args.toxiproxy_config is not None and str(exc).startswith(args.toxiproxy_config + ": "):
+                    return _fail(2, str(exc))   # the JSON file's: named by its path, not as an option
+                raise
+        elif args.toxiproxy_config is not None:
+            raise ConfigError("toxiproxy_config", "needs --api")
         if args.metrics is not None:
             parse_tcp_address(args.metrics, "metrics")
     except ConfigError as exc:

@@ -995,7 +995,7 @@ class Forwarder:
                 if not entry.removed:
                     self._change_toxics(toxics.remove, entry.toxic.name)
 
-            entry.runner = Runner(toxic.name, toxic.schedule, apply, finish, f"{self.name}: ", origin)
+            entry.runner = Runner(toxic.name, toxic.schedule, apply, finish, lambda: f"{self.name}: ", origin)
             if self._state is State.RUNNING:
                 entry.runner.start()
         return added
