@@ -267,7 +267,6 @@ def test_an_on_phase_holds_the_bytes_its_off_phase_gives_back_and_the_end_remove
             assert time.monotonic() - began >= 0.3
             assert lines.wait_for("toxic timeout_downstream: its schedule is over: removed")
             assert fw.toxics() == []
-            assert lines.having("toxic timeout_downstream on")   # and its end: no off phase in between
             client.sendall(b"pong")
             assert recv_exactly(client, 4) == b"pong"
         fw.wait_idle(10)
@@ -320,23 +319,33 @@ def test_a_config_files_schedule_runs_on_its_rule(tmp_path, lines):  # noqa: F81
         [[rule.toxic]]
         type = "latency"
         latency = 100
-        schedule = {start = 0.05, on = 0.05, repeat = 1}
+        schedule = {start = 0.05, on = 3600}
         """)
     with gproxy.load_config(path) as files:
-        assert files["db"].toxics()[0].schedule == Schedule(start=0.05, on=0.05, repeat=1)
+        toxic = files["db"].toxics()[0]
+        assert toxic.schedule == Schedule(start=0.05, on=3600) and toxic.toxicity == 0.0   # off until start
         lines.wait_for("db: toxic latency_downstream on")
-        lines.wait_for("db: toxic latency_downstream: its schedule is over: removed")
-        assert files["db"].toxics() == []
+        assert files["db"].toxics()[0].toxicity == 1.0
 
 
 def test_changes_are_logged_once_each_and_ramp_steps_at_debug(lines):  # noqa: F811
+    """On a fake clock (a loaded machine may stall the hub past a step, which is then skipped,
+    as it should be): a line per change, none for a boundary that changes nothing."""
     logging.getLogger("gproxy").setLevel(logging.DEBUG)
     lines.setLevel(logging.DEBUG)
-    with gproxy.Forwarder("127.0.0.1:0", "127.0.0.1:1", name="db") as fw:
-        fw.add_toxic("latency", schedule=Schedule(on=0.2, ramp=0.1, steps=2, repeat=1))
-        lines.wait_for("its schedule is over")
+    applied, finished = [], []
+    runner = Runner("latency_downstream", Schedule(on=0.2, off=0.1, ramp=0.1, steps=2, repeat=2),
+                    applied.append, lambda: finished.append(True), lambda: "db: ")
+    t = 0
+    while t is not None:
+        t = runner.step(t)
+    assert applied == [0.0, 0.5, 1.0, 0.0, 0.5, 1.0, 0.0] and finished == [True]
     said = [m for m in lines.messages if "toxic latency_downstream" in m]
     assert said == ["db: toxic latency_downstream off",
                     "db: toxic latency_downstream ramping: 0.5 of its toxicity",
                     "db: toxic latency_downstream on",
+                    "db: toxic latency_downstream off",
+                    "db: toxic latency_downstream ramping: 0.5 of its toxicity",
+                    "db: toxic latency_downstream on",
+                    "db: toxic latency_downstream off",
                     "db: toxic latency_downstream: its schedule is over: removed"]
