@@ -12,7 +12,7 @@ import time
 import pytest
 
 import gproxy
-from gproxy._chain import _EOF
+from gproxy._chain import _EOF, BUILTIN
 from gproxy._schedule import Runner
 from gproxy.toxics import Schedule, Toxics, make_toxic
 from peers import Server, connect, echo, recv_exactly
@@ -165,7 +165,7 @@ def check_schedules(seed: int, steps: int = 300) -> None:
             kind, attributes = ("timeout", {"timeout": 0}) if rng.random() < 0.4 else passing_toxic(rng)
             if callable(kind):
                 continue
-            stream = "upstream" if kind in ("redis_error", "http_response") else rng.choice(STREAMS)
+            stream = BUILTIN[kind].stream or rng.choice(STREAMS)   # protocol toxics: upstream only
             name = f"t{made}"
             made += 1
             toxics.add(make_toxic(kind, name=name, stream=stream, toxicity=rng.choice([1.0, 0.5]),
