@@ -140,9 +140,10 @@ class Capture:
         if tap is None:
             return False
         links = conn.links
+        context = conn.context
         if links is None:
             links = conn.links = [None, None]
-        context = conn.context
+            context.linked = True  # its pumps may be in their CHAIN: parking passes walk
         for direction in (0, 1):
             link = links[direction]
             if link is None:

@@ -78,7 +78,7 @@ from gproxy._hubthread import HubEnded, HubHost
 from gproxy._schedule import Runner
 from gproxy.config import AddressLike, Rule, TargetLike, check_hook
 from gproxy.offload import Offload
-from gproxy.relay import Connection, Context, sweep, toxics_changed
+from gproxy.relay import Connection, Context, sweep, sweep_due, toxics_changed
 from gproxy.stats import ConnectionRecord, Counters, Outcome, Statistics
 from gproxy.targets import TargetState, TargetStatus, parse_limit, parse_state, parse_weight
 from gproxy.toxics import (
@@ -1230,7 +1230,7 @@ class Forwarder:
         park = now >= self._next_park
         if park:
             self._next_park = now + _PARK_EVERY
-        if context.active:
+        if context.active and sweep_due(context, park):
             context.workers.run(sweep, context, now - context.stalled, park)
 
     def _stop_on_hub(self, timeout: Optional[float], retiring: bool = False) -> None:

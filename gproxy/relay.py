@@ -313,6 +313,10 @@ class Context:
         #: the capture running (_capture.Capture), or None: read once per connection, when its
         #: pumps start, so a forwarder that captures nothing pays nothing more
         self.capture: Optional[Capture] = None
+        #: whether a connection of this forwarder ever had a toxic chain or a capture (Link):
+        #: only then may a pump be in its CHAIN, and the parking pass has something to release
+        #: (see sweep_due). Never reset: a chain can outlive its toxics for a while.
+        self.linked = False
         #: TLS with clients (tls_cert: _tls.Terminator) and with targets (target_tls:
         #: _tls.Originator), or None. A TLS side moves plaintext through the copy path only
         #: (the forwarder gives such a rule no splicer), and its handshakes need a greenlet.
@@ -776,6 +780,7 @@ class Connection:
             return None
         if links is None:
             links = self.links = [None, None]
+            context.linked = True
         link = links[direction]
         if link is None:
             link = links[direction] = Link(self, direction, context.toxics, context.rule.buffer_size)
@@ -1024,6 +1029,16 @@ class Connection:
     def record(self) -> ConnectionRecord:
         """What this connection is, or was (see _report.record)."""
         return _report.record(self)
+
+
+def sweep_due(context: Context, park: bool) -> bool:
+    """Whether a pass of the periodic watch has anything to do: a timeout to check, or
+    (``park``) a pump that may sit in its toxic chain. Neither, the common case (no
+    ``idle_timeout``, no toxic ever), and the connections are not walked at all: a forwarder
+    holding 100,000 idle connections then spends nothing on them from one second to the next
+    (the walk cost about 0.35 us per connection per second)."""
+    rule = context.rule
+    return rule.idle_timeout is not None or rule.half_close_timeout is not None or (park and context.linked)
 
 
 def sweep(context: Context, now: float, park: bool) -> None:
