@@ -654,6 +654,13 @@ class TLSSocket:
         except OSError:
             pass
 
+    def forget(self, close_watcher: bool) -> None:
+        """In a forked child: close this copy of the socket and say nothing on it (the session
+        and the connection are the parent's)."""
+        if close_watcher:
+            self._stop_flusher()
+        self.sock.close()
+
     def close(self) -> None:
         """Close the socket; a session that ended cleanly says close_notify first (best effort:
         what the socket takes now), an abort (SO_LINGER 0) does not."""

@@ -904,8 +904,11 @@ class Connection:
                 watcher.close()
             if self._upstream_writable is not None:
                 self._upstream_writable.close()
-        for sock in (self.client, self.upstream):
-            if sock is not None:
+        ends: Tuple[Any, Any] = (self.client, self.upstream)  # (TLSSockets, typed as sockets)
+        for sock in ends:
+            if sock.__class__ is _tls.TLSSocket:
+                sock.forget(close_watchers)  # no close_notify: the session is the parent's
+            elif sock is not None:
                 sock.close()
 
     # -- acting on the directions, by their state ---------------------------------

@@ -464,3 +464,47 @@ def test_a_client_that_stops_reading_stalls_the_target_as_on_a_plain_rule(forwar
         sock, server_hostname="localhost"))
     assert tls < 256 << 20, "never stalled"
     assert tls <= plain + 4 * 262144, (tls, plain)
+
+
+# -- fork ------------------------------------------------------------------------------------------------
+
+_FORK_PROGRAM = r'''
+import os, socket, ssl, sys, threading
+import gproxy
+from gproxy.testing import ThrowawayCA
+
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+
+def echo():
+    sock, _ = listener.accept()
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        sock.sendall(data)
+
+threading.Thread(target=echo, daemon=True).start()
+with ThrowawayCA() as ca:
+    fw = gproxy.Forwarder("127.0.0.1:0", listener.getsockname(), **ca.server_options()).start()
+    client = ca.client_context().wrap_socket(socket.create_connection(fw.address, timeout=5),
+                                             server_hostname="localhost")
+    client.sendall(b"before fork")
+    assert client.recv(100) == b"before fork"
+    pid = os.fork()
+    if pid == 0:  # the child forgets the parent's connections, and must say nothing on them
+        os._exit(0)
+    os.waitpid(pid, 0)
+    client.sendall(b"after fork")
+    assert client.recv(100) == b"after fork", "the child ended the parent's TLS session"
+    client.close()
+    fw.stop(timeout=0)
+print("OK")
+'''
+
+
+def test_a_forked_child_sends_no_close_notify_on_the_parents_connections():
+    result = subprocess.run([sys.executable, "-c", _FORK_PROGRAM], capture_output=True, text=True,
+                            timeout=TIMEOUT, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0 and result.stdout.strip() == "OK", result.stderr
