@@ -508,3 +508,29 @@ def test_a_forked_child_sends_no_close_notify_on_the_parents_connections():
     result = subprocess.run([sys.executable, "-c", _FORK_PROGRAM], capture_output=True, text=True,
                             timeout=TIMEOUT, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0 and result.stdout.strip() == "OK", result.stderr
+
+
+def test_a_config_file_reload_renews_the_certificates_of_an_unchanged_rule(ca, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(ca.cert_file, cert)
+    shutil.copy(ca.key_file, key)
+    config = tmp_path / "gproxy.toml"
+    with Server(echo) as upstream:
+        config.write_text(f'[[rule]]\nname = "tls"\nlisten = "127.0.0.1:0"\n'
+                          f'target = "127.0.0.1:{upstream.address[1]}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+        files = gproxy.load_config(str(config)).start()
+        try:
+            address = files.service["tls"].address
+            with tls_client(ca, address) as client:
+                client.sendall(b"1")
+                assert recv_exactly(client, 1) == b"1"
+            renewed = ca.issue("renewed.example")
+            shutil.copy(renewed[0], cert)
+            shutil.copy(renewed[1], key)
+            assert files.reload()                 # the rule is unchanged; its files are new
+            with tls_client(ca, address, name="renewed.example") as client:
+                client.sendall(b"2")
+                assert recv_exactly(client, 1) == b"2"
+            assert files.service["tls"].address == address   # the same listener, never rebound
+        finally:
+            files.stop(timeout=0)
