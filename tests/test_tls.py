@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import time
 
 import pytest
@@ -472,3 +473,46 @@ def test_a_small_record_costs_one_openssl_read_and_no_exception(ca):
     finally:
         raw.close()
         peer.close()
+
+
+def test_a_half_close_waits_for_plaintext_still_inside_the_session(ca):
+    """close_notify goes out only once the plaintext OpenSSL holds has been read: its
+    shutdown would take the next record for data after the close and fail, losing it."""
+    import select
+
+    from gproxy import _sockets, _tls
+    from gproxy.config import Rule
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    raw = _sockets.raw_socket(ours.family, fileno=ours.detach())
+    stream = _tls.Terminator(Rule.build("127.0.0.1:0", "127.0.0.1:1", **ca.server_options())).wrap(raw)
+    client = ca.client_context().wrap_socket(theirs, server_hostname="localhost", do_handshake_on_connect=False)
+    shaking = threading.Thread(target=client.do_handshake, daemon=True)
+    shaking.start()
+
+    def wait(events, remaining):
+        readable, writable, _ = select.select([raw] if events == 1 else [], [raw] if events == 2 else [], [],
+                                              remaining)
+        return bool(readable or writable)
+
+    _tls.handshake(stream, wait, TIMEOUT, "client")
+    shaking.join(TIMEOUT)
+    data = payload(16000, seed=4)
+    client.sendall(data)                      # one record
+    got = bytearray(100)
+    assert wait(1, TIMEOUT) and stream.recv_into(got) == 100
+    assert stream.buffered()
+    stream.shutdown(socket.SHUT_WR)          # a half-close passed on while plaintext waits
+    rest = bytearray()
+    while True:
+        chunk = bytearray(1000)
+        try:
+            n = stream.recv_into(chunk)
+        except BlockingIOError:
+            break
+        rest += chunk[:n]
+    assert bytes(got) + rest == data          # every byte, and only then ...
+    client.settimeout(TIMEOUT)
+    assert client.recv(100) == b""            # ... the close_notify
+    stream.close()
+    client.close()
