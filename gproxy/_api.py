@@ -49,6 +49,7 @@ from gproxy.forwarder import Forwarder
 from gproxy.service import DuplicateName, ResetFailed, Service, UnknownName, is_enabled, listen_address
 from gproxy.stats import ConnectionRecord
 from gproxy.targets import TargetNotFound
+from gproxy.toxics import default_stream
 
 __all__ = ["Api", "ApiError", "populate_specs", "read_toxiproxy_config"]
 
@@ -288,7 +289,7 @@ class Api:
         fw = self._proxy(name)
         body = _object(_json(body))
         _fields(body, name=str, type=str, stream=str, toxicity=(int, float), attributes=dict)
-        stream = (body.get("stream") or "downstream").lower()
+        stream = (body.get("stream") or default_stream(body.get("type"))).lower()
         if stream not in ("upstream", "downstream"):
             raise ApiError(*_INVALID_STREAM)
         kind = body.get("type") or ""

@@ -124,6 +124,13 @@ class Toxic:
 
 # -- building and validating -----------------------------------------------------------
 
+def default_stream(type: object) -> str:
+    """The stream of a toxic given none: toxiproxy's ``"downstream"``, or the one stream a
+    type works on (``redis_error``, ``http_response``... act on requests: ``"upstream"``)."""
+    fixed = BUILTIN[type].stream if isinstance(type, str) and type in BUILTIN else None
+    return fixed or "downstream"
+
+
 def make_toxic(type: Union[str, PythonToxic, "ToxicSpec"], *, name: Optional[str] = None,
                stream: Optional[str] = None, toxicity: Optional[float] = None,
                attributes: Optional[Dict[str, Any]] = None,
@@ -131,8 +138,10 @@ def make_toxic(type: Union[str, PythonToxic, "ToxicSpec"], *, name: Optional[str
     """A validated Toxic; ``ConfigError`` names the culprit. ``type`` is a type name, a
     ``ToxicSpec`` (a helper's: its name, stream and toxicity stand unless given here, and
     differing ones are an error) or a Python toxic (a callable). ``stream`` None is
-    ``"downstream"``, ``toxicity`` None is 1. The HTTP API, the config file and the Python
-    API all build their toxics here: one set of checks, names and defaults."""
+    ``"downstream"`` (toxiproxy's default) or, for a type that works on one stream only
+    (``redis_error``, ``http_response``...), that one; ``toxicity`` None is 1. The HTTP API,
+    the config file and the Python API all build their toxics here: one set of checks, names
+    and defaults."""
     if isinstance(type, ToxicSpec):
         spec = type
         if attributes:
@@ -143,7 +152,7 @@ def make_toxic(type: Union[str, PythonToxic, "ToxicSpec"], *, name: Optional[str
         toxicity = _once("toxicity", toxicity, spec.toxicity, spec)
         type, attributes = spec.type, dict(spec.attributes)
     if stream is None:
-        stream = "downstream"
+        stream = default_stream(type)
     if toxicity is None:
         toxicity = 1.0
     function = None

@@ -465,7 +465,8 @@ def test_a_trigger_over_http_with_string_and_boolean_attributes(api, upstream):
 
 def test_protocol_toxics_over_http(api, upstream):
     address = address_of(create(api, "web", upstream.address)["listen"])   # an echo server
-    status, answer = api.call("POST", "/proxies/web/toxics", {"type": "http_response", "attributes": {}})
+    status, answer = api.call("POST", "/proxies/web/toxics", {"type": "http_response", "stream": "downstream",
+                                                             "attributes": {}})
     assert status == 400 and answer["error"] == (
         "bad request body: stream: must be 'upstream' for http_response toxics, not 'downstream'"), answer
     status, toxic = api.call("POST", "/proxies/web/toxics", {"type": "http_response", "stream": "upstream",
@@ -859,3 +860,19 @@ def test_a_toxic_name_its_path_cannot_carry_is_refused(api, upstream, name):
     status, error = api.call("POST", "/proxies/t/toxics", raw=raw)
     assert status == 400 and error["error"].startswith("bad request body: name: "), error
     assert api.call("GET", "/proxies/t/toxics") == (200, [])
+
+
+@pytest.mark.parametrize("type, attributes", [("redis_error", {"error": "OOM command not allowed"}),
+                                              ("http_response", {"status": 503})])
+def test_a_one_stream_toxic_added_without_a_stream_takes_its_stream(api, upstream, type, attributes):
+    """toxiproxy's default stream is downstream; gproxy's protocol toxics work upstream only,
+    and a client that leaves the stream out (as toxiproxy-cli does without -u/-d) gets that one
+    rather than a 400 for the default it did not choose."""
+    create(api, "one", upstream.address)
+    status, toxic = api.call("POST", "/proxies/one/toxics", {"type": type, "attributes": attributes})
+    assert status == 200, toxic
+    assert toxic["stream"] == "upstream" and toxic["name"] == f"{type}_upstream", toxic
+    # a stream given is still checked
+    status, answer = api.call("POST", "/proxies/one/toxics", {"type": type, "name": "other",
+                                                             "stream": "downstream", "attributes": attributes})
+    assert status == 400 and "stream" in str(answer), answer

@@ -336,7 +336,8 @@ def test_bad_redis_error_attributes_name_the_culprit(attributes, culprit):
 
 def test_redis_error_is_for_the_upstream_stream():
     with pytest.raises(ConfigError, match="stream: must be 'upstream' for redis_error toxics"):
-        make_toxic("redis_error")
+        make_toxic("redis_error", stream="downstream")
+    assert make_toxic("redis_error").stream == "upstream"  # given no stream, it takes its own
 
 
 # -- real clients: redis-py against redis-server -------------------------------------------------------
