@@ -45,7 +45,8 @@ def nothing_comes(sock: socket.socket, wait: float = 0.3) -> bool:
 @pytest.mark.parametrize("kind", ["redis_delay", "http_delay"])
 def test_upstream_only_and_a_whole_number_of_ms(kind):
     with pytest.raises(ConfigError, match=f"stream: must be 'upstream' for {kind} toxics"):
-        make_toxic(kind)
+        make_toxic(kind, stream="downstream")
+    assert make_toxic(kind).stream == "upstream"  # given no stream, it takes its own
     with pytest.raises(ConfigError, match="delay: must be a whole number"):
         make_toxic(kind, stream="upstream", attributes={"delay": -1})
 
