@@ -1,8 +1,8 @@
 """Protocol-aware toxics: answer some requests of a request/response protocol in place of the server.
 
-A protocol is a module of its own (``_proto_redis.py``, ``_proto_http.py``) with three parts: an incremental
-request parser, an incremental reply counter, and a toxic: a subclass of ``Requests``
-(registered with ``@_builtin``) whose ``answer(key)`` says, for each request, pass it on
+A protocol is a module of its own (``_proto_redis.py``, ``_proto_http.py``, ``_proto_pg.py``)
+with three parts: an incremental request parser, an incremental reply counter, and a toxic:
+a subclass of ``Requests`` (registered with ``@_builtin``) whose ``answer(key)`` says, for each request, pass it on
 (None), pass it on later (``Hold(seconds)``) or answer it (the reply's bytes), and whose
 ``reverse`` is a subclass of ``Replies`` (a toxic that never answers needs none).
 ``docs/toxics.md`` ("Protocol toxics: how they answer, and how to write one") writes one

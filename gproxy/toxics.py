@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Protoc
 from gproxy import _trigger  # noqa: F401  isort: skip
 from gproxy import _proto_redis  # noqa: F401  isort: skip
 from gproxy import _proto_http  # noqa: F401  isort: skip
+from gproxy import _proto_pg  # noqa: F401  isort: skip
 from gproxy._chain import BUILTIN, CLOSE, PYTHON, RESET, Action, Delay
 from gproxy._schedule import Schedule
 from gproxy._schedule import from_table as schedule_from
@@ -49,7 +50,7 @@ __all__ = ["Toxic", "TYPES", "STREAMS", "Delay", "CLOSE", "RESET", "ToxicExists"
            "ToxicSpec", "ToxicType", "StreamName", "PythonToxic", "PerConnectionToxic", "ToxicResult",
            "AttributeValue", "TriggerAction", "Schedule",
            "latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data", "trigger",
-           "redis_error", "redis_delay", "http_response", "http_delay"]
+           "redis_error", "redis_delay", "http_response", "http_delay", "pg_error"]
 
 # Defined with the chain that acts on them; their public home is here.
 for _public in (Delay, Action, Schedule):
@@ -65,7 +66,7 @@ STREAMS = ("upstream", "downstream")
 StreamName = Literal["upstream", "downstream"]
 #: every built-in type's name (``TYPES`` at run time; a test keeps the two the same)
 ToxicType = Literal["latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data",
-                    "trigger", "redis_error", "redis_delay", "http_response", "http_delay"]
+                    "trigger", "redis_error", "redis_delay", "http_response", "http_delay", "pg_error"]
 #: what a Python toxic may return: pass the chunk (None), these bytes instead (empty drops
 #: it), ``Delay``, ``CLOSE`` or ``RESET``
 ToxicResult = Union[None, bytes, bytearray, memoryview, Delay, Action]
@@ -503,3 +504,13 @@ def http_delay(delay: int = 0, path: str = "", *, name: Optional[str] = None,
     ``delay`` ms after their header section came, so their responses come that much later;
     upstream only (gproxy's own type: see gproxy._proto_http)."""
     return _spec("http_delay", {"delay": delay, "path": path}, name, stream, toxicity)
+
+
+def pg_error(query: str = "", code: str = "XX000", message: str = "injected by gproxy", *,
+             name: Optional[str] = None, stream: StreamName = "upstream",
+             toxicity: Optional[float] = None) -> ToxicSpec:
+    """PostgreSQL queries whose SQL matches ``query`` (a regex tried at its start, any case;
+    empty: all) get an ErrorResponse with SQLSTATE ``code`` and ``message``, then
+    ReadyForQuery, in place of the server's reply; upstream only (gproxy's own type: see
+    gproxy._proto_pg)."""
+    return _spec("pg_error", {"query": query, "code": code, "message": message}, name, stream, toxicity)

@@ -794,6 +794,7 @@ MOST = {  # every attribute of each type at its bound: what a connection must ru
     "http_response": {"status": 599},   # "ping" with no line end: a request line not read whole
     "redis_delay": {"delay": MAX_ATTRIBUTE},   # held as redis_error holds it
     "http_delay": {"delay": MAX_ATTRIBUTE},    # held as http_response holds it
+    "pg_error": {"code": "ZZZZZ", "message": "x" * 1000},
 }
 PASSES = {"bandwidth", "slicer", "limit_data", "slow_close", "trigger"}  # the others hold the chunk (for ever)
 

@@ -116,7 +116,7 @@ def passing_toxic(rng: random.Random):
     """A toxic that passes every byte, in order, however late: (type or callable, attributes)."""
     kind = rng.choice(["latency", "bandwidth", "slicer", "slow_close", "tap", "copy", "delay",
                        "trigger", "per_connection", "redis_error", "http_response", "redis_delay",
-                       "http_delay"])
+                       "http_delay", "pg_error"])
     if kind == "latency":
         latency = rng.choice([0, 1, 20, 100])
         return kind, {"latency": latency, "jitter": rng.randint(0, latency)}
@@ -145,6 +145,8 @@ def passing_toxic(rng: random.Random):
         return kind, {"command": rng.choice(["", "GET"]), "delay": rng.choice([0, 5, 100])}
     if kind == "http_delay":
         return kind, {"path": rng.choice(["", "/x"]), "delay": rng.choice([0, 5, 100])}
+    if kind == "pg_error":   # words start with u, no message type: it steps aside at once
+        return kind, {"query": rng.choice(["", "u1"]), "code": "40001"}
     seconds, replace = rng.choice([0, 0.001, 0.05]), rng.random() < 0.5
     return (lambda chunk, record: Delay(seconds, bytearray(chunk) if replace else None)), {}
 
@@ -267,7 +269,7 @@ def check(seed: int, may_fire: bool, steps: int = 300) -> None:
         elif action < 0.75:   # add
             stream = rng.choice(STREAMS)
             kind, attributes = ending_toxic(rng, may_fire) if rng.random() < 0.3 else passing_toxic(rng)
-            if kind in ("redis_error", "http_response", "redis_delay", "http_delay"):
+            if kind in ("redis_error", "http_response", "redis_delay", "http_delay", "pg_error"):
                 stream = "upstream"
             lossy = lossy or (may_fire and kind == "trigger")
             toxics.add(make_toxic(kind, name=f"t{made}", stream=stream,
