@@ -23,6 +23,7 @@ from gproxy import ConfigError, toxics
 from gproxy._proto_pg import STATEMENTS, PgReplies, PgRequests, error_response
 from gproxy.toxics import Toxics, make_toxic
 from peers import TIMEOUT, free_port
+from test_api import address_of, api, create, server  # noqa: F401  (fixtures)
 from test_proto_redis import request_events
 from test_real_clients import need
 from test_toxic_chain import Direction, FakeConn
@@ -435,3 +436,23 @@ def test_psql_through_the_toxic(forwarder_factory, pg_port):
                            "-At", "-v", "ON_ERROR_STOP=0", "-c", "SELECT 1", "-c", "SELECT 2", "-c", "SELECT 3"],
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert done.stdout.split() == ["1", "3"] and "ERROR:  injected" in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_over_the_http_api(api, pg_port):  # noqa: F811  (the fixture, imported)
+    """gproxy --api takes pg_error as toxiproxy's clients send it; psycopg gets the error."""
+    import psycopg
+    listen = create(api, "pg", ("127.0.0.1", pg_port))["listen"]
+    status, answer = api.call("POST", "/proxies/pg/toxics", {"type": "pg_error", "stream": "upstream",
+                                                            "attributes": {"code": "4000"}})
+    assert status == 400 and "code: a SQLSTATE" in answer["error"], answer
+    status, toxic = api.call("POST", "/proxies/pg/toxics", {"type": "pg_error", "stream": "upstream",
+                                                            "attributes": {"query": "select 1", "code": "40P01"}})
+    assert status == 200 and toxic["attributes"] == {"query": "select 1", "code": "40P01",
+                                                     "message": "injected by gproxy"}, toxic
+    with connect(address_of(listen)[1], autocommit=True) as app:
+        with pytest.raises(psycopg.errors.DeadlockDetected, match="injected by gproxy"):
+            app.execute("SELECT 1")
+        assert app.execute("SELECT 2").fetchone() == (2,)
+        assert api.call("DELETE", "/proxies/pg/toxics/pg_error_upstream")[0] == 204
+        assert app.execute("SELECT 1").fetchone() == (1,)
