@@ -311,7 +311,7 @@ def test_bad_pg_error_attributes_name_the_culprit(attributes, culprit):
 
 def test_pg_error_is_for_the_upstream_stream_and_has_a_typed_helper():
     with pytest.raises(ConfigError, match="stream: must be 'upstream' for pg_error toxics"):
-        make_toxic("pg_error")
+        make_toxic("pg_error", stream="downstream")
     spec = toxics.pg_error("update", "40001", "serialization failure")
     assert spec.type == "pg_error" and spec.stream == "upstream"
     assert spec.attributes == {"query": "update", "code": "40001", "message": "serialization failure"}
