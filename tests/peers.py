@@ -14,6 +14,7 @@ import random
 import re
 import select
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -22,6 +23,8 @@ import sys
 import threading
 import time
 from typing import Callable, List, Optional, Tuple
+
+import pytest
 
 TIMEOUT = 20.0  # the most any single socket operation in a test may wait
 
@@ -369,3 +372,36 @@ class Proxy:
 
     def __exit__(self, *exc):
         self.kill()
+
+
+def need(tool: str) -> str:
+    """The path of ``tool``: a test that needs it is skipped here without it, and fails under CI
+    (``.ci/run`` must install it)."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is not installed; .ci/run must install it")
+        pytest.skip(f"{tool} is not installed")
+    return path
+
+
+@contextlib.contextmanager
+def redis_server():
+    """A throwaway redis-server on 127.0.0.1 (no persistence): its port, once it says it is
+    ready (by its own word, not by sleeping); stopped on exit."""
+    server = need("redis-server")
+    port = free_port()
+    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--protected-mode", "no"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:
+            if "Ready to accept connections" in line:
+                break
+        else:
+            pytest.fail(f"redis-server exited with {process.wait()}")
+        threading.Thread(target=process.stdout.read, daemon=True).start()
+        yield port
+    finally:
+        process.terminate()
+        process.wait(TIMEOUT)

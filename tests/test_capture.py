@@ -8,7 +8,6 @@ import errno
 import io
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,10 +23,12 @@ from peers import (
     Server,
     connect,
     echo,
+    need,
     payload,
     read_until_closed,
     recv_all,
     recv_exactly,
+    redis_server,
     reset,
     send_in_odd_chunks,
 )
@@ -200,13 +201,6 @@ def test_conversation_sequence_numbers_follow_random_chunks_across_the_wrap(tmp_
 
 # -- Wireshark ---------------------------------------------------------------------------
 
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is not installed; .ci/run must install it")
-        pytest.skip(f"{tool} is not installed")
-    return path
 
 
 def tshark(*args: str) -> str:
@@ -217,25 +211,8 @@ def tshark(*args: str) -> str:
 
 @pytest.fixture
 def redis_port():
-    server = need("redis-server")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--protected-mode", "no"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in process.stdout:  # ready by its own word, not by sleeping
-            if "Ready to accept connections" in line:
-                break
-        else:
-            pytest.fail(f"redis-server exited with {process.wait()}")
-        threading.Thread(target=process.stdout.read, daemon=True).start()
+    with redis_server() as port:
         yield port
-    finally:
-        process.terminate()
-        process.wait(TIMEOUT)
 
 
 @pytest.mark.timeout(60)

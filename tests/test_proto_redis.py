@@ -6,8 +6,6 @@ real clients: redis-py against redis-server, and raw sockets that send one byte 
 from __future__ import annotations
 
 import socket
-import subprocess
-import threading
 
 import pytest
 
@@ -17,8 +15,7 @@ from gproxy._chain import _EOF
 from gproxy._proto_redis import RespReplies, RespRequests
 from gproxy._protocol import EARLY
 from gproxy.toxics import Toxics, make_toxic
-from peers import TIMEOUT, free_port, recv_exactly
-from test_real_clients import need
+from peers import TIMEOUT, recv_exactly, redis_server
 from test_toxic_chain import Direction, FakeConn
 
 UPSTREAM, DOWNSTREAM = 0, 1
@@ -344,22 +341,8 @@ def test_redis_error_is_for_the_upstream_stream():
 
 @pytest.fixture
 def redis_port():
-    server = need("redis-server")
-    port = free_port()
-    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--protected-mode", "no"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in process.stdout:  # ready by its own word, not by sleeping
-            if "Ready to accept connections" in line:
-                break
-        else:
-            pytest.fail(f"redis-server exited with {process.wait()}")
-        threading.Thread(target=process.stdout.read, daemon=True).start()
+    with redis_server() as port:
         yield port
-    finally:
-        process.terminate()
-        process.wait(TIMEOUT)
 
 
 def client(port: int, **options):

@@ -8,23 +8,14 @@ from __future__ import annotations
 
 import functools
 import http.server
-import os
 import shutil
 import subprocess
 import threading
 
 import pytest
 
-from peers import TIMEOUT, Proxy, free_port, payload
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is not installed; .ci/run must install it")
-        pytest.skip(f"{tool} is not installed")
-    return path
+from peers import TIMEOUT, Proxy, need, payload
+from peers import redis_server as peers_redis_server
 
 
 @pytest.fixture
@@ -71,22 +62,8 @@ def test_curl_downloads_and_uploads_through_gproxy(http_server):
 
 @pytest.fixture
 def redis_server():
-    server = need("redis-server")
-    port = free_port()
-    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--protected-mode", "no"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in process.stdout:  # wait for readiness by its own word, not by sleeping
-            if "Ready to accept connections" in line:
-                break
-        else:
-            pytest.fail(f"redis-server exited with {process.wait()}")
-        threading.Thread(target=process.stdout.read, daemon=True).start()
+    with peers_redis_server() as port:
         yield port
-    finally:
-        process.terminate()
-        process.wait(TIMEOUT)
 
 
 def test_redis_cli_and_benchmark_through_gproxy(redis_server):

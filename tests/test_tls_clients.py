@@ -30,23 +30,17 @@ from peers import (
     Server,
     connect,
     echo,
-    free_port,
+    need,
     payload,
     read_until_closed,
     recv_all,
     recv_exactly,
 )
+from peers import redis_server as peers_redis_server
 
 pytest.importorskip("trustme")
 
 
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is not installed; .ci/run must install it")
-        pytest.skip(f"{tool} is not installed")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -361,22 +355,8 @@ def test_curl_https_to_a_plaintext_http_server(forwarder_factory, ca, tmp_path):
 
 @pytest.fixture
 def redis_server():
-    server = need("redis-server")
-    port = free_port()
-    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--protected-mode", "no"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in process.stdout:  # ready by its own word
-            if "Ready to accept connections" in line:
-                break
-        else:
-            pytest.fail(f"redis-server exited with {process.wait()}")
-        threading.Thread(target=process.stdout.read, daemon=True).start()
+    with peers_redis_server() as port:
         yield port
-    finally:
-        process.terminate()
-        process.wait(TIMEOUT)
 
 
 def test_redis_cli_tls_to_a_plaintext_redis(forwarder_factory, ca, redis_server):
