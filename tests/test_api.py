@@ -94,13 +94,19 @@ def upstream():
         yield server
 
 
-@pytest.fixture(scope="module")
-def server():
+def serving():
+    """A ``gproxy --api`` process for a module's ``server`` fixture (``yield from serving()``):
+    stopped after the module's tests, and its stop must be clean."""
     process = ApiProcess()
     yield process
     code, log = process.stop()
     assert code == 0, log
     assert "Traceback" not in log and " ERROR " not in log, log
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from serving()
 
 
 @pytest.fixture

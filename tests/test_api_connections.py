@@ -12,18 +12,14 @@ import time
 import pytest
 
 from peers import TIMEOUT, Gate, Server, connect, recv_all, recv_exactly, unanswered_listener
-from test_api import ApiProcess, create
+from test_api import create, serving
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
 def server():
-    process = ApiProcess()
-    yield process
-    code, log = process.stop()
-    assert code == 0, log
-    assert "Traceback" not in log and " ERROR " not in log, log
+    yield from serving()
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from gproxy.client import (
     Unreachable,
 )
 from peers import TIMEOUT, Gate, Server, connect, echo, free_port, recv_all, recv_exactly
-from test_api import ApiProcess, exchange
+from test_api import exchange, serving
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,11 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def server():
-    process = ApiProcess()
-    yield process
-    code, log = process.stop()
-    assert code == 0, log
-    assert "Traceback" not in log and " ERROR " not in log, log
+    yield from serving()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from peers import TIMEOUT, Server, echo, free_port
-from test_api import ApiProcess, exchange
+from test_api import exchange, serving
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,11 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def server():
-    process = ApiProcess()
-    yield process
-    code, log = process.stop()
-    assert code == 0, log
-    assert "Traceback" not in log and " ERROR " not in log, log
+    yield from serving()
 
 
 @pytest.fixture(scope="module")
